@@ -1,0 +1,449 @@
+"""The agent's one configuration: parsed from the environment in one place, validated, redacted.
+
+Environment variables are the contract (they are what a pod spec sets); the CLI's flags are turned
+into the same variable names before parsing, so there is exactly one parser and one set of checks.
+Nothing else in the agent reads ``os.environ``.
+
+The grace-budget arithmetic lives here too, because a drain that cannot fit the pod's
+``terminationGracePeriodSeconds`` is a configuration error, caught at start-up rather than
+discovered as a SIGKILL in the middle of a rollout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+DRAIN_MODES = ("fixed", "traffic")
+DRAIN_SOURCES = ("auto", "netlink", "proc")
+REGISTRIES = ("none", "eureka", "actuator", "register")
+EUREKA_STATUSES = ("DOWN", "OUT_OF_SERVICE")
+LOG_FORMATS = ("auto", "json", "console")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+REDACTED = "***"
+
+
+class ConfigError(ValueError):
+    """A bad setting; the message names the variable, its (redacted) value and what is allowed."""
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """How the pod's grace period is spent after the first trigger, in seconds."""
+
+    grace_period: float
+    registry_deadline: float
+    app_shutdown: float
+    margin: float
+    drain: float
+    """Longest the drain may last: ``drain_seconds`` (fixed) or ``drain_max_seconds`` (traffic)."""
+
+    @property
+    def available_for_drain(self) -> float:
+        """What is left for the drain once everything else has its share."""
+        return self.grace_period - self.registry_deadline - self.app_shutdown - self.margin
+
+    @property
+    def fits(self) -> bool:
+        return self.drain <= self.available_for_drain + 1e-9
+
+    def arithmetic(self) -> str:
+        """The sum, spelled out, for error messages and ``prestop-agent check``."""
+        used = self.drain + self.registry_deadline + self.app_shutdown + self.margin
+        relation = "<=" if self.fits else ">"
+        return (
+            f"drain {self.drain:g}s + registry deadline {self.registry_deadline:g}s"
+            f" + app shutdown {self.app_shutdown:g}s + margin {self.margin:g}s"
+            f" = {used:g}s {relation} grace period {self.grace_period:g}s"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """Everything the agent can be told. Durations are in seconds, ports are TCP ports."""
+
+    # --- the agent's own listener -------------------------------------------------------------
+    host: str = "0.0.0.0"
+    """PRESTOP_HOST: address to listen on. The kubelet sends the httpGet hook to the pod IP, so a
+    loopback-only address cannot receive it."""
+    port: int = 8099
+    """PRESTOP_PORT: port of /prestop, /ready, /live, /status and /metrics."""
+
+    # --- the drain ----------------------------------------------------------------------------
+    drain_mode: str = "fixed"
+    """PRESTOP_DRAIN_MODE: ``fixed`` (sleep ``drain_seconds``) or ``traffic`` (until it stops)."""
+    drain_seconds: float = 10.0
+    """PRESTOP_DRAIN_SECONDS: how long the fixed drain keeps the app serving, seconds."""
+    drain_min_seconds: float = 2.0
+    """PRESTOP_DRAIN_MIN_SECONDS: the traffic drain lasts at least this long, seconds."""
+    drain_quiet_seconds: float = 3.0
+    """PRESTOP_DRAIN_QUIET_SECONDS: the traffic drain ends after this long without data, seconds."""
+    drain_max_seconds: float | None = None
+    """PRESTOP_DRAIN_MAX_SECONDS: the traffic drain ends at this point whatever happens, seconds.
+    Unset: everything the grace budget leaves (see :class:`Budget`)."""
+    drain_poll_seconds: float = 0.2
+    """PRESTOP_DRAIN_POLL_SECONDS: interval between two looks at the app's sockets, seconds."""
+    drain_source: str = "auto"
+    """PRESTOP_DRAIN_SOURCE: ``auto`` (netlink sock_diag, else /proc), ``netlink`` or ``proc``."""
+    drain_ignore_cidrs: tuple[Network, ...] = ()
+    """PRESTOP_DRAIN_IGNORE_CIDRS: peers whose traffic does not hold the drain (kubelet probes,
+    Prometheus scraping the app), comma-separated CIDRs."""
+    app_port: int = 8080
+    """PRESTOP_APP_PORT: the app's serving port (used to find the instance in Eureka)."""
+    app_ports: tuple[int, ...] = (8080,)
+    """PRESTOP_APP_PORTS: ports whose traffic the traffic drain watches; default ``app_port``."""
+
+    # --- the grace budget ---------------------------------------------------------------------
+    grace_period_seconds: float = 30.0
+    """PRESTOP_GRACE_PERIOD_SECONDS: the pod's terminationGracePeriodSeconds."""
+    app_shutdown_seconds: float = 5.0
+    """PRESTOP_APP_SHUTDOWN_SECONDS: time the app needs between its SIGTERM and exit."""
+    margin_seconds: float = 1.0
+    """PRESTOP_MARGIN_SECONDS: slack kept back; the kubelet subtracts the hook's time in whole
+    seconds, so up to one second can be lost to rounding."""
+
+    # --- the app ------------------------------------------------------------------------------
+    app_health_url: str | None = None
+    """PRESTOP_APP_HEALTH_URL: when set, /ready also requires this URL to answer 2xx."""
+
+    # --- who may call /prestop ----------------------------------------------------------------
+    token: str | None = field(default=None, repr=False)
+    """PRESTOP_TOKEN: when set, /prestop requires header ``X-Prestop-Token`` with this value."""
+    allow_cidrs: tuple[Network, ...] = ()
+    """PRESTOP_ALLOW_CIDRS: when set, only these source addresses may call /prestop."""
+
+    # --- logs ---------------------------------------------------------------------------------
+    log_format: str = "auto"
+    """PRESTOP_LOG_FORMAT: ``json``, ``console``, or ``auto`` (JSON unless stderr is a TTY)."""
+    log_level: str = "info"
+    """PRESTOP_LOG_LEVEL: debug, info, warning or error."""
+
+    # --- the pod, from the downward API -------------------------------------------------------
+    pod_name: str = ""
+    """POD_NAME: metadata.name, for logs and metrics."""
+    pod_namespace: str = ""
+    """POD_NAMESPACE: metadata.namespace, for logs and metrics."""
+    pod_ip: str = ""
+    """POD_IP: status.podIP; identifies the instance in Eureka."""
+
+    # --- the registry -------------------------------------------------------------------------
+    registry: str = "none"
+    """PRESTOP_REGISTRY: ``none``, ``eureka``, ``actuator`` or ``register``."""
+    registry_timeout_seconds: float = 5.0
+    """PRESTOP_REGISTRY_TIMEOUT_SECONDS: bound on the whole mark-down step, retries included."""
+    eureka_urls: tuple[str, ...] = field(default=(), repr=False)
+    """PRESTOP_EUREKA_URLS: Eureka service URLs as in Spring's defaultZone, comma-separated;
+    may carry credentials (never logged)."""
+    eureka_ca_file: str | None = None
+    """PRESTOP_EUREKA_CA_FILE: PEM bundle of a private CA for https Eureka URLs."""
+    eureka_app: str = ""
+    """PRESTOP_EUREKA_APP: the application name in Eureka (e.g. ``ORDERS``)."""
+    eureka_instance_id: str = ""
+    """PRESTOP_EUREKA_INSTANCE_ID: the instance id; unset: found by POD_IP and app port."""
+    eureka_status: str = "DOWN"
+    """PRESTOP_EUREKA_STATUS: the status override to set, ``DOWN`` or ``OUT_OF_SERVICE``."""
+    eureka_keep_override: bool = False
+    """PRESTOP_EUREKA_KEEP_OVERRIDE: keep a DOWN override left by a previous pod at start-up."""
+    eureka_renewal_seconds: float = 30.0
+    """PRESTOP_EUREKA_RENEWAL_SECONDS: lease renewal interval in ``register`` mode."""
+    eureka_lease_seconds: float = 90.0
+    """PRESTOP_EUREKA_LEASE_SECONDS: lease duration announced in ``register`` mode."""
+    actuator_url: str = "http://127.0.0.1:8080/actuator/serviceregistry"
+    """PRESTOP_ACTUATOR_URL: the app's service-registry actuator endpoint."""
+
+    def budget(self) -> Budget:
+        """The grace-period arithmetic for this configuration."""
+        partial = Budget(
+            grace_period=self.grace_period_seconds,
+            registry_deadline=self.registry_deadline,
+            app_shutdown=self.app_shutdown_seconds,
+            margin=self.margin_seconds,
+            drain=0.0,
+        )
+        if self.drain_mode == "fixed":
+            drain = self.drain_seconds
+        elif self.drain_max_seconds is not None:
+            drain = self.drain_max_seconds
+        else:
+            drain = partial.available_for_drain
+        return dataclasses.replace(partial, drain=drain)
+
+    @property
+    def registry_deadline(self) -> float:
+        """Seconds the mark-down step may take; nothing when there is no registry."""
+        return 0.0 if self.registry == "none" else self.registry_timeout_seconds
+
+    @property
+    def drain_limit(self) -> float:
+        """The longest the drain step may last, seconds."""
+        return self.budget().drain
+
+    def redacted(self) -> dict[str, Any]:
+        """Every setting, with secrets replaced, for /status, ``check`` and logs."""
+        shown: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "token":
+                value = REDACTED if value else None
+            elif f.name == "eureka_urls":
+                value = [redact_url(url) for url in value]
+            elif f.name in ("app_health_url", "actuator_url") and value:
+                value = redact_url(value)
+            elif isinstance(value, tuple):
+                value = [str(item) if not isinstance(item, int) else item for item in value]
+            shown[f.name] = value
+        return shown
+
+    def __repr__(self) -> str:
+        settings = ", ".join(f"{k}={v!r}" for k, v in self.redacted().items())
+        return f"Config({settings})"
+
+
+def redact_url(url: str) -> str:
+    """Hide the password (and query string, which may carry tokens) of a URL."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, hostport = netloc.rpartition("@")
+        user = userinfo.split(":", 1)[0]
+        netloc = f"{user}:{REDACTED}@{hostport}"
+    query = REDACTED if parts.query else ""
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+# --------------------------------------------------------------------------------------------
+# Parsing. Each parser takes the raw string and raises ValueError with what is allowed.
+
+
+def _choice(allowed: tuple[str, ...], *, upper: bool = False) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = raw.strip().upper() if upper else raw.strip().lower()
+        if value not in allowed:
+            raise ValueError(f"must be one of {', '.join(allowed)}")
+        return value
+
+    return parse
+
+
+def _seconds(*, minimum: float = 0.0, allow_zero: bool = True) -> Callable[[str], float]:
+    def parse(raw: str) -> float:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ValueError("must be a number of seconds") from None
+        if not math.isfinite(value) or value < minimum or (value == 0 and not allow_zero):
+            bound = f"> {minimum:g}" if not allow_zero else f">= {minimum:g}"
+            raise ValueError(f"must be a finite number of seconds {bound}")
+        return value
+
+    return parse
+
+
+def _port(raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError("must be a TCP port, an integer 1-65535") from None
+    if not 1 <= value <= 65535:
+        raise ValueError("must be a TCP port, an integer 1-65535")
+    return value
+
+
+def _ports(raw: str) -> tuple[int, ...]:
+    items = [item.strip() for item in raw.split(",") if item.strip()]
+    if not items:
+        raise ValueError("must be a comma-separated list of TCP ports 1-65535")
+    try:
+        return tuple(dict.fromkeys(_port(item) for item in items))
+    except ValueError:
+        raise ValueError("must be a comma-separated list of TCP ports 1-65535") from None
+
+
+def _cidrs(raw: str) -> tuple[Network, ...]:
+    networks = []
+    for item in (i.strip() for i in raw.split(",")):
+        if not item:
+            continue
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise ValueError(
+                f"{item!r} is not a CIDR; expected comma-separated CIDRs like 10.0.0.0/8,::1/128"
+            ) from None
+    return tuple(networks)
+
+
+def _bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("must be true or false")
+
+
+def _http_url(raw: str) -> str:
+    parts = urlsplit(raw.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an http:// or https:// URL with a host")
+    try:
+        parts.port  # noqa: B018 -- a port out of range raises here
+    except ValueError:
+        raise ValueError("must be an http:// or https:// URL with a valid port") from None
+    return raw.strip()
+
+
+def _http_urls(raw: str) -> tuple[str, ...]:
+    urls = [item.strip() for item in raw.split(",") if item.strip()]
+    if not urls:
+        raise ValueError("must be comma-separated http(s) URLs")
+    # Spring's defaultZone URLs end in "/"; requests are built by appending "apps/...".
+    return tuple(_http_url(url).rstrip("/") + "/" for url in urls)
+
+
+def _ip(raw: str) -> str:
+    if not raw.strip():
+        return ""
+    try:
+        return str(ipaddress.ip_address(raw.strip()))
+    except ValueError:
+        raise ValueError("must be an IPv4 or IPv6 address") from None
+
+
+def _text(raw: str) -> str:
+    return raw.strip()
+
+
+def _optional_text(raw: str) -> str | None:
+    return raw.strip() or None
+
+
+def _optional_url(raw: str) -> str | None:
+    return _http_url(raw) if raw.strip() else None
+
+
+def _log_level(raw: str) -> str:
+    value = raw.strip().lower()
+    value = {"warn": "warning"}.get(value, value)
+    return _choice(LOG_LEVELS)(value)
+
+
+# Variable name -> (Config field, parser). Fields without a variable keep their default.
+_VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
+    "PRESTOP_HOST": ("host", _text),
+    "PRESTOP_PORT": ("port", _port),
+    "PRESTOP_DRAIN_MODE": ("drain_mode", _choice(DRAIN_MODES)),
+    "PRESTOP_DRAIN_SECONDS": ("drain_seconds", _seconds()),
+    "PRESTOP_DRAIN_MIN_SECONDS": ("drain_min_seconds", _seconds()),
+    "PRESTOP_DRAIN_QUIET_SECONDS": ("drain_quiet_seconds", _seconds(allow_zero=False)),
+    "PRESTOP_DRAIN_MAX_SECONDS": ("drain_max_seconds", _seconds(allow_zero=False)),
+    "PRESTOP_DRAIN_POLL_SECONDS": ("drain_poll_seconds", _seconds(minimum=0.01)),
+    "PRESTOP_DRAIN_SOURCE": ("drain_source", _choice(DRAIN_SOURCES)),
+    "PRESTOP_DRAIN_IGNORE_CIDRS": ("drain_ignore_cidrs", _cidrs),
+    "PRESTOP_APP_PORT": ("app_port", _port),
+    "PRESTOP_APP_PORTS": ("app_ports", _ports),
+    "PRESTOP_GRACE_PERIOD_SECONDS": ("grace_period_seconds", _seconds(allow_zero=False)),
+    "PRESTOP_APP_SHUTDOWN_SECONDS": ("app_shutdown_seconds", _seconds()),
+    "PRESTOP_MARGIN_SECONDS": ("margin_seconds", _seconds()),
+    "PRESTOP_APP_HEALTH_URL": ("app_health_url", _optional_url),
+    "PRESTOP_TOKEN": ("token", _optional_text),
+    "PRESTOP_ALLOW_CIDRS": ("allow_cidrs", _cidrs),
+    "PRESTOP_LOG_FORMAT": ("log_format", _choice(LOG_FORMATS)),
+    "PRESTOP_LOG_LEVEL": ("log_level", _log_level),
+    "POD_NAME": ("pod_name", _text),
+    "POD_NAMESPACE": ("pod_namespace", _text),
+    "POD_IP": ("pod_ip", _ip),
+    "PRESTOP_REGISTRY": ("registry", _choice(REGISTRIES)),
+    "PRESTOP_REGISTRY_TIMEOUT_SECONDS": ("registry_timeout_seconds", _seconds(allow_zero=False)),
+    "PRESTOP_EUREKA_URLS": ("eureka_urls", _http_urls),
+    "PRESTOP_EUREKA_CA_FILE": ("eureka_ca_file", _optional_text),
+    "PRESTOP_EUREKA_APP": ("eureka_app", _text),
+    "PRESTOP_EUREKA_INSTANCE_ID": ("eureka_instance_id", _text),
+    "PRESTOP_EUREKA_STATUS": ("eureka_status", _choice(EUREKA_STATUSES, upper=True)),
+    "PRESTOP_EUREKA_KEEP_OVERRIDE": ("eureka_keep_override", _bool),
+    "PRESTOP_EUREKA_RENEWAL_SECONDS": ("eureka_renewal_seconds", _seconds(allow_zero=False)),
+    "PRESTOP_EUREKA_LEASE_SECONDS": ("eureka_lease_seconds", _seconds(allow_zero=False)),
+    "PRESTOP_ACTUATOR_URL": ("actuator_url", _http_url),
+}
+VARIABLES = tuple(_VARIABLES)
+"""Every environment variable the agent reads, for the README and ``check``."""
+
+
+def _shown(name: str, raw: str) -> str:
+    if name == "PRESTOP_TOKEN":
+        return REDACTED
+    if name == "PRESTOP_EUREKA_URLS":
+        return ",".join(redact_url(u.strip()) for u in raw.split(","))
+    if name.endswith("_URL"):
+        return redact_url(raw)
+    return raw
+
+
+def load(environ: Mapping[str, str]) -> Config:
+    """Build and validate the Config from environment variables; ConfigError on any problem."""
+    values: dict[str, Any] = {}
+    for name, (field_name, parse) in _VARIABLES.items():
+        raw = environ.get(name)
+        if raw is None:
+            continue
+        try:
+            values[field_name] = parse(raw)
+        except ValueError as exc:
+            raise ConfigError(f"{name}={_shown(name, raw)!r}: {exc}") from None
+    if "app_ports" not in values:
+        values["app_ports"] = (values.get("app_port", Config.app_port),)
+    config = Config(**values)
+    _check_together(config)
+    return config
+
+
+def _check_together(config: Config) -> None:
+    """Rules that involve more than one setting."""
+    if not config.host:
+        raise ConfigError("PRESTOP_HOST='': must be an address to listen on, e.g. 0.0.0.0")
+    budget = config.budget()
+    if budget.available_for_drain <= 0 or not budget.fits:
+        variable = {
+            "fixed": "PRESTOP_DRAIN_SECONDS",
+            "traffic": "PRESTOP_DRAIN_MAX_SECONDS",
+        }[config.drain_mode]
+        raise ConfigError(
+            f"{variable}: the drain does not fit the grace budget: {budget.arithmetic()};"
+            f" at most {max(budget.available_for_drain, 0):g}s is left for the drain"
+            " (lower the drain, or raise PRESTOP_GRACE_PERIOD_SECONDS with the pod's"
+            " terminationGracePeriodSeconds)"
+        )
+    if config.drain_mode == "traffic":
+        if config.drain_min_seconds > budget.drain:
+            raise ConfigError(
+                f"PRESTOP_DRAIN_MIN_SECONDS={config.drain_min_seconds:g}: must not exceed the"
+                f" drain maximum {budget.drain:g}s"
+            )
+        if config.drain_poll_seconds > config.drain_quiet_seconds:
+            raise ConfigError(
+                f"PRESTOP_DRAIN_POLL_SECONDS={config.drain_poll_seconds:g}: must not exceed"
+                f" PRESTOP_DRAIN_QUIET_SECONDS={config.drain_quiet_seconds:g}"
+            )
+    if config.registry in ("eureka", "register"):
+        if not config.eureka_urls:
+            raise ConfigError(
+                f"PRESTOP_EUREKA_URLS is required when PRESTOP_REGISTRY={config.registry}"
+            )
+        if not config.eureka_app:
+            raise ConfigError(
+                f"PRESTOP_EUREKA_APP is required when PRESTOP_REGISTRY={config.registry}"
+            )
+    if config.registry == "register" and not config.pod_ip:
+        raise ConfigError("POD_IP is required when PRESTOP_REGISTRY=register")
+    if config.registry == "eureka" and not config.eureka_instance_id and not config.pod_ip:
+        raise ConfigError(
+            "PRESTOP_EUREKA_INSTANCE_ID or POD_IP is required when PRESTOP_REGISTRY=eureka"
+            " (the instance is found by POD_IP and PRESTOP_APP_PORT)"
+        )

@@ -1,0 +1,39 @@
+"""Drain strategies: how long the app keeps serving after it left the registry.
+
+Each strategy is a coroutine that returns a :class:`DrainOutcome` saying why it ended. ``fixed``
+sleeps; ``traffic`` (in :mod:`agent.drain.traffic`, imported only when chosen, so the socket
+watcher costs nothing to an agent that does not use it) watches the app's sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent.config import Config
+from agent.lifecycle import Lifecycle
+from agent.metrics import Metrics
+
+
+@dataclass(frozen=True, slots=True)
+class DrainOutcome:
+    reason: str
+    """``fixed`` (slept the configured time), ``quiet`` (traffic stopped) or ``max`` (the limit)."""
+    last_data_seconds: float | None = None
+    """Seconds after the trigger at which data last reached the app, when known."""
+    detail: dict[str, Any] = field(default_factory=dict)
+    """Strategy-specific figures for the timeline (connections seen, watcher source, ...)."""
+
+
+async def run_drain(
+    config: Config, *, limit: float, lifecycle: Lifecycle, metrics: Metrics
+) -> DrainOutcome:
+    """Run the configured strategy for at most ``limit`` seconds."""
+    if config.drain_mode == "traffic":
+        from agent.drain.traffic import traffic_drain
+
+        return await traffic_drain(config, limit=limit, lifecycle=lifecycle, metrics=metrics)
+    seconds = min(config.drain_seconds, max(limit, 0.0))
+    await asyncio.sleep(seconds)
+    return DrainOutcome(reason="fixed" if seconds >= config.drain_seconds else "max")

@@ -1,0 +1,256 @@
+"""Wiring: build the parts, serve, own the signals, run the one shutdown sequence, exit.
+
+Read :meth:`Agent.run` top to bottom for the whole life of the process and :meth:`Agent.shutdown`
+for the termination, step by step, in the order DESIGN.md gives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from typing import Any
+
+import aiohttp
+import structlog
+from aiohttp import web
+
+from agent import __version__
+from agent.config import Config
+from agent.drain import DrainOutcome, run_drain
+from agent.lifecycle import Lifecycle, Phase, Trigger
+from agent.logs import AccessLogger
+from agent.metrics import Metrics
+from agent.registry import Registry, RegistryError, open_registry
+from agent.server import AppHealth, PendingAnswers, make_app
+
+log = structlog.get_logger()
+
+# How long the last /prestop answers may take to leave once the drain is over. They are written
+# in one go on a local connection, so anything slower is a caller that stopped reading.
+ANSWER_SECONDS = 2.0
+# How long aiohttp may take to close its connections at exit (in-flight handlers included).
+SERVER_CLOSE_SECONDS = 1.0
+# The exit status of a forced exit (second Ctrl-C), as a shell reports death by SIGINT.
+FORCED_EXIT_STATUS = 128 + signal.SIGINT
+
+
+class Agent:
+    """One agent process: its parts, its signals and its shutdown."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        metrics: Metrics | None = None,
+        lifecycle: Lifecycle | None = None,
+        registry: Registry | None = None,
+    ) -> None:
+        self.config = config
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.lifecycle = lifecycle if lifecycle is not None else Lifecycle()
+        self.pending = PendingAnswers()
+        self.exit_requested = asyncio.Event()
+        """Set by the first SIGTERM/SIGINT: exit as soon as the drain is over."""
+        self.started = asyncio.Event()
+        """Set once the listener accepts connections (tests and the benchmark wait on it)."""
+        self._registry = registry
+        self._drain_detail: dict[str, Any] = {}
+        self.metrics.track(self.lifecycle)
+        self.lifecycle.subscribe(self._log_phase)
+
+    # --- signals: record, nothing else --------------------------------------------------------
+
+    def handle_signal(self, signum: int) -> None:
+        """Record a SIGTERM/SIGINT. The shutdown coroutine does the work."""
+        trigger = Trigger.SIGINT if signum == signal.SIGINT else Trigger.SIGTERM
+        if self.exit_requested.is_set() and trigger is Trigger.SIGINT:
+            # A person pressing Ctrl-C twice wants out now, drain or not.
+            log.warning("forced_exit", signal=str(trigger), phase=str(self.lifecycle.phase))
+            os._exit(FORCED_EXIT_STATUS)
+        self.exit_requested.set()
+        if self.lifecycle.start(trigger):
+            log.info("shutdown_triggered", trigger=str(trigger))
+        else:
+            # Classic sidecar: SIGTERM lands while the app's hook already drains; a second SIGTERM
+            # must not cut that drain short either.
+            log.info("signal_joined", signal=str(trigger), phase=str(self.lifecycle.phase))
+
+    # --- the process --------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        """Serve until the drain is over and a signal asked us to go; return the exit status."""
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self.handle_signal, signum)
+        background: list[asyncio.Task[None]] = []
+        try:
+            async with contextlib.AsyncExitStack() as resources:
+                # Opened first, closed last: the registry and the health check share it.
+                session = await resources.enter_async_context(aiohttp.ClientSession())
+                registry = self._registry or open_registry(self.config, session)
+                resources.push_async_callback(registry.close)
+                health = (
+                    AppHealth(self.config.app_health_url, session)
+                    if self.config.app_health_url
+                    else None
+                )
+                runner = web.AppRunner(
+                    make_app(
+                        self.config,
+                        self.lifecycle,
+                        self.metrics,
+                        health=health,
+                        pending=self.pending,
+                        status_extra=self._status_extra,
+                    ),
+                    handle_signals=False,  # the signals are ours: see handle_signal
+                    access_log_class=AccessLogger,
+                    shutdown_timeout=SERVER_CLOSE_SECONDS,
+                )
+                await runner.setup()
+                resources.push_async_callback(runner.cleanup)
+                await web.TCPSite(runner, self.config.host, self.config.port).start()
+                self.metrics.describe(
+                    drain_mode=self.config.drain_mode,
+                    registry=registry.name,
+                    pod=self.config.pod_name,
+                    namespace=self.config.pod_namespace,
+                )
+                log.info(
+                    "agent_started",
+                    version=__version__,
+                    listen=f"{self.config.host}:{self.config.port}",
+                    drain_mode=self.config.drain_mode,
+                    registry=registry.name,
+                    pid=os.getpid(),
+                )
+                self.started.set()
+                # The only long-lived background task: the registry's own start-up and upkeep
+                # (clear a stale override; register and renew). Cancelled below, at exit.
+                background.append(asyncio.create_task(registry.run(), name="registry"))
+
+                await self.lifecycle.wait_triggered()
+                await self.shutdown(registry)
+                # Native sidecar: the drain was the app's hook; we go when the kubelet says so.
+                await self.exit_requested.wait()
+                log.info("agent_exiting", phase=str(self.lifecycle.phase))
+        finally:
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(signum)
+        return 0
+
+    async def shutdown(self, registry: Registry) -> None:
+        """The termination, in order. Every step is bounded; no step's failure skips the next."""
+        config, lifecycle = self.config, self.lifecycle
+        # 1. The trigger already set DRAINING, so /ready has answered 503 since that instant.
+
+        # The kubelet SIGKILLs the app at the end of the grace period; the app needs its share of
+        # that after our answer, so everything before the answer ends by this offset.
+        answer_by = (
+            config.grace_period_seconds - config.app_shutdown_seconds - config.margin_seconds
+        )
+
+        # 2. Take the instance out of the registry (bounded by its own deadline).
+        await self._mark_down(registry)
+
+        # 3. Keep the app serving while traffic may still arrive.
+        limit = min(config.drain_limit, answer_by - lifecycle.elapsed())
+        step = lifecycle.begin("drain")
+        outcome = await self._drain(limit)
+        detail = dict(outcome.detail)
+        if outcome.last_data_seconds is not None:
+            detail["last_data_seconds"] = round(outcome.last_data_seconds, 4)
+        lifecycle.end(step, outcome.reason, limit_seconds=round(limit, 4), **detail)
+        self.metrics.drains.labels(reason=outcome.reason).inc()
+        self.metrics.drain_duration.observe(step.duration or 0.0)
+        if outcome.last_data_seconds is not None:
+            self.metrics.last_data_after_trigger.observe(outcome.last_data_seconds)
+
+        # 4. DRAINED: every /prestop caller gets its answer; we wait until they all have it.
+        lifecycle.finish()
+        try:
+            async with asyncio.timeout(ANSWER_SECONDS):
+                await self.pending.wait_idle()
+        except TimeoutError:
+            log.warning("prestop_answers_pending", callers=self.pending.count)
+
+        # 5. Register mode: the app has stopped taking traffic, so its registration goes.
+        try:
+            async with asyncio.timeout(config.registry_deadline or None):
+                await registry.finalize()
+        except TimeoutError:
+            log.warning("registry_finalize_timeout", backend=registry.name)
+        log.info("shutdown_complete", **lifecycle.report())
+
+    async def _mark_down(self, registry: Registry) -> None:
+        lifecycle, metrics = self.lifecycle, self.metrics
+        step = lifecycle.begin("mark_down")
+        if registry.name == "none":
+            lifecycle.end(step, "skipped", backend="none")
+            return
+        timeout = self.config.registry_timeout_seconds
+        error: str | None = None
+        detail: dict[str, Any] = {}
+        try:
+            async with asyncio.timeout(timeout):
+                detail["servers"] = await registry.mark_down()
+                detail["verified"] = await registry.verify()
+        except TimeoutError:
+            error = f"registry {registry.name}: not done within {timeout:g}s"
+        except RegistryError as exc:
+            error = f"registry {registry.name}: {exc}"
+        except Exception as exc:  # a backend bug must not cost the pod its drain
+            log.exception("registry_failed", backend=registry.name)
+            error = f"registry {registry.name}: unexpected {type(exc).__name__}"
+        lifecycle.end(step, "failed" if error else "ok", backend=registry.name, **detail)
+        result = "failed" if error else "ok"
+        metrics.registry_updates.labels(backend=registry.name, result=result).inc()
+        metrics.registry_update_duration.labels(backend=registry.name).observe(step.duration or 0.0)
+        if error:
+            lifecycle.fail(error)
+            log.error("registry_mark_down_failed", error=error, duration_seconds=step.duration)
+
+    async def _drain(self, limit: float) -> DrainOutcome:
+        started = self.lifecycle.elapsed()
+        try:
+            return await run_drain(
+                self.config, limit=limit, lifecycle=self.lifecycle, metrics=self.metrics
+            )
+        except Exception as exc:
+            # Whatever broke, the app still needs its drain: keep it serving up to the limit.
+            log.exception("drain_strategy_failed", mode=self.config.drain_mode)
+            await asyncio.sleep(max(0.0, limit - (self.lifecycle.elapsed() - started)))
+            return DrainOutcome(reason="max", detail={"error": type(exc).__name__})
+
+    # --- observing ----------------------------------------------------------------------------
+
+    def _log_phase(self, phase: Phase, lifecycle: Lifecycle) -> None:
+        if phase is Phase.SERVING:
+            return
+        log.info(
+            "phase_changed",
+            phase=str(phase),
+            trigger=None if lifecycle.trigger is None else str(lifecycle.trigger),
+            elapsed_seconds=round(lifecycle.elapsed(), 4),
+            steps=[step.as_dict() for step in lifecycle.steps],
+        )
+
+    def _status_extra(self) -> dict[str, Any]:
+        return {"version": __version__, "exit_requested": self.exit_requested.is_set()}
+
+
+def run(config: Config) -> int:
+    """Run the agent in a fresh event loop until it exits; return the process exit status."""
+    try:
+        return asyncio.run(Agent(config).run())
+    except OSError as exc:
+        # The usual cause: the port is taken. One line, no traceback.
+        log.error("agent_failed", error=str(exc))
+        print(f"prestop-agent: {exc}", file=sys.stderr)
+        return 1

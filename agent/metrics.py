@@ -1,0 +1,121 @@
+"""Every metric the agent exports, declared once on an injectable registry.
+
+Names are a contract (dashboards and alerts use them): prefix ``prestop_``, base units, counters
+end in ``_total`` (prometheus-client appends it). Tests build ``Metrics(CollectorRegistry())`` and
+read values back with ``registry.get_sample_value``.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    generate_latest,
+)
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+
+from agent import __version__
+from agent.lifecycle import Lifecycle, Phase
+
+# Registry round trips are milliseconds on a healthy cluster and seconds when a peer hangs.
+REGISTRY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+# Drains last from a few seconds to the grace period (tens of seconds, rarely minutes).
+DRAIN_BUCKETS = (0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 45, 60, 90, 120, 300)
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class Metrics:
+    """The agent's metrics. One instance per process, on its own registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
+        r = self.registry
+        self.info = Info("prestop", "The agent's version and settings.", registry=r)
+        self.phase = Gauge(
+            "prestop_phase",
+            "1 for the current shutdown phase, 0 for the others.",
+            ["phase"],
+            registry=r,
+        )
+        self.shutdown_triggers = Counter(
+            "prestop_shutdown_triggers",
+            "Shutdowns by what started them (prestop, sigterm, sigint).",
+            ["trigger"],
+            registry=r,
+        )
+        self.hook_calls = Counter(
+            "prestop_hook_calls",
+            "Calls to /prestop by result (ok, failed, unauthorized, forbidden).",
+            ["result"],
+            registry=r,
+        )
+        self.registry_updates = Counter(
+            "prestop_registry_updates",
+            "Attempts to take the instance out of the registry, by backend and result.",
+            ["backend", "result"],
+            registry=r,
+        )
+        self.registry_update_duration = Histogram(
+            "prestop_registry_update_duration_seconds",
+            "Time the registry step took, retries included.",
+            ["backend"],
+            buckets=REGISTRY_BUCKETS,
+            registry=r,
+        )
+        self.drains = Counter(
+            "prestop_drains",
+            "Drains by how they ended (quiet, max, fixed).",
+            ["reason"],
+            registry=r,
+        )
+        self.drain_duration = Histogram(
+            "prestop_drain_duration_seconds",
+            "Time the drain step kept the app serving.",
+            buckets=DRAIN_BUCKETS,
+            registry=r,
+        )
+        self.watched_connections = Gauge(
+            "prestop_watched_connections",
+            "TCP connections on the app's ports at the last look (traffic drain).",
+            registry=r,
+        )
+        self.seconds_since_last_data = Gauge(
+            "prestop_drain_seconds_since_last_data",
+            "Seconds since data last arrived on a watched connection (traffic drain).",
+            registry=r,
+        )
+        self.last_data_after_trigger = Histogram(
+            "prestop_drain_last_data_after_trigger_seconds",
+            "Time from the shutdown trigger to the last data the app received: the"
+            " cluster's real registry propagation delay.",
+            buckets=DRAIN_BUCKETS,
+            registry=r,
+        )
+        for phase in Phase:
+            self.phase.labels(phase=str(phase))
+
+    def describe(self, **settings: str) -> None:
+        """Set ``prestop_info`` (version plus the settings that shape the termination)."""
+        self.info.info({"version": __version__, **settings})
+
+    def track(self, lifecycle: Lifecycle) -> None:
+        """Follow the lifecycle's phase changes in ``prestop_phase``."""
+        lifecycle.subscribe(self._on_phase)
+
+    def _on_phase(self, phase: Phase, lifecycle: Lifecycle) -> None:
+        for each in Phase:
+            self.phase.labels(phase=str(each)).set(1 if each is phase else 0)
+        if phase is Phase.DRAINING and lifecycle.trigger is not None:
+            self.shutdown_triggers.labels(trigger=str(lifecycle.trigger)).inc()
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
