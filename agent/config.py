@@ -17,7 +17,7 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -28,6 +28,7 @@ EUREKA_STATUSES = ("DOWN", "OUT_OF_SERVICE")
 LOG_FORMATS = ("auto", "json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 REDACTED = "***"
+DEFAULT_APP_PORT = 8080  # Spring Boot's server.port default
 
 
 class ConfigError(ValueError):
@@ -95,9 +96,9 @@ class Config:
     drain_ignore_cidrs: tuple[Network, ...] = ()
     """PRESTOP_DRAIN_IGNORE_CIDRS: peers whose traffic does not hold the drain (kubelet probes,
     Prometheus scraping the app), comma-separated CIDRs."""
-    app_port: int = 8080
+    app_port: int = DEFAULT_APP_PORT
     """PRESTOP_APP_PORT: the app's serving port (used to find the instance in Eureka)."""
-    app_ports: tuple[int, ...] = (8080,)
+    app_ports: tuple[int, ...] = (DEFAULT_APP_PORT,)
     """PRESTOP_APP_PORTS: ports whose traffic the traffic drain watches; default ``app_port``."""
 
     # --- the grace budget ---------------------------------------------------------------------
@@ -207,15 +208,20 @@ class Config:
 
 
 def redact_url(url: str) -> str:
-    """Hide the password (and query string, which may carry tokens) of a URL."""
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, _, hostport = netloc.rpartition("@")
-        user = userinfo.split(":", 1)[0]
-        netloc = f"{user}:{REDACTED}@{hostport}"
-    query = REDACTED if parts.query else ""
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    """Hide the password and the query string (which may carry tokens) of a URL.
+
+    Works on malformed URLs too (they end up in error messages): everything between the scheme
+    and the last ``@`` is credentials, whatever characters the password holds.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    if "@" in rest:
+        userinfo, _, rest = rest.rpartition("@")
+        rest = f"{userinfo.split(':', 1)[0]}:{REDACTED}@{rest}"
+    if "?" in rest:
+        rest = rest.split("?", 1)[0] + "?" + REDACTED
+    return f"{scheme}{sep}{rest}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -398,7 +404,7 @@ def load(environ: Mapping[str, str]) -> Config:
         except ValueError as exc:
             raise ConfigError(f"{name}={_shown(name, raw)!r}: {exc}") from None
     if "app_ports" not in values:
-        values["app_ports"] = (values.get("app_port", Config.app_port),)
+        values["app_ports"] = (values.get("app_port", DEFAULT_APP_PORT),)
     config = Config(**values)
     _check_together(config)
     return config

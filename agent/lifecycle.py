@@ -109,7 +109,8 @@ class Lifecycle:
     def start(self, trigger: Trigger) -> bool:
         """Start the shutdown, or join the one already under way. True when this call started it."""
         if self.trigger is not None:
-            self.joined.append((trigger, self.elapsed()))
+            if self.phase is Phase.DRAINING:  # after the drain there is nothing left to join
+                self.joined.append((trigger, self.elapsed()))
             return False
         self.trigger = trigger
         self.triggered_at = self._clock()

@@ -1,0 +1,658 @@
+"""Sample the app's TCP connections, so the traffic-aware drain can see when requests stop.
+
+The drain needs two facts per poll: which connections to the app's ports are still open, and how
+long ago data last arrived on each of them. The kernel knows both. We ask it directly over
+``NETLINK_SOCK_DIAG`` (the interface ``ss`` uses) rather than running ``ss`` or parsing ``/proc``:
+
+* the kernel filters by state and by local port itself (inet_diag bytecode), so a poll costs
+  time for the app's connections only, not for every socket in the pod;
+* ``struct tcp_info`` comes with each socket, giving ``tcpi_last_data_recv`` (ms since data last
+  arrived) and ``tcpi_bytes_received`` -- the only cheap way to tell a busy keep-alive connection
+  from an idle one;
+* it is one round trip per address family, with no process to spawn and no text to format.
+
+Where netlink is not available (a sandbox such as gVisor, a kernel without ``inet_diag``), the
+``/proc/net/tcp{,6}`` fallback still counts connections and queues, but cannot say when data last
+arrived (``None``).
+
+Only TCP sockets in the current network namespace are seen: the agent shares the pod's network
+namespace with the app, so those are the app's connections. Ports are *local* ports: the watcher
+reports server-side sockets of the app's listeners, never the app's own outgoing connections
+(their local port is ephemeral).
+
+This module does no logging: the caller knows what is worth saying (and logs ``.source``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import struct
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Protocol, Self, runtime_checkable
+
+__all__ = [
+    "NetlinkWatcher",
+    "Poll",
+    "ProcWatcher",
+    "SocketSample",
+    "SocketWatcher",
+    "open_watcher",
+]
+
+# --------------------------------------------------------------------------------------------
+# TCP states (include/net/tcp_states.h). The kernel numbers them from 1; index 0 is unused.
+# --------------------------------------------------------------------------------------------
+TCP_STATE_NAMES: tuple[str, ...] = (
+    "UNKNOWN",  # 0: not a TCP state
+    "ESTABLISHED",  # 1
+    "SYN_SENT",  # 2
+    "SYN_RECV",  # 3
+    "FIN_WAIT1",  # 4
+    "FIN_WAIT2",  # 5
+    "TIME_WAIT",  # 6
+    "CLOSE",  # 7
+    "CLOSE_WAIT",  # 8
+    "LAST_ACK",  # 9
+    "LISTEN",  # 10
+    "CLOSING",  # 11
+    "NEW_SYN_RECV",  # 12: kernel-internal state of request sockets
+    "BOUND_INACTIVE",  # 13: kernel >= 6.5, bound but neither listening nor connected
+)
+TCP_ESTABLISHED = 1
+TCP_FIN_WAIT1 = 4
+TCP_FIN_WAIT2 = 5
+TCP_CLOSE_WAIT = 8
+TCP_LAST_ACK = 9
+TCP_CLOSING = 11
+
+# The states we report: a connection where a request may still be in flight.
+# * ESTABLISHED: the normal case.
+# * CLOSE_WAIT: the client closed its side, the app has not: a response may still be written.
+# * FIN_WAIT1 / FIN_WAIT2 / CLOSING / LAST_ACK: the app closed (or both did); FIN_WAIT1,
+#   CLOSING and LAST_ACK may still hold unacknowledged response bytes (send_queue), and in
+#   FIN_WAIT2 a half-closed client may still send.
+# Left out, on purpose:
+# * LISTEN: a listener is not a connection; it exists for the whole life of the app.
+# * SYN_RECV: half-open request sockets are not full sockets (the kernel has no tcp_info for
+#   them) and last one round trip; the connection is seen as ESTABLISHED on the next poll.
+# * TIME_WAIT / CLOSE: the connection is over; nothing more reaches the app.
+# * SYN_SENT: outgoing, and the app's outgoing sockets have ephemeral local ports anyway.
+WATCHED_STATES: frozenset[int] = frozenset(
+    {TCP_ESTABLISHED, TCP_FIN_WAIT1, TCP_FIN_WAIT2, TCP_CLOSE_WAIT, TCP_LAST_ACK, TCP_CLOSING}
+)
+# inet_diag_req_v2.idiag_states is a bitmask of (1 << state) (the kernel's TCPF_* flags).
+WATCHED_STATES_MASK: int = sum(1 << state for state in WATCHED_STATES)
+
+# /proc/net/tcp "tr" column value for a socket whose timer is the TIME_WAIT timer, i.e. a
+# time-wait mini-socket (net/ipv4/tcp_ipv4.c, get_timewait4_sock). An orphaned FIN_WAIT2 socket
+# becomes such a mini-socket: it is reported with state FIN_WAIT2 but the app has already closed
+# it. Netlink reports these too (without tcp_info); both paths skip them, so both count the same.
+PROC_TIMER_TIME_WAIT = 3
+
+# --------------------------------------------------------------------------------------------
+# Netlink (include/uapi/linux/netlink.h, sock_diag.h, inet_diag.h)
+# --------------------------------------------------------------------------------------------
+NETLINK_SOCK_DIAG = 4  # netlink protocol number of sock_diag (NETLINK_INET_DIAG before 3.3)
+SOCK_DIAG_BY_FAMILY = 20  # request/reply message type carrying inet_diag_req_v2 / inet_diag_msg
+NLMSG_ERROR = 2
+NLMSG_DONE = 3
+NLM_F_REQUEST = 0x01
+NLM_F_MULTI = 0x02  # set on every message of a multi-part (dump) reply; NLMSG_DONE ends it
+NLM_F_DUMP = 0x100 | 0x200  # NLM_F_ROOT | NLM_F_MATCH: "all sockets that match"
+
+# struct nlmsghdr { __u32 nlmsg_len; __u16 nlmsg_type; __u16 nlmsg_flags; __u32 nlmsg_seq;
+#                   __u32 nlmsg_pid; }  -- host byte order, 16 bytes.
+NLMSGHDR = struct.Struct("=IHHII")
+# The payload of NLMSG_ERROR (struct nlmsgerr) and of NLMSG_DONE starts with an int: a negative
+# errno, or 0.
+NLMSG_ERRNO = struct.Struct("=i")
+
+# struct nlattr / struct rtattr { __u16 len; __u16 type; }, payload padded to 4 bytes.
+NLATTR = struct.Struct("=HH")
+
+# struct inet_diag_req_v2 (inet_diag.h), 56 bytes:
+#   __u8 sdiag_family; __u8 sdiag_protocol; __u8 idiag_ext; __u8 pad; __u32 idiag_states;
+#   struct inet_diag_sockid id;   -- 48 bytes, unused in a dump (zeroed)
+INET_DIAG_REQ_V2 = struct.Struct("=BBBxI48x")
+INET_DIAG_REQ_BYTECODE = 1  # request attribute: a filter program run on each socket
+INET_DIAG_INFO = 2  # reply attribute: struct tcp_info; requested by bit (INFO - 1) in idiag_ext
+INET_DIAG_EXT_INFO = 1 << (INET_DIAG_INFO - 1)
+
+# struct inet_diag_msg (inet_diag.h), 72 bytes, of which we read:
+#   0  __u8 idiag_family; 1 __u8 idiag_state; (2 timer, 3 retrans)
+#   4  struct inet_diag_sockid { 4 __be16 sport; 6 __be16 dport; 8 __be32 src[4];
+#                                24 __be32 dst[4]; 40 __u32 if; 44 __u32 cookie[2]; }
+#   52 __u32 idiag_expires; 56 __u32 idiag_rqueue; 60 __u32 idiag_wqueue; 64 uid; 68 inode
+# Ports are network byte order (swapped with ntohs), the queues host order. For established
+# sockets rqueue is the unread bytes (rcv_nxt - copied_seq), wqueue the unacknowledged bytes
+# (write_seq - snd_una) (net/ipv4/tcp_diag.c, tcp_diag_get_info). The cookie is a unique id
+# of the socket, read as one opaque 64-bit key. The IPv4 form reads only the first 4 bytes of
+# the peer address.
+INET_DIAG_MSG_LEN = 72
+INET_DIAG_MSG_V4 = struct.Struct("=BBxxHH16x4s12x4xQ4xII")
+INET_DIAG_MSG_V6 = struct.Struct("=BBxxHH16x16s4xQ4xII")
+
+# struct tcp_info (include/uapi/linux/tcp.h), host byte order. Offsets checked against the
+# header with offsetof(). The kernel sends its own sizeof(struct tcp_info): older kernels send
+# less, newer ones more, so every field is read only when the attribute is long enough.
+#   52  __u32 tcpi_last_data_recv   ms since data was last received (jiffies resolution)
+#   128 __u64 tcpi_bytes_received   kernel >= 4.1 (RFC 4898 tcpEStatsAppHCThruOctetsReceived)
+TCPI_LAST_DATA_RECV_AT = 52
+TCPI_LAST_DATA_RECV = struct.Struct("=I")
+TCPI_LAST_DATA_RECV_END = TCPI_LAST_DATA_RECV_AT + TCPI_LAST_DATA_RECV.size
+# Both fields in one read, when the kernel's tcp_info reaches past tcpi_bytes_received.
+TCPI_FIELDS = struct.Struct("=52xI72xQ")
+
+# inet_diag bytecode (inet_diag.h, interpreted by net/ipv4/inet_diag.c, inet_diag_bc_run):
+# struct inet_diag_bc_op { __u8 code; __u8 yes; __u16 no; }. The program runs op by op; a true
+# condition advances by `yes` bytes, a false one by `no` bytes. The socket matches when the
+# program ends exactly at its last byte, and is rejected when a jump lands 4 bytes beyond it.
+# A port comparison is followed by a second op whose `no` holds the port (host byte order).
+# S_GE/S_LE exist since the first inet_diag (S_EQ/D_EQ came years later), so ranges use them.
+INET_DIAG_BC_OP = struct.Struct("=BBH")
+INET_DIAG_BC_JMP = 1
+INET_DIAG_BC_S_GE = 2
+INET_DIAG_BC_S_LE = 3
+# A port range [lo, hi] compiles to 16 bytes: S_GE, lo, S_LE, hi; ranges are OR-ed with a 4-byte
+# JMP-to-accept after each range but the last.
+BC_RANGE_BYTES = 16
+BC_JMP_BYTES = 4
+# Keeps the program well inside the 16-bit attribute length; far beyond any real app.
+MAX_PORT_RANGES = 1024
+
+# One datagram of a dump reply is at most 32 KiB (net/netlink/af_netlink.c caps the dump skb at
+# SZ_32K, sized from the largest buffer the reader ever offered). 64 KiB always holds one, so a
+# single preallocated buffer is reused for every datagram: no copies, no growth, whatever the
+# number of sockets. MSG_TRUNC makes recv report a longer datagram instead of cutting it.
+RECV_BUFFER_BYTES = 64 * 1024
+# Socket receive buffer: room for a few datagrams queued by the kernel while we parse.
+SO_RCVBUF_BYTES = 1024 * 1024
+# A dump of 10,000 sockets takes tens of ms; a poll that takes seconds means a stuck kernel
+# reply, and the drain must not hang on it. The poll raises TimeoutError (an OSError) instead.
+POLL_TIMEOUT_SECONDS = 2.0
+
+# Peer addresses are decoded once and reused: ipaddress objects cost ~1 us each, and thousands
+# of connections usually come from a few hundred peers. Cleared when it grows past this.
+PEER_CACHE_MAX = 65536
+
+# An IPv4 peer of a dual-stack (AF_INET6) listener appears as ::ffff:a.b.c.d.
+IPV4_MAPPED_PREFIX = b"\x00" * 10 + b"\xff\xff"
+
+PROC_NET_FILES: tuple[tuple[str, int], ...] = (("net/tcp", 4), ("net/tcp6", 16))
+
+# Kernel quirk, both paths: neither a netlink dump nor a /proc/net/tcp read is a snapshot. The
+# kernel hands the table out in chunks (a 32 KiB datagram, a 4 KiB page of text) and resumes
+# each chunk at "hash bucket b, n-th socket in it". When another socket in that bucket comes or
+# goes between two chunks (any connection in the pod opening or closing), an entry is repeated
+# or skipped. Repeats were seen on /proc under normal load; they are removed by socket identity
+# (the netlink cookie, the /proc address pair). A skipped socket is back on the next poll.
+
+
+@dataclass(frozen=True, slots=True)
+class SocketSample:
+    """One TCP connection on a watched port, as the kernel saw it at ``Poll.taken_at``.
+
+    Frozen so that a poll can be shared between the drain loop, metrics and logs without copies.
+    """
+
+    local_port: int
+    peer: ipaddress.IPv4Address | ipaddress.IPv6Address
+    """IPv4-mapped IPv6 peers (dual-stack listeners) are given as IPv4 addresses."""
+    peer_port: int
+    state: str
+    """Kernel state name: "ESTABLISHED", "CLOSE_WAIT", "FIN_WAIT1", ..."""
+    receive_queue: int
+    """Bytes received but not yet read by the app (idiag_rqueue): a request waiting for it."""
+    send_queue: int
+    """Bytes sent but not yet acknowledged by the peer (idiag_wqueue): a response in flight."""
+    last_data_received_ms: int | None
+    """ms between the last data received and the poll (kernel jiffies resolution, 1-10 ms).
+
+    For a connection that never received data, its age. ``None`` on the /proc path.
+    """
+    bytes_received: int | None
+    """Bytes received over the connection's life; ``None`` on /proc or kernels before 4.1."""
+
+
+@dataclass(frozen=True, slots=True)
+class Poll:
+    """The watched sockets at one instant."""
+
+    taken_at: float
+    """``time.monotonic()`` just before the kernel request: ``last_data_received_ms`` counts
+    back from this instant, so ``taken_at - ms / 1000`` is when data last arrived."""
+    sockets: tuple[SocketSample, ...]
+
+
+@runtime_checkable
+class SocketWatcher(Protocol):
+    """What the drain needs from a watcher: a synchronous poll taking a few milliseconds.
+
+    ``poll`` blocks for at most a couple of seconds (then raises ``TimeoutError``); call it from
+    a thread (``asyncio.to_thread``) if the event loop must never stall. Not thread-safe: one
+    poll at a time per watcher.
+    """
+
+    source: str
+    """``"netlink"`` or ``"proc"``: which way the kernel is asked; worth a log line."""
+
+    def poll(self) -> Poll: ...
+
+    def close(self) -> None: ...
+
+
+# Slot setters of SocketSample, in field order, for the netlink hot loop (see _read_dump).
+_SAMPLE_SETTERS = tuple(getattr(SocketSample, name).__set__ for name in SocketSample.__slots__)
+
+
+def _normalise_ports(ports: Iterable[int]) -> frozenset[int]:
+    """Validate the ports once, at construction, so that a typo fails at start-up, not at drain."""
+    result: set[int] = set()
+    for port in ports:
+        if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+            raise ValueError(f"not a TCP port: {port!r}")
+        result.add(port)
+    if not result:
+        raise ValueError("at least one port to watch is required")
+    return frozenset(result)
+
+
+def _port_ranges(ports: frozenset[int]) -> list[tuple[int, int]]:
+    """Merge consecutive ports into ranges: one bytecode test per range instead of per port."""
+    ranges: list[tuple[int, int]] = []
+    for port in sorted(ports):
+        if ranges and ranges[-1][1] == port - 1:
+            ranges[-1] = (ranges[-1][0], port)
+        else:
+            ranges.append((port, port))
+    return ranges
+
+
+def _build_port_filter(ports: frozenset[int]) -> bytes:
+    """Compile "local port is one of `ports`" to inet_diag bytecode, run by the kernel per socket.
+
+    Layout, for ranges r0..rn (offsets relative to each op; L = total length):
+
+        r_i:  S_GE yes=8  no=20  | op(no=lo) | S_LE yes=8  no=12 | op(no=hi)   -- 16 bytes
+              JMP  yes=4  no=to the end (accept)                              -- not after r_n
+
+    A failed test jumps to the start of the next range, which is 20 bytes on from S_GE and 12 on
+    from S_LE; for the last range that same distance lands 4 bytes past the end: reject. The
+    kernel's verifier (inet_diag_bc_audit) walks the `yes` chain, so every op's `yes` goes to the
+    next op, and every `no` must land on an op boundary or exactly at L or L + 4.
+    """
+    ranges = _port_ranges(ports)
+    if len(ranges) > MAX_PORT_RANGES:
+        raise ValueError(f"too many port ranges ({len(ranges)} > {MAX_PORT_RANGES})")
+    total = len(ranges) * (BC_RANGE_BYTES + BC_JMP_BYTES) - BC_JMP_BYTES
+    program = bytearray()
+    for index, (low, high) in enumerate(ranges):
+        program += INET_DIAG_BC_OP.pack(INET_DIAG_BC_S_GE, 8, BC_RANGE_BYTES + BC_JMP_BYTES)
+        program += INET_DIAG_BC_OP.pack(0, 0, low)
+        program += INET_DIAG_BC_OP.pack(INET_DIAG_BC_S_LE, 8, 8 + BC_JMP_BYTES)
+        program += INET_DIAG_BC_OP.pack(0, 0, high)
+        if index < len(ranges) - 1:
+            program += INET_DIAG_BC_OP.pack(INET_DIAG_BC_JMP, 4, total - len(program))
+    assert len(program) == total
+    return bytes(program)
+
+
+def _build_request(family: int, bytecode: bytes) -> bytearray:
+    """One SOCK_DIAG_BY_FAMILY dump request; the sequence number is patched in per poll."""
+    attribute = NLATTR.pack(NLATTR.size + len(bytecode), INET_DIAG_REQ_BYTECODE) + bytecode
+    body = (
+        INET_DIAG_REQ_V2.pack(family, socket.IPPROTO_TCP, INET_DIAG_EXT_INFO, WATCHED_STATES_MASK)
+        + attribute
+    )
+    header = NLMSGHDR.pack(
+        NLMSGHDR.size + len(body), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, 0, 0
+    )
+    return bytearray(header + body)
+
+
+def _decode_peer(raw: bytes) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """4 or 16 network-order bytes to an address; IPv4-mapped IPv6 becomes plain IPv4."""
+    if len(raw) == 16 and raw[:12] == IPV4_MAPPED_PREFIX:
+        return ipaddress.IPv4Address(raw[12:])
+    return ipaddress.ip_address(raw)
+
+
+class NetlinkWatcher:
+    """Polls the kernel over NETLINK_SOCK_DIAG: filtered in the kernel, with tcp_info.
+
+    One netlink socket is kept open between polls. If a poll fails half-way (timeout, error),
+    the socket is dropped, so that the rest of an unread reply cannot be mistaken for the next
+    poll's; the next poll opens a fresh one.
+    """
+
+    source: str = "netlink"
+
+    def __init__(self, ports: Iterable[int]) -> None:
+        """Open the netlink socket now: a kernel or sandbox without it fails here (OSError)."""
+        self.ports: frozenset[int] = _normalise_ports(ports)
+        bytecode = _build_port_filter(self.ports)
+        # AF_UNSPEC is not accepted (sock_diag dispatches on the family), and the kernel walks
+        # its whole socket table per request, so one request per family.
+        self._requests: tuple[tuple[int, bytearray], ...] = (
+            (socket.AF_INET, _build_request(socket.AF_INET, bytecode)),
+            (socket.AF_INET6, _build_request(socket.AF_INET6, bytecode)),
+        )
+        self._buffer = bytearray(RECV_BUFFER_BYTES)
+        # The same buffer as 16-bit words, to walk attribute headers without struct calls.
+        self._words = memoryview(self._buffer).cast("H")
+        # Where INET_DIAG_INFO sat in the last message, from the message start (see _read_dump);
+        # first guess: the first attribute.
+        self._info_at = NLMSGHDR.size + INET_DIAG_MSG_LEN
+        self._peers: dict[bytes, ipaddress.IPv4Address | ipaddress.IPv6Address] = {}
+        self._seq = 0
+        self._sock: socket.socket | None = None
+        self._sock = self._open()
+
+    @staticmethod
+    def _open() -> socket.socket:
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SO_RCVBUF_BYTES)
+            sock.settimeout(POLL_TIMEOUT_SECONDS)
+            sock.bind((0, 0))  # let the kernel pick our netlink port id
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def poll(self) -> Poll:
+        """Dump the watched sockets of both address families; raises OSError on failure."""
+        sock = self._sock if self._sock is not None else self._open()
+        self._sock = sock
+        samples: list[SocketSample] = []
+        seen: set[int] = set()
+        taken_at = time.monotonic()
+        try:
+            for family, request in self._requests:
+                sent_at = time.monotonic()
+                self._seq = (self._seq + 1) & 0xFFFFFFFF
+                struct.pack_into("=I", request, 8, self._seq)  # nlmsghdr.nlmsg_seq
+                sock.send(request)
+                # tcpi_last_data_recv counts back from when the kernel reads each socket, i.e.
+                # from sent_at or later. Rebase the second family's values onto taken_at so the
+                # whole poll has one reference instant (clamped at 0: data that arrived between
+                # the two requests is "now").
+                rebase_ms = round((sent_at - taken_at) * 1000)
+                self._read_dump(sock, family, self._seq, rebase_ms, samples, seen)
+        except BaseException:
+            self._drop_socket()
+            raise
+        return Poll(taken_at, tuple(samples))
+
+    def _read_dump(
+        self,
+        sock: socket.socket,
+        family: int,
+        seq: int,
+        rebase_ms: int,
+        out: list[SocketSample],
+        seen: set[int],
+    ) -> None:
+        """Read one multi-part reply into `out`, datagram by datagram, until NLMSG_DONE.
+
+        This loop runs once per socket (10,000 times per poll for a busy gateway), so it is
+        written for CPython speed: names bound to locals, no call per socket that can be avoided.
+        """
+        buffer = self._buffer
+        words = self._words
+        peers = self._peers
+        unpack_hdr = NLMSGHDR.unpack_from
+        msg_struct = INET_DIAG_MSG_V4 if family == socket.AF_INET else INET_DIAG_MSG_V6
+        unpack_msg = msg_struct.unpack_from
+        unpack_info = TCPI_FIELDS.unpack_from
+        unpack_last = TCPI_LAST_DATA_RECV.unpack_from
+        ntohs = socket.ntohs
+        states = TCP_STATE_NAMES
+        new_sample = object.__new__
+        (set_port, set_peer, set_peer_port, set_state, set_rq, set_wq, set_last, set_bytes) = (
+            _SAMPLE_SETTERS
+        )
+        hdr_len = NLMSGHDR.size
+        attrs_from = hdr_len + INET_DIAG_MSG_LEN
+        info_data = NLATTR.size  # tcp_info starts after the attribute header
+        info_at = self._info_at
+        while True:
+            size = sock.recv_into(buffer, 0, socket.MSG_TRUNC)
+            if size > len(buffer):
+                raise OSError(f"netlink datagram of {size} bytes exceeds the receive buffer")
+            if size == 0:
+                raise OSError("netlink socket returned no data")
+            offset = 0
+            finished = False
+            while offset + hdr_len <= size:
+                msg_len, msg_type, msg_flags, msg_seq, _pid = unpack_hdr(buffer, offset)
+                if msg_len < hdr_len or offset + msg_len > size:
+                    raise OSError(f"malformed netlink message (length {msg_len})")
+                end = offset + msg_len
+                next_offset = offset + ((msg_len + 3) & ~3)
+                if msg_seq != seq:
+                    pass  # left over from an earlier request; never ours to parse
+                elif msg_type == SOCK_DIAG_BY_FAMILY and msg_len >= attrs_from:
+                    if not msg_flags & NLM_F_MULTI:
+                        finished = True
+                    # Find INET_DIAG_INFO. Attribute headers (__u16 len, __u16 type) start
+                    # 4-byte aligned, so they are read as 16-bit words. The kernel emits the same
+                    # attributes in the same order for every socket of a dump, with tcp_info last:
+                    # first try where it was in the previous message (its header there, ending
+                    # the message exactly), and walk the attributes when that does not hold.
+                    info = offset + info_at
+                    if not (
+                        info + 4 <= end
+                        and words[(info >> 1) + 1] == INET_DIAG_INFO
+                        and info + ((words[info >> 1] + 3) & ~3) == next_offset
+                    ):
+                        info = -1
+                        attr = offset + attrs_from
+                        while attr + 4 <= end:
+                            attr_len = words[attr >> 1]
+                            if attr_len < 4:
+                                break  # malformed; the kernel never sends this
+                            if words[(attr >> 1) + 1] == INET_DIAG_INFO:
+                                info = attr
+                                info_at = self._info_at = attr - offset
+                                break
+                            attr += (attr_len + 3) & ~3
+                        if info < 0:
+                            # No tcp_info: a time-wait mini-socket (orphaned FIN_WAIT2) that
+                            # the app has already closed, not a connection it serves: skip.
+                            offset = next_offset
+                            continue
+                    info_len = words[info >> 1] - info_data
+                    if info_len >= TCPI_FIELDS.size:
+                        last_ms, received = unpack_info(buffer, info + info_data)
+                    elif info_len >= TCPI_LAST_DATA_RECV_END:  # kernel < 4.1: no byte count
+                        last_ms = unpack_last(buffer, info + info_data + TCPI_LAST_DATA_RECV_AT)[0]
+                        received = None
+                    else:
+                        last_ms = received = None
+                    if last_ms is not None:
+                        last_ms = last_ms - rebase_ms if last_ms > rebase_ms else 0
+                    _fam, state, sport, dport, raw_peer, cookie, rqueue, wqueue = unpack_msg(
+                        buffer, offset + hdr_len
+                    )
+                    if cookie in seen:  # a repeat, see the kernel quirk at PROC_NET_FILES
+                        offset = next_offset
+                        continue
+                    seen.add(cookie)
+                    peer = peers.get(raw_peer)
+                    if peer is None:
+                        if len(peers) >= PEER_CACHE_MAX:
+                            peers.clear()
+                        peer = peers[raw_peer] = _decode_peer(raw_peer)
+                    # SocketSample(...) through its frozen-dataclass __init__ costs twice as much
+                    # as setting its slots directly; same object, same values.
+                    sample = new_sample(SocketSample)
+                    set_port(sample, ntohs(sport))
+                    set_peer(sample, peer)
+                    set_peer_port(sample, ntohs(dport))
+                    set_state(sample, states[state] if state < len(states) else str(state))
+                    set_rq(sample, rqueue)
+                    set_wq(sample, wqueue)
+                    set_last(sample, last_ms)
+                    set_bytes(sample, received)
+                    out.append(sample)
+                elif msg_type == NLMSG_DONE:
+                    finished = True
+                    if msg_len >= hdr_len + NLMSG_ERRNO.size:
+                        # A dump that failed part-way says so here (negative errno).
+                        errno = NLMSG_ERRNO.unpack_from(buffer, offset + hdr_len)[0]
+                        if errno < 0:
+                            raise OSError(-errno, os.strerror(-errno))
+                elif msg_type == NLMSG_ERROR:
+                    errno = NLMSG_ERRNO.unpack_from(buffer, offset + hdr_len)[0]
+                    if errno < 0:
+                        # e.g. ENOENT: no inet_diag module; EINVAL: bytecode rejected.
+                        raise OSError(-errno, os.strerror(-errno))
+                    finished = True  # errno 0 is an acknowledgement: nothing more follows
+                offset = next_offset
+            if finished:
+                return
+
+    def _drop_socket(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def close(self) -> None:
+        """Close the netlink socket; a later poll would reopen it."""
+        self._drop_socket()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class ProcWatcher:
+    """Fallback: parses /proc/net/tcp and /proc/net/tcp6 (counts and queues, no last-data).
+
+    Costs more than netlink (the kernel formats every socket of the namespace as text, and we
+    filter afterwards), and cannot tell when data last arrived: ``last_data_received_ms`` and
+    ``bytes_received`` are ``None``.
+    """
+
+    source: str = "proc"
+
+    def __init__(self, ports: Iterable[int], proc_root: str = "/proc") -> None:
+        """`proc_root` lets tests use crafted files; /proc/net is our network namespace's."""
+        self.ports: frozenset[int] = _normalise_ports(ports)
+        self._paths = tuple(
+            (os.path.join(proc_root, name), width) for name, width in PROC_NET_FILES
+        )
+        # The files print the local port as 4 upper-case hex digits: compare text, parse only
+        # the lines that match.
+        self._port_hex: frozenset[bytes] = frozenset(b"%04X" % port for port in self.ports)
+        self._peers: dict[bytes, ipaddress.IPv4Address | ipaddress.IPv6Address] = {}
+
+    def poll(self) -> Poll:
+        """Read both files; a missing tcp6 (IPv6 disabled) is fine, a missing tcp is an error."""
+        taken_at = time.monotonic()
+        samples: list[SocketSample] = []
+        seen: set[bytes] = set()
+        for path, width in self._paths:
+            try:
+                with open(path, "rb", buffering=0) as file:
+                    data = file.readall()
+            except FileNotFoundError:
+                if width == 16:
+                    continue
+                raise
+            self._parse(data, samples, seen)
+        return Poll(taken_at, tuple(samples))
+
+    def _parse(self, data: bytes, out: list[SocketSample], seen: set[bytes]) -> None:
+        """Parse one file. Line format (net/ipv4/tcp_ipv4.c, get_tcp4_sock; tcp6 alike):
+
+        ``sl: LOCAL:PORT REMOTE:PORT st tx_queue:rx_queue tr:tm->when retrnsmt uid ...``
+
+        Addresses are the in-memory (network-order) words printed as host-order hex ``%08X``;
+        ports and state are hex; tx_queue / rx_queue are what netlink calls wqueue / rqueue.
+        """
+        port_hex = self._port_hex
+        peers = self._peers
+        states = TCP_STATE_NAMES
+        watched = WATCHED_STATES
+        for line in data.splitlines()[1:]:  # the first line is the column header
+            fields = line.split(None, 6)
+            if len(fields) < 6:
+                continue
+            local = fields[1]
+            if local[-4:] not in port_hex:
+                continue
+            state = int(fields[3], 16)
+            if state not in watched:
+                continue
+            if int(fields[5][:2], 16) == PROC_TIMER_TIME_WAIT:
+                continue  # time-wait mini-socket, see PROC_TIMER_TIME_WAIT
+            remote = fields[2]
+            identity = local + remote
+            if identity in seen:  # a repeat, see the kernel quirk at PROC_NET_FILES
+                continue
+            seen.add(identity)
+            raw_host, _, raw_port = remote.partition(b":")
+            peer = peers.get(raw_host)
+            if peer is None:
+                if len(peers) >= PEER_CACHE_MAX:
+                    peers.clear()
+                peer = peers[raw_host] = _decode_peer(_proc_address(raw_host))
+            tx_queue, _, rx_queue = fields[4].partition(b":")
+            out.append(
+                SocketSample(
+                    int(local[-4:], 16),
+                    peer,
+                    int(raw_port, 16),
+                    states[state],
+                    int(rx_queue, 16),
+                    int(tx_queue, 16),
+                    None,
+                    None,
+                )
+            )
+
+    def close(self) -> None:
+        """Nothing is held open between polls; present for the SocketWatcher interface."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _proc_address(text: bytes) -> bytes:
+    """/proc hex address to network-order bytes: each 32-bit word was printed in host order."""
+    words = [int(text[i : i + 8], 16) for i in range(0, len(text), 8)]
+    return struct.pack(f"={len(words)}I", *words)
+
+
+def open_watcher(ports: Iterable[int], *, force_proc: bool = False) -> SocketWatcher:
+    """netlink when available, else /proc (the caller logs which, from .source).
+
+    "Available" is proven by one real poll, not just by opening the socket: a kernel without the
+    inet_diag module, or a sandbox that accepts the socket but not the request, fails there.
+    A ValueError (bad ports) is not a reason to fall back and propagates.
+    """
+    port_set = _normalise_ports(ports)
+    if not force_proc:
+        try:
+            watcher = NetlinkWatcher(port_set)
+        except OSError:
+            pass
+        else:
+            try:
+                watcher.poll()
+            except OSError:
+                watcher.close()
+            else:
+                return watcher
+    return ProcWatcher(port_set)
