@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,3 +29,63 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+class AgentProcess:
+    """The real ``prestop-agent`` as a child process on a free loopback port, logs to a file."""
+
+    def __init__(self, env: dict[str, str], log_path: Path, *, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self._env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "PRESTOP_HOST": "127.0.0.1",
+            "PRESTOP_PORT": str(self.port),
+            "PRESTOP_LOG_FORMAT": "json",
+            **env,
+        }
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> float:
+        """Start the process; return the monotonic time it was started at."""
+        log = self.log_path.open("wb")
+        started = time.monotonic()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "agent.cli"],
+            env=self._env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        return started
+
+    def wait_ready(self, timeout: float = 10.0) -> float:
+        """Poll /ready until 200; return the monotonic time it first answered 200."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc is not None and self.proc.poll() is None, self.log_text()
+            try:
+                with urllib.request.urlopen(f"{self.url}/ready", timeout=1) as response:
+                    if response.status == 200:
+                        return time.monotonic()
+            except (OSError, urllib.error.HTTPError):
+                pass
+            time.sleep(0.005)
+        raise AssertionError(f"agent not ready within {timeout}s:\n{self.log_text()}")
+
+    def signal(self, signum: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signum)
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def log_events(self) -> list[dict[str, Any]]:
+        """Every log line, parsed: the test fails if one is not JSON."""
+        return [json.loads(line) for line in self.log_text().splitlines() if line.strip()]
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)

@@ -182,7 +182,7 @@ def test_a_drain_that_cannot_fit_the_grace_budget_shows_the_arithmetic() -> None
 def test_traffic_maximum_defaults_to_what_the_budget_leaves() -> None:
     config = load({"PRESTOP_DRAIN_MODE": "traffic", "PRESTOP_GRACE_PERIOD_SECONDS": "45"})
     assert config.drain_limit == 45 - 5 - 1
-    with pytest.raises(ConfigError, match="PRESTOP_DRAIN_MAX_SECONDS.*= 41s > grace period 40s"):
+    with pytest.raises(ConfigError, match=r"PRESTOP_DRAIN_MAX_SECONDS.*= 41s > grace period 40s"):
         load(
             {
                 "PRESTOP_DRAIN_MODE": "traffic",

@@ -69,8 +69,7 @@ async def test_prestop_callers_join_one_sequence_and_share_its_answer(
     metrics = Metrics(CollectorRegistry())
     client = await make_client(lifecycle=lifecycle, metrics=metrics, pending=pending)
     calls = [
-        asyncio.create_task(client.request(method, "/prestop"))
-        for method in ["GET", "POST"] * 10
+        asyncio.create_task(client.request(method, "/prestop")) for method in ["GET", "POST"] * 10
     ]
     async with asyncio.timeout(5):
         while pending.count < 20:

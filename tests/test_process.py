@@ -1,0 +1,199 @@
+"""The real agent process, playing both sidecar layouts with real signals and real HTTP.
+
+Timing bounds come from the issue: /ready is 503 within 50 ms of the first trigger; every /prestop
+answer comes no sooner than the drain and within drain + 0.5 s; the process exits 0 within
+drain + 1 s of the trigger (classic) or within 1 s of its SIGTERM (native).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.support import AgentProcess
+
+DRAIN = 2.0
+
+
+@pytest.fixture
+def agent_factory(tmp_path: Path) -> Iterator[type[AgentProcess]]:
+    started: list[AgentProcess] = []
+
+    class Started(AgentProcess):
+        def __init__(self, env: dict[str, str], **kwargs: int) -> None:
+            super().__init__(env, tmp_path / f"agent-{len(started)}.log", **kwargs)
+            started.append(self)
+
+    yield Started
+    for agent in started:
+        agent.stop()
+
+
+async def _wait_exit(agent: AgentProcess, timeout: float) -> tuple[int, float]:
+    """(exit status, monotonic time of exit), waited for in a thread."""
+    assert agent.proc is not None
+    proc = agent.proc
+
+    def wait() -> tuple[int, float]:
+        status = proc.wait(timeout=timeout)
+        return status, time.monotonic()
+
+    return await asyncio.to_thread(wait)
+
+
+async def _first_503(session: aiohttp.ClientSession, url: str) -> float:
+    """Poll /ready until it answers 503; return when it did."""
+    async with asyncio.timeout(2):
+        while True:
+            async with session.get(f"{url}/ready") as response:
+                if response.status == 503:
+                    return time.monotonic()
+
+
+async def _hook(session: aiohttp.ClientSession, url: str, delay: float) -> tuple[int, float, dict]:
+    await asyncio.sleep(delay)
+    async with session.get(f"{url}/prestop") as response:
+        body = await response.json()
+        return response.status, time.monotonic(), body
+
+
+async def test_classic_sidecar_sigterm_and_50_concurrent_hooks(agent_factory) -> None:
+    agent = agent_factory({"PRESTOP_DRAIN_SECONDS": str(DRAIN)})
+    agent.start()
+    await asyncio.to_thread(agent.wait_ready)
+    connector = aiohttp.TCPConnector(limit=0, force_close=True)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        exit_waiter = asyncio.create_task(_wait_exit(agent, timeout=DRAIN + 10))
+        trigger = time.monotonic()
+        agent.signal(signal.SIGTERM)
+        ready_503 = asyncio.create_task(_first_503(session, agent.url))
+        # 50 hook calls spread over the first 100 ms, as a kubelet retrying or several
+        # containers' hooks would arrive.
+        answers = await asyncio.gather(*(_hook(session, agent.url, i * 0.002) for i in range(50)))
+        assert await ready_503 - trigger <= 0.05
+    status, exited = await exit_waiter
+
+    for code, answered, body in answers:
+        assert code == 200
+        assert DRAIN <= answered - trigger <= DRAIN + 0.5
+        assert body["trigger"] == "sigterm"
+        assert body["drain_ended_by"] == "fixed"
+    assert status == 0
+    assert exited - trigger <= DRAIN + 1.0
+
+    events = agent.log_events()  # every line is JSON
+    final = next(e for e in events if e["event"] == "shutdown_complete")
+    assert final["trigger"] == "sigterm"
+    assert [j["trigger"] for j in final["joined"]] == ["prestop"] * 50
+    assert [s["name"] for s in final["steps"]] == ["mark_down", "drain"]
+    phases = [e["phase"] for e in events if e["event"] == "phase_changed"]
+    assert phases == ["draining", "drained"]
+    assert "Traceback" not in agent.log_text()
+
+
+async def test_native_sidecar_hook_first_then_sigterm_later(agent_factory) -> None:
+    agent = agent_factory({"PRESTOP_DRAIN_SECONDS": str(DRAIN)})
+    agent.start()
+    await asyncio.to_thread(agent.wait_ready)
+    async with aiohttp.ClientSession() as session:
+        trigger = time.monotonic()
+        hook = asyncio.create_task(_hook(session, agent.url, 0))
+        ready_503 = await _first_503(session, agent.url)
+        code, answered, body = await hook
+        assert ready_503 - trigger <= 0.05
+        assert code == 200
+        assert DRAIN <= answered - trigger <= DRAIN + 0.5
+        assert body["trigger"] == "prestop"
+        assert body["phase"] == "drained"
+
+        # The app is stopping now; the agent stays up (not ready) until its own SIGTERM.
+        await asyncio.sleep(1.0)
+        assert agent.proc is not None and agent.proc.poll() is None
+        async with session.get(f"{agent.url}/ready") as response:
+            assert response.status == 503
+        async with session.get(f"{agent.url}/live") as response:
+            assert response.status == 200
+        repeat_sent = time.monotonic()
+        code, repeat_answered, repeat_body = await _hook(session, agent.url, 0)
+        assert code == 200
+        assert repeat_answered - repeat_sent < 0.2, "a repeated hook is answered at once"
+        assert repeat_body == body
+
+    sigterm = time.monotonic()
+    agent.signal(signal.SIGTERM)
+    status, exited = await _wait_exit(agent, timeout=5)
+    assert status == 0
+    assert exited - sigterm <= 1.0
+
+
+async def test_a_second_sigterm_does_not_cut_the_drain_short(agent_factory) -> None:
+    agent = agent_factory({"PRESTOP_DRAIN_SECONDS": "1.5"})
+    agent.start()
+    await asyncio.to_thread(agent.wait_ready)
+    trigger = time.monotonic()
+    agent.signal(signal.SIGTERM)
+    await asyncio.sleep(0.3)
+    agent.signal(signal.SIGTERM)
+    status, exited = await _wait_exit(agent, timeout=10)
+    assert status == 0
+    assert 1.5 <= exited - trigger <= 2.5
+    assert any(e["event"] == "signal_joined" for e in agent.log_events())
+
+
+async def test_a_second_sigint_forces_an_immediate_exit(agent_factory) -> None:
+    agent = agent_factory({"PRESTOP_DRAIN_SECONDS": "20"})
+    agent.start()
+    await asyncio.to_thread(agent.wait_ready)
+    agent.signal(signal.SIGINT)
+    await asyncio.sleep(0.2)
+    second = time.monotonic()
+    agent.signal(signal.SIGINT)
+    status, exited = await _wait_exit(agent, timeout=5)
+    assert status == 130
+    assert exited - second <= 1.0
+    assert any(e["event"] == "forced_exit" for e in agent.log_events())
+
+
+async def test_a_malformed_request_gets_400_and_one_warning_not_a_traceback(
+    agent_factory,
+) -> None:
+    agent = agent_factory({"PRESTOP_DRAIN_SECONDS": "0.1"})
+    agent.start()
+    await asyncio.to_thread(agent.wait_ready)
+    reader, writer = await asyncio.open_connection("127.0.0.1", agent.port)
+    writer.write(b"GET /ready HTTP/1.1\r\nHost: x\r\nBad Header Without Colon\r\n\r\n")
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.read(4096), timeout=5)
+    writer.close()
+    await writer.wait_closed()
+    assert answer.split(b" ", 2)[1] == b"400"
+    assert b"Traceback" not in answer
+    await asyncio.sleep(0.2)
+    agent.signal(signal.SIGTERM)
+    assert (await _wait_exit(agent, timeout=5))[0] == 0
+    text = agent.log_text()
+    assert "Traceback" not in text
+    events = agent.log_events()
+    bad = [e for e in events if "bad request" in e.get("event", "")]
+    assert len(bad) == 1
+    assert bad[0]["level"] == "warning"
+    assert "exception" not in bad[0]
+
+
+async def test_a_taken_port_is_one_line_and_exit_1(agent_factory) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        agent = agent_factory({}, port=holder.getsockname()[1])
+        agent.start()
+        status, _ = await _wait_exit(agent, timeout=10)
+    assert status == 1
+    assert "Traceback" not in agent.log_text()
+    assert "address already in use" in agent.log_text().lower()
