@@ -10,7 +10,7 @@ import pytest
 import pytest_asyncio
 import structlog
 
-pytest_plugins = ["pytester"]
+pytest_plugins = ["pytester", "tests.javaapps"]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -36,13 +36,13 @@ def agent_factory(tmp_path: Path) -> Iterator[type[AgentProcess]]:
         agent.stop()
 
 
-async def _wait_exit(agent: AgentProcess, timeout: float) -> tuple[int, float]:
+async def _wait_exit(agent: AgentProcess, limit: float) -> tuple[int, float]:
     """(exit status, monotonic time of exit), waited for in a thread."""
     assert agent.proc is not None
     proc = agent.proc
 
     def wait() -> tuple[int, float]:
-        status = proc.wait(timeout=timeout)
+        status = proc.wait(timeout=limit)
         return status, time.monotonic()
 
     return await asyncio.to_thread(wait)
@@ -70,7 +70,7 @@ async def test_classic_sidecar_sigterm_and_50_concurrent_hooks(agent_factory) ->
     await asyncio.to_thread(agent.wait_ready)
     connector = aiohttp.TCPConnector(limit=0, force_close=True)
     async with aiohttp.ClientSession(connector=connector) as session:
-        exit_waiter = asyncio.create_task(_wait_exit(agent, timeout=DRAIN + 10))
+        exit_waiter = asyncio.create_task(_wait_exit(agent, limit=DRAIN + 10))
         trigger = time.monotonic()
         agent.signal(signal.SIGTERM)
         ready_503 = asyncio.create_task(_first_503(session, agent.url))
@@ -128,7 +128,7 @@ async def test_native_sidecar_hook_first_then_sigterm_later(agent_factory) -> No
 
     sigterm = time.monotonic()
     agent.signal(signal.SIGTERM)
-    status, exited = await _wait_exit(agent, timeout=5)
+    status, exited = await _wait_exit(agent, limit=5)
     assert status == 0
     assert exited - sigterm <= 1.0
 
@@ -141,7 +141,7 @@ async def test_a_second_sigterm_does_not_cut_the_drain_short(agent_factory) -> N
     agent.signal(signal.SIGTERM)
     await asyncio.sleep(0.3)
     agent.signal(signal.SIGTERM)
-    status, exited = await _wait_exit(agent, timeout=10)
+    status, exited = await _wait_exit(agent, limit=10)
     assert status == 0
     assert 1.5 <= exited - trigger <= 2.5
     assert any(e["event"] == "signal_joined" for e in agent.log_events())
@@ -155,7 +155,7 @@ async def test_a_second_sigint_forces_an_immediate_exit(agent_factory) -> None:
     await asyncio.sleep(0.2)
     second = time.monotonic()
     agent.signal(signal.SIGINT)
-    status, exited = await _wait_exit(agent, timeout=5)
+    status, exited = await _wait_exit(agent, limit=5)
     assert status == 130
     assert exited - second <= 1.0
     assert any(e["event"] == "forced_exit" for e in agent.log_events())
@@ -177,7 +177,7 @@ async def test_a_malformed_request_gets_400_and_one_warning_not_a_traceback(
     assert b"Traceback" not in answer
     await asyncio.sleep(0.2)
     agent.signal(signal.SIGTERM)
-    assert (await _wait_exit(agent, timeout=5))[0] == 0
+    assert (await _wait_exit(agent, limit=5))[0] == 0
     text = agent.log_text()
     assert "Traceback" not in text
     events = agent.log_events()
@@ -193,7 +193,7 @@ async def test_a_taken_port_is_one_line_and_exit_1(agent_factory) -> None:
         holder.listen()
         agent = agent_factory({}, port=holder.getsockname()[1])
         agent.start()
-        status, _ = await _wait_exit(agent, timeout=10)
+        status, _ = await _wait_exit(agent, limit=10)
     assert status == 1
     assert "Traceback" not in agent.log_text()
     assert "address already in use" in agent.log_text().lower()
