@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.support import free_port  # noqa: E402  -- the repo root is not installed as a path
+from tests.support import free_port  # the repo root, put on the path above
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -128,7 +128,8 @@ def main() -> None:
             print("wrk not installed (apt-get install wrk): throughput not measured")
             return
         for path in ("/ready", "/metrics"):
-            print(f"{path:9} on one core: {wrk(f'http://127.0.0.1:{port}{path}', args.load_seconds)}")
+            figures = wrk(f"http://127.0.0.1:{port}{path}", args.load_seconds)
+            print(f"{path:9} on one core: {figures}")
         print(f"RSS after the load: {rss_mib(proc.pid):.1f} MiB")
     finally:
         stop(proc)
