@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-*
 	touch $@
 
-## Run the agent with its embedded defaults: :8099, fixed 10 s drain, no registry.
+## Run the agent with its embedded defaults: :8099, traffic drain watching port 8080, no registry.
 run: $(STAMP)
 	$(VENV)/bin/prestop-agent
 

@@ -78,7 +78,7 @@ class Config:
     """PRESTOP_PORT: port of /prestop, /ready, /live, /status and /metrics."""
 
     # --- the drain ----------------------------------------------------------------------------
-    drain_mode: str = "fixed"
+    drain_mode: str = "traffic"
     """PRESTOP_DRAIN_MODE: ``fixed`` (sleep ``drain_seconds``) or ``traffic`` (until it stops)."""
     drain_seconds: float = 10.0
     """PRESTOP_DRAIN_SECONDS: how long the fixed drain keeps the app serving, seconds."""
@@ -406,8 +406,36 @@ def load(environ: Mapping[str, str]) -> Config:
     if "app_ports" not in values:
         values["app_ports"] = (values.get("app_port", DEFAULT_APP_PORT),)
     config = Config(**values)
+    _check_mode_settings(config, environ)
     _check_together(config)
     return config
+
+
+# Settings that only one drain mode reads. Setting one for the other mode is a mistake worth
+# stopping for: PRESTOP_DRAIN_SECONDS=25 under the traffic mode would be silently ignored.
+_MODE_VARIABLES = {
+    "fixed": ("PRESTOP_DRAIN_SECONDS",),
+    "traffic": (
+        "PRESTOP_DRAIN_MIN_SECONDS",
+        "PRESTOP_DRAIN_QUIET_SECONDS",
+        "PRESTOP_DRAIN_MAX_SECONDS",
+        "PRESTOP_DRAIN_POLL_SECONDS",
+        "PRESTOP_DRAIN_SOURCE",
+        "PRESTOP_DRAIN_IGNORE_CIDRS",
+    ),
+}
+
+
+def _check_mode_settings(config: Config, environ: Mapping[str, str]) -> None:
+    for mode, variables in _MODE_VARIABLES.items():
+        if mode == config.drain_mode:
+            continue
+        for name in variables:
+            if name in environ:
+                raise ConfigError(
+                    f"{name}={environ[name]!r}: applies only to PRESTOP_DRAIN_MODE={mode}, and"
+                    f" the mode is {config.drain_mode}; set PRESTOP_DRAIN_MODE={mode} or remove it"
+                )
 
 
 def _check_together(config: Config) -> None:

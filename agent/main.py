@@ -57,7 +57,8 @@ class Agent:
         self.started = asyncio.Event()
         """Set once the listener accepts connections (tests and the benchmark wait on it)."""
         self._registry = registry
-        self._drain_detail: dict[str, Any] = {}
+        self._drain_source: str | None = None
+        """How the traffic drain sees the app's sockets (``netlink`` or ``proc``), for /status."""
         self.metrics.track(self.lifecycle)
         self.lifecycle.subscribe(self._log_phase)
 
@@ -119,6 +120,12 @@ class Agent:
                     pod=self.config.pod_name,
                     namespace=self.config.pod_namespace,
                 )
+                if self.config.drain_mode == "traffic":
+                    from agent.drain.traffic import probe_source
+
+                    self._drain_source = probe_source(
+                        self.config.app_ports, self.config.drain_source
+                    )
                 log.info(
                     "agent_started",
                     version=__version__,
@@ -126,6 +133,7 @@ class Agent:
                     drain_mode=self.config.drain_mode,
                     registry=registry.name,
                     pid=os.getpid(),
+                    drain_source=self._drain_source,
                 )
                 self.started.set()
                 # The only long-lived background task: the registry's own start-up and upkeep
@@ -242,7 +250,11 @@ class Agent:
         )
 
     def _status_extra(self) -> dict[str, Any]:
-        return {"version": __version__, "exit_requested": self.exit_requested.is_set()}
+        return {
+            "version": __version__,
+            "exit_requested": self.exit_requested.is_set(),
+            "drain": {"mode": self.config.drain_mode, "source": self._drain_source},
+        }
 
 
 def run(config: Config) -> int:

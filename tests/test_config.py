@@ -18,7 +18,7 @@ SECRET_PASSWORD = "p%40ss%3Aw%2Frd"  # "p@ss:w/rd", percent-encoded as in a URL
 def test_defaults_are_a_working_agent() -> None:
     config = load({})
     assert (config.host, config.port) == ("0.0.0.0", 8099)
-    assert config.drain_mode == "fixed"
+    assert config.drain_mode == "traffic"
     assert config.registry == "none"
     assert config.app_ports == (8080,)
     assert config.budget().fits
@@ -165,6 +165,7 @@ def test_a_drain_that_cannot_fit_the_grace_budget_shows_the_arithmetic() -> None
     with pytest.raises(ConfigError) as caught:
         load(
             {
+                "PRESTOP_DRAIN_MODE": "fixed",
                 "PRESTOP_DRAIN_SECONDS": "25",
                 "PRESTOP_REGISTRY": "actuator",
                 "PRESTOP_REGISTRY_TIMEOUT_SECONDS": "3",
@@ -192,17 +193,32 @@ def test_traffic_maximum_defaults_to_what_the_budget_leaves() -> None:
         )
 
 
+@pytest.mark.parametrize(
+    ("environ", "variable"),
+    [
+        ({"PRESTOP_DRAIN_SECONDS": "25"}, "PRESTOP_DRAIN_SECONDS"),
+        ({"PRESTOP_DRAIN_MODE": "fixed", "PRESTOP_DRAIN_QUIET_SECONDS": "2"}, "QUIET"),
+    ],
+)
+def test_a_setting_of_the_other_drain_mode_is_refused(
+    environ: dict[str, str], variable: str
+) -> None:
+    with pytest.raises(ConfigError, match=f"{variable}.*applies only to PRESTOP_DRAIN_MODE="):
+        load(environ)
+
+
 def test_a_grace_period_shorter_than_the_app_shutdown_is_rejected() -> None:
     with pytest.raises(ConfigError, match="at most 0s is left"):
-        load({"PRESTOP_GRACE_PERIOD_SECONDS": "5", "PRESTOP_DRAIN_SECONDS": "0"})
+        load({"PRESTOP_GRACE_PERIOD_SECONDS": "5", "PRESTOP_DRAIN_MAX_SECONDS": "1"})
 
 
 def test_flags_override_the_environment_through_the_same_checks(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    assert cli.main(["check", "--drain-seconds", "99"], {}) == cli.EXIT_CONFIG
+    fixed = ["--drain-mode", "fixed"]
+    assert cli.main(["check", *fixed, "--drain-seconds", "99"], {}) == cli.EXIT_CONFIG
     assert "PRESTOP_DRAIN_SECONDS" in capsys.readouterr().err
-    assert cli.main(["check", "--port", "9001", "--drain-seconds", "3"], {}) == 0
+    assert cli.main(["check", *fixed, "--port", "9001", "--drain-seconds", "3"], {}) == 0
     out = capsys.readouterr().out
     assert '"port" = 9001' not in out and "port = 9001" in out
     assert "drain 3s + registry deadline 0s + app shutdown 5s + margin 1s = 9s" in out

@@ -65,7 +65,7 @@ async def _hook(session: aiohttp.ClientSession, url: str, delay: float) -> tuple
 
 
 async def test_classic_sidecar_sigterm_and_50_concurrent_hooks(agent_factory) -> None:
-    agent = agent_factory({"PRESTOP_DRAIN_SECONDS": str(DRAIN)})
+    agent = agent_factory({"PRESTOP_DRAIN_MODE": "fixed", "PRESTOP_DRAIN_SECONDS": str(DRAIN)})
     agent.start()
     await asyncio.to_thread(agent.wait_ready)
     connector = aiohttp.TCPConnector(limit=0, force_close=True)
@@ -99,7 +99,7 @@ async def test_classic_sidecar_sigterm_and_50_concurrent_hooks(agent_factory) ->
 
 
 async def test_native_sidecar_hook_first_then_sigterm_later(agent_factory) -> None:
-    agent = agent_factory({"PRESTOP_DRAIN_SECONDS": str(DRAIN)})
+    agent = agent_factory({"PRESTOP_DRAIN_MODE": "fixed", "PRESTOP_DRAIN_SECONDS": str(DRAIN)})
     agent.start()
     await asyncio.to_thread(agent.wait_ready)
     async with aiohttp.ClientSession() as session:
@@ -134,7 +134,7 @@ async def test_native_sidecar_hook_first_then_sigterm_later(agent_factory) -> No
 
 
 async def test_a_second_sigterm_does_not_cut_the_drain_short(agent_factory) -> None:
-    agent = agent_factory({"PRESTOP_DRAIN_SECONDS": "1.5"})
+    agent = agent_factory({"PRESTOP_DRAIN_MODE": "fixed", "PRESTOP_DRAIN_SECONDS": "1.5"})
     agent.start()
     await asyncio.to_thread(agent.wait_ready)
     trigger = time.monotonic()
@@ -148,7 +148,7 @@ async def test_a_second_sigterm_does_not_cut_the_drain_short(agent_factory) -> N
 
 
 async def test_a_second_sigint_forces_an_immediate_exit(agent_factory) -> None:
-    agent = agent_factory({"PRESTOP_DRAIN_SECONDS": "20"})
+    agent = agent_factory({"PRESTOP_DRAIN_MODE": "fixed", "PRESTOP_DRAIN_SECONDS": "20"})
     agent.start()
     await asyncio.to_thread(agent.wait_ready)
     agent.signal(signal.SIGINT)
@@ -164,7 +164,7 @@ async def test_a_second_sigint_forces_an_immediate_exit(agent_factory) -> None:
 async def test_a_malformed_request_gets_400_and_one_warning_not_a_traceback(
     agent_factory,
 ) -> None:
-    agent = agent_factory({"PRESTOP_DRAIN_SECONDS": "0.1"})
+    agent = agent_factory({"PRESTOP_DRAIN_MODE": "fixed", "PRESTOP_DRAIN_SECONDS": "0.1"})
     agent.start()
     await asyncio.to_thread(agent.wait_ready)
     reader, writer = await asyncio.open_connection("127.0.0.1", agent.port)
@@ -191,7 +191,7 @@ async def test_a_taken_port_is_one_line_and_exit_1(agent_factory) -> None:
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
         holder.listen()
-        agent = agent_factory({}, port=holder.getsockname()[1])
+        agent = agent_factory({"PRESTOP_DRAIN_MODE": "fixed"}, port=holder.getsockname()[1])
         agent.start()
         status, _ = await _wait_exit(agent, limit=10)
     assert status == 1

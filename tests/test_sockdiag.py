@@ -340,6 +340,40 @@ def test_data_sent_by_the_app_does_not_count_as_received(endpoints: Endpoints) -
     assert sample.last_data_received_ms is not None
     assert sample.last_data_received_ms >= 250  # not tcpi_last_data_sent nor last_ack_recv
     assert sample.bytes_received == 0
+    assert sample.last_data_sent_ms is not None
+    assert sample.last_data_sent_ms < 200  # but it is data sent
+
+
+@pytest.mark.parametrize(
+    "host", ["127.0.0.1", pytest.param("::1", marks=needs_ipv6)], ids=["ipv4", "ipv6"]
+)
+def test_request_read_but_not_answered_then_answered(endpoints: Endpoints, host: str) -> None:
+    """What the drain reads as a request in flight: data received after the last data sent."""
+    listener = endpoints.listen(host)
+    client, server = endpoints.connect(listener)
+    with NetlinkWatcher([port_of(listener)]) as watcher:
+        time.sleep(0.3)
+        client.sendall(b"GET / HTTP/1.1\r\n\r\n")
+        assert server.recv(100) == b"GET / HTTP/1.1\r\n\r\n"  # read, not answered yet
+
+        waiting = only(poll_until(watcher, lambda p: p.sockets[0].bytes_received == 18))
+        assert waiting.last_data_received_ms is not None
+        assert waiting.last_data_sent_ms is not None
+        assert waiting.last_data_received_ms < waiting.last_data_sent_ms
+        assert waiting.last_data_sent_ms >= 250  # nothing sent yet: the connection's age
+        assert waiting.bytes_acked == 0  # the one fact that also works with no pause above
+
+        time.sleep(0.1)  # the app works on it
+        server.sendall(b"HTTP/1.1 200 OK\r\n\r\n")
+        answered = only(poll_until(watcher, lambda p: p.sockets[0].send_queue == 0))
+        assert client.recv(100) == b"HTTP/1.1 200 OK\r\n\r\n"
+
+    assert answered.last_data_received_ms is not None
+    assert answered.last_data_sent_ms is not None
+    assert answered.last_data_sent_ms <= answered.last_data_received_ms
+    assert answered.last_data_sent_ms < 200
+    assert answered.bytes_received == 18
+    assert answered.bytes_acked == len(b"HTTP/1.1 200 OK\r\n\r\n")
 
 
 def test_poll_timestamp_is_taken_before_the_kernel_is_asked(endpoints: Endpoints) -> None:
@@ -417,8 +451,10 @@ def test_proc_watcher_sees_the_same_connections_as_netlink(endpoints: Endpoints)
         map(key, proc_result.sockets), key=str
     )
     assert all(s.last_data_received_ms is None for s in proc_result.sockets)
+    assert all(s.last_data_sent_ms is None for s in proc_result.sockets)
     assert all(s.bytes_received is None for s in proc_result.sockets)
     assert all(s.last_data_received_ms is not None for s in netlink_result.sockets)
+    assert all(s.last_data_sent_ms is not None for s in netlink_result.sockets)
 
 
 # --- choosing the watcher ------------------------------------------------------------------
@@ -500,12 +536,12 @@ def test_proc_parser_on_a_crafted_file(tmp_path: Path) -> None:
     result = ProcWatcher([8080], proc_root=str(tmp_path)).poll()
 
     assert sorted(result.sockets, key=lambda s: s.peer_port) == [
-        SocketSample(8080, LOCALHOST_V6, 0xA001, "ESTABLISHED", 0x20, 0x10, None, None),
+        SocketSample(8080, LOCALHOST_V6, 0xA001, "ESTABLISHED", 0x20, 0x10, None, None, None),
         # IPv4-mapped peer of an IPv6 socket
-        SocketSample(8080, IPv4("127.0.0.10"), 0xA002, "FIN_WAIT1", 0, 0, None, None),
+        SocketSample(8080, IPv4("127.0.0.10"), 0xA002, "FIN_WAIT1", 0, 0, None, None, None),
         # line 1 (its repeat, line 7, is dropped); queues are hex: tx 0xA, rx 0x1F4
-        SocketSample(8080, IPv4("127.0.0.2"), 0xD431, "ESTABLISHED", 500, 10, None, None),
-        SocketSample(8080, IPv4("127.0.0.3"), 0xD432, "CLOSE_WAIT", 0, 0, None, None),
+        SocketSample(8080, IPv4("127.0.0.2"), 0xD431, "ESTABLISHED", 500, 10, None, None, None),
+        SocketSample(8080, IPv4("127.0.0.3"), 0xD432, "CLOSE_WAIT", 0, 0, None, None, None),
     ]
     # Not there: LISTEN (0), TIME_WAIT (3), time-wait mini-socket in FIN_WAIT2 (4), another
     # port (5), a client side whose peer is 8080 (6), SYN_RECV (8).
@@ -574,13 +610,19 @@ def diag_message(
     return nl_message(SOCK_DIAG_BY_FAMILY, seq, body)
 
 
-def tcp_info(length: int, last_data_recv: int, bytes_received: int = 0) -> bytes:
-    info = bytearray(length)
+def tcp_info(
+    length: int, last_data_recv: int, bytes_received: int = 0, last_data_sent: int = 0
+) -> bytes:
+    """struct tcp_info (include/uapi/linux/tcp.h) cut to `length`, as an older kernel sends."""
+    info = bytearray(max(length, 64))
+    struct.pack_into("=I", info, 40, 777_777)  # tcpi_fackets: must not be read
+    struct.pack_into("=I", info, 44, last_data_sent)
+    struct.pack_into("=I", info, 48, 888_888)  # tcpi_last_ack_sent: must not be read
     struct.pack_into("=I", info, 52, last_data_recv)
     struct.pack_into("=I", info, 56, 999_999)  # tcpi_last_ack_recv: must not be read
     if length >= 136:
         struct.pack_into("=Q", info, 128, bytes_received)
-    return bytes(info)
+    return bytes(info[:length])
 
 
 def done(seq: int, error: int = 0) -> bytes:
@@ -629,11 +671,11 @@ def test_netlink_reply_in_several_datagrams_with_stale_repeated_and_short_messag
         if family == socket.AF_INET:
             first = diag_message(
                 seq, family=family, state=1, ports=(8080, 40001), peer="10.0.0.1", cookie=1,
-                queues=(7, 9), info=tcp_info(TCP_INFO_LEN, 1500, 4242),
+                queues=(7, 9), info=tcp_info(TCP_INFO_LEN, 1500, 4242, last_data_sent=1400),
             )  # fmt: skip
             old_kernel = diag_message(
                 seq, family=family, state=8, ports=(8443, 40002), peer="10.0.0.2", cookie=2,
-                info=tcp_info(OLD_TCP_INFO_LEN, 70),
+                info=tcp_info(OLD_TCP_INFO_LEN, 70, last_data_sent=90),
             )  # fmt: skip
             no_info = diag_message(
                 seq, family=family, state=5, ports=(8080, 40003), peer="10.0.0.3", cookie=3,
@@ -646,7 +688,7 @@ def test_netlink_reply_in_several_datagrams_with_stale_repeated_and_short_messag
             return [stale + first, old_kernel + first + no_info, done(seq)]
         mapped = diag_message(
             seq, family=family, state=1, ports=(8080, 40005), peer="::ffff:10.0.0.5", cookie=5,
-            info=tcp_info(TCP_INFO_LEN + 48, 0, 1),  # a newer kernel's longer tcp_info
+            info=tcp_info(TCP_INFO_LEN + 48, 0, 1, 5),  # a newer kernel's longer tcp_info
         )  # fmt: skip
         return [mapped + done(seq)]
 
@@ -654,9 +696,9 @@ def test_netlink_reply_in_several_datagrams_with_stale_repeated_and_short_messag
     result = watcher_on(kernel, monkeypatch).poll()
 
     assert sorted(result.sockets, key=lambda s: s.peer_port) == [
-        SocketSample(8080, IPv4("10.0.0.1"), 40001, "ESTABLISHED", 7, 9, 1500, 4242),
-        SocketSample(8443, IPv4("10.0.0.2"), 40002, "CLOSE_WAIT", 0, 0, 70, None),
-        SocketSample(8080, IPv4("10.0.0.5"), 40005, "ESTABLISHED", 0, 0, 0, 1),
+        SocketSample(8080, IPv4("10.0.0.1"), 40001, "ESTABLISHED", 7, 9, 1500, 1400, 4242, 0),
+        SocketSample(8443, IPv4("10.0.0.2"), 40002, "CLOSE_WAIT", 0, 0, 70, 90, None, None),
+        SocketSample(8080, IPv4("10.0.0.5"), 40005, "ESTABLISHED", 0, 0, 0, 5, 1, 0),
     ]
     # The requests: one per family, TCP, tcp_info asked for, states and a port filter.
     assert [request[16] for request in kernel.requests] == [socket.AF_INET, socket.AF_INET6]
@@ -680,7 +722,7 @@ def test_netlink_values_of_the_second_request_count_back_from_taken_at(
         peer = "::1" if family == socket.AF_INET6 else "127.0.0.1"
         message = diag_message(
             seq, family=family, state=1, ports=(8080, 40000 + family), peer=peer, cookie=family,
-            info=tcp_info(TCP_INFO_LEN, 80),
+            info=tcp_info(TCP_INFO_LEN, 80, last_data_sent=120),
         )  # fmt: skip
         return [message + done(seq)]
 
@@ -689,8 +731,45 @@ def test_netlink_values_of_the_second_request_count_back_from_taken_at(
     result = watcher_on(FakeKernel(replies), monkeypatch).poll()
 
     assert result.taken_at == 100.0
-    by_family = {type(s.peer): s.last_data_received_ms for s in result.sockets}
-    assert by_family == {ipaddress.IPv4Address: 80, ipaddress.IPv6Address: 30}
+    by_family = {
+        type(s.peer): (s.last_data_received_ms, s.last_data_sent_ms) for s in result.sockets
+    }
+    assert by_family == {ipaddress.IPv4Address: (80, 120), ipaddress.IPv6Address: (30, 70)}
+
+
+def test_netlink_rebase_clamps_at_zero(monkeypatch: pytest.MonkeyPatch) -> None:
+    def replies(family: int, seq: int) -> list[bytes]:
+        message = diag_message(
+            seq, family=family, state=1, ports=(8080, 40000 + family), peer="::1", cookie=family,
+            info=tcp_info(TCP_INFO_LEN, 10, last_data_sent=20),
+        )  # fmt: skip
+        return [message + done(seq)] if family == socket.AF_INET6 else [done(seq)]
+
+    clock = iter([100.0, 100.0, 100.050])  # data moved between the two requests: "now"
+    monkeypatch.setattr(sockdiag, "time", type("Clock", (), {"monotonic": lambda: next(clock)}))
+    sample = only(watcher_on(FakeKernel(replies), monkeypatch).poll())
+
+    assert (sample.last_data_received_ms, sample.last_data_sent_ms) == (0, 0)
+
+
+@pytest.mark.parametrize("length", [0, 44, 52, 55])
+def test_netlink_tcp_info_too_short_for_the_last_data_times_gives_none(
+    monkeypatch: pytest.MonkeyPatch, length: int
+) -> None:
+    def replies(family: int, seq: int) -> list[bytes]:
+        if family != socket.AF_INET:
+            return [done(seq)]
+        message = diag_message(
+            seq, family=family, state=1, ports=(8080, 40001), peer="10.0.0.1", cookie=1,
+            queues=(3, 4), info=tcp_info(length, 80, last_data_sent=120),
+        )  # fmt: skip
+        return [message + done(seq)]
+
+    result = watcher_on(FakeKernel(replies), monkeypatch).poll()
+
+    assert result.sockets == (
+        SocketSample(8080, IPv4("10.0.0.1"), 40001, "ESTABLISHED", 3, 4, None, None, None),
+    )
 
 
 def test_netlink_error_reply_raises_and_drops_the_socket(monkeypatch: pytest.MonkeyPatch) -> None:

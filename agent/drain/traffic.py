@@ -1,0 +1,221 @@
+"""The traffic-aware drain: keep the app serving until requests stop arriving, not until a timer.
+
+Eureka clients keep routing to a pod from caches that are up to ~90 s stale, and how stale differs
+from client to client and rollout to rollout. So instead of guessing, we watch the app's own TCP
+connections (shared network namespace) and end the drain once, after ``min``:
+
+* no data has arrived on any watched connection for ``quiet`` seconds, and
+* no request is in flight: no unread or unacknowledged bytes, and no connection that received a
+  request the app has not answered (nothing ever sent back, or last data received newer than
+  last data sent).
+
+Idle keep-alive connections do not hold the drain (their last data predates the trigger); a
+stream that never stops does, until ``max``. :class:`TrafficVerdict` holds the rules and does no
+I/O (it is unit-tested with synthetic polls); :func:`traffic_drain` feeds it real polls.
+
+On the /proc fallback there are no per-connection timestamps, so the drain can only wait for the
+watched connections to close: idle keep-alive connections then hold it until ``max``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import structlog
+
+from agent.config import Config, Network
+from agent.drain import DrainOutcome
+from agent.drain.sockdiag import Poll, SocketSample, SocketWatcher, open_watcher
+from agent.lifecycle import Lifecycle
+from agent.metrics import Metrics
+
+log = structlog.get_logger()
+
+# Never sleep less than this between polls, however close a deadline is: the kernel's
+# tcpi_last_data_recv has a few milliseconds of granularity anyway.
+MIN_SLEEP_SECONDS = 0.01
+
+
+@dataclass(slots=True)
+class TrafficVerdict:
+    """Decides, poll by poll, whether the drain may end. Times are ``time.monotonic()`` seconds."""
+
+    trigger_at: float
+    """When the shutdown was triggered: data older than this does not count as traffic."""
+    started_at: float
+    """When the drain step began: ``min_seconds`` and ``limit_seconds`` count from here."""
+    min_seconds: float
+    quiet_seconds: float
+    limit_seconds: float
+    ignore: tuple[Network, ...] = ()
+    """Peers whose traffic does not hold the drain (probes, scrapers)."""
+    timestamps: bool = True
+    """False on the /proc fallback: connections are counted, never timed."""
+
+    last_data_at: float | None = None
+    """When data last arrived on a watched connection, as far as any poll could tell."""
+    connections: int = 0
+    """Watched (not ignored) connections at the last poll."""
+    in_flight: int = 0
+    """Connections at the last poll with a request not yet answered."""
+    peak_connections: int = 0
+    polls: int = 0
+    _last_poll_at: float | None = field(default=None, repr=False)
+
+    def observe(self, poll: Poll) -> None:
+        """Take one poll into account."""
+        connections = in_flight = 0
+        for sample in poll.sockets:
+            if self._ignored(sample):
+                continue
+            connections += 1
+            if _request_in_flight(sample):
+                in_flight += 1
+            if not self.timestamps:
+                continue
+            if sample.last_data_received_ms is not None:
+                self._saw_data(poll.taken_at - sample.last_data_received_ms / 1000)
+        if not self.timestamps and connections:
+            # /proc: an open connection is all we can see; count it as traffic now.
+            self._saw_data(poll.taken_at)
+        self.connections, self.in_flight = connections, in_flight
+        self.peak_connections = max(self.peak_connections, connections)
+        self.polls += 1
+        self._last_poll_at = poll.taken_at
+
+    def verdict(self, now: float) -> str | None:
+        """``max`` or ``quiet`` when the drain ends at ``now``; None to keep draining."""
+        if now - self.started_at >= self.limit_seconds:
+            return "max"
+        if self._last_poll_at is None or now - self.started_at < self.min_seconds:
+            return None
+        if self.in_flight == 0 and self._last_poll_at - self.quiet_since >= self.quiet_seconds:
+            return "quiet"
+        return None
+
+    def next_look_in(self, now: float, poll_seconds: float) -> float:
+        """Seconds until the next poll: the poll interval, or sooner when a bound falls earlier,
+        so the drain ends close to the instant it may, not up to a whole interval later."""
+        bounds = (
+            self.started_at + self.limit_seconds,
+            self.started_at + self.min_seconds,
+            self.quiet_since + self.quiet_seconds,
+        )
+        upcoming = [bound - now for bound in bounds if bound > now]
+        return max(MIN_SLEEP_SECONDS, min([poll_seconds, *upcoming]))
+
+    @property
+    def quiet_since(self) -> float:
+        """Since when nothing counted as traffic: the last data, or the trigger if later."""
+        if self.last_data_at is None:
+            return self.trigger_at
+        return max(self.last_data_at, self.trigger_at)
+
+    @property
+    def last_data_after_trigger(self) -> float | None:
+        """Seconds from the trigger to the last data received (0 when it all came before)."""
+        if self.last_data_at is None or not self.timestamps:
+            return None
+        return max(0.0, self.last_data_at - self.trigger_at)
+
+    def _saw_data(self, at: float) -> None:
+        if self.last_data_at is None or at > self.last_data_at:
+            self.last_data_at = at
+
+    def _ignored(self, sample: SocketSample) -> bool:
+        return any(sample.peer in network for network in self.ignore)
+
+
+def _request_in_flight(sample: SocketSample) -> bool:
+    """Is the app holding a request it has not answered yet on this connection?"""
+    if sample.receive_queue > 0 or sample.send_queue > 0:
+        return True  # unread request bytes, or response bytes the client has not acknowledged
+    if not sample.bytes_received:
+        return False  # nothing was ever asked on this connection
+    if sample.bytes_acked == 0:
+        return True  # asked, never answered: a slow first request on a new connection
+    received, sent = sample.last_data_received_ms, sample.last_data_sent_ms
+    if received is None or sent is None:
+        return False
+    # Data arrived after the last data went out: a request read by the app, not yet answered
+    # (a slow handler). Equal values are one jiffy, i.e. answered at once.
+    return received < sent
+
+
+async def traffic_drain(
+    config: Config,
+    *,
+    limit: float,
+    lifecycle: Lifecycle,
+    metrics: Metrics,
+    open_watcher: Callable[..., SocketWatcher] = open_watcher,
+    clock: Callable[[], float] = time.monotonic,
+) -> DrainOutcome:
+    """Drain until the app's traffic has stopped (``quiet``) or ``limit`` seconds (``max``)."""
+    started_at = clock()
+    watcher = open_watcher(config.app_ports, force_proc=config.drain_source == "proc")
+    verdict = TrafficVerdict(
+        trigger_at=started_at - lifecycle.elapsed(),
+        started_at=started_at,
+        min_seconds=config.drain_min_seconds,
+        quiet_seconds=config.drain_quiet_seconds,
+        limit_seconds=limit,
+        ignore=config.drain_ignore_cidrs,
+        timestamps=watcher.source == "netlink",
+    )
+    _log_source(watcher.source, config.drain_source, config.app_ports)
+    try:
+        while True:
+            poll = await asyncio.to_thread(watcher.poll)
+            verdict.observe(poll)
+            now = clock()
+            metrics.watched_connections.set(verdict.connections)
+            if verdict.last_data_at is not None:
+                metrics.seconds_since_last_data.set(max(0.0, now - verdict.last_data_at))
+            reason = verdict.verdict(now)
+            if reason is not None:
+                break
+            # Sleeping past the limit would overrun it: the limit is checked without a poll.
+            pause = verdict.next_look_in(now, config.drain_poll_seconds)
+            await asyncio.sleep(pause)
+            if clock() - started_at >= limit:
+                reason = "max"
+                break
+    finally:
+        watcher.close()
+    return DrainOutcome(
+        reason=reason,
+        last_data_seconds=verdict.last_data_after_trigger,
+        detail={
+            "source": watcher.source,
+            "polls": verdict.polls,
+            "connections": verdict.connections,
+            "peak_connections": verdict.peak_connections,
+            "in_flight": verdict.in_flight,
+        },
+    )
+
+
+def probe_source(ports: Iterable[int], requested: str) -> str:
+    """Which way the drain will see sockets here (``netlink`` or ``proc``), for /status."""
+    watcher = open_watcher(ports, force_proc=requested == "proc")
+    try:
+        return watcher.source
+    finally:
+        watcher.close()
+
+
+def _log_source(source: str, requested: str, ports: Iterable[int]) -> None:
+    if source == "netlink" or requested == "proc":
+        log.info("drain_watching", source=source, ports=list(ports))
+        return
+    log.warning(
+        "drain_watching",
+        source=source,
+        ports=list(ports),
+        reason="netlink sock_diag unavailable: /proc counts connections only, so idle"
+        " keep-alive connections hold the drain until its maximum",
+    )

@@ -1,0 +1,122 @@
+"""The metrics, checked by the real Prometheus tools: promtool's linter and a scraping server."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support import AgentProcess, free_port, skip_or_fail
+
+
+@pytest.fixture
+def agent(tmp_path: Path) -> Iterator[AgentProcess]:
+    process = AgentProcess({"PRESTOP_DRAIN_MODE": "fixed", "PRESTOP_DRAIN_SECONDS": "0.5"}, tmp_path / "agent.log")
+    process.start()
+    process.wait_ready()
+    yield process
+    process.stop()
+
+
+def _need(tool: str) -> str:
+    path = shutil.which(tool)
+    if path is None:
+        skip_or_fail(f"{tool} is not installed (apt-get install prometheus)")
+    return path  # type: ignore[return-value]
+
+
+def _get(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+def test_promtool_finds_nothing_to_lint_after_a_termination(agent: AgentProcess) -> None:
+    promtool = _need("promtool")
+    assert _get(f"{agent.url}/prestop")[0] == 200
+    status, exposition = _get(f"{agent.url}/metrics")
+    assert status == 200
+    checked = subprocess.run(
+        [promtool, "check", "metrics"], input=exposition, capture_output=True, timeout=30
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert checked.stdout.strip() == b"" and checked.stderr.strip() == b""
+    text = exposition.decode()
+    for sample in (
+        'prestop_hook_calls_total{result="ok"} 1.0',
+        'prestop_drains_total{reason="fixed"} 1.0',
+        'prestop_shutdown_triggers_total{trigger="prestop"} 1.0',
+        'prestop_phase{phase="drained"} 1.0',
+        "prestop_drain_duration_seconds_count 1.0",
+        'prestop_registry_updates_total{backend="none",result="ok"}',
+    ):
+        if sample.startswith("prestop_registry_updates_total"):
+            assert sample not in text, "no registry, no registry update counted"
+        else:
+            assert sample in text
+
+
+def _query(base: str, expr: str) -> list[dict[str, Any]]:
+    status, raw = _get(f"{base}/api/v1/query?{urllib.parse.urlencode({'query': expr})}")
+    body = json.loads(raw)
+    assert status == 200 and body["status"] == "success", body
+    return body["data"]["result"]
+
+
+def test_a_real_prometheus_scrapes_the_phase_change(agent: AgentProcess, tmp_path: Path) -> None:
+    prometheus = _need("prometheus")
+    port = free_port()
+    config = tmp_path / "prometheus.yml"
+    config.write_text(
+        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+        "scrape_configs:\n"
+        "- job_name: prestop-agent\n"
+        f"  static_configs: [{{targets: ['127.0.0.1:{agent.port}']}}]\n"
+    )
+    server = subprocess.Popen(
+        [
+            prometheus,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=(tmp_path / "prometheus.log").open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+
+    def value_of(expr: str, want: float, within: float) -> None:
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            try:
+                result = _query(base, expr)
+            except OSError:
+                result = []
+            if result and float(result[0]["value"][1]) == want:
+                return
+            time.sleep(0.25)
+        log = (tmp_path / "prometheus.log").read_text()[-2000:]
+        raise AssertionError(f"{expr} never became {want} within {within}s\n{log}")
+
+    try:
+        value_of('prestop_phase{phase="serving"}', 1, within=30)
+        value_of('up{job="prestop-agent"}', 1, within=5)
+        assert _get(f"{agent.url}/prestop")[0] == 200
+        value_of('prestop_phase{phase="drained"}', 1, within=10)
+        value_of('sum(prestop_hook_calls_total{result="ok"})', 1, within=5)
+        assert _query(base, "prestop_info")[0]["metric"]["drain_mode"] == "fixed"
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=20)

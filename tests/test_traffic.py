@@ -1,0 +1,396 @@
+"""The traffic-aware drain: its rules on synthetic polls, then the real agent watching real TCP
+traffic to a real HTTP app on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from agent.drain.sockdiag import Poll, SocketSample
+from agent.drain.traffic import TrafficVerdict
+from tests.support import AgentProcess, free_port
+
+POLL = 0.2
+QUIET = 1.5
+MIN = 1.0
+
+
+# --- the rules, on synthetic polls ---------------------------------------------------------------
+
+
+def sample(
+    *,
+    received_ms: int | None = 10_000,
+    sent_ms: int | None = 10_000,
+    peer: str = "10.0.0.7",
+    received_bytes: int | None = 100,
+    acked_bytes: int | None = 2_000,
+    receive_queue: int = 0,
+    send_queue: int = 0,
+) -> SocketSample:
+    return SocketSample(
+        local_port=8080,
+        peer=ipaddress.ip_address(peer),
+        peer_port=40000,
+        state="ESTABLISHED",
+        receive_queue=receive_queue,
+        send_queue=send_queue,
+        last_data_received_ms=received_ms,
+        last_data_sent_ms=sent_ms,
+        bytes_received=received_bytes,
+        bytes_acked=acked_bytes,
+    )
+
+
+def verdict(**overrides: Any) -> TrafficVerdict:
+    settings: dict[str, Any] = {
+        "trigger_at": 100.0,
+        "started_at": 100.0,
+        "min_seconds": 2.0,
+        "quiet_seconds": 3.0,
+        "limit_seconds": 20.0,
+    }
+    settings.update(overrides)
+    return TrafficVerdict(**settings)
+
+
+def test_idle_keepalive_connections_end_the_drain_at_max_of_min_and_quiet() -> None:
+    rules = verdict()
+    for now in (100.0, 101.0, 102.0, 102.9):
+        rules.observe(Poll(now, tuple(sample(received_ms=60_000) for _ in range(50))))
+        assert rules.verdict(now) is None
+    rules.observe(Poll(103.0, (sample(received_ms=63_000),)))
+    assert rules.verdict(103.0) == "quiet"
+    assert rules.last_data_after_trigger == 0.0
+
+
+def test_data_after_the_trigger_restarts_the_quiet_period() -> None:
+    rules = verdict()
+    rules.observe(Poll(105.0, (sample(received_ms=500, sent_ms=499),)))  # data at 104.5
+    assert rules.last_data_at == pytest.approx(104.5)
+    rules.observe(Poll(107.4, (sample(received_ms=2_900, sent_ms=2_899),)))
+    assert rules.verdict(107.4) is None
+    rules.observe(Poll(107.5, (sample(received_ms=3_000, sent_ms=2_999),)))
+    assert rules.verdict(107.5) == "quiet"
+    assert rules.last_data_after_trigger == pytest.approx(4.5)
+
+
+def test_a_request_read_but_not_answered_holds_the_drain() -> None:
+    rules = verdict()
+    # Request arrived 5 s ago, the last response went out 9 s ago: the app is still working.
+    rules.observe(Poll(110.0, (sample(received_ms=5_000, sent_ms=9_000),)))
+    assert rules.in_flight == 1
+    assert rules.verdict(110.0) is None
+    rules.observe(Poll(111.0, (sample(received_ms=6_000, sent_ms=10),)))  # answered
+    assert rules.verdict(111.0) == "quiet"
+
+
+@pytest.mark.parametrize(("receive_queue", "send_queue"), [(10, 0), (0, 4096)])
+def test_unread_or_unacknowledged_bytes_hold_the_drain(receive_queue: int, send_queue: int) -> None:
+    rules = verdict()
+    busy = sample(received_ms=9_000, receive_queue=receive_queue, send_queue=send_queue)
+    rules.observe(Poll(110.0, (busy,)))
+    assert rules.verdict(110.0) is None
+
+
+def test_a_first_request_never_answered_holds_the_drain() -> None:
+    rules = verdict()
+    # Connection and request came in the same jiffy, so the two times agree; nothing went back.
+    rules.observe(Poll(110.0, (sample(received_ms=9_000, sent_ms=9_000, acked_bytes=0),)))
+    assert rules.in_flight == 1
+
+
+def test_a_connection_that_never_received_data_is_not_in_flight() -> None:
+    rules = verdict()
+    rules.observe(Poll(110.0, (sample(received_ms=9_000, sent_ms=9_500, received_bytes=0),)))
+    assert rules.in_flight == 0
+
+
+def test_ignored_peers_do_not_count() -> None:
+    rules = verdict(ignore=(ipaddress.ip_network("10.0.0.0/24"),))
+    for now in (100.0, 101.0, 102.0, 103.0):
+        rules.observe(Poll(now, (sample(received_ms=0, sent_ms=5_000, peer="10.0.0.9"),)))
+    assert rules.connections == 0
+    assert rules.verdict(103.0) == "quiet"
+
+
+def test_the_limit_ends_the_drain_whatever_the_traffic() -> None:
+    rules = verdict()
+    rules.observe(Poll(119.9, (sample(received_ms=0),)))
+    assert rules.verdict(119.9) is None
+    assert rules.verdict(120.0) == "max"
+
+
+def test_without_timestamps_open_connections_count_as_traffic() -> None:
+    rules = verdict(timestamps=False)
+    rules.observe(Poll(104.0, (sample(received_ms=None, sent_ms=None),)))
+    assert rules.verdict(104.0) is None
+    rules.observe(Poll(106.9, ()))
+    assert rules.verdict(106.9) is None
+    rules.observe(Poll(107.0, ()))
+    assert rules.verdict(107.0) == "quiet"
+    assert rules.last_data_after_trigger is None
+
+
+def test_the_next_look_comes_no_later_than_the_next_bound() -> None:
+    rules = verdict()
+    rules.observe(Poll(100.0, ()))
+    assert rules.next_look_in(100.0, 0.2) == pytest.approx(0.2)
+    assert rules.next_look_in(102.95, 0.2) == pytest.approx(0.05)
+    assert rules.next_look_in(119.999, 0.2) == pytest.approx(0.01)
+
+
+# --- the real agent, a real app, real traffic ---------------------------------------------------
+
+
+class App:
+    """A real aiohttp app on 127.0.0.1 and ::1, one free port: the pod's main container."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        async def hello(request: web.Request) -> web.Response:
+            return web.Response(text="hello")
+
+        async def slow(request: web.Request) -> web.Response:
+            await asyncio.sleep(float(request.query.get("seconds", "4")))
+            return web.Response(text="slow")
+
+        async def stream(request: web.Request) -> web.Response:
+            received = 0
+            async for chunk in request.content.iter_any():
+                received += len(chunk)
+            return web.Response(text=str(received))
+
+        app = web.Application()
+        app.router.add_get("/hello", hello)
+        app.router.add_get("/slow", slow)
+        app.router.add_post("/stream", stream)
+        self.runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+        await web.TCPSite(self.runner, "::1", self.port).start()
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+
+@pytest.fixture
+async def app() -> AsyncIterator[App]:
+    served = App()
+    await served.start()
+    yield served
+    await served.stop()
+
+
+@pytest.fixture
+def traffic_agent(tmp_path: Path) -> Iterator[Any]:
+    started: list[AgentProcess] = []
+
+    def start(app: App, **env: str) -> AgentProcess:
+        agent = AgentProcess(
+            {
+                "PRESTOP_DRAIN_MODE": "traffic",
+                "PRESTOP_APP_PORTS": str(app.port),
+                "PRESTOP_DRAIN_MIN_SECONDS": str(MIN),
+                "PRESTOP_DRAIN_QUIET_SECONDS": str(QUIET),
+                "PRESTOP_DRAIN_POLL_SECONDS": str(POLL),
+                "PRESTOP_DRAIN_MAX_SECONDS": "8",
+                **env,
+            },
+            tmp_path / f"agent-{len(started)}.log",
+        )
+        started.append(agent)
+        agent.start()
+        agent.wait_ready()
+        return agent
+
+    yield start
+    for agent in started:
+        agent.stop()
+
+
+async def _prestop(agent: AgentProcess) -> tuple[float, float, dict[str, Any]]:
+    """Call /prestop; (sent, answered, body)."""
+    async with aiohttp.ClientSession() as session:
+        sent = time.monotonic()
+        async with session.get(f"{agent.url}/prestop") as response:
+            body = await response.json()
+            assert response.status == 200, body
+            return sent, time.monotonic(), body
+
+
+async def _steady_clients(
+    url: str, stop_at: float, *, clients: int = 4, interval: float = 0.05, local: str | None = None
+) -> float:
+    """Keep-alive clients sending requests at a steady rate until ``stop_at``; return the time
+    the last request was sent. The connections stay open (idle) afterwards until cancelled."""
+    connector = aiohttp.TCPConnector(local_addr=(local, 0) if local else None)
+    session = aiohttp.ClientSession(connector=connector)
+    last_sent = 0.0
+
+    async def client() -> None:
+        nonlocal last_sent
+        while time.monotonic() < stop_at:
+            last_sent = max(last_sent, time.monotonic())
+            async with session.get(url) as response:
+                await response.read()
+            await asyncio.sleep(interval)
+
+    try:
+        await asyncio.gather(*(client() for _ in range(clients)))
+        return last_sent
+    finally:
+        _IDLE_SESSIONS.append(session)
+
+
+_IDLE_SESSIONS: list[aiohttp.ClientSession] = []
+
+
+@pytest.fixture(autouse=True)
+async def _close_idle_sessions() -> AsyncIterator[None]:
+    yield
+    while _IDLE_SESSIONS:
+        await _IDLE_SESSIONS.pop().close()
+
+
+async def test_steady_keepalive_traffic_ends_the_drain_after_last_request_plus_quiet(
+    app: App, traffic_agent: Any
+) -> None:
+    agent = traffic_agent(app)
+    hook = asyncio.create_task(_prestop(agent))
+    await asyncio.sleep(0.05)
+    last_request = await _steady_clients(
+        f"http://127.0.0.1:{app.port}/hello", time.monotonic() + 3.0
+    )
+    sent, answered, body = await hook
+    assert last_request - sent >= 2.8
+    assert last_request + QUIET <= answered <= last_request + QUIET + 2 * POLL
+    assert body["drain_ended_by"] == "quiet"
+    drain = body["steps"][-1]
+    assert drain["source"] == "netlink"
+    assert drain["last_data_seconds"] == pytest.approx(last_request - sent, abs=0.1)
+
+
+async def test_idle_keepalive_connections_do_not_hold_the_drain(
+    app: App, traffic_agent: Any
+) -> None:
+    agent = traffic_agent(app)
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def one_request() -> None:
+            async with session.get(f"http://127.0.0.1:{app.port}/slow?seconds=0.3") as response:
+                await response.read()
+
+        await asyncio.gather(*(one_request() for _ in range(50)))  # 50 pooled connections
+        assert len(connector._conns[next(iter(connector._conns))]) == 50
+        await asyncio.sleep(0.3)
+        sent, answered, body = await _prestop(agent)
+    expected = max(MIN, QUIET)
+    assert expected <= answered - sent <= expected + 2 * POLL
+    assert body["drain_ended_by"] == "quiet"
+    assert body["steps"][-1]["peak_connections"] == 50
+
+
+async def test_a_never_ending_stream_holds_the_drain_until_the_maximum(
+    app: App, traffic_agent: Any
+) -> None:
+    agent = traffic_agent(app, PRESTOP_DRAIN_MAX_SECONDS="4")
+    stop = asyncio.Event()
+
+    async def body() -> AsyncIterator[bytes]:
+        while not stop.is_set():
+            yield b"x" * 512
+            await asyncio.sleep(0.05)
+
+    async with aiohttp.ClientSession() as session:
+        streaming = asyncio.create_task(
+            session.post(f"http://127.0.0.1:{app.port}/stream", data=body())
+        )
+        await asyncio.sleep(0.3)
+        sent, answered, answer = await _prestop(agent)
+        stop.set()
+        (await streaming).close()
+    assert 4.0 - POLL <= answered - sent <= 4.0 + POLL + 0.1
+    assert answer["drain_ended_by"] == "max"
+
+
+async def test_a_slow_request_in_flight_holds_the_drain_until_answered(
+    app: App, traffic_agent: Any
+) -> None:
+    agent = traffic_agent(app)
+    async with aiohttp.ClientSession() as session:
+        hook = asyncio.create_task(_prestop(agent))
+        await asyncio.sleep(0.2)
+        async with session.get(f"http://127.0.0.1:{app.port}/slow?seconds=4") as response:
+            assert await response.text() == "slow"
+        slow_answered = time.monotonic()
+        _, answered, body = await hook
+    assert answered >= slow_answered
+    assert answered - slow_answered <= 2 * POLL
+    assert body["drain_ended_by"] == "quiet"
+
+
+async def test_traffic_from_an_ignored_cidr_does_not_hold_the_drain(
+    app: App, traffic_agent: Any
+) -> None:
+    agent = traffic_agent(app, PRESTOP_DRAIN_IGNORE_CIDRS="127.0.0.2/32")
+    hook = asyncio.create_task(_prestop(agent))
+    probes = asyncio.create_task(
+        _steady_clients(
+            f"http://127.0.0.1:{app.port}/hello", time.monotonic() + 6.0, local="127.0.0.2"
+        )
+    )
+    sent, answered, body = await hook
+    assert not probes.done(), "the ignored traffic was still flowing when the drain ended"
+    await probes
+    assert max(MIN, QUIET) <= answered - sent <= max(MIN, QUIET) + 2 * POLL
+    assert body["drain_ended_by"] == "quiet"
+
+
+async def test_ipv6_traffic_holds_the_drain(app: App, traffic_agent: Any) -> None:
+    agent = traffic_agent(app)
+    hook = asyncio.create_task(_prestop(agent))
+    await asyncio.sleep(0.05)
+    last_request = await _steady_clients(f"http://[::1]:{app.port}/hello", time.monotonic() + 2.5)
+    _, answered, body = await hook
+    assert last_request + QUIET <= answered <= last_request + QUIET + 2 * POLL
+    assert body["drain_ended_by"] == "quiet"
+
+
+async def test_the_proc_fallback_ends_on_zero_connections(app: App, traffic_agent: Any) -> None:
+    agent = traffic_agent(app, PRESTOP_DRAIN_SOURCE="proc")
+    async with aiohttp.ClientSession() as session, session.get(f"{agent.url}/status") as response:
+        assert (await response.json())["drain"]["source"] == "proc"
+    held = []
+    for _ in range(5):
+        conn = socket.create_connection(("127.0.0.1", app.port))
+        conn.sendall(b"GET /hello HTTP/1.1\r\nHost: app\r\n\r\n")
+        held.append(conn)
+    await asyncio.sleep(0.2)
+    hook = asyncio.create_task(_prestop(agent))
+    await asyncio.sleep(2.0)
+    assert not hook.done(), "open connections hold the /proc drain"
+    for conn in held:
+        conn.close()
+    closed = time.monotonic()
+    _, answered, body = await hook
+    assert closed + QUIET - POLL <= answered <= closed + QUIET + 2 * POLL
+    assert body["drain_ended_by"] == "quiet"
+    assert body["steps"][-1]["source"] == "proc"
+    events = agent.log_events()
+    watching = next(e for e in events if e["event"] == "drain_watching")
+    assert watching["source"] == "proc"
