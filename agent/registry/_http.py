@@ -1,0 +1,326 @@
+"""HTTP plumbing shared by the backends: Eureka server URLs, bounded requests, retries, reads.
+
+The ``eureka`` and ``register`` backends talk to the same Eureka servers the same way (credentials
+from Spring-style ``defaultZone`` URLs, a private CA, per-request timeouts under the step's
+deadline, backoff on 5xx and connection errors, reading one instance back as JSON); this module
+is that shared half, so both backends agree on what "reachable" and "shows the status" mean.
+
+Credentials never leave :class:`Server`: requests go to a URL without userinfo and carry an
+``Authorization`` header instead, and everything printable uses :func:`agent.config.redact_url`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import ssl
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
+
+import aiohttp
+import structlog
+import yarl
+
+from agent.config import Config, redact_url
+
+log = structlog.get_logger()
+
+T = TypeVar("T")
+
+JSON = "application/json"
+# Eureka's own clients send this header only when one server replicates to another; a request
+# that carries it is not replicated onwards, so the agent must never send it.
+REPLICATION_HEADER = "x-netflix-discovery-replication"
+# Backoff between attempts: short first (a loopback 503 during a server's start clears fast),
+# capped so that a few attempts still fit a registry deadline of a few seconds.
+FIRST_BACKOFF = 0.05
+MAX_BACKOFF = 1.0
+MIN_REQUEST_TIMEOUT = 0.05
+
+
+class RequestFailed(Exception):
+    """One request got no usable answer. ``retriable``: worth another attempt (timeouts,
+    connection errors, 5xx); a 4xx or a certificate error will not get better by retrying."""
+
+    def __init__(self, reason: str, *, retriable: bool, status: int | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retriable = retriable
+        self.status = status
+
+
+@dataclass(frozen=True, slots=True)
+class Server:
+    """One Eureka service URL, split into what is sent and what may be shown."""
+
+    base: str
+    """The URL without userinfo, ending in ``/`` (``http://eureka-0:8761/eureka/``)."""
+    shown: str
+    """The configured URL with the password redacted: for logs, errors and ``check``."""
+    authorization: str | None = field(default=None, repr=False, compare=False)
+    """The ``Authorization`` header for the URL's credentials (basic auth, UTF-8)."""
+
+    @classmethod
+    def parse(cls, url: str) -> Server:
+        """Split a ``defaultZone`` URL. Userinfo is percent-decoded, as Spring does, so that a
+        password holding ``@``, ``:`` or ``%`` can be written in the URL at all."""
+        parts = urlsplit(url)
+        authorization = None
+        if parts.username is not None:
+            credentials = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
+            authorization = "Basic " + base64.b64encode(credentials.encode("utf-8")).decode()
+        hostport = parts.netloc.rpartition("@")[2]
+        path = parts.path if parts.path.endswith("/") else parts.path + "/"
+        base = urlunsplit((parts.scheme, hostport, path, "", ""))
+        return cls(base=base, shown=redact_url(url), authorization=authorization)
+
+
+def segment(value: str) -> str:
+    """One path segment, percent-encoded. ``:`` stays as is: Spring's instance ids
+    (``host:app:port``) are sent that way by Eureka's own clients."""
+    return quote(value, safe=":@")
+
+
+def request_timeout(config: Config) -> float:
+    """The timeout of one request: a third of the step's deadline, so that a server that hangs
+    still leaves time for a retry or for the other servers' answers, and at most 5 s."""
+    return max(MIN_REQUEST_TIMEOUT, min(5.0, config.registry_timeout_seconds / 3))
+
+
+def ssl_context(ca_file: str | None) -> ssl.SSLContext | bool:
+    """Verify Eureka's certificate against a private CA when one is configured, else the
+    system's trust store (``True``: aiohttp's default verification)."""
+    if not ca_file:
+        return True
+    return ssl.create_default_context(cafile=ca_file)
+
+
+class Http:
+    """Requests to Eureka servers over the agent's one shared session."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        *,
+        timeout: float,
+        ssl: ssl.SSLContext | bool = True,
+    ) -> None:
+        self.session = session
+        self.timeout = timeout
+        self._ssl = ssl
+
+    async def request(
+        self,
+        server: Server,
+        method: str,
+        path: str,
+        *,
+        body: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+        until: float | None = None,
+    ) -> tuple[int, bytes]:
+        """Send ``method {server}{path}`` (``path`` already percent-encoded, query included).
+
+        Returns ``(status, body)`` for any HTTP answer; raises :class:`RequestFailed` when there
+        is none. The timeout is the per-request one, cut to what is left before ``until``.
+        """
+        timeout = self.timeout
+        if until is not None:
+            timeout = min(timeout, until - asyncio.get_running_loop().time())
+        if timeout < MIN_REQUEST_TIMEOUT:
+            raise RequestFailed("no time left for another request", retriable=False)
+        sent = {"Accept": JSON, **(headers or {})}
+        if server.authorization:
+            sent["Authorization"] = server.authorization
+        if body is None and method in ("PUT", "POST"):
+            sent.setdefault("Content-Length", "0")
+        url = yarl.URL(server.base + path, encoded=True)
+        try:
+            async with self.session.request(
+                method,
+                url,
+                data=body,
+                headers=sent,
+                ssl=self._ssl,
+                timeout=aiohttp.ClientTimeout(total=timeout),
+                allow_redirects=False,
+            ) as response:
+                return response.status, await response.read()
+        except TimeoutError:
+            raise RequestFailed(f"no answer within {timeout:.3g}s", retriable=True) from None
+        except aiohttp.ClientSSLError as exc:
+            raise RequestFailed(f"TLS: {_reason(exc)}", retriable=False) from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise RequestFailed(_reason(exc), retriable=True) from None
+
+
+def _reason(exc: BaseException) -> str:
+    """An exception as a short reason. aiohttp's messages name host and port only (the request
+    URL has no userinfo), so they are safe to show."""
+    text = str(exc) or type(exc).__name__
+    return f"{type(exc).__name__}: {text}"
+
+
+def check_status(status: int, body: bytes, ok: tuple[int, ...] = (200, 204)) -> None:
+    """Turn an unwanted HTTP status into :class:`RequestFailed`: 5xx is worth a retry."""
+    if status in ok:
+        return
+    snippet = body[:120].decode("utf-8", "replace").strip()
+    reason = f"HTTP {status}" + (f": {snippet}" if snippet else "")
+    raise RequestFailed(reason, retriable=status >= 500, status=status)
+
+
+async def retrying(
+    attempt: Callable[[], Awaitable[T]],
+    *,
+    until: float,
+    give_up: Callable[[], bool] = lambda: False,
+) -> tuple[T, int]:
+    """Run ``attempt`` until it succeeds, it fails for good, ``until`` (loop time) passes or
+    ``give_up()`` says another way already won. Returns ``(result, attempts)``; raises the last
+    :class:`RequestFailed`, its reason prefixed with the attempt count when there were several."""
+    loop = asyncio.get_running_loop()
+    delay = FIRST_BACKOFF
+    attempts = 0
+    while True:
+        attempts += 1
+        try:
+            return await attempt(), attempts
+        except RequestFailed as exc:
+            left = until - loop.time()
+            if not exc.retriable or give_up() or left < delay + MIN_REQUEST_TIMEOUT:
+                if attempts > 1:
+                    exc.reason = f"{exc.reason} (after {attempts} attempts)"
+                    exc.args = (exc.reason,)
+                raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, MAX_BACKOFF)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading Eureka's JSON. Eureka serialises one instance as an object and several as a list, and
+# numbers such as lastDirtyTimestamp as strings; these helpers hide both.
+
+
+def instances_of(document: Any) -> list[dict[str, Any]]:
+    """The instances of ``GET apps/{APP}`` (``{"application": {"instance": [...]}}``)."""
+    application = document.get("application", {}) if isinstance(document, dict) else {}
+    instances = application.get("instance", []) if isinstance(application, dict) else []
+    if isinstance(instances, dict):
+        return [instances]
+    return [i for i in instances if isinstance(i, dict)]
+
+
+def instance_of(document: Any) -> dict[str, Any]:
+    """The instance of ``GET apps/{APP}/{id}`` (``{"instance": {...}}``)."""
+    instance = document.get("instance") if isinstance(document, dict) else None
+    if not isinstance(instance, dict):
+        raise RequestFailed("the answer holds no instance", retriable=False)
+    return instance
+
+
+def port_of(instance: Mapping[str, Any]) -> int | None:
+    port = instance.get("port")
+    value = port.get("$") if isinstance(port, dict) else port
+    try:
+        return int(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+def override_of(instance: Mapping[str, Any]) -> str:
+    """The status override; Eureka writes ``overriddenStatus`` (older servers
+    ``overriddenstatus``), ``UNKNOWN`` meaning none."""
+    return str(instance.get("overriddenStatus") or instance.get("overriddenstatus") or "UNKNOWN")
+
+
+def dirty_timestamp_of(instance: Mapping[str, Any]) -> str | None:
+    value = instance.get("lastDirtyTimestamp")
+    return str(value) if value not in (None, "") else None
+
+
+def summary(instance: Mapping[str, Any]) -> dict[str, Any]:
+    """What ``check``, logs and /prestop's answer show of an instance."""
+    return {
+        "instanceId": instance.get("instanceId"),
+        "app": instance.get("app"),
+        "ipAddr": instance.get("ipAddr"),
+        "port": port_of(instance),
+        "status": instance.get("status"),
+        "overriddenStatus": override_of(instance),
+        "lastDirtyTimestamp": dirty_timestamp_of(instance),
+    }
+
+
+def parse_json(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except ValueError:
+        raise RequestFailed("the answer is not JSON", retriable=False) from None
+
+
+async def get_instance(
+    http: Http, server: Server, app: str, instance_id: str, *, until: float
+) -> dict[str, Any] | None:
+    """``GET apps/{APP}/{id}``: the instance, or None when the server does not list it.
+
+    This read goes to the registry itself, not to the server's response cache (which serves
+    ``GET apps`` and ``GET apps/{APP}`` up to 30 s stale), so it shows a status change at once.
+    """
+    status, body = await http.request(
+        server, "GET", f"apps/{segment(app)}/{segment(instance_id)}", until=until
+    )
+    if status == 404:
+        return None
+    check_status(status, body, ok=(200,))
+    return instance_of(parse_json(body))
+
+
+async def get_application(
+    http: Http, server: Server, app: str, *, until: float
+) -> list[dict[str, Any]]:
+    """``GET apps/{APP}``: its instances (none when the server does not know the app)."""
+    status, body = await http.request(server, "GET", f"apps/{segment(app)}", until=until)
+    if status == 404:
+        return []
+    check_status(status, body, ok=(200,))
+    return instances_of(parse_json(body))
+
+
+async def read_back(
+    http: Http,
+    servers: tuple[Server, ...],
+    app: str,
+    instance_id: str,
+    expected: str,
+    *,
+    until: float,
+) -> dict[str, Any]:
+    """Read the instance from every server until one shows ``expected`` or ``until`` passes.
+
+    Returns what each server said (its status, ``not listed`` or the error). Raises
+    :class:`RequestFailed` naming every server's answer when none shows ``expected``.
+    """
+    loop = asyncio.get_running_loop()
+    delay = FIRST_BACKOFF
+    while True:
+
+        async def read(server: Server) -> str:
+            try:
+                instance = await get_instance(http, server, app, instance_id, until=until)
+            except RequestFailed as exc:
+                return f"error: {exc.reason}"
+            return "not listed" if instance is None else str(instance.get("status"))
+
+        answers = await asyncio.gather(*(read(s) for s in servers))
+        said = {s.shown: a for s, a in zip(servers, answers, strict=True)}
+        if expected in answers:
+            return said
+        if until - loop.time() < delay + MIN_REQUEST_TIMEOUT:
+            shown = "; ".join(f"{url}: {answer}" for url, answer in said.items())
+            raise RequestFailed(f"no server shows {expected}: {shown}", retriable=False)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, MAX_BACKOFF)

@@ -1,0 +1,363 @@
+"""``PRESTOP_REGISTRY=eureka``: put a status override on the Eureka servers themselves.
+
+The app keeps its own Eureka client and keeps renewing its lease while it drains. A status
+override (``PUT apps/{APP}/{id}/status?value=DOWN``) is what keeps it out meanwhile: the server
+applies the override to every renewal, whereas cancelling the lease (``DELETE apps/{APP}/{id}``)
+would only make the app's next renewal fail with 404 and re-register it as UP. So this backend
+never cancels anything.
+
+What Eureka's server does with the requests (``InstanceResource`` in Netflix/eureka):
+
+- ``statusUpdate`` stores the override and sets the status; when a ``lastDirtyTimestamp`` is
+  given and newer than the server's, it becomes the instance's. Passing "now" would make the
+  server's copy look newer than the app's, so the agent passes the instance's own timestamp as the
+  server just reported it, or none.
+- Without the replication header, a server replicates the change to its peers; the agent still
+  sends it to every configured server, so that a peer that lags or has lost replication shows the
+  status too, and a dead peer costs nothing but its own answer.
+- ``deleteStatusUpdate`` (``DELETE .../status``) drops the override and leaves the status
+  ``UNKNOWN``; the app's next renewal is then refused and its client re-registers with its real
+  status. That is how a stale override from a previous pod is cleared without guessing the app's
+  status for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from agent.registry import RegistryError
+from agent.registry._http import (
+    Http,
+    RequestFailed,
+    Server,
+    check_status,
+    dirty_timestamp_of,
+    get_application,
+    get_instance,
+    override_of,
+    port_of,
+    read_back,
+    request_timeout,
+    retrying,
+    segment,
+    ssl_context,
+    summary,
+)
+
+if TYPE_CHECKING:
+    import aiohttp
+
+    from agent.config import Config
+
+log = structlog.get_logger()
+
+OVERRIDES = ("DOWN", "OUT_OF_SERVICE")
+# Share of PRESTOP_REGISTRY_TIMEOUT_SECONDS the PUTs may use (retries included); verify gets the
+# rest up to VERIFY_SHARE, so that our own error (naming each server) beats main's bare timeout.
+MARK_SHARE = 0.6
+VERIFY_SHARE = 0.9
+# At start-up the app usually registers after the agent is up: look for its instance after 1 s,
+# then less and less often, so that an app that never registers (a misconfiguration) does not
+# cost the Eureka servers a request per second per pod for ever.
+FIND_INTERVAL_SECONDS = 1.0
+FIND_INTERVAL_MAX_SECONDS = 30.0
+MAX_LISTED = 10
+
+
+class EurekaRegistry:
+    """Mark an instance that registers itself DOWN / OUT_OF_SERVICE on every Eureka server."""
+
+    name = "eureka"
+
+    def __init__(self, config: Config, session: aiohttp.ClientSession) -> None:
+        self._config = config
+        self._http = Http(
+            session, timeout=request_timeout(config), ssl=ssl_context(config.eureka_ca_file)
+        )
+        self._servers = tuple(Server.parse(url) for url in config.eureka_urls)
+        self._app = config.eureka_app.upper()  # Eureka stores application names upper-cased
+        self._instance_id: str | None = config.eureka_instance_id or None
+        self._status = config.eureka_status
+        # Held while run() deletes a stale override and while mark_down() starts, so that the
+        # start-up clean-up can never remove the override the shutdown just set.
+        self._lock = asyncio.Lock()
+        self._marking = False
+        self._reachable: tuple[Server, ...] = self._servers
+        self._verify_until = 0.0
+
+    # --- start-up -----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Find the instance once it has registered; clear an override a previous pod left."""
+        loop = asyncio.get_running_loop()
+        interval = FIND_INTERVAL_SECONDS
+        try:
+            while not self._marking:
+                until = loop.time() + self._config.registry_timeout_seconds
+                instance_id = self._instance_id or await self._discover(until, quiet=True)
+                if instance_id is not None:
+                    found = await self._read_all(instance_id, until)
+                    if any(isinstance(i, dict) for i in found.values()):
+                        await self._clear_stale_override(instance_id, found, until)
+                        return
+                await asyncio.sleep(interval)
+                interval = min(interval * 2, FIND_INTERVAL_MAX_SECONDS)
+        except RegistryError as exc:
+            # Several instances match, say: nothing to clean up safely; mark_down says it again.
+            log.warning("eureka_startup_check_failed", error=str(exc))
+        except Exception:  # run() must not raise: a bug here must not take the agent down
+            log.exception("eureka_startup_check_failed")
+
+    async def _clear_stale_override(
+        self, instance_id: str, found: dict[Server, dict[str, Any] | str | None], until: float
+    ) -> None:
+        stale = {
+            server: instance
+            for server, instance in found.items()
+            if isinstance(instance, dict) and override_of(instance) in OVERRIDES
+        }
+        if not stale:
+            log.info("eureka_instance_found", app=self._app, instance_id=instance_id)
+            return
+        overrides = {server.shown: override_of(i) for server, i in stale.items()}
+        if self._config.eureka_keep_override:
+            log.warning(
+                "eureka_stale_override_kept",
+                app=self._app,
+                instance_id=instance_id,
+                overrides=overrides,
+                reason="PRESTOP_EUREKA_KEEP_OVERRIDE=true",
+            )
+            return
+        async with self._lock:
+            if self._marking:
+                return  # the shutdown began meanwhile: that override is ours now
+            results = await asyncio.gather(
+                *(self._delete_override(s, instance_id, i, until) for s, i in stale.items())
+            )
+        log.info(
+            "eureka_stale_override_cleared",
+            app=self._app,
+            instance_id=instance_id,
+            overrides=overrides,
+            results=dict(zip((s.shown for s in stale), results, strict=True)),
+        )
+
+    async def _delete_override(
+        self, server: Server, instance_id: str, instance: dict[str, Any], until: float
+    ) -> str:
+        path = f"apps/{segment(self._app)}/{segment(instance_id)}/status"
+        dirty = dirty_timestamp_of(instance)
+        if dirty:
+            path += f"?lastDirtyTimestamp={dirty}"
+
+        async def attempt() -> None:
+            status, body = await self._http.request(server, "DELETE", path, until=until)
+            check_status(status, body)
+
+        try:
+            await retrying(attempt, until=until)
+        except RequestFailed as exc:
+            return f"failed: {exc.reason}"
+        return "cleared"
+
+    # --- the shutdown -------------------------------------------------------------------------
+
+    async def mark_down(self) -> dict[str, Any]:
+        """PUT the override on every server at once; succeed when at least one took it."""
+        async with self._lock:
+            self._marking = True
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        timeout = self._config.registry_timeout_seconds
+        until = started + timeout * MARK_SHARE
+        self._verify_until = started + timeout * VERIFY_SHARE
+        instance_id = self._instance_id or await self._discover(until, quiet=False)
+        assert instance_id is not None  # _discover(quiet=False) raises instead
+        done = asyncio.Event()
+        results = await asyncio.gather(
+            *(self._put_status(s, instance_id, until, done) for s in self._servers)
+        )
+        said = {s.shown: r for s, r in zip(self._servers, results, strict=True)}
+        # Verify asks only the servers that answered: a dead peer would just burn the deadline.
+        self._reachable = tuple(
+            s for s, r in zip(self._servers, results, strict=True) if "http_status" in r
+        )
+        if not any(r["result"] == "ok" for r in results):
+            reasons = "; ".join(f"{url}: {r['error']}" for url, r in said.items())
+            raise RegistryError(
+                f"could not mark {self._app}/{instance_id} {self._status} on any server: {reasons}"
+            )
+        log.info(
+            "eureka_marked",
+            app=self._app,
+            instance_id=instance_id,
+            status=self._status,
+            servers=said,
+            seconds=round(loop.time() - started, 4),
+        )
+        return said
+
+    async def _put_status(
+        self, server: Server, instance_id: str, until: float, done: asyncio.Event
+    ) -> dict[str, Any]:
+        """Read the instance's lastDirtyTimestamp, then PUT the override, retrying 5xx and
+        connection errors until another server has taken the override (the peers replicate it
+        among themselves) or the time is up."""
+        result: dict[str, Any] = {}
+        base = f"apps/{segment(self._app)}/{segment(instance_id)}"
+
+        async def attempt() -> None:
+            instance = await get_instance(self._http, server, self._app, instance_id, until=until)
+            result["http_status"] = 404 if instance is None else 200
+            if instance is None:
+                raise RequestFailed("instance not registered on this server", retriable=False)
+            dirty = dirty_timestamp_of(instance)
+            path = f"{base}/status?value={self._status}"
+            if dirty:
+                path += f"&lastDirtyTimestamp={dirty}"
+            status, body = await self._http.request(server, "PUT", path, until=until)
+            result["http_status"] = status
+            check_status(status, body, ok=(200,))
+            result["lastDirtyTimestamp"] = dirty
+
+        try:
+            _, attempts = await retrying(attempt, until=until, give_up=done.is_set)
+        except RequestFailed as exc:
+            if exc.status is not None:
+                result["http_status"] = exc.status
+            return {"result": "failed", "error": exc.reason, **result}
+        done.set()
+        return {"result": "ok", "attempts": attempts, **result}
+
+    async def verify(self) -> dict[str, Any]:
+        """Read the instance back from the servers that answered; one showing it is enough."""
+        instance_id = self._instance_id
+        if instance_id is None:
+            raise RegistryError("no instance was marked: mark_down did not find it")
+        try:
+            return await read_back(
+                self._http,
+                self._reachable or self._servers,
+                self._app,
+                instance_id,
+                self._status,
+                until=self._verify_until,
+            )
+        except RequestFailed as exc:
+            raise RegistryError(f"{self._app}/{instance_id}: {exc.reason}") from None
+
+    async def finalize(self) -> None:
+        # Deliberately nothing: the app's own client still renews; see the module docstring.
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def describe(self) -> dict[str, Any]:
+        """Reach every server and show the instance as each one lists it."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + self._config.registry_timeout_seconds * VERIFY_SHARE
+        instance_id = self._instance_id or await self._discover(until, quiet=False)
+        assert instance_id is not None
+        found = await self._read_all(instance_id, until)
+        if not any(isinstance(i, dict) for i in found.values()):
+            shown = "; ".join(f"{s.shown}: {i or 'not listed'}" for s, i in found.items())
+            raise RegistryError(f"{self._app}/{instance_id} is not listed: {shown}")
+        return {
+            "backend": self.name,
+            "app": self._app,
+            "instance_id": instance_id,
+            "found_by": "PRESTOP_EUREKA_INSTANCE_ID"
+            if self._config.eureka_instance_id
+            else f"POD_IP {self._config.pod_ip} and PRESTOP_APP_PORT {self._config.app_port}",
+            "would_set": self._status,
+            "servers": {
+                s.shown: summary(i) if isinstance(i, dict) else (i or "not listed")
+                for s, i in found.items()
+            },
+        }
+
+    # --- finding the instance -----------------------------------------------------------------
+
+    async def _read_all(
+        self, instance_id: str, until: float
+    ) -> dict[Server, dict[str, Any] | str | None]:
+        """The instance from each server: its JSON, None (not listed) or the error."""
+
+        async def read(server: Server) -> dict[str, Any] | str | None:
+            try:
+                found, _ = await retrying(
+                    lambda: get_instance(self._http, server, self._app, instance_id, until=until),
+                    until=until,
+                )
+            except RequestFailed as exc:
+                return f"error: {exc.reason}"
+            return found
+
+        results = await asyncio.gather(*(read(s) for s in self._servers))
+        return dict(zip(self._servers, results, strict=True))
+
+    async def _discover(self, until: float, *, quiet: bool) -> str | None:
+        """Find the instance id by POD_IP and PRESTOP_APP_PORT in ``GET apps/{APP}``.
+
+        ``quiet``: return None when nothing matches yet (start-up, the app may not have
+        registered); otherwise raise RegistryError saying what was listed.
+        """
+        ip, port = self._config.pod_ip, self._config.app_port
+
+        async def listed(server: Server) -> list[dict[str, Any]] | str:
+            try:
+                instances, _ = await retrying(
+                    lambda: get_application(self._http, server, self._app, until=until),
+                    until=until,
+                )
+            except RequestFailed as exc:
+                return f"error: {exc.reason}"
+            return instances
+
+        answers = await asyncio.gather(*(listed(s) for s in self._servers))
+        errors = [
+            f"{s.shown}: {a}"
+            for s, a in zip(self._servers, answers, strict=True)
+            if isinstance(a, str)
+        ]
+        instances = [i for a in answers if isinstance(a, list) for i in a]
+        matching = sorted(
+            {
+                str(i.get("instanceId"))
+                for i in instances
+                if i.get("ipAddr") == ip and port_of(i) == port
+            }
+        )
+        if len(matching) == 1:
+            self._instance_id = matching[0]
+            log.info(
+                "eureka_instance_discovered",
+                app=self._app,
+                instance_id=matching[0],
+                ip=ip,
+                port=port,
+            )
+            return matching[0]
+        if len(matching) > 1:
+            raise RegistryError(
+                f"several instances of {self._app} have ipAddr {ip} and port {port}:"
+                f" {', '.join(matching)}; set PRESTOP_EUREKA_INSTANCE_ID"
+            )
+        if quiet:
+            return None
+        if len(errors) == len(self._servers):
+            raise RegistryError(f"no server answered GET apps/{self._app}: {'; '.join(errors)}")
+        seen = sorted(
+            {f"{i.get('instanceId')} ({i.get('ipAddr')}:{port_of(i)})" for i in instances}
+        )
+        listing = ", ".join(seen[:MAX_LISTED]) + (" ..." if len(seen) > MAX_LISTED else "")
+        unreachable = f"; unreachable: {'; '.join(errors)}" if errors else ""
+        raise RegistryError(
+            f"no instance of {self._app} has ipAddr {ip} and port {port}"
+            f" (listed: {listing or 'none'}){unreachable}"
+        )

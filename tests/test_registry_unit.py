@@ -1,0 +1,475 @@
+"""Error branches of the registry backends, against small fake Eureka servers (aiohttp).
+
+What the real server does is covered by tests/test_registry_eureka.py; here the fakes produce
+what a real server rarely does on demand: several matches, 5xx, hangs, TLS, odd credentials.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import re
+import ssl
+import subprocess
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import pytest_asyncio
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from structlog.testing import capture_logs
+
+from agent.config import load
+from agent.registry import RegistryError, open_registry
+from agent.registry._http import REPLICATION_HEADER, Server
+from agent.registry.eureka import EurekaRegistry
+from agent.registry.register import RegisterRegistry
+
+APP = "DEMO-APP"
+POD_IP = "10.1.2.3"
+PORT = 8080
+SECRET = "p@ss:w/rd%+$"
+
+
+def instance(instance_id: str, ip: str = POD_IP, port: int = PORT, **extra: Any) -> dict[str, Any]:
+    return {
+        "instanceId": instance_id,
+        "app": APP,
+        "ipAddr": ip,
+        "port": {"$": port, "@enabled": "true"},
+        "status": "UP",
+        "overriddenStatus": "UNKNOWN",
+        "lastDirtyTimestamp": "1700000000123",
+        **extra,
+    }
+
+
+class FakeEureka:
+    """Enough of Eureka's REST API for the backends; ``fail`` hooks make it misbehave."""
+
+    def __init__(self, instances: list[dict[str, Any]]) -> None:
+        self.instances = {i["instanceId"]: i for i in instances}
+        self.requests: list[web.Request] = []
+        self.statuses: list[int] = []  # answer these codes first, in order, then behave
+        self.delay = 0.0
+        app = web.Application(middlewares=[self._record])
+        app.router.add_get("/eureka/apps/{app}", self._app)
+        app.router.add_get("/eureka/apps/{app}/{id}", self._instance)
+        app.router.add_put("/eureka/apps/{app}/{id}/status", self._status)
+        app.router.add_delete("/eureka/apps/{app}/{id}/status", self._delete_status)
+        app.router.add_post("/eureka/apps/{app}", self._register)
+        app.router.add_put("/eureka/apps/{app}/{id}", self._renew)
+        app.router.add_delete("/eureka/apps/{app}/{id}", self._cancel)
+        self.app = app
+
+    @web.middleware
+    async def _record(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        self.requests.append(request)
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if self.statuses:
+            return web.Response(status=self.statuses.pop(0), text="busy")
+        return await handler(request)
+
+    async def _app(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            {"application": {"name": APP, "instance": list(self.instances.values())}}
+        )
+
+    async def _instance(self, request: web.Request) -> web.Response:
+        found = self.instances.get(request.match_info["id"])
+        if found is None:
+            return web.Response(status=404)
+        return web.json_response({"instance": found})
+
+    async def _status(self, request: web.Request) -> web.Response:
+        found = self.instances.get(request.match_info["id"])
+        if found is None:
+            return web.Response(status=404)
+        found["status"] = found["overriddenStatus"] = request.query["value"]
+        return web.Response(status=200)
+
+    async def _delete_status(self, request: web.Request) -> web.Response:
+        found = self.instances[request.match_info["id"]]
+        found["status"], found["overriddenStatus"] = "UNKNOWN", "UNKNOWN"
+        return web.Response(status=200)
+
+    async def _register(self, request: web.Request) -> web.Response:
+        registered = (await request.json())["instance"]
+        self.instances[registered["instanceId"]] = registered
+        return web.Response(status=204)
+
+    async def _renew(self, request: web.Request) -> web.Response:
+        return web.Response(status=200 if request.match_info["id"] in self.instances else 404)
+
+    async def _cancel(self, request: web.Request) -> web.Response:
+        return web.Response(
+            status=200 if self.instances.pop(request.match_info["id"], None) else 404
+        )
+
+
+Serve = Callable[..., Awaitable[tuple[FakeEureka, str]]]
+
+
+@pytest_asyncio.fixture
+async def serve() -> AsyncIterator[Serve]:
+    servers: list[TestServer] = []
+
+    async def start(
+        instances: list[dict[str, Any]], *, ssl_context: ssl.SSLContext | None = None
+    ) -> tuple[FakeEureka, str]:
+        fake = FakeEureka(instances)
+        server = TestServer(fake.app, host="127.0.0.1")
+        await server.start_server(ssl=ssl_context)
+        servers.append(server)
+        scheme = "https" if ssl_context else "http"
+        return fake, f"{scheme}://127.0.0.1:{server.port}/eureka/"
+
+    yield start
+    for server in servers:
+        await server.close()
+
+
+@pytest_asyncio.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as s:
+        yield s
+
+
+def config(urls: list[str], **env: str) -> Any:
+    return load(
+        {
+            "PRESTOP_REGISTRY": "eureka",
+            "PRESTOP_EUREKA_URLS": ",".join(urls),
+            "PRESTOP_EUREKA_APP": APP.lower(),
+            "POD_IP": POD_IP,
+            "PRESTOP_APP_PORT": str(PORT),
+            "PRESTOP_REGISTRY_TIMEOUT_SECONDS": "1.5",
+            **env,
+        }
+    )
+
+
+def dead_url() -> str:
+    from tests.support import free_port
+
+    return f"http://127.0.0.1:{free_port()}/eureka/"
+
+
+# ------------------------------------------------------------------------------ instance lookup
+
+
+async def test_discovers_the_instance_by_ip_and_port(
+    serve: Serve, session: aiohttp.ClientSession
+) -> None:
+    fake, url = await serve([instance("a"), instance("b", port=9090), instance("c", ip="10.9.9.9")])
+    registry = EurekaRegistry(config([url]), session)
+    said = await registry.mark_down()
+    assert said[url]["result"] == "ok"
+    assert fake.instances["a"]["status"] == "DOWN"
+    put = [r for r in fake.requests if r.method == "PUT"]
+    assert [str(r.rel_url) for r in put] == [
+        f"/eureka/apps/{APP}/a/status?value=DOWN&lastDirtyTimestamp=1700000000123"
+    ]
+    assert put[0].headers["Accept"] == "application/json"
+    assert all(REPLICATION_HEADER not in r.headers for r in fake.requests)
+    assert (await registry.verify()) == {url: "DOWN"}
+
+
+async def test_no_instance_matches(serve: Serve, session: aiohttp.ClientSession) -> None:
+    _, url = await serve([instance("other", ip="10.9.9.9")])
+    with pytest.raises(
+        RegistryError,
+        match=re.escape(
+            "no instance of DEMO-APP has ipAddr 10.1.2.3 and port 8080"
+            " (listed: other (10.9.9.9:8080))"
+        ),
+    ):
+        await EurekaRegistry(config([url]), session).mark_down()
+
+
+async def test_several_instances_match(serve: Serve, session: aiohttp.ClientSession) -> None:
+    _, url = await serve([instance("a"), instance("b")])
+    with pytest.raises(
+        RegistryError, match=r"several instances .*: a, b; set PRESTOP_EUREKA_INSTANCE_ID"
+    ):
+        await EurekaRegistry(config([url]), session).mark_down()
+
+
+async def test_the_configured_id_is_used_and_percent_encoded(
+    serve: Serve, session: aiohttp.ClientSession
+) -> None:
+    fake, url = await serve([instance("pod-0 x/y")])
+    registry = EurekaRegistry(config([url], PRESTOP_EUREKA_INSTANCE_ID="pod-0 x/y"), session)
+    fake.instances["pod-0%20x%2Fy"] = fake.instances["pod-0 x/y"]  # aiohttp decodes %20 only
+    await registry.mark_down()
+    assert any(
+        r.raw_path.startswith(f"/eureka/apps/{APP}/pod-0%20x%2Fy/status") for r in fake.requests
+    )
+
+
+# ------------------------------------------------------------------------------ failing servers
+
+
+async def test_one_peer_failing_does_not_stop_the_others(
+    serve: Serve, session: aiohttp.ClientSession
+) -> None:
+    _, url = await serve([instance("a")])
+    broken, broken_url = await serve([instance("a")])
+    broken.statuses = [500] * 100
+    dead = dead_url()
+    registry = EurekaRegistry(
+        config([dead, broken_url, url], PRESTOP_EUREKA_INSTANCE_ID="a"), session
+    )
+    said = await registry.mark_down()
+    assert said[url]["result"] == "ok"
+    assert said[broken_url]["result"] == "failed" and said[broken_url]["http_status"] == 500
+    assert said[dead]["result"] == "failed" and "Cannot connect" in said[dead]["error"]
+    verified = await registry.verify()
+    assert verified[url] == "DOWN"
+    assert dead not in verified  # only servers that answered are read back
+
+
+async def test_5xx_then_success_is_retried(serve: Serve, session: aiohttp.ClientSession) -> None:
+    fake, url = await serve([instance("a")])
+    fake.statuses = [503, 502]
+    said = await EurekaRegistry(config([url], PRESTOP_EUREKA_INSTANCE_ID="a"), session).mark_down()
+    assert said[url] == {
+        "result": "ok",
+        "attempts": 3,
+        "http_status": 200,
+        "lastDirtyTimestamp": "1700000000123",
+    }
+
+
+async def test_4xx_is_not_retried_and_names_the_server(
+    serve: Serve, session: aiohttp.ClientSession
+) -> None:
+    fake, url = await serve([instance("a")])
+    with pytest.raises(
+        RegistryError, match=rf"{re.escape(url)}: instance not registered on this server"
+    ):
+        await EurekaRegistry(config([url], PRESTOP_EUREKA_INSTANCE_ID="gone"), session).mark_down()
+    assert len(fake.requests) == 1
+
+
+async def test_a_hanging_server_times_out_within_the_deadline(
+    serve: Serve, session: aiohttp.ClientSession
+) -> None:
+    fake, url = await serve([instance("a")])
+    fake.delay = 10
+    registry = EurekaRegistry(config([url], PRESTOP_EUREKA_INSTANCE_ID="a"), session)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(RegistryError, match=r"no answer within 0\.[0-9]+s \(after 2 attempts\)"):
+        await registry.mark_down()
+    # 60 % of the 1.5 s deadline for the PUTs: our own error comes before main's timeout.
+    assert loop.time() - started < 1.5 * 0.6 + 0.2
+
+
+async def test_verify_fails_when_no_server_shows_the_status(
+    serve: Serve, session: aiohttp.ClientSession
+) -> None:
+    fake, url = await serve([instance("a")])
+    registry = EurekaRegistry(config([url], PRESTOP_EUREKA_INSTANCE_ID="a"), session)
+    await registry.mark_down()
+    fake.instances["a"]["status"] = "UP"  # say a server that lost the override
+    with pytest.raises(RegistryError, match=re.escape(f"no server shows DOWN: {url}: UP")):
+        await registry.verify()
+
+
+# ------------------------------------------------------------------------------ credentials, TLS
+
+
+async def test_percent_encoded_credentials_are_sent_as_basic_auth_and_never_shown(
+    serve: Serve, session: aiohttp.ClientSession
+) -> None:
+    fake, url = await serve([instance("a")])
+    encoded = "p%40ss%3Aw%2Frd%25%2B%24"
+    with_auth = url.replace("http://", f"http://us%20er:{encoded}@")
+    dead = dead_url().replace("http://", f"http://user:{encoded}@")
+    registry = EurekaRegistry(config([with_auth, dead], PRESTOP_EUREKA_INSTANCE_ID="a"), session)
+    with capture_logs() as logs:
+        said = await registry.mark_down()
+        described = await registry.describe()
+    expected = base64.b64encode(f"us er:{SECRET}".encode()).decode()
+    assert {r.headers["Authorization"] for r in fake.requests} == {f"Basic {expected}"}
+    shown = json.dumps([said, described, logs], default=str)
+    for secret in (SECRET, encoded, expected, "p@ss"):
+        assert secret not in shown
+    assert "us%20er:***@127.0.0.1" in shown
+
+    # And in errors: every server failing.
+    fake.statuses = [500] * 100
+    bad = EurekaRegistry(
+        config([with_auth], PRESTOP_EUREKA_INSTANCE_ID="a", PRESTOP_REGISTRY_TIMEOUT_SECONDS="0.5"),
+        session,
+    )
+    with capture_logs() as logs, pytest.raises(RegistryError) as error:
+        await bad.mark_down()
+    for secret in (SECRET, encoded, expected):
+        assert secret not in str(error.value) and secret not in json.dumps(logs, default=str)
+
+
+def test_server_parse_keeps_the_path_and_drops_the_userinfo() -> None:
+    server = Server.parse("https://u:p%40@eureka-0.eureka:8761/eureka/")
+    assert server.base == "https://eureka-0.eureka:8761/eureka/"
+    assert server.shown == "https://u:***@eureka-0.eureka:8761/eureka/"
+    assert server.authorization == "Basic " + base64.b64encode(b"u:p@").decode()
+    assert "p@" not in repr(server)
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 (its own CA), made with the openssl CLI."""
+    directory = tmp_path_factory.mktemp("tls")
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    try:
+        subprocess.run(
+            [
+                "openssl",
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "1",
+                "-subj",
+                "/CN=127.0.0.1",
+                "-addext",
+                "subjectAltName=IP:127.0.0.1",
+                "-keyout",
+                str(key),
+                "-out",
+                str(cert),
+            ],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+    except (OSError, subprocess.CalledProcessError) as err:
+        pytest.skip(f"openssl cannot make a certificate: {err}")
+    return cert, key
+
+
+async def test_https_with_a_private_ca(
+    serve: Serve, session: aiohttp.ClientSession, certificate: tuple[Path, Path]
+) -> None:
+    cert, key = certificate
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    _, url = await serve([instance("a")], ssl_context=context)
+    trusted = EurekaRegistry(
+        config([url], PRESTOP_EUREKA_INSTANCE_ID="a", PRESTOP_EUREKA_CA_FILE=str(cert)), session
+    )
+    assert (await trusted.mark_down())[url]["result"] == "ok"
+    untrusted = EurekaRegistry(config([url], PRESTOP_EUREKA_INSTANCE_ID="a"), session)
+    with pytest.raises(RegistryError, match=r"TLS: .*certificate"):
+        await untrusted.mark_down()
+
+
+# ------------------------------------------------------------------------------ start-up override
+
+
+async def test_startup_clears_a_stale_override_once(
+    serve: Serve, session: aiohttp.ClientSession
+) -> None:
+    fake, url = await serve([instance("a", status="DOWN", overriddenStatus="DOWN")])
+    registry = EurekaRegistry(config([url]), session)
+    with capture_logs() as logs:
+        await asyncio.wait_for(registry.run(), 5)
+    deletes = [r for r in fake.requests if r.method == "DELETE"]
+    assert [str(r.rel_url) for r in deletes] == [
+        f"/eureka/apps/{APP}/a/status?lastDirtyTimestamp=1700000000123"
+    ]
+    [cleared] = [e for e in logs if e["event"] == "eureka_stale_override_cleared"]
+    assert cleared["overrides"] == {url: "DOWN"} and cleared["results"] == {url: "cleared"}
+
+
+async def test_startup_never_clears_the_override_of_a_started_shutdown(
+    serve: Serve, session: aiohttp.ClientSession
+) -> None:
+    fake, url = await serve([])
+    registry = EurekaRegistry(config([url], PRESTOP_EUREKA_INSTANCE_ID="a"), session)
+    task = asyncio.create_task(registry.run())
+    await asyncio.sleep(0.1)  # run() waits for the app to register
+    fake.instances["a"] = instance("a")
+    await registry.mark_down()
+    await asyncio.wait_for(task, 3)
+    assert not [r for r in fake.requests if r.method == "DELETE"]
+    assert fake.instances["a"]["status"] == "DOWN"
+
+
+# ------------------------------------------------------------------------------ actuator, register
+
+
+async def test_actuator_unreachable_names_the_endpoint_without_credentials(
+    session: aiohttp.ClientSession,
+) -> None:
+    url = (
+        dead_url()
+        .replace("http://", "http://admin:s3cret@")
+        .replace("/eureka/", "/actuator/serviceregistry?token=t0k")
+    )
+    cfg = load(
+        {
+            "PRESTOP_REGISTRY": "actuator",
+            "PRESTOP_ACTUATOR_URL": url,
+            "PRESTOP_REGISTRY_TIMEOUT_SECONDS": "0.5",
+        }
+    )
+    registry = open_registry(cfg, session)
+    with pytest.raises(RegistryError) as error:
+        await registry.mark_down()
+    assert (
+        "admin:***@" in str(error.value)
+        and "s3cret" not in str(error.value)
+        and "t0k" not in str(error.value)
+    )
+
+
+async def test_register_registers_renews_marks_and_cancels(
+    serve: Serve, session: aiohttp.ClientSession
+) -> None:
+    fake, url = await serve([])
+    with_auth = url.replace("http://", "http://u:p%2B1@")
+    cfg = load(
+        {
+            "PRESTOP_REGISTRY": "register",
+            "PRESTOP_EUREKA_URLS": with_auth,
+            "PRESTOP_EUREKA_APP": "py-app",
+            "POD_IP": POD_IP,
+            "POD_NAME": "py-app-0",
+            "PRESTOP_APP_PORT": "9000",
+            "PRESTOP_EUREKA_RENEWAL_SECONDS": "0.1",
+            "PRESTOP_REGISTRY_TIMEOUT_SECONDS": "1",
+        }
+    )
+    registry = open_registry(cfg, session)
+    assert isinstance(registry, RegisterRegistry)
+    task = asyncio.create_task(registry.run())
+    await asyncio.sleep(0.35)
+    registered = fake.instances[f"{POD_IP}:py-app:9000"]
+    assert registered["status"] == "UP" and registered["metadata"]["pod"] == "py-app-0"
+    assert registered["ipAddr"] == POD_IP and registered["port"]["$"] == 9000
+    renewals = [r for r in fake.requests if r.method == "PUT" and "status" not in r.path]
+    assert len(renewals) >= 2
+    auth = base64.b64encode(b"u:p+1").decode()
+    assert {r.headers.get("Authorization") for r in fake.requests} == {f"Basic {auth}"}
+    assert {r.headers.get("Connection", "keep-alive").lower() for r in fake.requests} == {
+        "keep-alive"
+    }
+
+    await registry.mark_down()
+    assert (await registry.verify())[with_auth.replace("p%2B1", "***")] == "DOWN"
+    await registry.finalize()
+    await asyncio.wait_for(task, 2)
+    assert f"{POD_IP}:py-app:9000" not in fake.instances
+    await asyncio.sleep(0.25)  # no renewal after the cancel would register it again
+    assert f"{POD_IP}:py-app:9000" not in fake.instances
+    await registry.close()
