@@ -61,6 +61,10 @@ class Step:
 
 PhaseListener = Callable[[Phase, "Lifecycle"], None]
 
+# Hooks are retried and several may be configured, so a few joins are normal; a flood of calls
+# must not grow every answer (which carries the list) without bound.
+MAX_JOINED_SHOWN = 100
+
 
 class Lifecycle:
     """The state of one agent process's termination; one instance per process."""
@@ -83,7 +87,9 @@ class Lifecycle:
         self.triggered_wall: float | None = None
         """Wall-clock time of the first trigger, for humans."""
         self.joined: list[tuple[Trigger, float]] = []
-        """Later triggers that joined the running sequence, with their offset in seconds."""
+        """Later triggers that joined the running sequence, with their offset in seconds (the
+        first ``MAX_JOINED_SHOWN``; ``joined_total`` counts them all)."""
+        self.joined_total = 0
         self.steps: list[Step] = []
         self.failure: str | None = None
         """Why the termination is reported as failed (the hook then answers 500)."""
@@ -110,7 +116,9 @@ class Lifecycle:
         """Start the shutdown, or join the one already under way. True when this call started it."""
         if self.trigger is not None:
             if self.phase is Phase.DRAINING:  # after the drain there is nothing left to join
-                self.joined.append((trigger, self.elapsed()))
+                self.joined_total += 1
+                if len(self.joined) < MAX_JOINED_SHOWN:
+                    self.joined.append((trigger, self.elapsed()))
             return False
         self.trigger = trigger
         self.triggered_at = self._clock()
@@ -173,6 +181,7 @@ class Lifecycle:
                 {"trigger": str(trigger), "after_seconds": round(offset, 4)}
                 for trigger, offset in self.joined
             ],
+            "joined_total": self.joined_total,
             "steps": [step.as_dict() for step in self.steps],
             "drain_ended_by": None if drain is None else drain.outcome,
             "duration_seconds": None if self.finished_at is None else round(self.finished_at, 4),

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.lifecycle import Lifecycle, Phase, Trigger
+from agent.lifecycle import MAX_JOINED_SHOWN, Lifecycle, Phase, Trigger
 
 
 class FakeClock:
@@ -48,6 +48,15 @@ def test_first_trigger_wins_and_later_ones_join(lifecycle: Lifecycle, clock: Fak
     assert lifecycle.phase is Phase.DRAINING
     assert lifecycle.joined == [(Trigger.PRESTOP, 0.25), (Trigger.SIGTERM, 0.5)]
     assert lifecycle.report()["triggered_at"] == "2025-11-24T16:00:00.000Z"
+
+
+def test_joins_shown_are_capped_but_all_counted(lifecycle: Lifecycle) -> None:
+    lifecycle.start(Trigger.SIGTERM)
+    for _ in range(MAX_JOINED_SHOWN + 50):
+        lifecycle.start(Trigger.PRESTOP)
+    report = lifecycle.report()
+    assert len(report["joined"]) == MAX_JOINED_SHOWN
+    assert report["joined_total"] == MAX_JOINED_SHOWN + 50
 
 
 def test_steps_are_timed_from_the_trigger(lifecycle: Lifecycle, clock: FakeClock) -> None:

@@ -21,7 +21,9 @@ from tests.support import AgentProcess, free_port, skip_or_fail
 
 @pytest.fixture
 def agent(tmp_path: Path) -> Iterator[AgentProcess]:
-    process = AgentProcess({"PRESTOP_DRAIN_MODE": "fixed", "PRESTOP_DRAIN_SECONDS": "0.5"}, tmp_path / "agent.log")
+    process = AgentProcess(
+        {"PRESTOP_DRAIN_MODE": "fixed", "PRESTOP_DRAIN_SECONDS": "0.5"}, tmp_path / "agent.log"
+    )
     process.start()
     process.wait_ready()
     yield process

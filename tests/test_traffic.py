@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import re
 import socket
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -282,6 +283,13 @@ async def test_steady_keepalive_traffic_ends_the_drain_after_last_request_plus_q
     drain = body["steps"][-1]
     assert drain["source"] == "netlink"
     assert drain["last_data_seconds"] == pytest.approx(last_request - sent, abs=0.1)
+    async with aiohttp.ClientSession() as session, session.get(f"{agent.url}/metrics") as page:
+        metrics = await page.text()
+    assert 'prestop_drains_total{reason="quiet"} 1.0' in metrics
+    assert "prestop_drain_last_data_after_trigger_seconds_count 1.0" in metrics
+    assert "prestop_watched_connections 4.0" in metrics  # the 4 clients, idle, still connected
+    since = re.search(r"^prestop_drain_seconds_since_last_data (\S+)$", metrics, re.MULTILINE)
+    assert since is not None and QUIET <= float(since.group(1)) <= QUIET + 2 * POLL
 
 
 async def test_idle_keepalive_connections_do_not_hold_the_drain(
