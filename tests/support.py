@@ -10,6 +10,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,16 @@ def skip_or_fail(reason: str) -> None:
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(f"required for CI: {reason}")
     pytest.skip(reason)
+
+
+def wait_for(what: str, check: Callable[[], bool], timeout: float, interval: float = 0.05) -> float:
+    """Poll ``check`` until it holds (fail the test after ``timeout``); return how long it took."""
+    started = time.monotonic()
+    while not check():
+        if time.monotonic() - started > timeout:
+            pytest.fail(f"not within {timeout} s: {what}")
+        time.sleep(interval)
+    return time.monotonic() - started
 
 
 def free_port(host: str = "127.0.0.1") -> int:

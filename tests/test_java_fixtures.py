@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
 
 import pytest
 
@@ -19,18 +18,9 @@ from tests.javaapps import (
     http_get,
     http_request,
 )
+from tests.support import wait_for
 
 pytestmark = [pytest.mark.java, pytest.mark.usefixtures("jvm_logs_on_failure")]
-
-
-def wait_for(what: str, check: Callable[[], bool], timeout: float, interval: float = 0.1) -> float:
-    """Poll ``check`` until it holds; returns the seconds it took."""
-    started = time.monotonic()
-    while not check():
-        if time.monotonic() - started > timeout:
-            pytest.fail(f"not within {timeout} s: {what}")
-        time.sleep(interval)
-    return time.monotonic() - started
 
 
 def listed_by_itself(app: DemoApp) -> bool:

@@ -31,20 +31,11 @@ from tests.javaapps import (
     eureka_status,
     http_get,
 )
-from tests.support import AgentProcess, free_port
+from tests.support import AgentProcess, free_port, wait_for
 
 java = [pytest.mark.java, pytest.mark.usefixtures("need_java", "jvm_logs_on_failure")]
 # The demo app renews its lease every second (tests/fixtures/demo-app).
 RENEWAL_SECONDS = 1.0
-
-
-def wait_for(what: str, check: Callable[[], bool], timeout: float, interval: float = 0.05) -> float:
-    started = time.monotonic()
-    while not check():
-        if time.monotonic() - started > timeout:
-            pytest.fail(f"not within {timeout} s: {what}")
-        time.sleep(interval)
-    return time.monotonic() - started
 
 
 def prestop(agent: AgentProcess, timeout: float = 30.0) -> tuple[int, dict[str, Any]]:

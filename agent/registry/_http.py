@@ -39,6 +39,11 @@ REPLICATION_HEADER = "x-netflix-discovery-replication"
 FIRST_BACKOFF = 0.05
 MAX_BACKOFF = 1.0
 MIN_REQUEST_TIMEOUT = 0.05
+# Shares of PRESTOP_REGISTRY_TIMEOUT_SECONDS, counted from the start of the step: the status
+# change (retries included) may use MARK_SHARE, reading it back runs until VERIFY_SHARE. Ending
+# before the whole timeout means our own error, naming each server, beats main's bare timeout.
+MARK_SHARE = 0.6
+VERIFY_SHARE = 0.9
 
 
 class RequestFailed(Exception):

@@ -25,6 +25,8 @@ import structlog
 from agent.config import redact_url
 from agent.registry import RegistryError
 from agent.registry._http import (
+    MARK_SHARE,
+    VERIFY_SHARE,
     Http,
     RequestFailed,
     Server,
@@ -41,8 +43,6 @@ if TYPE_CHECKING:
 log = structlog.get_logger()
 
 LEGACY_SUFFIX = "instance-status"  # the Spring Boot 1.x endpoint's last path segment
-MARK_SHARE = 0.6
-VERIFY_SHARE = 0.9
 FIRST_POLL = 0.05
 
 

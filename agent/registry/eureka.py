@@ -30,6 +30,8 @@ import structlog
 
 from agent.registry import RegistryError
 from agent.registry._http import (
+    MARK_SHARE,
+    VERIFY_SHARE,
     Http,
     RequestFailed,
     Server,
@@ -55,10 +57,6 @@ if TYPE_CHECKING:
 log = structlog.get_logger()
 
 OVERRIDES = ("DOWN", "OUT_OF_SERVICE")
-# Share of PRESTOP_REGISTRY_TIMEOUT_SECONDS the PUTs may use (retries included); verify gets the
-# rest up to VERIFY_SHARE, so that our own error (naming each server) beats main's bare timeout.
-MARK_SHARE = 0.6
-VERIFY_SHARE = 0.9
 # At start-up the app usually registers after the agent is up: look for its instance after 1 s,
 # then less and less often, so that an app that never registers (a misconfiguration) does not
 # cost the Eureka servers a request per second per pod for ever.

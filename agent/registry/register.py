@@ -45,6 +45,8 @@ from py_eureka_client import http_client as eureka_http
 from agent.config import redact_url
 from agent.registry import RegistryError
 from agent.registry._http import (
+    MARK_SHARE,
+    VERIFY_SHARE,
     Http,
     RequestFailed,
     Server,
@@ -60,9 +62,6 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger()
 
-MARK_SHARE = 0.6
-VERIFY_SHARE = 0.9
-FINALIZE_SHARE = 0.9
 HEALTH_TIMEOUT_SECONDS = 2.0
 # How Eureka's own Java clients describe a data centre that is neither AWS nor Netflix.
 DATA_CENTER_NAME = "MyOwn"
@@ -399,7 +398,7 @@ class RegisterRegistry:
             self._finalized = True
             self._stop.set()
         loop = asyncio.get_running_loop()
-        until = loop.time() + self._config.registry_timeout_seconds * FINALIZE_SHARE
+        until = loop.time() + self._config.registry_timeout_seconds * VERIFY_SHARE
 
         async def cancel(server: Server) -> str:
             async def attempt() -> None:
