@@ -111,9 +111,11 @@ async def _check_registry(config: Config) -> int:
     import aiohttp
 
     from agent.registry import RegistryError, open_registry
+    from agent.server import AppHealth
 
     async with aiohttp.ClientSession() as session:
-        registry = open_registry(config, session)
+        url = config.app_health_url
+        registry = open_registry(config, session, AppHealth(url, session) if url else None)
         try:
             async with asyncio.timeout(config.registry_timeout_seconds):
                 described = await registry.describe()

@@ -91,13 +91,13 @@ class Agent:
             async with contextlib.AsyncExitStack() as resources:
                 # Opened first, closed last: the registry and the health check share it.
                 session = await resources.enter_async_context(aiohttp.ClientSession())
-                registry = self._registry or open_registry(self.config, session)
-                resources.push_async_callback(registry.close)
                 health = (
                     AppHealth(self.config.app_health_url, session)
                     if self.config.app_health_url
                     else None
                 )
+                registry = self._registry or open_registry(self.config, session, health)
+                resources.push_async_callback(registry.close)
                 runner = web.AppRunner(
                     make_app(
                         self.config,

@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     import aiohttp
 
     from agent.config import Config
+    from agent.server import AppHealth
 
 
 class RegistryError(Exception):
@@ -74,8 +75,11 @@ class NoRegistry:
         return {"registry": "none"}
 
 
-def open_registry(config: Config, session: aiohttp.ClientSession) -> Registry:
-    """The backend ``config.registry`` names, sharing the agent's HTTP session."""
+def open_registry(
+    config: Config, session: aiohttp.ClientSession, health: AppHealth | None = None
+) -> Registry:
+    """The backend ``config.registry`` names, sharing the agent's HTTP session and (register
+    mode, which reports the app's health to Eureka) its app health check."""
     if config.registry == "none":
         return NoRegistry()
     if config.registry == "eureka":
@@ -88,4 +92,4 @@ def open_registry(config: Config, session: aiohttp.ClientSession) -> Registry:
         return ActuatorRegistry(config, session)
     from agent.registry.register import RegisterRegistry
 
-    return RegisterRegistry(config, session)
+    return RegisterRegistry(config, session, health)

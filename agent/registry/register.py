@@ -59,10 +59,10 @@ from agent.registry._http import (
 
 if TYPE_CHECKING:
     from agent.config import Config
+    from agent.server import AppHealth
 
 log = structlog.get_logger()
 
-HEALTH_TIMEOUT_SECONDS = 2.0
 # How Eureka's own Java clients describe a data centre that is neither AWS nor Netflix.
 DATA_CENTER_NAME = "MyOwn"
 DATA_CENTER_CLASS = "com.netflix.appinfo.InstanceInfo$DefaultDataCenterInfo"
@@ -160,9 +160,12 @@ class RegisterRegistry:
 
     name = "register"
 
-    def __init__(self, config: Config, session: aiohttp.ClientSession) -> None:
+    def __init__(
+        self, config: Config, session: aiohttp.ClientSession, health: AppHealth | None = None
+    ) -> None:
         self._config = config
-        self._session = session
+        self._app_health = health
+        """The agent's check of PRESTOP_APP_HEALTH_URL (the one /ready uses); None: always UP."""
         http = Http(
             session, timeout=request_timeout(config), ssl=ssl_context(config.eureka_ca_file)
         )
@@ -312,17 +315,10 @@ class RegisterRegistry:
         )
 
     async def _health(self) -> str:
-        url = self._config.app_health_url
-        if not url:
+        if self._app_health is None:
             return "UP"
-        timeout = min(HEALTH_TIMEOUT_SECONDS, self._config.eureka_renewal_seconds)
-        try:
-            async with self._session.get(
-                url, timeout=aiohttp.ClientTimeout(total=timeout), allow_redirects=False
-            ) as response:
-                return "UP" if 200 <= response.status < 300 else "DOWN"
-        except (aiohttp.ClientError, OSError, TimeoutError):
-            return "DOWN"
+        healthy, _ = await self._app_health.check()
+        return "UP" if healthy else "DOWN"
 
     # --- the shutdown -------------------------------------------------------------------------
 
