@@ -28,6 +28,7 @@ from agent.registry import RegistryError, open_registry
 from agent.registry._http import REPLICATION_HEADER, Server
 from agent.registry.eureka import EurekaRegistry
 from agent.registry.register import RegisterRegistry
+from tests.support import skip_or_fail
 
 APP = "DEMO-APP"
 POD_IP = "10.1.2.3"
@@ -353,7 +354,7 @@ def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
             timeout=60,
         )
     except (OSError, subprocess.CalledProcessError) as err:
-        pytest.skip(f"openssl cannot make a certificate: {err}")
+        skip_or_fail(f"openssl cannot make a certificate: {err}")
     return cert, key
 
 
