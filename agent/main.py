@@ -46,7 +46,6 @@ class Agent:
         *,
         metrics: Metrics | None = None,
         lifecycle: Lifecycle | None = None,
-        registry: Registry | None = None,
     ) -> None:
         self.config = config
         self.metrics = metrics if metrics is not None else Metrics()
@@ -56,7 +55,6 @@ class Agent:
         """Set by the first SIGTERM/SIGINT: exit as soon as the drain is over."""
         self.started = asyncio.Event()
         """Set once the listener accepts connections (tests and the benchmark wait on it)."""
-        self._registry = registry
         self._drain_source: str | None = None
         """How the traffic drain sees the app's sockets (``netlink`` or ``proc``), for /status."""
         self.metrics.track(self.lifecycle)
@@ -96,7 +94,7 @@ class Agent:
                     if self.config.app_health_url
                     else None
                 )
-                registry = self._registry or open_registry(self.config, session, health)
+                registry = open_registry(self.config, session, health)
                 resources.push_async_callback(registry.close)
                 runner = web.AppRunner(
                     make_app(
