@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import math
+import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -474,6 +475,15 @@ def _check_together(config: Config) -> None:
             raise ConfigError(
                 f"PRESTOP_EUREKA_APP is required when PRESTOP_REGISTRY={config.registry}"
             )
+    if config.eureka_ca_file is not None:
+        try:
+            ssl.create_default_context(cafile=config.eureka_ca_file)
+        except OSError as exc:  # ssl.SSLError is one too
+            reason = exc.strerror or str(exc)
+            raise ConfigError(
+                f"PRESTOP_EUREKA_CA_FILE={config.eureka_ca_file!r}: must be a readable PEM file"
+                f" of CA certificates ({reason})"
+            ) from None
     if config.registry == "register" and not config.pod_ip:
         raise ConfigError("POD_IP is required when PRESTOP_REGISTRY=register")
     if config.registry == "eureka" and not config.eureka_instance_id and not config.pod_ip:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -159,6 +160,19 @@ def test_settings_that_only_fail_together(
     assert cli.main([], environ) == cli.EXIT_CONFIG
     err = capsys.readouterr().err
     assert variable in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("content", [None, "not a certificate"], ids=["missing", "not-pem"])
+def test_an_unusable_ca_file_is_a_config_error(
+    content: str | None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "ca.pem"
+    if content is not None:
+        path.write_text(content)
+    assert cli.main([], {"PRESTOP_EUREKA_CA_FILE": str(path)}) == cli.EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert f"PRESTOP_EUREKA_CA_FILE='{path}': must be a readable PEM file" in err
+    assert err.count("\n") == 1
 
 
 def test_a_drain_that_cannot_fit_the_grace_budget_shows_the_arithmetic() -> None:
