@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import pytest_asyncio
 import structlog
+
+from tests.support import AgentProcess
 
 pytest_plugins = ["pytester", "tests.javaapps"]
 
@@ -45,3 +48,19 @@ def isolated_logging() -> Iterator[None]:
     structlog.reset_defaults()
     root.handlers[:] = handlers
     root.setLevel(level)
+
+
+@pytest.fixture
+def new_agent(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
+    """Factory of real agent processes (``.start()`` or ``.run()`` them), each logging to its own
+    file under tmp_path; every one still running is killed at teardown."""
+    made: list[AgentProcess] = []
+
+    def make(env: dict[str, str], *, port: int | None = None) -> AgentProcess:
+        agent = AgentProcess(env, tmp_path / f"agent-{len(made)}.log", port=port)
+        made.append(agent)
+        return agent
+
+    yield make
+    for agent in made:
+        agent.stop()

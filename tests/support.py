@@ -85,6 +85,12 @@ class AgentProcess:
             time.sleep(0.005)
         raise AssertionError(f"agent not ready within {timeout}s:\n{self.log_text()}")
 
+    def run(self) -> AgentProcess:
+        """Start it and wait until /ready answers 200."""
+        self.start()
+        self.wait_ready()
+        return self
+
     def signal(self, signum: int) -> None:
         assert self.proc is not None
         self.proc.send_signal(signum)

@@ -11,29 +11,12 @@ import asyncio
 import signal
 import socket
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import aiohttp
-import pytest
 
 from tests.support import AgentProcess
 
 DRAIN = 2.0
-
-
-@pytest.fixture
-def agent_factory(tmp_path: Path) -> Iterator[type[AgentProcess]]:
-    started: list[AgentProcess] = []
-
-    class Started(AgentProcess):
-        def __init__(self, env: dict[str, str], **kwargs: int) -> None:
-            super().__init__(env, tmp_path / f"agent-{len(started)}.log", **kwargs)
-            started.append(self)
-
-    yield Started
-    for agent in started:
-        agent.stop()
 
 
 async def _wait_exit(agent: AgentProcess, limit: float) -> tuple[int, float]:
@@ -64,8 +47,8 @@ async def _hook(session: aiohttp.ClientSession, url: str, delay: float) -> tuple
         return response.status, time.monotonic(), body
 
 
-async def test_classic_sidecar_sigterm_and_50_concurrent_hooks(agent_factory) -> None:
-    agent = agent_factory({"PRESTOP_DRAIN_MODE": "fixed", "PRESTOP_DRAIN_SECONDS": str(DRAIN)})
+async def test_classic_sidecar_sigterm_and_50_concurrent_hooks(new_agent) -> None:
+    agent = new_agent({"PRESTOP_DRAIN_MODE": "fixed", "PRESTOP_DRAIN_SECONDS": str(DRAIN)})
     agent.start()
     await asyncio.to_thread(agent.wait_ready)
     connector = aiohttp.TCPConnector(limit=0, force_close=True)
@@ -98,8 +81,8 @@ async def test_classic_sidecar_sigterm_and_50_concurrent_hooks(agent_factory) ->
     assert "Traceback" not in agent.log_text()
 
 
-async def test_native_sidecar_hook_first_then_sigterm_later(agent_factory) -> None:
-    agent = agent_factory({"PRESTOP_DRAIN_MODE": "fixed", "PRESTOP_DRAIN_SECONDS": str(DRAIN)})
+async def test_native_sidecar_hook_first_then_sigterm_later(new_agent) -> None:
+    agent = new_agent({"PRESTOP_DRAIN_MODE": "fixed", "PRESTOP_DRAIN_SECONDS": str(DRAIN)})
     agent.start()
     await asyncio.to_thread(agent.wait_ready)
     async with aiohttp.ClientSession() as session:
@@ -133,8 +116,8 @@ async def test_native_sidecar_hook_first_then_sigterm_later(agent_factory) -> No
     assert exited - sigterm <= 1.0
 
 
-async def test_a_second_sigterm_does_not_cut_the_drain_short(agent_factory) -> None:
-    agent = agent_factory({"PRESTOP_DRAIN_MODE": "fixed", "PRESTOP_DRAIN_SECONDS": "1.5"})
+async def test_a_second_sigterm_does_not_cut_the_drain_short(new_agent) -> None:
+    agent = new_agent({"PRESTOP_DRAIN_MODE": "fixed", "PRESTOP_DRAIN_SECONDS": "1.5"})
     agent.start()
     await asyncio.to_thread(agent.wait_ready)
     trigger = time.monotonic()
@@ -147,8 +130,8 @@ async def test_a_second_sigterm_does_not_cut_the_drain_short(agent_factory) -> N
     assert any(e["event"] == "signal_joined" for e in agent.log_events())
 
 
-async def test_a_second_sigint_forces_an_immediate_exit(agent_factory) -> None:
-    agent = agent_factory({"PRESTOP_DRAIN_MODE": "fixed", "PRESTOP_DRAIN_SECONDS": "20"})
+async def test_a_second_sigint_forces_an_immediate_exit(new_agent) -> None:
+    agent = new_agent({"PRESTOP_DRAIN_MODE": "fixed", "PRESTOP_DRAIN_SECONDS": "20"})
     agent.start()
     await asyncio.to_thread(agent.wait_ready)
     agent.signal(signal.SIGINT)
@@ -162,9 +145,9 @@ async def test_a_second_sigint_forces_an_immediate_exit(agent_factory) -> None:
 
 
 async def test_a_malformed_request_gets_400_and_one_warning_not_a_traceback(
-    agent_factory,
+    new_agent,
 ) -> None:
-    agent = agent_factory({"PRESTOP_DRAIN_MODE": "fixed", "PRESTOP_DRAIN_SECONDS": "0.1"})
+    agent = new_agent({"PRESTOP_DRAIN_MODE": "fixed", "PRESTOP_DRAIN_SECONDS": "0.1"})
     agent.start()
     await asyncio.to_thread(agent.wait_ready)
     reader, writer = await asyncio.open_connection("127.0.0.1", agent.port)
@@ -187,11 +170,11 @@ async def test_a_malformed_request_gets_400_and_one_warning_not_a_traceback(
     assert "exception" not in bad[0]
 
 
-async def test_a_taken_port_is_one_line_and_exit_1(agent_factory) -> None:
+async def test_a_taken_port_is_one_line_and_exit_1(new_agent) -> None:
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
         holder.listen()
-        agent = agent_factory({"PRESTOP_DRAIN_MODE": "fixed"}, port=holder.getsockname()[1])
+        agent = new_agent({"PRESTOP_DRAIN_MODE": "fixed"}, port=holder.getsockname()[1])
         agent.start()
         status, _ = await _wait_exit(agent, limit=10)
     assert status == 1

@@ -10,7 +10,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,14 +20,8 @@ from tests.support import AgentProcess, free_port, skip_or_fail
 
 
 @pytest.fixture
-def agent(tmp_path: Path) -> Iterator[AgentProcess]:
-    process = AgentProcess(
-        {"PRESTOP_DRAIN_MODE": "fixed", "PRESTOP_DRAIN_SECONDS": "0.5"}, tmp_path / "agent.log"
-    )
-    process.start()
-    process.wait_ready()
-    yield process
-    process.stop()
+def agent(new_agent: Callable[..., AgentProcess]) -> AgentProcess:
+    return new_agent({"PRESTOP_DRAIN_MODE": "fixed", "PRESTOP_DRAIN_SECONDS": "0.5"}).run()
 
 
 def _need(tool: str) -> str:

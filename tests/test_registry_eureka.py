@@ -15,8 +15,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -52,28 +51,19 @@ def events(agent: AgentProcess, name: str) -> list[dict[str, Any]]:
 
 
 @pytest.fixture
-def start_agent(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
-    agents: list[AgentProcess] = []
-
+def start_agent(new_agent: Callable[..., AgentProcess]) -> Callable[..., AgentProcess]:
     def start(env: dict[str, str]) -> AgentProcess:
-        agent = AgentProcess(
+        return new_agent(
             {
                 "PRESTOP_DRAIN_MODE": "fixed",
                 "PRESTOP_DRAIN_SECONDS": "0.5",
                 "PRESTOP_REGISTRY_TIMEOUT_SECONDS": "3",
                 "PRESTOP_LOG_LEVEL": "debug",
                 **env,
-            },
-            tmp_path / f"agent-{len(agents)}.log",
-        )
-        agents.append(agent)
-        agent.start()
-        agent.wait_ready()
-        return agent
+            }
+        ).run()
 
-    yield start
-    for agent in agents:
-        agent.stop()
+    return start
 
 
 def eureka_env(app: DemoApp, urls: list[str], **extra: str) -> dict[str, str]:

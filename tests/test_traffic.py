@@ -8,8 +8,7 @@ import ipaddress
 import re
 import socket
 import time
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
@@ -197,11 +196,9 @@ async def app() -> AsyncIterator[App]:
 
 
 @pytest.fixture
-def traffic_agent(tmp_path: Path) -> Iterator[Any]:
-    started: list[AgentProcess] = []
-
+def traffic_agent(new_agent: Callable[..., AgentProcess]) -> Callable[..., AgentProcess]:
     def start(app: App, **env: str) -> AgentProcess:
-        agent = AgentProcess(
+        return new_agent(
             {
                 "PRESTOP_DRAIN_MODE": "traffic",
                 "PRESTOP_APP_PORTS": str(app.port),
@@ -210,17 +207,10 @@ def traffic_agent(tmp_path: Path) -> Iterator[Any]:
                 "PRESTOP_DRAIN_POLL_SECONDS": str(POLL),
                 "PRESTOP_DRAIN_MAX_SECONDS": "8",
                 **env,
-            },
-            tmp_path / f"agent-{len(started)}.log",
-        )
-        started.append(agent)
-        agent.start()
-        agent.wait_ready()
-        return agent
+            }
+        ).run()
 
-    yield start
-    for agent in started:
-        agent.stop()
+    return start
 
 
 async def _prestop(agent: AgentProcess) -> tuple[float, float, dict[str, Any]]:
