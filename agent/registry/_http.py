@@ -25,6 +25,7 @@ import structlog
 import yarl
 
 from agent.config import Config, redact_url
+from agent.registry import RegistryError
 
 log = structlog.get_logger()
 
@@ -167,6 +168,17 @@ def _reason(exc: BaseException) -> str:
     URL has no userinfo), so they are safe to show."""
     text = str(exc) or type(exc).__name__
     return f"{type(exc).__name__}: {text}"
+
+
+def require_one_marked(
+    said: Mapping[str, Mapping[str, Any]], app: str, instance_id: str, status: str
+) -> None:
+    """The mark-down step succeeds when at least one server took the status; else the error
+    names what every server said."""
+    if any(answer["result"] == "ok" for answer in said.values()):
+        return
+    reasons = "; ".join(f"{url}: {answer['error']}" for url, answer in said.items())
+    raise RegistryError(f"could not mark {app}/{instance_id} {status} on any server: {reasons}")
 
 
 def check_status(status: int, body: bytes, ok: tuple[int, ...] = (200, 204)) -> None:

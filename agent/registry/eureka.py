@@ -43,6 +43,7 @@ from agent.registry._http import (
     port_of,
     read_back,
     request_timeout,
+    require_one_marked,
     retrying,
     segment,
     ssl_context,
@@ -184,11 +185,7 @@ class EurekaRegistry:
         self._reachable = tuple(
             s for s, r in zip(self._servers, results, strict=True) if "http_status" in r
         )
-        if not any(r["result"] == "ok" for r in results):
-            reasons = "; ".join(f"{url}: {r['error']}" for url, r in said.items())
-            raise RegistryError(
-                f"could not mark {self._app}/{instance_id} {self._status} on any server: {reasons}"
-            )
+        require_one_marked(said, self._app, instance_id, self._status)
         log.info(
             "eureka_marked",
             app=self._app,

@@ -52,6 +52,7 @@ from agent.registry._http import (
     Server,
     read_back,
     request_timeout,
+    require_one_marked,
     retrying,
     segment,
     ssl_context,
@@ -361,11 +362,7 @@ class RegisterRegistry:
 
         results = await asyncio.gather(*(put(s) for s in self._servers))
         said = {s.shown: r for s, r in zip(self._servers, results, strict=True)}
-        if not any(r["result"] == "ok" for r in results):
-            reasons = "; ".join(f"{url}: {r['error']}" for url, r in said.items())
-            raise RegistryError(
-                f"could not mark {self._app}/{self.instance_id} {target} on any server: {reasons}"
-            )
+        require_one_marked(said, self._app, self.instance_id, target)
         log.info(
             "eureka_marked",
             app=self._app,
