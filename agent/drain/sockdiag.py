@@ -686,3 +686,30 @@ def open_watcher(ports: Iterable[int], *, force_proc: bool = False) -> SocketWat
             else:
                 return watcher
     return ProcWatcher(port_set)
+
+
+TCP_LISTEN = TCP_STATE_NAMES.index("LISTEN")
+
+
+def listening(ports: Iterable[int], proc_root: str = "/proc") -> bool:
+    """Does anything in our network namespace listen on one of ``ports``?
+
+    Read from /proc/net/tcp and tcp6 (a listener appears there whatever process holds it): after
+    the drain the agent waits for the app to exit, and the app's listener is the sign of its life
+    that the shared network namespace shows.
+    """
+    port_hex = {b"%04X" % port for port in _normalise_ports(ports)}
+    state_hex = b"%02X" % TCP_LISTEN
+    for name, width in PROC_NET_FILES:
+        try:
+            with open(os.path.join(proc_root, name), "rb") as file:
+                lines = file.read().splitlines()[1:]
+        except FileNotFoundError:
+            if width == 16:
+                continue  # IPv6 disabled
+            raise
+        for line in lines:
+            fields = line.split(None, 4)
+            if len(fields) > 3 and fields[3] == state_hex and fields[1][-4:] in port_hex:
+                return True
+    return False
