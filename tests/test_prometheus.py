@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import socket
 import subprocess
 import time
 import urllib.error
@@ -71,48 +72,104 @@ def _query(base: str, expr: str) -> list[dict[str, Any]]:
     return body["data"]["result"]
 
 
-def test_a_real_prometheus_scrapes_the_phase_change(agent: AgentProcess, tmp_path: Path) -> None:
-    prometheus = _need("prometheus")
-    port = free_port()
-    config = tmp_path / "prometheus.yml"
-    config.write_text(
-        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
-        "scrape_configs:\n"
-        "- job_name: prestop-agent\n"
-        f"  static_configs: [{{targets: ['127.0.0.1:{agent.port}']}}]\n"
-    )
-    server = subprocess.Popen(
-        [
-            prometheus,
-            f"--config.file={config}",
-            f"--storage.tsdb.path={tmp_path / 'data'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-        ],
-        stdout=(tmp_path / "prometheus.log").open("wb"),
-        stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}"
+class Prometheus:
+    """A real Prometheus server scraping one agent every second, with its TSDB under tmp_path."""
 
-    def value_of(expr: str, want: float, within: float) -> None:
+    def __init__(self, target_port: int, tmp_path: Path) -> None:
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self._log = tmp_path / "prometheus.log"
+        config = tmp_path / "prometheus.yml"
+        config.write_text(
+            "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+            "scrape_configs:\n"
+            "- job_name: prestop-agent\n"
+            f"  static_configs: [{{targets: ['127.0.0.1:{target_port}']}}]\n"
+        )
+        self._server = subprocess.Popen(
+            [
+                _need("prometheus"),
+                f"--config.file={config}",
+                f"--storage.tsdb.path={tmp_path / 'data'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+            ],
+            stdout=self._log.open("wb"),
+            stderr=subprocess.STDOUT,
+        )
+
+    def query(self, expr: str) -> list[dict[str, Any]]:
+        return _query(self.base, expr)
+
+    def value_of(self, expr: str, want: float, within: float) -> None:
         deadline = time.monotonic() + within
         while time.monotonic() < deadline:
             try:
-                result = _query(base, expr)
+                result = self.query(expr)
             except OSError:
                 result = []
             if result and float(result[0]["value"][1]) == want:
                 return
             time.sleep(0.25)
-        log = (tmp_path / "prometheus.log").read_text()[-2000:]
+        log = self._log.read_text()[-2000:]
         raise AssertionError(f"{expr} never became {want} within {within}s\n{log}")
 
+    def stop(self) -> None:
+        self._server.send_signal(signal.SIGTERM)
+        self._server.wait(timeout=20)
+
+
+def test_a_real_prometheus_scrapes_the_phase_change(agent: AgentProcess, tmp_path: Path) -> None:
+    prometheus = Prometheus(agent.port, tmp_path)
     try:
-        value_of('prestop_phase{phase="serving"}', 1, within=30)
-        value_of('up{job="prestop-agent"}', 1, within=5)
+        prometheus.value_of('prestop_phase{phase="serving"}', 1, within=30)
+        prometheus.value_of('up{job="prestop-agent"}', 1, within=5)
         assert _get(f"{agent.url}/prestop")[0] == 200
-        value_of('prestop_phase{phase="drained"}', 1, within=10)
-        value_of('sum(prestop_hook_calls_total{result="ok"})', 1, within=5)
-        assert _query(base, "prestop_info")[0]["metric"]["drain_mode"] == "fixed"
+        prometheus.value_of('prestop_phase{phase="drained"}', 1, within=10)
+        prometheus.value_of('sum(prestop_hook_calls_total{result="ok"})', 1, within=5)
+        assert prometheus.query("prestop_info")[0]["metric"]["drain_mode"] == "fixed"
     finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(timeout=20)
+        prometheus.stop()
+
+
+def test_a_classic_termination_outcome_reaches_the_tsdb(
+    new_agent: Callable[..., AgentProcess], tmp_path: Path
+) -> None:
+    """Classic sidecar: SIGTERM at the trigger, the app still listening after the drain. The
+    agent must stay until Prometheus has scraped the drain's figures, then go by itself."""
+    with socket.socket() as app:
+        app.bind(("127.0.0.1", 0))
+        app.listen()
+        agent = new_agent(
+            {
+                "PRESTOP_DRAIN_MODE": "fixed",
+                "PRESTOP_DRAIN_SECONDS": "1.5",
+                "PRESTOP_APP_PORT": str(app.getsockname()[1]),
+            }
+        ).run()
+        prometheus = Prometheus(agent.port, tmp_path)
+        try:
+            prometheus.value_of('up{job="prestop-agent"}', 1, within=30)
+            agent.signal(signal.SIGTERM)
+            assert agent.proc is not None
+            status = agent.proc.wait(timeout=30)  # without a scrape: the 30 s grace budget
+            final = agent.log_events()[-1]
+            assert status == 0 and final["event"] == "shutdown_complete", agent.log_text()
+            assert final["steps"][-1]["outcome"] == "scraped", final
+            # The target is gone now; what its last scrape stored is in the TSDB.
+            prometheus.value_of('up{job="prestop-agent"}', 0, within=10)
+            stored = {
+                "drains": 'last_over_time(prestop_drains_total{reason="fixed"}[5m])',
+                "drain_seconds": "last_over_time(prestop_drain_duration_seconds_sum[5m])",
+                "drained": 'last_over_time(prestop_phase{phase="drained"}[5m])',
+                "sigterm": 'last_over_time(prestop_shutdown_triggers_total{trigger="sigterm"}[5m])',
+            }
+            figures = {
+                name: float(prometheus.query(q)[0]["value"][1]) for name, q in stored.items()
+            }
+        finally:
+            prometheus.stop()
+    print(f"read back from Prometheus' TSDB: {figures}")
+    assert figures["drains"] == 1 and figures["drained"] == 1 and figures["sigterm"] == 1
+    [drain] = [s for s in final["steps"] if s["name"] == "drain"]
+    assert figures["drain_seconds"] == pytest.approx(drain["duration_seconds"], abs=1e-3)
+    assert 1.5 <= figures["drain_seconds"] < 2.0
