@@ -1,20 +1,30 @@
 # Two commands matter (see README): `make run` and `make test`. Both work on a fresh machine.
 VENV   := .venv
 PYTHON := $(VENV)/bin/python
-STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+CKSUM  := $(shell cksum pyproject.toml | cut -d' ' -f1)
+# What is installed in the venv, redone when pyproject.toml changes: the package alone (enough to
+# run it), or the package and its test tools.
+RUN_STAMP  := $(VENV)/.installed-run-$(CKSUM)
+TEST_STAMP := $(VENV)/.installed-test-$(CKSUM)
 
-.PHONY: run test system-deps lint bench
+.PHONY: run test system-deps lint bench reference
 
-# The package and its test tools, in a venv of their own; redone when pyproject.toml changes.
-$(STAMP): pyproject.toml
+$(PYTHON):
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -e '.[test]'
-	rm -f $(VENV)/.installed-*
+
+$(RUN_STAMP): pyproject.toml | $(PYTHON)
+	$(VENV)/bin/pip install --quiet -e .
+	rm -f $(VENV)/.installed-run-*
 	touch $@
 
+$(TEST_STAMP): pyproject.toml | $(PYTHON)
+	$(VENV)/bin/pip install --quiet -e '.[test]'
+	rm -f $(VENV)/.installed-*
+	touch $@ $(RUN_STAMP)
+
 ## Run the agent with its embedded defaults: :8099, traffic drain watching port 8080, no registry.
-run: $(STAMP)
+run: $(RUN_STAMP)
 	$(VENV)/bin/prestop-agent
 
 ## What the suite needs from Debian: promtool/prometheus (metrics checked by the real thing),
@@ -26,15 +36,19 @@ system-deps:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus iproute2 >/dev/null; \
 	else echo "not root: prometheus/iproute2 not installed; tests that need them skip (fail under CI=true)"; fi
 
-lint: $(STAMP)
+lint: $(TEST_STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
 ## Every test: lint, unit, process, traffic, Prometheus, and the real Eureka/Spring Boot ones.
-test: $(STAMP) system-deps lint
+test: $(TEST_STAMP) system-deps lint
 	$(PYTHON) -m pytest
 
-bench: $(STAMP)
+bench: $(TEST_STAMP)
 	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }
 	$(PYTHON) bench/bench_agent.py
 	$(PYTHON) bench/bench_sockdiag.py
+
+## Regenerate docs/reference.md from the code (Config's field docstrings, agent/metrics.py).
+reference: $(RUN_STAMP)
+	$(PYTHON) -m agent.reference

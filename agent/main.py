@@ -221,9 +221,10 @@ class Agent:
 
     async def _wait_for_final_scrape(self) -> None:
         """Stay up (not ready) until the first of: a /metrics scrape served after the drain, the
-        app's listening socket gone (the app exited: the pod is going), the grace budget spent
-        (the kubelet's SIGKILL would come next). Recorded as the ``final_scrape`` step."""
-        from agent.drain.sockdiag import listening
+        app's sockets gone (no listener, no open connection: the app exited, the pod is going),
+        the grace budget spent (the kubelet's SIGKILL would come next). Recorded as the
+        ``final_scrape`` step."""
+        from agent.drain.sockdiag import app_is_up
 
         config, lifecycle = self.config, self.lifecycle
         step = lifecycle.begin("final_scrape")
@@ -234,7 +235,7 @@ class Agent:
             if self.final_scrape.is_set():
                 outcome = "scraped"
                 break
-            if not await asyncio.to_thread(listening, ports):
+            if not await asyncio.to_thread(app_is_up, ports):
                 outcome = "app_exited"
                 break
             with contextlib.suppress(TimeoutError):
