@@ -231,13 +231,19 @@ class Agent:
         deadline = config.grace_period_seconds - config.margin_seconds
         ports = config.app_ports
         outcome = "grace"
+        watch_app = True
         while (left := deadline - lifecycle.elapsed()) > 0:
             if self.final_scrape.is_set():
                 outcome = "scraped"
                 break
-            if not await asyncio.to_thread(app_is_up, ports):
-                outcome = "app_exited"
-                break
+            try:
+                if watch_app and not await asyncio.to_thread(app_is_up, ports):
+                    outcome = "app_exited"
+                    break
+            except OSError as exc:
+                # No /proc/net/tcp here: wait for the scrape or the grace budget only.
+                log.warning("app_exit_not_observable", error=str(exc))
+                watch_app = False
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(min(APP_EXIT_POLL_SECONDS, left)):
                     await self.final_scrape.wait()
