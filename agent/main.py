@@ -122,7 +122,7 @@ class Agent:
                     from agent.drain.traffic import probe_source
 
                     self._drain_source = probe_source(
-                        self.config.app_ports, self.config.drain_source
+                        self.config.app_ports, self.config.drain_source, self.metrics
                     )
                 log.info(
                     "agent_started",

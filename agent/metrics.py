@@ -83,6 +83,13 @@ class Metrics:
             buckets=DRAIN_BUCKETS,
             registry=r,
         )
+        self.drain_watch_source = Gauge(
+            "prestop_drain_watch_source",
+            "1 for the way the traffic drain sees the app's sockets (netlink, or the proc"
+            " fallback that cannot time connections), 0 for the other.",
+            ["source"],
+            registry=r,
+        )
         self.watched_connections = Gauge(
             "prestop_watched_connections",
             "TCP connections on the app's ports at the last look (traffic drain).",
@@ -106,6 +113,11 @@ class Metrics:
     def describe(self, **settings: str) -> None:
         """Set ``prestop_info`` (version plus the settings that shape the termination)."""
         self.info.info({"version": __version__, **settings})
+
+    def watching(self, source: str) -> None:
+        """Record the socket source the traffic drain uses: ``netlink`` or ``proc``."""
+        for each in ("netlink", "proc"):
+            self.drain_watch_source.labels(source=each).set(1 if each == source else 0)
 
     def track(self, lifecycle: Lifecycle) -> None:
         """Follow the lifecycle's phase changes in ``prestop_phase``."""
