@@ -118,6 +118,7 @@ class Agent:
                     pod=self.config.pod_name,
                     namespace=self.config.pod_namespace,
                 )
+                self.metrics.registry_backend(registry.name)
                 if self.config.drain_mode == "traffic":
                     from agent.drain.traffic import probe_source
 
