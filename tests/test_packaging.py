@@ -1,5 +1,5 @@
-"""What ships: the Dockerfile (linted, its steps replayed with pip), the example manifests (their
-settings pass the agent's own validation and agree with the pod around them), the Quick start."""
+"""What ships: the Dockerfile (linted, its steps replayed with pip) and the Quick start. The
+Kubernetes material in k8s/ has its own tests: tests/test_k8s.py and tests/test_monitoring.py."""
 
 from __future__ import annotations
 
@@ -9,18 +9,13 @@ import subprocess
 import sys
 import tomllib
 from pathlib import Path
-from typing import Any
-
-import pytest
-import yaml
 
 from agent import __version__
-from agent.config import VARIABLES, load
+from agent.config import VARIABLES
 from agent.lifecycle import Phase
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
-MANIFESTS = sorted((ROOT / "k8s" / "examples").glob("*.yaml"))
 
 
 def test_the_dockerfile_passes_hadolint() -> None:
@@ -75,72 +70,6 @@ def test_the_dockerfile_steps_build_a_working_command(tmp_path: Path) -> None:
         check=True,
     )
     assert version.stdout.strip() == f"prestop-agent {__version__}"
-
-
-def _pod(manifest: Path) -> dict[str, Any]:
-    return yaml.safe_load(manifest.read_text())["spec"]["template"]["spec"]
-
-
-def _agent_and_app(pod: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    every = pod.get("initContainers", []) + pod["containers"]
-    agent = next(c for c in every if c["name"] == "prestop-agent")
-    app = next(c for c in pod["containers"] if c["name"] == "app")
-    return agent, app
-
-
-DOWNWARD_API = {
-    "status.podIP": "10.1.2.3",
-    "metadata.name": "orders-7f9c",
-    "metadata.namespace": "shop",
-}
-
-
-def _environment(agent: dict[str, Any]) -> dict[str, str]:
-    """The agent container's environment as the kubelet would fill it in."""
-    environ: dict[str, str] = {}
-    for variable in agent["env"]:
-        if "value" in variable:
-            environ[variable["name"]] = variable["value"]
-        elif "fieldRef" in variable["valueFrom"]:
-            environ[variable["name"]] = DOWNWARD_API[variable["valueFrom"]["fieldRef"]["fieldPath"]]
-        else:  # a Secret: Eureka URLs with credentials
-            environ[variable["name"]] = "http://user:secret@eureka-0:8761/eureka/"
-    return environ
-
-
-def test_there_is_a_manifest_for_each_sidecar_layout() -> None:
-    assert {m.name for m in MANIFESTS} == {"classic-sidecar.yaml", "native-sidecar.yaml"}
-
-
-@pytest.mark.parametrize("manifest", MANIFESTS, ids=lambda m: m.stem)
-def test_the_manifest_is_a_valid_agent_configuration_that_fits_its_pod(manifest: Path) -> None:
-    pod = _pod(manifest)
-    agent, app = _agent_and_app(pod)
-    environ = _environment(agent)
-    assert set(environ) <= set(VARIABLES), "every variable is one the agent reads"
-    config = load(environ)  # raises on anything invalid, the grace budget included
-    assert config.grace_period_seconds == pod["terminationGracePeriodSeconds"]
-    assert config.budget().fits
-    agent_port = agent["ports"][0]["containerPort"]
-    assert agent_port == config.port
-
-    hook = app["lifecycle"]["preStop"]["httpGet"]
-    assert (hook["port"], hook["path"]) == (agent_port, "/prestop")
-    assert "host" not in hook, "the kubelet must call the pod IP, where the agent listens"
-    headers = {h["name"]: h["value"] for h in hook.get("httpHeaders", [])}
-    assert headers.get("X-Prestop-Token") == config.token
-    probe = app["readinessProbe"]["httpGet"]
-    assert (probe["port"], probe["path"]) == (agent_port, "/ready")
-    app_ports = {p["containerPort"] for p in app["ports"]}
-    assert set(config.app_ports) <= app_ports
-
-
-def test_the_native_layout_is_an_init_container_that_keeps_running() -> None:
-    pod = _pod(ROOT / "k8s" / "examples" / "native-sidecar.yaml")
-    agent = next(c for c in pod["initContainers"] if c["name"] == "prestop-agent")
-    assert agent["restartPolicy"] == "Always"
-    classic = _pod(ROOT / "k8s" / "examples" / "classic-sidecar.yaml")
-    assert "initContainers" not in classic
 
 
 def test_the_readme_quick_start_is_two_commands_and_ci_runs_the_second() -> None:

@@ -156,6 +156,10 @@ env:
 livenessProbe:
   httpGet: {port: {{ $v.port }}, path: /live}
   periodSeconds: 10
+# /live, not /ready: the agent's own readiness must not follow the drain (the app's does).
+readinessProbe:
+  httpGet: {port: {{ $v.port }}, path: /live}
+  periodSeconds: 10
 resources:
   {{- toYaml $v.resources | nindent 2 }}
 securityContext:
