@@ -34,6 +34,7 @@ K8S = ROOT / "k8s"
 CHART = K8S / "helm" / "prestop-agent"
 KUSTOMIZE = K8S / "kustomize"
 EXAMPLES = sorted((K8S / "examples").glob("*.yaml"))
+LAYOUTS = ("native", "classic")
 KUBERNETES_VERSIONS = [f"1.{minor}.0" for minor in range(29, 35)]
 TOKEN = "replace-with-a-random-token"
 Object = dict[str, Any]
@@ -128,9 +129,9 @@ def _kustomize_example(tmp: Path, layout: str) -> Path:
 @pytest.fixture(scope="module")
 def kustomize_builds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Object]]:
     tmp = tmp_path_factory.mktemp("kustomize")
-    return {
-        layout: kustomize_build(_kustomize_example(tmp, layout)) for layout in ("native", "classic")
-    }
+    builds = {layout: kustomize_build(_kustomize_example(tmp, layout)) for layout in LAYOUTS}
+    builds["monitoring"] = kustomize_build(K8S / "monitoring")
+    return builds
 
 
 # --- the agent's view of a Deployment ------------------------------------------------------------
@@ -251,7 +252,8 @@ def test_each_chart_render_is_a_configuration_the_agent_accepts(
 def test_each_kustomize_build_is_a_configuration_the_agent_accepts(
     kustomize_builds: dict[str, list[Object]],
 ) -> None:
-    for layout, objects in kustomize_builds.items():
+    for layout in LAYOUTS:
+        objects = kustomize_builds[layout]
         environ = check_agent_deployment(objects)
         assert environ["PRESTOP_TOKEN"] == TOKEN, layout
         (deployment,) = [o for o in objects if o["kind"] == "Deployment"]
