@@ -10,7 +10,6 @@ import http.server
 import json
 import math
 import shutil
-import signal
 import socket
 import subprocess
 import threading
@@ -27,7 +26,7 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from agent.metrics import Metrics
-from tests.support import AgentProcess, free_port, skip_or_fail
+from tests.support import AgentProcess, PrometheusServer, free_port, skip_or_fail
 
 MONITORING = Path(__file__).resolve().parent.parent / "k8s" / "monitoring"
 RULES = MONITORING / "prometheusrule.yaml"
@@ -164,14 +163,6 @@ def _get(url: str, headers: dict[str, str] | None = None) -> int:
         return error.code
 
 
-def _query(base: str, expr: str) -> list[dict[str, Any]]:
-    url = f"{base}/api/v1/query?{urllib.parse.urlencode({'query': expr})}"
-    with urllib.request.urlopen(url, timeout=10) as response:
-        body = json.loads(response.read())
-    assert body["status"] == "success", body
-    return body["data"]["result"]
-
-
 def _finite(result: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [sample for sample in result if math.isfinite(float(sample["value"][1]))]
 
@@ -219,38 +210,18 @@ def test_every_dashboard_panel_returns_data_from_real_terminations(
         f"    labels: {{namespace: shop, pod: orders-{index}}}"
         for index, agent in enumerate(agents)
     )
-    config = tmp_path / "prometheus.yml"
-    config.write_text(
+    config = (
         "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
         f"rule_files: ['{rule_file}']\n"
         "scrape_configs:\n"
         "- job_name: prestop-agent\n"
         f"  static_configs:\n{targets}\n"
     )
-    port = free_port()
-    server = subprocess.Popen(
-        [
-            prometheus,
-            f"--config.file={config}",
-            f"--storage.tsdb.path={tmp_path / 'data'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-        ],
-        stdout=(tmp_path / "prometheus.log").open("wb"),
-        stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}"
-
-    def targets_up() -> bool:
-        try:
-            return len(_query(base, "up == 1")) == len(agents)
-        except OSError:
-            return False
-
     held = socket.create_connection(("127.0.0.1", held_app))
-    try:
+    with PrometheusServer(prometheus, config, tmp_path) as server, held:
         deadline = time.monotonic() + 30
-        while not targets_up():
-            assert time.monotonic() < deadline, (tmp_path / "prometheus.log").read_text()[-2000:]
+        while len(server.query("up == 1")) < len(agents):
+            assert time.monotonic() < deadline, server.log_tail()
             time.sleep(0.25)
         time.sleep(3)  # a few scrapes at start-up values: increase() needs a sample before
 
@@ -279,15 +250,18 @@ def test_every_dashboard_panel_returns_data_from_real_terminations(
         assert sorted(statuses) == [200, 200, 500]
 
         missing: list[str] = []
+        answered: list[str] = []
         for title, expr in _panel_queries():
             query = expr.replace("$namespace", ".+")
             deadline = time.monotonic() + 30
-            while not _finite(_query(base, query)):
+            while not (series := _finite(server.query(query))):
                 if time.monotonic() > deadline:
                     missing.append(f"{title}: {query}")
                     break
                 time.sleep(0.5)
+            answered.append(f"  {title}: {len(series)} series")
         assert not missing, "panels without data:\n" + "\n".join(missing)
+        print(f"dashboard: {len(answered)} panel queries, each returned data:", *answered, sep="\n")
 
         # The alerts a user acts on fire in the real Prometheus, from the real agents.
         expected = {
@@ -298,7 +272,7 @@ def test_every_dashboard_panel_returns_data_from_real_terminations(
         }
 
         def firing() -> set[str]:
-            alerts = _query(base, 'ALERTS{alertstate="firing"}')
+            alerts = server.query('ALERTS{alertstate="firing"}')
             return {sample["metric"]["alertname"] for sample in alerts}
 
         deadline = time.monotonic() + 30
@@ -307,15 +281,11 @@ def test_every_dashboard_panel_returns_data_from_real_terminations(
             time.sleep(0.5)
         by_reason = {
             sample["metric"]["reason"]: float(sample["value"][1])
-            for sample in _query(base, "sum by (reason) (prestop_drains_total)")
+            for sample in server.query("sum by (reason) (prestop_drains_total)")
         }
         assert by_reason == {"quiet": 1, "max": 1, "fixed": 1}
-        in_use = _query(base, "prestop_drain_watch_source == 1")
+        in_use = server.query("prestop_drain_watch_source == 1")
         assert {(s["metric"]["pod"], s["metric"]["source"]) for s in in_use} == {
             ("orders-0", "netlink"),
             ("orders-1", "proc"),
         }
-    finally:
-        held.close()
-        server.send_signal(signal.SIGTERM)
-        server.wait(timeout=20)
