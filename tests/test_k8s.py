@@ -350,10 +350,12 @@ def test_the_chart_ships_the_monitoring_pack_unchanged(
             "token.existingSecret: no key \"token\" in Secret default/my-token",
         ),
         ({"appContainer": "web"}, 'no container named "web"'),
-        ({"layout": "sidecar"}, 'layout must be native or classic, not "sidecar"'),
-        ({"agent": {"drain": {"mode": "timer"}}}, 'agent.drain.mode must be traffic or fixed'),
+        ({"layout": "sidecar"}, "at '/layout': value must be one of 'native', 'classic'"),
+        ({"agent": {"drain": {"mode": "timer"}}}, "at '/agent/drain/mode': value must be one of"),
+        ({"agent": {"drian": {"mode": "fixed"}}}, "at '/agent': additional properties 'drian'"),
         (
-            {"deployment": {"pod": {"terminationGracePeriodSeconds": 30, "containers": []}}},
+            {"deployment": {"pod": {"terminationGracePeriodSeconds": 30,
+                                    "containers": [{"name": "app", "image": "x"}]}}},
             "set gracePeriodSeconds, not the pod's terminationGracePeriodSeconds",
         ),
         (
@@ -363,7 +365,7 @@ def test_the_chart_ships_the_monitoring_pack_unchanged(
             'container "app" already has a preStop hook',
         ),
     ],
-    ids=["existing-secret-no-cluster", "no-app-container", "layout", "mode", "grace", "prestop"],
+    ids=["existing-secret", "no-app-container", "layout", "mode", "typo", "grace", "prestop"],
 )  # fmt: skip
 def test_a_wrong_value_fails_the_render_with_a_message_naming_it(
     values: Object, message: str

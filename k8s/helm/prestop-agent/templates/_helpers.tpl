@@ -74,7 +74,7 @@ a drain setting of the other drain mode, rather than ignore it). */}}
 - {name: PRESTOP_DRAIN_MODE, value: {{ $d.mode | quote }}}
 {{- if eq $d.mode "fixed" }}
 - {name: PRESTOP_DRAIN_SECONDS, value: {{ $d.seconds | quote }}}
-{{- else if eq $d.mode "traffic" }}
+{{- else }}{{/* traffic; values.schema.json allows no other mode */}}
 - {name: PRESTOP_DRAIN_MIN_SECONDS, value: {{ $d.minSeconds | quote }}}
 - {name: PRESTOP_DRAIN_QUIET_SECONDS, value: {{ $d.quietSeconds | quote }}}
 {{- if not (kindIs "invalid" $d.maxSeconds) }}
@@ -85,8 +85,6 @@ a drain setting of the other drain mode, rather than ignore it). */}}
 {{- with $d.ignoreCidrs }}
 - {name: PRESTOP_DRAIN_IGNORE_CIDRS, value: {{ join "," . | quote }}}
 {{- end }}
-{{- else }}
-{{- fail (printf "prestop-agent: agent.drain.mode must be traffic or fixed, not %q" $d.mode) }}
 {{- end }}
 {{- with $a.allowCidrs }}
 - {name: PRESTOP_ALLOW_CIDRS, value: {{ join "," . | quote }}}
@@ -174,9 +172,6 @@ securityContext:
 {{- define "prestop-agent.podSpec" -}}
 {{- $v := .Values -}}
 {{- $pod := deepCopy .pod -}}
-{{- if not (has $v.layout (list "native" "classic")) -}}
-{{- fail (printf "prestop-agent: layout must be native or classic, not %q" $v.layout) -}}
-{{- end -}}
 {{- if hasKey $pod "terminationGracePeriodSeconds" -}}
 {{- fail "prestop-agent: set gracePeriodSeconds, not the pod's terminationGracePeriodSeconds: the chart gives the same value to the pod and to the agent" -}}
 {{- end -}}
