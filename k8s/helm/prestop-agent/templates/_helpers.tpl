@@ -7,7 +7,8 @@ chart's values as .Values, plus .Release.
                           -> your pod spec with the agent, the app's preStop hook and readiness
                              probe, terminationGracePeriodSeconds and a RuntimeDefault seccomp
                              profile (unless the spec sets its own).
-  prestop-agent.podLabels -> the label the PodMonitor selects on.
+  prestop-agent.podLabels -> the labels the PodMonitor selects on (the release's own pods only:
+                             two releases in a namespace must not scrape each other's twice).
 */}}
 
 {{- define "prestop-agent.fullname" -}}
@@ -27,6 +28,7 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 
 {{- define "prestop-agent.podLabels" -}}
 prestop-agent/sidecar: "true"
+prestop-agent/release: {{ .Release.Name }}
 {{- end -}}
 
 {{- define "prestop-agent.tokenSecretName" -}}
