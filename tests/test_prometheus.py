@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import signal
 import socket
@@ -13,11 +12,10 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.support import AgentProcess, free_port, skip_or_fail
+from tests.support import AgentProcess, PrometheusServer, skip_or_fail
 
 
 @pytest.fixture
@@ -65,70 +63,34 @@ def test_promtool_finds_nothing_to_lint_after_a_termination(agent: AgentProcess)
             assert sample in text
 
 
-def _query(base: str, expr: str) -> list[dict[str, Any]]:
-    status, raw = _get(f"{base}/api/v1/query?{urllib.parse.urlencode({'query': expr})}")
-    body = json.loads(raw)
-    assert status == 200 and body["status"] == "success", body
-    return body["data"]["result"]
+def _scraping(agent: AgentProcess) -> str:
+    """A Prometheus configuration that scrapes ``agent`` every second."""
+    return (
+        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+        "scrape_configs:\n"
+        "- job_name: prestop-agent\n"
+        f"  static_configs: [{{targets: ['127.0.0.1:{agent.port}']}}]\n"
+    )
 
 
-class Prometheus:
-    """A real Prometheus server scraping one agent every second, with its TSDB under tmp_path."""
-
-    def __init__(self, target_port: int, tmp_path: Path) -> None:
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self._log = tmp_path / "prometheus.log"
-        config = tmp_path / "prometheus.yml"
-        config.write_text(
-            "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
-            "scrape_configs:\n"
-            "- job_name: prestop-agent\n"
-            f"  static_configs: [{{targets: ['127.0.0.1:{target_port}']}}]\n"
-        )
-        self._server = subprocess.Popen(
-            [
-                _need("prometheus"),
-                f"--config.file={config}",
-                f"--storage.tsdb.path={tmp_path / 'data'}",
-                f"--web.listen-address=127.0.0.1:{self.port}",
-            ],
-            stdout=self._log.open("wb"),
-            stderr=subprocess.STDOUT,
-        )
-
-    def query(self, expr: str) -> list[dict[str, Any]]:
-        return _query(self.base, expr)
-
-    def value_of(self, expr: str, want: float, within: float) -> None:
-        deadline = time.monotonic() + within
-        while time.monotonic() < deadline:
-            try:
-                result = self.query(expr)
-            except OSError:
-                result = []
-            if result and float(result[0]["value"][1]) == want:
-                return
-            time.sleep(0.25)
-        log = self._log.read_text()[-2000:]
-        raise AssertionError(f"{expr} never became {want} within {within}s\n{log}")
-
-    def stop(self) -> None:
-        self._server.send_signal(signal.SIGTERM)
-        self._server.wait(timeout=20)
+def _value_of(server: PrometheusServer, expr: str, want: float, within: float) -> None:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        result = server.query(expr)
+        if result and float(result[0]["value"][1]) == want:
+            return
+        time.sleep(0.25)
+    raise AssertionError(f"{expr} never became {want} within {within}s\n{server.log_tail()}")
 
 
 def test_a_real_prometheus_scrapes_the_phase_change(agent: AgentProcess, tmp_path: Path) -> None:
-    prometheus = Prometheus(agent.port, tmp_path)
-    try:
-        prometheus.value_of('prestop_phase{phase="serving"}', 1, within=30)
-        prometheus.value_of('up{job="prestop-agent"}', 1, within=5)
+    with PrometheusServer(_need("prometheus"), _scraping(agent), tmp_path) as server:
+        _value_of(server, 'prestop_phase{phase="serving"}', 1, within=30)
+        _value_of(server, 'up{job="prestop-agent"}', 1, within=5)
         assert _get(f"{agent.url}/prestop")[0] == 200
-        prometheus.value_of('prestop_phase{phase="drained"}', 1, within=10)
-        prometheus.value_of('sum(prestop_hook_calls_total{result="ok"})', 1, within=5)
-        assert prometheus.query("prestop_info")[0]["metric"]["drain_mode"] == "fixed"
-    finally:
-        prometheus.stop()
+        _value_of(server, 'prestop_phase{phase="drained"}', 1, within=10)
+        _value_of(server, 'sum(prestop_hook_calls_total{result="ok"})', 1, within=5)
+        assert server.query("prestop_info")[0]["metric"]["drain_mode"] == "fixed"
 
 
 def test_a_classic_termination_outcome_reaches_the_tsdb(
@@ -146,9 +108,8 @@ def test_a_classic_termination_outcome_reaches_the_tsdb(
                 "PRESTOP_APP_PORT": str(app.getsockname()[1]),
             }
         ).run()
-        prometheus = Prometheus(agent.port, tmp_path)
-        try:
-            prometheus.value_of('up{job="prestop-agent"}', 1, within=30)
+        with PrometheusServer(_need("prometheus"), _scraping(agent), tmp_path) as server:
+            _value_of(server, 'up{job="prestop-agent"}', 1, within=30)
             agent.signal(signal.SIGTERM)
             assert agent.proc is not None
             status = agent.proc.wait(timeout=30)  # without a scrape: the 30 s grace budget
@@ -156,18 +117,14 @@ def test_a_classic_termination_outcome_reaches_the_tsdb(
             assert status == 0 and final["event"] == "shutdown_complete", agent.log_text()
             assert final["steps"][-1]["outcome"] == "scraped", final
             # The target is gone now; what its last scrape stored is in the TSDB.
-            prometheus.value_of('up{job="prestop-agent"}', 0, within=10)
+            _value_of(server, 'up{job="prestop-agent"}', 0, within=10)
             stored = {
                 "drains": 'last_over_time(prestop_drains_total{reason="fixed"}[5m])',
                 "drain_seconds": "last_over_time(prestop_drain_duration_seconds_sum[5m])",
                 "drained": 'last_over_time(prestop_phase{phase="drained"}[5m])',
                 "sigterm": 'last_over_time(prestop_shutdown_triggers_total{trigger="sigterm"}[5m])',
             }
-            figures = {
-                name: float(prometheus.query(q)[0]["value"][1]) for name, q in stored.items()
-            }
-        finally:
-            prometheus.stop()
+            figures = {name: float(server.query(q)[0]["value"][1]) for name, q in stored.items()}
     print(f"read back from Prometheus' TSDB: {figures}")
     assert figures["drains"] == 1 and figures["drained"] == 1 and figures["sigterm"] == 1
     [drain] = [s for s in final["steps"] if s["name"] == "drain"]
