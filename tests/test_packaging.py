@@ -20,7 +20,8 @@ from agent.lifecycle import Phase
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
-MANIFESTS = sorted((ROOT / "k8s").glob("*.yaml"))
+EXAMPLES = ROOT / "k8s" / "examples"
+MANIFESTS = sorted(EXAMPLES.glob("*.yaml"))
 
 
 def test_the_dockerfile_passes_hadolint() -> None:
@@ -136,10 +137,10 @@ def test_the_manifest_is_a_valid_agent_configuration_that_fits_its_pod(manifest:
 
 
 def test_the_native_layout_is_an_init_container_that_keeps_running() -> None:
-    pod = _pod(ROOT / "k8s" / "native-sidecar.yaml")
+    pod = _pod(EXAMPLES / "native-sidecar.yaml")
     agent = next(c for c in pod["initContainers"] if c["name"] == "prestop-agent")
     assert agent["restartPolicy"] == "Always"
-    classic = _pod(ROOT / "k8s" / "classic-sidecar.yaml")
+    classic = _pod(EXAMPLES / "classic-sidecar.yaml")
     assert "initContainers" not in classic
 
 
