@@ -3,7 +3,7 @@ VENV   := .venv
 PYTHON := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: run test system-deps lint bench
+.PHONY: run test system-deps kube-prepare lint bench
 
 # The package and its test tools, in a venv of their own; redone when pyproject.toml changes.
 $(STAMP): pyproject.toml
@@ -26,12 +26,21 @@ system-deps:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus iproute2 >/dev/null; \
 	else echo "not root: prometheus/iproute2 not installed; tests that need them skip (fail under CI=true)"; fi
 
+## The kubelet tests' node (tests/kube/prepare.sh, root only): Debian's containerd, runc, CNI
+## plugins, buildah and mmdebstrap; kubelet v1.34.2 built from the Go module proxy (needs go, about
+## 5 min and 1.5 GB the first time); the agent image built from docker/Dockerfile on a Debian base.
+## All cached under /var/cache/prestop-agent/kube: a warm machine only hashes files.
+kube-prepare:
+	@if [ "$$(id -u)" = 0 ]; then bash tests/kube/prepare.sh >/dev/null; \
+	else echo "not root: no kubelet node; the kube tests skip (fail under CI=true)"; fi
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-## Every test: lint, unit, process, traffic, Prometheus, and the real Eureka/Spring Boot ones.
-test: $(STAMP) system-deps lint
+## Every test: lint, unit, process, traffic, Prometheus, the real Eureka/Spring Boot ones, and
+## the agent's pods under a real kubelet (tests/kube/).
+test: $(STAMP) system-deps kube-prepare lint
 	$(PYTHON) -m pytest
 
 bench: $(STAMP)

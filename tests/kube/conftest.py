@@ -45,10 +45,12 @@ def kube_node() -> Iterator[KubeNode]:
 @pytest.fixture
 def kube(kube_node: KubeNode, request: pytest.FixtureRequest) -> Iterator[KubeNode]:
     """The session's node; after a failed test, the kubelet's and containerd's log tails are
-    printed, and the pods the test left are deleted."""
+    printed. The pods the test applied and left are deleted."""
     failed_before = request.session.testsfailed
+    before = set(kube_node.manifests.glob("*.yaml"))  # e.g. a module's Eureka server pod
     yield kube_node
     if request.session.testsfailed > failed_before:
         print(kube_node.tails(80))
-    for manifest in kube_node.manifests.glob("*.yaml"):
-        kube_node.delete(manifest.stem)
+    left = [m.stem for m in set(kube_node.manifests.glob("*.yaml")) - before]
+    if left:
+        kube_node.delete(*left)

@@ -37,6 +37,8 @@ from typing import Any
 
 import yaml
 
+from tests.support import free_port
+
 ROOT = Path(__file__).resolve().parent.parent.parent
 PREPARE = Path(__file__).resolve().parent / "prepare.sh"
 DEFAULT_STATE = Path(os.environ.get("PRESTOP_KUBE_STATE", "/var/lib/prestop-agent/kube-node"))
@@ -283,8 +285,12 @@ def clean_host(
     if _mounts_under(state):
         raise NodeError(f"still mounted under {state}: {_mounts_under(state)}")
     for entry in state.iterdir() if state.is_dir() else []:
-        if not (keep_logs and entry.name == "logs"):
-            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink()
+        if keep_logs and entry.name == "logs":
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink()
     for outside in KUBELET_OUTSIDE:
         shutil.rmtree(outside, ignore_errors=True)
     with contextlib.suppress(OSError):
@@ -298,14 +304,6 @@ def clean_host(
 
 
 # ------------------------------------------------------------------------------------ node
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class KubeNode:
@@ -444,7 +442,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
 
     def _start_kubelet(self) -> None:
         state = self.state
-        self.read_only_port = _free_port()
+        self.read_only_port = free_port()
         sock = f"unix://{state}/containerd.sock"
         config = {
             "apiVersion": "kubelet.config.k8s.io/v1beta1",
@@ -458,10 +456,10 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             "failSwapOn": False,
             # Every port on loopback only.
             "address": "127.0.0.1",
-            "port": _free_port(),
+            "port": free_port(),
             "readOnlyPort": self.read_only_port,
             "healthzBindAddress": "127.0.0.1",
-            "healthzPort": _free_port(),
+            "healthzPort": free_port(),
             "authentication": {"anonymous": {"enabled": True}, "webhook": {"enabled": False}},
             "authorization": {"mode": "AlwaysAllow"},
             "podLogsDir": str(self.pod_logs),

@@ -24,6 +24,22 @@ def java_command(jar: Path, *args: str) -> list[str]:
     return ["java", *JAVA_OPTS, *cds, "-jar", str(jar), *args]
 
 
+def demo_app_command(
+    jar: Path, port: int, eureka_url: str | None, app_name: str | None
+) -> list[str]:
+    """The demo app on ``port``, registered in Eureka as ``app_name`` when ``eureka_url`` is
+    given. Its liveness and readiness health groups are on, as Spring Boot turns them on when it
+    sees Kubernetes' service variables (which a node without an API server does not set)."""
+    eureka = ["--eureka.client.enabled=false"]
+    if eureka_url:
+        eureka = [f"--eureka.client.service-url.defaultZone={eureka_url}"]
+        if app_name:
+            eureka.append(f"--spring.application.name={app_name.lower()}")
+    return java_command(
+        jar, f"--server.port={port}", "--management.endpoint.health.probes.enabled=true", *eureka
+    )
+
+
 def jar_volume(jar: Path) -> tuple[Manifest, Manifest]:
     """(volume, mount): the jar's Maven target folder, read-only, at the same path."""
     target = next(p for p in jar.parents if p.name == "target")
@@ -67,11 +83,6 @@ def demo_app_container(
 ) -> Manifest:
     """The demo Spring Boot app; its preStop hook calls the agent, its readiness is the agent's
     /ready. Without ``eureka_url`` it does not register anywhere."""
-    eureka = (
-        [f"--eureka.client.service-url.defaultZone={eureka_url}"]
-        if eureka_url
-        else ["--eureka.client.enabled=false"]
-    )
     hook: Manifest = {"port": AGENT_PORT, "path": "/prestop"}
     if hook_headers:
         hook["httpHeaders"] = [{"name": k, "value": v} for k, v in hook_headers.items()]
@@ -79,7 +90,7 @@ def demo_app_container(
         "name": "app",
         "image": prepared.java_image,
         "imagePullPolicy": "Never",
-        "command": java_command(jar, f"--server.port={APP_PORT}", *eureka),
+        "command": demo_app_command(jar, APP_PORT, eureka_url, None),
         # The instance registers with the pod's address, which the agent looks up by POD_IP.
         "env": [pod_ip_env("DEMO_IP")],
         "ports": [{"name": "http", "containerPort": APP_PORT}],
@@ -159,16 +170,25 @@ def pod_from_deployment(
     *,
     name: str,
     env_overrides: dict[str, str],
+    eureka_url: str | None = None,
 ) -> Manifest:
     """A Deployment's pod template as a static pod that this node can run: the agent's image is
     the locally built one, the app (every container not named prestop-agent) is the demo app,
     and the agent's environment gets ``env_overrides`` (e.g. Eureka URLs instead of a Secret
-    that a node without an API server cannot read)."""
+    that a node without an API server cannot read). With ``eureka_url`` the app registers there
+    under the agent's ``PRESTOP_EUREKA_APP``."""
     template = copy.deepcopy(deployment["spec"]["template"])
     spec = template["spec"]
     volume, mount = jar_volume(app_jar)
     spec.setdefault("volumes", []).append(volume)
-    for container in spec.get("initContainers", []) + spec["containers"]:
+    every = spec.get("initContainers", []) + spec["containers"]
+    agent_env = {
+        e["name"]: e.get("value")
+        for c in every
+        if c["name"] == "prestop-agent"
+        for e in c.get("env", [])
+    }
+    for container in every:
         container["imagePullPolicy"] = "Never"
         if container["name"] == "prestop-agent":
             container["image"] = prepared.agent_image
@@ -177,8 +197,8 @@ def pod_from_deployment(
             continue
         container["image"] = prepared.java_image
         ports = [p["containerPort"] for p in container.get("ports", [])] or [APP_PORT]
-        container["command"] = java_command(
-            app_jar, f"--server.port={ports[0]}", "--eureka.client.enabled=false"
+        container["command"] = demo_app_command(
+            app_jar, ports[0], eureka_url, agent_env.get("PRESTOP_EUREKA_APP")
         )
         container["env"] = [*container.get("env", []), pod_ip_env("DEMO_IP")]
         container.setdefault("volumeMounts", []).append(mount)

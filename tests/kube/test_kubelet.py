@@ -226,6 +226,7 @@ def test_the_k8s_examples_run(
             demo_app_jar,
             name=name,
             env_overrides={"PRESTOP_EUREKA_URLS": eureka_pod},
+            eureka_url=eureka_pod,
         )
         kube.apply(pod)
         kube.wait_ready(name, START_TIMEOUT)
@@ -236,7 +237,9 @@ def test_the_k8s_examples_run(
         assert answered["status"] == 200
         assert first(timeline, "hook_completed", "app")
         assert not [e for e in timeline if e.what in ("hook_failed", "event:FailedPreStopHook")]
-        assert set(kube.exit_codes(name).values()) == {0}, kube.exit_codes(name)
+        codes = kube.exit_codes(name)
+        # The agent exits 0; the JVM exits 143 after its SIGTERM (137 would be a SIGKILL).
+        assert codes.pop("prestop-agent") == 0 and set(codes.values()) <= {0, 143}, codes
 
 
 def test_eureka_marks_the_instance_down_before_the_app_sigterm(
