@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import hashlib
 import ipaddress
 import json
 import os
@@ -248,6 +249,7 @@ def clean_host(
     """Remove everything a node with this state folder, subnet and bridge may have left behind,
     running or not: its processes (containerd shims and pods), network namespaces, bridge,
     mounts, cgroups and files (``keep_logs``: all but ``state/logs``). Idempotent."""
+    ids = _runtime_ids(state)
     # 1. Processes: the shims of our containerd (their command line names our socket) and every
     # process in the kubelet's cgroups; then the kubelet and containerd themselves if still up.
     victims = _pids_with_cmdline(str(state / "containerd.sock"))
@@ -299,8 +301,27 @@ def clean_host(
         for link in CONTAINER_LOG_LINKS.iterdir():
             if link.is_symlink() and f"-{NODE_NAME}_default_" in link.name:
                 link.unlink()
+    with contextlib.suppress(OSError):
+        CONTAINER_LOG_LINKS.rmdir()  # when empty
     for result in Path("/var/lib/cni/results").glob(f"{NETWORK_NAME}-*"):
         result.unlink(missing_ok=True)
+    # containerd keeps shim sockets and the CNI loopback results under fixed paths, named after
+    # our sandboxes and containers.
+    address = state / "containerd.sock"
+    for cid in ids:
+        digest = hashlib.sha256(f"{address}/k8s.io/{cid}".encode()).hexdigest()
+        Path(f"/run/containerd/s/{digest}").unlink(missing_ok=True)
+        Path(f"/var/lib/cni/results/cni-loopback-{cid}-lo").unlink(missing_ok=True)
+
+
+def _runtime_ids(state: Path) -> set[str]:
+    """Ids of every sandbox and container containerd knows under ``state``."""
+    folders = (
+        state / "containerd/state/io.containerd.runtime.v2.task/k8s.io",
+        state / "containerd/root/io.containerd.grpc.v1.cri/sandboxes",
+        state / "containerd/root/io.containerd.grpc.v1.cri/containers",
+    )
+    return {entry.name for folder in folders if folder.is_dir() for entry in folder.iterdir()}
 
 
 # ------------------------------------------------------------------------------------ node
