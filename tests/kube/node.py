@@ -366,11 +366,10 @@ class KubeNode:
     def stop(self) -> None:
         """Delete every pod (the kubelet runs its termination), stop the kubelet and containerd
         by PID, then remove what the node created."""
-        with contextlib.suppress(NodeError):
-            for manifest in self.manifests.glob("*.yaml"):
-                manifest.unlink()
-            if self._kubelet is not None and self._kubelet.poll() is None:
-                self.wait_until("every pod gone", lambda: not self.pods(), 90)
+        left = [manifest.stem for manifest in self.manifests.glob("*.yaml")]
+        if left and self._kubelet is not None and self._kubelet.poll() is None:
+            with contextlib.suppress(NodeError):  # what is still running gets killed below
+                self.delete(*left, timeout=90)
         for proc in (self._kubelet, self._containerd):
             if proc is not None and proc.poll() is None:
                 proc.terminate()
