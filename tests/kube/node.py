@@ -259,21 +259,13 @@ def clean_host(
     victims += _pids_with_cmdline(str(state / "kubelet.yaml"))
     victims += _pids_with_cmdline(str(state / "containerd.toml"))
     _kill_and_wait(sorted(set(victims) - {os.getpid()}))
-    # 2. Pod network namespaces on our subnet (created by containerd under /run/netns).
+    # 2. Pod network namespaces (containerd makes them under /run/netns): those on our subnet,
+    # and those our sandboxes left with nothing but a loopback and nobody inside.
     network = ipaddress.ip_network(subnet)
     netns_dir = Path("/run/netns")
     for netns in sorted(netns_dir.glob("cni-*")) if netns_dir.is_dir() else []:
-        addresses = _run("ip", "-n", netns.name, "-j", "addr", "show", check=False)
-        with contextlib.suppress(ValueError):
-            infos = json.loads(addresses or "[]")
-            ours = any(
-                ipaddress.ip_address(a["local"]) in network
-                for info in infos
-                for a in info.get("addr_info", [])
-                if a.get("family") == "inet"
-            )
-            if ours:
-                _run("ip", "netns", "delete", netns.name, check=False)
+        if _netns_is_ours_or_dead(netns, network):
+            _run("ip", "netns", "delete", netns.name, check=False)
     if Path(f"/sys/class/net/{bridge}").exists():
         _run("ip", "link", "delete", bridge, check=False)
     # 3. Mounts under the state folder (container root filesystems, pod volumes, shm).
@@ -312,6 +304,27 @@ def clean_host(
         digest = hashlib.sha256(f"{address}/k8s.io/{cid}".encode()).hexdigest()
         Path(f"/run/containerd/s/{digest}").unlink(missing_ok=True)
         Path(f"/var/lib/cni/results/cni-loopback-{cid}-lo").unlink(missing_ok=True)
+
+
+def _netns_is_ours_or_dead(
+    netns: Path, network: ipaddress.IPv4Network | ipaddress.IPv6Network
+) -> bool:
+    try:
+        infos = json.loads(_run("ip", "-n", netns.name, "-j", "addr", "show", check=False) or "[]")
+        inode = netns.stat().st_ino
+    except (ValueError, OSError):
+        return False
+    addresses = [a for i in infos for a in i.get("addr_info", []) if a.get("family") == "inet"]
+    if any(ipaddress.ip_address(a["local"]) in network for a in addresses):
+        return True
+    if any(i.get("ifname") != "lo" for i in infos):
+        return False
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            with contextlib.suppress(OSError):
+                if (proc / "ns" / "net").stat().st_ino == inode:
+                    return False
+    return True
 
 
 def _runtime_ids(state: Path) -> set[str]:
