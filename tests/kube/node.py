@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import fcntl
 import hashlib
 import ipaddress
 import json
@@ -34,7 +35,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import yaml
 
@@ -360,11 +361,13 @@ class KubeNode:
         self._containerd: subprocess.Popen[bytes] | None = None
         self._kubelet: subprocess.Popen[bytes] | None = None
         self._ended: dict[str, dict[str, dict[str, Any]]] = {}
+        self._lock: IO[str] | None = None
 
     # --- start / stop ---------------------------------------------------------------------
 
     def start(self) -> KubeNode:
         started = time.monotonic()
+        self._take_machine_lock()
         clean_host(self.state, str(self.subnet))
         for folder in (self.manifests, self.pod_logs, self.state / "cni", self.state / "logs"):
             folder.mkdir(parents=True, exist_ok=True)
@@ -375,6 +378,21 @@ class KubeNode:
         self._start_kubelet()
         self.setup_seconds = time.monotonic() - started
         return self
+
+    def _take_machine_lock(self, timeout: float = 900.0) -> None:
+        """One node per state folder on the machine: a second one would clean the first one's
+        processes and bridge away. Wait for the holder (another test session) to finish."""
+        self.state.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = (self.state.parent / f".{self.state.name}.lock").open("w")
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise NodeError(f"another session runs a node in {self.state}") from None
+                time.sleep(1)
 
     def stop(self) -> None:
         """Delete every pod (the kubelet runs its termination), stop the kubelet and containerd
@@ -394,6 +412,9 @@ class KubeNode:
         self._kubelet = self._containerd = None
         # The logs stay (until the next start) for whoever looks into a failure.
         clean_host(self.state, str(self.subnet), keep_logs=True)
+        if self._lock is not None:
+            self._lock.close()  # releases the machine lock
+            self._lock = None
 
     def _make_bridge(self) -> None:
         # The bridge has the node's address and nothing else: no gateway for the pods, no NAT,
