@@ -383,20 +383,24 @@ class KubeNode:
         """One node per state folder on the machine: a second one would clean the first one's
         processes and bridge away. Wait for the holder (another test session) to finish."""
         self.state.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = (self.state.parent / f".{self.state.name}.lock").open("w")
+        lock = (self.state.parent / f".{self.state.name}.lock").open("w")
         deadline = time.monotonic() + timeout
         while True:
             try:
-                fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                self._lock = lock
                 return
             except BlockingIOError:
                 if time.monotonic() > deadline:
+                    lock.close()
                     raise NodeError(f"another session runs a node in {self.state}") from None
                 time.sleep(1)
 
     def stop(self) -> None:
         """Delete every pod (the kubelet runs its termination), stop the kubelet and containerd
         by PID, then remove what the node created."""
+        if self._lock is None:
+            return  # never started: the state folder may be another session's
         left = [manifest.stem for manifest in self.manifests.glob("*.yaml")]
         if left and self._kubelet is not None and self._kubelet.poll() is None:
             with contextlib.suppress(NodeError):  # what is still running gets killed below
