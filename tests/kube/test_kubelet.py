@@ -21,6 +21,7 @@ from tests.kube.pods import (
     agent_pod,
     eureka_server_pod,
     pod_from_deployment,
+    secret_values,
 )
 
 pytestmark = [pytest.mark.kube, pytest.mark.java]
@@ -216,11 +217,11 @@ def eureka_pod(kube_node: KubeNode, eureka_jar: Path) -> Any:
 def test_the_k8s_examples_run(
     kube: KubeNode, demo_app_jar: Path, eureka_pod: str, example: Path
 ) -> None:
-    """Every Deployment in k8s/examples/, as a static pod (the local images, Eureka URLs in
-    place of the Secret): it starts, becomes Ready and terminates cleanly."""
-    deployments = [
-        d for d in yaml.safe_load_all(example.read_text()) if d and d["kind"] == "Deployment"
-    ]
+    """Every Deployment in k8s/examples/, as a static pod (the local images, the demo app for the
+    app, the file's Secrets written in, the Eureka pod's URL in place of the example's): it
+    starts, becomes Ready and terminates cleanly."""
+    documents = [d for d in yaml.safe_load_all(example.read_text()) if d]
+    deployments = [d for d in documents if d["kind"] == "Deployment"]
     assert deployments, f"{example} has no Deployment"
     for index, deployment in enumerate(deployments):
         name = f"example-{example.stem}-{index}"
@@ -230,6 +231,7 @@ def test_the_k8s_examples_run(
             demo_app_jar,
             name=name,
             env_overrides={"PRESTOP_EUREKA_URLS": eureka_pod},
+            secrets=secret_values(documents),
             eureka_url=eureka_pod,
         )
         kube.apply(pod)
