@@ -64,7 +64,7 @@ hash_of() { sha256sum | cut -c1-16; }
 rootfs_image() {
     local name=$1 packages=$2 tar="$CACHE/images/rootfs-$$.tar"
     local started=$SECONDS
-    trap 'rm -f "$tar"' EXIT
+    trap "rm -f '$tar'" EXIT  # expanded now: $tar is local
     mmdebstrap --quiet --variant=minbase --include="$packages" \
         --aptopt='APT::Install-Recommends "false"' \
         --dpkgopt='path-exclude=/usr/share/doc/*' \
