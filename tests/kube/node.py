@@ -32,7 +32,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -558,10 +558,12 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
     def wait_until(
         self,
         what: str,
-        check: Any,
+        check: Callable[[], bool],
         timeout: float,
         proc: subprocess.Popen[bytes] | None = None,
     ) -> float:
+        """Poll ``check`` every 0.1 s until it holds; returns seconds waited. NodeError after
+        ``timeout`` s, or at once when ``proc`` (default: the kubelet) has exited."""
         started = time.monotonic()
         proc = proc or self._kubelet
         while not check():
