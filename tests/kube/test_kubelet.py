@@ -86,7 +86,7 @@ def test_classic_layout_hook_then_app_sigterm(kube: KubeNode, demo_app_jar: Path
     app_kill = first(timeline, "kill", "app")
     assert app_kill.at >= completed.at, "the app's SIGTERM only after the hook's answer"
     assert app_sigterm_at(kube, "classic") >= completed.at
-    exiting_at, _ = logged(agent, event="agent_exiting")
+    exiting_at, _ = logged(agent, event="shutdown_complete")  # logged at exit
     assert exiting_at >= answered_at, "the agent exits after its answer went out"
     assert kube.exit_codes("classic")["prestop-agent"] == 0
     assert not [e for e in timeline if e.what in ("hook_failed", "event:FailedPreStopHook")]
