@@ -7,7 +7,7 @@ CKSUM  := $(shell cksum pyproject.toml | cut -d' ' -f1)
 RUN_STAMP  := $(VENV)/.installed-run-$(CKSUM)
 TEST_STAMP := $(VENV)/.installed-test-$(CKSUM)
 
-.PHONY: run test system-deps k8s-tools lint bench reference
+.PHONY: run test system-deps k8s-tools kube-prepare lint bench reference
 
 # Kubernetes tools the suite runs on k8s/ (chart, component, manifests). Built or installed once
 # per version into a cache on the machine (never into git), so a fresh machine pays once.
@@ -49,6 +49,14 @@ system-deps:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus iproute2 >/dev/null; \
 	else echo "not root: prometheus/iproute2 not installed; tests that need them skip (fail under CI=true)"; fi
 
+## The kubelet tests' node (tests/kube/prepare.sh, root only): Debian's containerd, runc, CNI
+## plugins, buildah and mmdebstrap; kubelet v1.34.2 built from the Go module proxy (needs go, about
+## 5 min and 1.5 GB the first time); the agent image built from docker/Dockerfile on a Debian base.
+## All cached under /var/cache/prestop-agent/kube: a warm machine only hashes files.
+kube-prepare:
+	@if [ "$$(id -u)" = 0 ]; then bash tests/kube/prepare.sh >/dev/null; \
+	else echo "not root: no kubelet node; the kube tests skip (fail under CI=true)"; fi
+
 ## helm, kustomize (Go module proxy) and checkov (PyPI), each cached under its version. A lock
 ## keeps two checkouts on one machine from filling the same cache at once.
 k8s-tools: $(HELM) $(KUSTOMIZE) $(CHECKOV)
@@ -68,8 +76,9 @@ lint: $(TEST_STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-## Every test: lint, unit, process, traffic, Prometheus, and the real Eureka/Spring Boot ones.
-test: $(TEST_STAMP) system-deps k8s-tools lint
+## Every test: lint, unit, process, traffic, Prometheus, the real Eureka/Spring Boot ones, the
+## k8s/ checks, and the agent's pods under a real kubelet (tests/kube/).
+test: $(TEST_STAMP) system-deps k8s-tools kube-prepare lint
 	PRESTOP_HELM=$(HELM) PRESTOP_KUSTOMIZE=$(KUSTOMIZE) PRESTOP_CHECKOV=$(CHECKOV) $(PYTHON) -m pytest
 
 bench: $(TEST_STAMP)
