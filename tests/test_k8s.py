@@ -447,6 +447,28 @@ def _every_manifest(
             yield f"kustomize build ({layout})", obj
 
 
+def test_every_app_with_a_read_only_root_gets_a_writable_tmp(
+    chart_renders: dict[str, list[Object]], kustomize_builds: dict[str, list[Object]]
+) -> None:
+    """Spring Boot's embedded Tomcat creates its work folders under java.io.tmpdir and does not
+    start without a writable /tmp: every app container shown read-only mounts an emptyDir there."""
+    checked = 0
+    for where, obj in _every_manifest(chart_renders, kustomize_builds):
+        if obj["kind"] != "Deployment":
+            continue
+        pod = obj["spec"]["template"]["spec"]
+        empty_dirs = {v["name"] for v in pod.get("volumes", []) if "emptyDir" in v}
+        for container in pod["containers"]:
+            if container["name"] == "prestop-agent":
+                continue
+            if not container.get("securityContext", {}).get("readOnlyRootFilesystem"):
+                continue
+            tmp = [m["name"] for m in container.get("volumeMounts", []) if m["mountPath"] == "/tmp"]
+            assert len(tmp) == 1 and tmp[0] in empty_dirs, f"{where}: {container['name']}"
+            checked += 1
+    assert checked >= 10  # examples, each chart render with a Deployment, the kustomize builds
+
+
 CUSTOM_RESOURCES = {"monitoring.coreos.com/v1"}  # no schema shipped; promtool checks the rules
 
 
