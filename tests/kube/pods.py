@@ -195,7 +195,7 @@ def pod_from_deployment(
     Secrets in the same file, see ``secret_values``) are written in as values: a static pod
     cannot read a Secret. With ``eureka_url`` the app registers there under the agent's
     ``PRESTOP_EUREKA_APP``; it gets an emptyDir at /tmp (Tomcat's work folder) when its root
-    filesystem is read-only."""
+    filesystem is read-only and the manifest mounts nothing there."""
     template = copy.deepcopy(deployment["spec"]["template"])
     spec = template["spec"]
     volume, mount = jar_volume(app_jar)
@@ -227,7 +227,9 @@ def pod_from_deployment(
         )
         container["env"] = [*container.get("env", []), pod_ip_env("DEMO_IP")]
         container.setdefault("volumeMounts", []).append(mount)
-        if container.get("securityContext", {}).get("readOnlyRootFilesystem"):
+        read_only = container.get("securityContext", {}).get("readOnlyRootFilesystem")
+        has_tmp = any(m["mountPath"] == "/tmp" for m in container["volumeMounts"])
+        if read_only and not has_tmp:  # the shipped examples mount their own /tmp
             spec["volumes"].append({"name": "app-tmp", "emptyDir": {}})
             container["volumeMounts"].append({"name": "app-tmp", "mountPath": "/tmp"})
     return {
