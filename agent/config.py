@@ -204,7 +204,10 @@ class Config:
     def watches_client_view(self) -> bool:
         """Whether the agent can watch the Eureka servers' client-facing view of the instance."""
         return self.registry in ("eureka", "register") or (
-            self.registry == "actuator" and bool(self.eureka_urls) and bool(self.eureka_app)
+            self.registry == "actuator"
+            and bool(self.eureka_urls)
+            and bool(self.eureka_app)
+            and bool(self.pod_ip or self.eureka_instance_id)
         )
 
     def worst_case_floor(self) -> float:

@@ -64,6 +64,9 @@ class ClientView:
         self._poll = config.drain_poll_seconds
         self._instance_id = config.eureka_instance_id
         self._ip, self._port = config.pod_ip, config.app_port
+        self._listed: set[Server] = set()
+        """Servers whose view has listed the instance: only there does its absence mean that
+        clients dropped it (elsewhere it may just not match)."""
 
     def _is_ours(self, instance: Mapping[str, Any]) -> bool:
         if self._instance_id:
@@ -74,7 +77,10 @@ class ClientView:
         """The status clients get from ``server`` for the instance; None when not listed."""
         until = asyncio.get_running_loop().time() + self._http.timeout
         instances = await get_application(self._http, server, self._app, until=until)
-        return next((str(i.get("status")) for i in instances if self._is_ours(i)), None)
+        status = next((str(i.get("status")) for i in instances if self._is_ours(i)), None)
+        if status is not None:
+            self._listed.add(server)
+        return status
 
     async def keep_hot(self) -> None:
         """From start-up on: keep the agent's cache key in every server's read-only cache.
@@ -128,6 +134,11 @@ class ClientView:
                 return
             else:
                 failures = 0
+                if status is None and server not in self._listed:
+                    # Never seen there: nothing to measure; assume the bound for this server.
+                    propagation.lost(server.shown, "the instance is not listed in its view")
+                    log.warning("eureka_view_lost", server=server.shown, error="not listed")
+                    return
                 if status != "UP":
                     # Shown at some instant between the request and its answer: the request's
                     # start is the earliest, the safe side for the floor is the answer.
