@@ -3,7 +3,7 @@ VENV   := .venv
 PYTHON := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: run test system-deps k8s-tools lint bench
+.PHONY: run test system-deps k8s-tools kube-prepare lint bench bench-rollout
 
 # Kubernetes tools the suite runs on k8s/ (chart, component, manifests). Built or installed once
 # per version into a cache on the machine (never into git), so a fresh machine pays once.
@@ -54,12 +54,21 @@ $(CHECKOV):
 	flock /tmp/prestop-tools.lock sh -c 'python3 -m venv $(TOOLS)/checkov-$(CHECKOV_VERSION) \
 		&& $(TOOLS)/checkov-$(CHECKOV_VERSION)/bin/pip install --quiet checkov==$(CHECKOV_VERSION)'
 
+## The kubelet tests' node (tests/kube/prepare.sh, root only): Debian's containerd, runc, CNI
+## plugins, buildah and mmdebstrap; kubelet v1.34.2 built from the Go module proxy (needs go, about
+## 5 min and 1.5 GB the first time); the agent image built from docker/Dockerfile on a Debian base.
+## All cached under /var/cache/prestop-agent/kube: a warm machine only hashes files.
+kube-prepare:
+	@if [ "$$(id -u)" = 0 ]; then bash tests/kube/prepare.sh >/dev/null; \
+	else echo "not root: no kubelet node; the kube tests skip (fail under CI=true)"; fi
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-## Every test: lint, unit, process, traffic, Prometheus, and the real Eureka/Spring Boot ones.
-test: $(STAMP) system-deps k8s-tools lint
+## Every test: lint, unit, process, traffic, Prometheus, the real Eureka/Spring Boot ones, and
+## the agent's pods under a real kubelet (tests/kube/).
+test: $(STAMP) system-deps k8s-tools kube-prepare lint
 	PRESTOP_HELM=$(HELM) PRESTOP_KUSTOMIZE=$(KUSTOMIZE) PRESTOP_CHECKOV=$(CHECKOV) $(PYTHON) -m pytest
 
 bench: $(STAMP)

@@ -85,6 +85,8 @@ class AccessLogger(AbstractAccessLogger):
             status=response.status,
             duration_seconds=round(time, 4),
             remote=request.remote,
+            # Tells a kubelet hook (kube-lifecycle/1.34) or probe (kube-probe/1.34) from a person.
+            user_agent=request.headers.get("User-Agent", ""),
         )
 
     @property
