@@ -75,3 +75,10 @@ bench: $(STAMP)
 	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }
 	$(PYTHON) bench/bench_agent.py
 	$(PYTHON) bench/bench_sockdiag.py
+
+## The rolling-replacement benchmark on a real kubelet (root; bench/rollout/): every scenario
+## several times, the sleep search, then bench/results/rollout.md and rollout.png. Heavy (JVMs,
+## ~30 min): it waits for the machine's heavy-job lock.
+bench-rollout: $(STAMP) kube-prepare
+	$(VENV)/bin/pip install --quiet -e '.[test,bench]'
+	flock /tmp/prestop-heavy.lock $(PYTHON) -m bench.rollout $(ROLLOUT_ARGS)
