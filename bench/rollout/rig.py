@@ -21,6 +21,8 @@ replica's pod. The kubelet runs that pod's whole termination (hook, signals, gra
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import threading
 import time
@@ -297,16 +299,26 @@ def eureka_view(eureka_url: str) -> dict[str, str]:
     return {f"{i['ipAddr']}:{i['port']['$']}": str(i["status"]) for i in instances}
 
 
-def read_records(path: Path) -> list[dict[str, Any]]:
-    """A caller's records (a line being written at that moment is skipped)."""
-    records = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                records.append(json.loads(line))
-            except ValueError:
-                continue
-    return records
+class RecordFile:
+    """A caller's record file, read incrementally (the rig polls it often; it only grows)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.records: list[dict[str, Any]] = []
+        self._offset = 0
+
+    def read(self) -> list[dict[str, Any]]:
+        """Every complete record so far (a line being written is left for the next read)."""
+        if self.path.exists():
+            with self.path.open("rb") as file:
+                file.seek(self._offset)
+                chunk = file.read()
+            complete = chunk[: chunk.rfind(b"\n") + 1]
+            self._offset += len(complete)
+            for line in complete.decode(errors="replace").splitlines():
+                with contextlib.suppress(ValueError):
+                    self.records.append(json.loads(line))
+        return self.records
 
 
 class ViewWatcher:
@@ -383,6 +395,7 @@ class Rig:
         self.eureka_url = ""
         self.replicas: list[str] = []
         self._count = 0
+        self._files = {c: RecordFile(records / f"{c}.jsonl") for c in callers}
 
     def start(self, first: Scenario, second: Scenario) -> None:
         """Eureka, two replicas (to be deleted in ``first`` and ``second``), the callers."""
@@ -415,7 +428,7 @@ class Rig:
         for caller in self.callers:
             node.wait_until(
                 f"{caller} sends",
-                lambda c=caller: bool(read_records(self.records / f"{c}.jsonl")),
+                lambda c=caller: bool(self._files[c].read()),
                 START_TIMEOUT,
             )
 
@@ -441,8 +454,10 @@ class Rig:
 
     def _used_by_callers(self, target: str, since: float) -> bool:
         for caller in self.callers:
-            records = read_records(self.records / f"{caller}.jsonl")
-            if not any(r["target"] == target and r["t"] >= since for r in records):
+            records = self._files[caller].read()
+            # Newest first, stopping a little before ``since`` (records are written on answer).
+            recent = itertools.takewhile(lambda r: r["t"] >= since - 10, reversed(records))
+            if not any(r["target"] == target and r["t"] >= since for r in recent):
                 return False
         return True
 
@@ -460,7 +475,7 @@ class Rig:
         self.node.wait_until(
             f"every caller sent to {fresh}",
             lambda: self._used_by_callers(new_target, listed_at),
-            60,
+            2 * (self.timings.server_cache + self.timings.client_refresh) + 30,
         )
         window_start = time.time() - 5.0
         with ViewWatcher(self.eureka_url) as view:
@@ -483,9 +498,7 @@ class Rig:
             grace=self.timings.grace,
             records={
                 caller: [
-                    r
-                    for r in read_records(self.records / f"{caller}.jsonl")
-                    if window_start <= r["t"] <= window_end
+                    r for r in self._files[caller].read() if window_start <= r["t"] <= window_end
                 ]
                 for caller in self.callers
             },
