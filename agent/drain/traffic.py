@@ -192,6 +192,7 @@ async def traffic_drain(
         own_accepts=own_accepts,
         count_accepts=config.drain_count_accepts,
     )
+    metrics.watching(watcher.source)
     verdict = TrafficVerdict(
         trigger_at=started_at - lifecycle.elapsed(),
         started_at=started_at,
@@ -245,10 +246,12 @@ async def traffic_drain(
     )
 
 
-def probe_source(ports: Iterable[int], requested: str) -> str:
-    """Which way the drain will see sockets here (``netlink`` or ``proc``), for /status."""
+def probe_source(ports: Iterable[int], requested: str, metrics: Metrics) -> str:
+    """Which way the drain will see sockets here (``netlink`` or ``proc``), for /status and
+    ``prestop_drain_watch_source``: known from start-up, so an alert need not wait for a drain."""
     watcher = open_watcher(ports, force_proc=requested == "proc")
     try:
+        metrics.watching(watcher.source)
         return watcher.source
     finally:
         watcher.close()
