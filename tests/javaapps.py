@@ -14,6 +14,9 @@ Fixtures (import them into a test module, or make the whole suite see them with
   ``(a, b)``; a test may ``stop()``/``start()`` either one, the next test gets both running.
 - ``start_demo_app(eureka_urls, app_name="DEMO-APP", instance_id=None, port=None, ...)``: starts
   the demo app, waits until every given server lists it UP, stops it after the test.
+- The demo app's caller mode (``extra_args=["--demo.caller.target=APP", ...]``): a Spring Cloud
+  LoadBalancer client over a pooled keep-alive HTTP client calling ``APP``'s ``/whoami``, every
+  request recorded (``GET /caller/records``, ``/caller/stats``; ``POST /caller/interval?ms=``).
 - ``jvm_logs_on_failure``: prints the tail of every live JVM's log when the test failed
   (``eureka_peers`` and ``start_demo_app`` already do this).
 
