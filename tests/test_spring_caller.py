@@ -22,11 +22,18 @@ from typing import Any
 
 import pytest
 
-from tests.javaapps import DemoApp, EurekaServer, StartDemoApp, http_get, http_request
+from tests.javaapps import (
+    CACHED_EUREKA_UPDATE_SECONDS,
+    DemoApp,
+    EurekaServer,
+    StartDemoApp,
+    http_get,
+    http_request,
+)
 from tests.support import AgentProcess, free_port, wait_for
 from tests.test_registry_eureka import prestop
 
-CACHE_SECONDS = 3.0
+CACHE_SECONDS = CACHED_EUREKA_UPDATE_SECONDS
 FETCH_SECONDS = 3
 LB_TTL = "3500ms"
 REFRESH = 6.5
@@ -35,20 +42,6 @@ QUIET = 2.0
 TERMINATIONS = 5
 
 pytestmark = [pytest.mark.java, pytest.mark.usefixtures("need_java", "jvm_logs_on_failure")]
-
-
-@pytest.fixture(scope="module")
-def scaled_eureka(eureka_jar: Path, java_log_dir: Path) -> Iterator[EurekaServer]:
-    server = EurekaServer(eureka_jar, java_log_dir, "eureka-scaled", "127.0.0.1", free_port())
-    server.app.args += [
-        "--eureka.server.use-read-only-response-cache=true",
-        f"--eureka.server.response-cache-update-interval-ms={int(CACHE_SECONDS * 1000)}",
-    ]
-    try:
-        server.start()
-        yield server
-    finally:
-        server.stop()
 
 
 SCALED_CLIENT = [
@@ -68,17 +61,17 @@ def _set_interval(caller: DemoApp, ms: int) -> None:
 
 
 def _terminate_once(
-    scaled_eureka: EurekaServer,
+    cached_eureka_server: EurekaServer,
     start_demo_app: StartDemoApp,
     new_agent: Callable[..., AgentProcess],
     caller: DemoApp,
 ) -> dict[str, Any]:
     """Start replica A, let the caller reach it, terminate it; what happened, as figures."""
-    replica = start_demo_app(scaled_eureka, app_name="TARGET", extra_args=SCALED_CLIENT)
+    replica = start_demo_app(cached_eureka_server, app_name="TARGET", extra_args=SCALED_CLIENT)
     agent = new_agent(
         {
             "PRESTOP_REGISTRY": "eureka",
-            "PRESTOP_EUREKA_URLS": scaled_eureka.url,
+            "PRESTOP_EUREKA_URLS": cached_eureka_server.url,
             "PRESTOP_EUREKA_APP": "TARGET",
             "PRESTOP_EUREKA_INSTANCE_ID": replica.instance_id,
             "PRESTOP_EUREKA_CLIENT_REFRESH_SECONDS": str(REFRESH),
@@ -133,14 +126,14 @@ def _terminate_once(
 
 @pytest.fixture(scope="module")
 def caller_b(
-    scaled_eureka: EurekaServer, demo_app_jar: Path, java_log_dir: Path
+    cached_eureka_server: EurekaServer, demo_app_jar: Path, java_log_dir: Path
 ) -> Iterator[DemoApp]:
     """Replica B of TARGET, which is also the caller (module-scoped: reused by both tests)."""
     port = free_port()
     app = DemoApp(
         demo_app_jar,
         java_log_dir,
-        [scaled_eureka.url],
+        [cached_eureka_server.url],
         "TARGET",
         "127.0.0.1",
         port,
@@ -156,7 +149,7 @@ def caller_b(
 
 
 def test_a_slow_spring_caller_gets_no_failure_in_five_terminations(
-    scaled_eureka: EurekaServer,
+    cached_eureka_server: EurekaServer,
     start_demo_app: StartDemoApp,
     new_agent: Callable[..., AgentProcess],
     caller_b: DemoApp,
@@ -165,7 +158,7 @@ def test_a_slow_spring_caller_gets_no_failure_in_five_terminations(
     _set_interval(caller_b, 2000)
     runs = []
     for run in range(TERMINATIONS):
-        result = _terminate_once(scaled_eureka, start_demo_app, new_agent, caller_b)
+        result = _terminate_once(cached_eureka_server, start_demo_app, new_agent, caller_b)
         bound = result["floor"] + QUIET + 2 * POLL
         print(
             f"slow caller, termination {run + 1}: {len(result['failures'])} failed of"
@@ -183,14 +176,14 @@ def test_a_slow_spring_caller_gets_no_failure_in_five_terminations(
 
 
 def test_a_busy_pooled_caller_gets_no_failure(
-    scaled_eureka: EurekaServer,
+    cached_eureka_server: EurekaServer,
     start_demo_app: StartDemoApp,
     new_agent: Callable[..., AgentProcess],
     caller_b: DemoApp,
 ) -> None:
     _set_interval(caller_b, 25)  # 40 requests a second, half of them to A
     try:
-        result = _terminate_once(scaled_eureka, start_demo_app, new_agent, caller_b)
+        result = _terminate_once(cached_eureka_server, start_demo_app, new_agent, caller_b)
     finally:
         _set_interval(caller_b, 2000)
     bound = max(result["floor"], result["last_to_replica"] + QUIET) + 2 * POLL
