@@ -136,6 +136,12 @@ async def main() -> None:
         await asyncio.sleep(1.0)
         triggered = time.monotonic()
         hook = asyncio.create_task(prestop())
+        await asyncio.sleep(3.0)
+        async with (
+            ClientSession() as session,
+            session.get(f"http://127.0.0.1:{agent_port}/status") as response,
+        ):
+            seen_mid_drain = (await response.json())["drain"]["seen"]
         await calls
         if pending:
             await asyncio.gather(*pending)
@@ -152,6 +158,7 @@ async def main() -> None:
                 "answered": answered,
                 "failures": failures,
                 "body": body,
+                "status_seen": seen_mid_drain,
                 "poll": POLL,
                 "quiet": QUIET,
             }

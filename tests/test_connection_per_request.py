@@ -65,3 +65,7 @@ def test_connection_per_request_callers_hold_the_drain_until_they_stop(
     # accepted connections when the client does.
     seen_by = "missed_connections" if close == "server" else "unaccounted_opens"
     assert drain[seen_by] >= rate * 5
+    # /status says so while the drain runs.
+    seen_mid_drain = result["status_seen"]
+    assert isinstance(seen_mid_drain, dict)
+    assert seen_mid_drain[seen_by] >= rate * 2

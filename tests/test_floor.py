@@ -5,6 +5,9 @@ floor can outlast the drain's maximum."""
 from __future__ import annotations
 
 import ipaddress
+import json
+import urllib.request
+from collections.abc import Callable
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -13,6 +16,7 @@ from agent.config import ConfigError, load
 from agent.drain.sockdiag import Poll
 from agent.lifecycle import Propagation
 from agent.metrics import Metrics
+from tests.support import AgentProcess, free_port
 from tests.test_traffic import sample, verdict
 
 
@@ -177,3 +181,28 @@ def test_the_floor_and_max_gauges_are_declared_with_the_other_metrics() -> None:
     assert read("prestop_drain_floor_seconds") == 95
     assert read("prestop_drain_max_seconds") == 19
     assert read("prestop_registry_propagation_seconds_count") == 1
+
+
+# --- the real process: one warning at start-up, both gauges exported -----------------------------
+
+
+def test_start_up_warns_once_and_exports_the_floor_and_the_maximum(
+    new_agent: Callable[..., AgentProcess],
+) -> None:
+    closed = free_port()
+    agent = new_agent({**EUREKA, "PRESTOP_EUREKA_URLS": f"http://127.0.0.1:{closed}/eureka/"})
+    agent.run()
+    with urllib.request.urlopen(f"{agent.url}/metrics", timeout=5) as response:
+        metrics = response.read().decode()
+    with urllib.request.urlopen(f"{agent.url}/status", timeout=5) as response:
+        status = json.loads(response.read())
+    warnings = [e for e in agent.log_events() if e.get("event") == "drain_floor_exceeds_max"]
+    assert len(warnings) == 1
+    assert "= 95s > drain maximum 19s" in warnings[0]["detail"]
+    assert warnings[0]["level"] == "warning"
+    assert "prestop_drain_floor_seconds 95.0" in metrics
+    assert "prestop_drain_max_seconds 19.0" in metrics
+    drain = status["drain"]
+    assert (drain["floor_seconds"], drain["max_seconds"]) == (95.0, 19.0)
+    assert "PassiveOpens" in drain["sees"] and "TIME_WAIT" in drain["sees"]
+    assert drain["floor_warning"] == warnings[0]["detail"]

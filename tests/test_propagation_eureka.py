@@ -11,37 +11,21 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from tests.javaapps import DemoApp, EurekaServer, StartDemoApp
-from tests.support import AgentProcess, free_port, wait_for
+from tests.javaapps import CACHED_EUREKA_UPDATE_SECONDS, DemoApp, EurekaServer, StartDemoApp
+from tests.support import AgentProcess, wait_for
 from tests.test_registry_eureka import prestop
 
 POLL = 0.2
-CACHE_SECONDS = 3.0
+CACHE_SECONDS = CACHED_EUREKA_UPDATE_SECONDS
 CLIENT_FETCH_SECONDS = 1.0  # the demo app's registry-fetch-interval-seconds
 REFRESH = 1.0  # PRESTOP_EUREKA_CLIENT_REFRESH_SECONDS for these tests: keeps them short
 
 java = [pytest.mark.java, pytest.mark.usefixtures("need_java", "jvm_logs_on_failure")]
-
-
-@pytest.fixture(scope="module")
-def cached_eureka(eureka_jar: Path, java_log_dir: Path) -> Iterator[EurekaServer]:
-    """A standalone server with the read-only response cache on, refreshed every 3 s."""
-    server = EurekaServer(eureka_jar, java_log_dir, "eureka-cached", "127.0.0.1", free_port())
-    server.app.args += [
-        "--eureka.server.use-read-only-response-cache=true",
-        f"--eureka.server.response-cache-update-interval-ms={int(CACHE_SECONDS * 1000)}",
-    ]
-    try:
-        server.start()
-        yield server
-    finally:
-        server.stop()
 
 
 def _client_sees_it_gone(app: DemoApp) -> bool:
@@ -109,7 +93,7 @@ def test_visible_to_clients_matches_a_real_discovery_client(
     new_agent: Callable[..., AgentProcess],
 ) -> None:
     server: EurekaServer = request.getfixturevalue(
-        "cached_eureka" if cache == "on" else "eureka_server"
+        "cached_eureka_server" if cache == "on" else "eureka_server"
     )
     app = start_demo_app(server, app_name=f"PROPAGATION-{cache}-{status}".replace("_", "-"))
     body, client_gone = _terminate(app, server, status, new_agent)

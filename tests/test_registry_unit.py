@@ -24,10 +24,12 @@ from aiohttp.test_utils import TestServer
 from structlog.testing import capture_logs
 
 from agent.config import load
+from agent.lifecycle import Propagation
 from agent.registry import RegistryError, open_registry
 from agent.registry._http import REPLICATION_HEADER, Server
 from agent.registry.eureka import EurekaRegistry
 from agent.registry.register import RegisterRegistry
+from agent.registry.view import ClientView
 from tests.support import skip_or_fail
 
 APP = "DEMO-APP"
@@ -474,3 +476,53 @@ async def test_register_registers_renews_marks_and_cancels(
     await asyncio.sleep(0.25)  # no renewal after the cancel would register it again
     assert f"{POD_IP}:py-app:9000" not in fake.instances
     await registry.close()
+
+
+# ------------------------------------------------------------- the client-facing view (error paths)
+
+
+async def _watch(url_list: list[str], session: aiohttp.ClientSession) -> Propagation:
+    view = ClientView(config(url_list, PRESTOP_DRAIN_POLL_SECONDS="0.01"), session)
+    seen = Propagation(registry=True, client_refresh=6.5, server_cache=3.0)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    async with asyncio.timeout(5):
+        await view.watch(seen, lambda: loop.time() - started)
+    return seen
+
+
+async def test_a_view_that_fails_three_times_is_assumed_not_measured(
+    serve: Serve, session: aiohttp.ClientSession
+) -> None:
+    fake, url = await serve([instance("pod-1")])
+    fake.statuses = [503] * 3
+    seen = await _watch([url], session)
+    assert seen.visible_to_clients is None
+    assert list(seen.unobservable) == [url]
+    assert seen.floor(elapsed=1.0) == 3.0 + 6.5  # the server cache's bound, not "now"
+
+
+async def test_an_instance_the_view_never_listed_is_not_taken_as_gone(
+    serve: Serve, session: aiohttp.ClientSession
+) -> None:
+    # Listed under another address: absence there proves nothing about what clients see.
+    _, url = await serve([instance("pod-1", ip="10.9.9.9")])
+    seen = await _watch([url], session)
+    assert seen.visible_to_clients is None
+    assert "not listed" in seen.unobservable[url]
+
+
+async def test_the_view_showing_the_status_is_recorded_per_server(
+    serve: Serve, session: aiohttp.ClientSession
+) -> None:
+    slow, lagging = await serve([instance("pod-1")])
+    _, prompt = await serve([instance("pod-1", status="OUT_OF_SERVICE")])
+    watching = asyncio.create_task(_watch([lagging, prompt], session))
+    await asyncio.sleep(0.3)
+    assert not watching.done()  # one server still shows UP to its clients: the watch goes on
+    slow.instances["pod-1"]["status"] = "DOWN"
+    seen = await watching
+    assert seen.servers[prompt] is not None and seen.servers[prompt] < 0.2
+    assert seen.servers[lagging] is not None and seen.servers[lagging] >= 0.3
+    assert seen.visible_to_clients == seen.servers[lagging]
+    assert seen.floor(elapsed=5.0) == pytest.approx(seen.servers[lagging] + 6.5)

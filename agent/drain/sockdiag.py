@@ -18,6 +18,13 @@ used inside a running event loop. The direct request with the small ``struct`` p
 ~4.7 ms per poll at 1,000 connections in that comparison; this module now takes ~3.2 ms CPU per
 poll at 1,000 and ~36 ms at 10,000 (``bench/bench_sockdiag.py``).
 
+A connection can open, carry a request and close between two polls. The netlink watcher still
+counts it (``Poll.missed``, ``Poll.unaccounted_opens``): the dump includes TIME_WAIT sockets, which
+a connection the app closed first leaves behind for 60 s, and each poll reads the network
+namespace's count of accepted connections (``/proc/net/snmp`` PassiveOpens), which shows those a
+client closed first. Both are unprivileged; together they add ~3 % CPU per poll at 1,000 sockets
+and ~6 % at 10,000 (``bench/bench_sockdiag.py``, "old" against "netlink").
+
 Where netlink is not available (a sandbox such as gVisor, a kernel without ``inet_diag``), the
 ``/proc/net/tcp{,6}`` fallback still counts connections and queues, but cannot say when data was
 last received or sent (``None``).
