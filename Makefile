@@ -39,6 +39,14 @@ system-deps:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus iproute2 >/dev/null; \
 	else echo "not root: prometheus/iproute2 not installed; tests that need them skip (fail under CI=true)"; fi
 
+## The kubelet tests' node (tests/kube/prepare.sh, root only): Debian's containerd, runc, CNI
+## plugins, buildah and mmdebstrap; kubelet v1.34.2 built from the Go module proxy (needs go, about
+## 5 min and 1.5 GB the first time); the agent image built from docker/Dockerfile on a Debian base.
+## All cached under /var/cache/prestop-agent/kube: a warm machine only hashes files.
+kube-prepare:
+	@if [ "$$(id -u)" = 0 ]; then bash tests/kube/prepare.sh >/dev/null; \
+	else echo "not root: no kubelet node; the kube tests skip (fail under CI=true)"; fi
+
 ## helm, kustomize (Go module proxy) and checkov (PyPI), each cached under its version. A lock
 ## keeps two checkouts on one machine from filling the same cache at once.
 k8s-tools: $(HELM) $(KUSTOMIZE) $(CHECKOV)
@@ -54,20 +62,12 @@ $(CHECKOV):
 	flock /tmp/prestop-tools.lock sh -c 'python3 -m venv $(TOOLS)/checkov-$(CHECKOV_VERSION) \
 		&& $(TOOLS)/checkov-$(CHECKOV_VERSION)/bin/pip install --quiet checkov==$(CHECKOV_VERSION)'
 
-## The kubelet tests' node (tests/kube/prepare.sh, root only): Debian's containerd, runc, CNI
-## plugins, buildah and mmdebstrap; kubelet v1.34.2 built from the Go module proxy (needs go, about
-## 5 min and 1.5 GB the first time); the agent image built from docker/Dockerfile on a Debian base.
-## All cached under /var/cache/prestop-agent/kube: a warm machine only hashes files.
-kube-prepare:
-	@if [ "$$(id -u)" = 0 ]; then bash tests/kube/prepare.sh >/dev/null; \
-	else echo "not root: no kubelet node; the kube tests skip (fail under CI=true)"; fi
-
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-## Every test: lint, unit, process, traffic, Prometheus, the real Eureka/Spring Boot ones, and
-## the agent's pods under a real kubelet (tests/kube/).
+## Every test: lint, unit, process, traffic, Prometheus, the real Eureka/Spring Boot ones, the
+## k8s/ checks, and the agent's pods under a real kubelet (tests/kube/).
 test: $(STAMP) system-deps k8s-tools kube-prepare lint
 	PRESTOP_HELM=$(HELM) PRESTOP_KUSTOMIZE=$(KUSTOMIZE) PRESTOP_CHECKOV=$(CHECKOV) $(PYTHON) -m pytest
 

@@ -46,8 +46,7 @@ def test_the_dockerfile_matches_the_package() -> None:
     # Every stage starts from BASE_IMAGE, whose default is the official image of a Python the
     # package supports (the kubelet tests pass a Debian base built on the machine instead).
     default = re.search(r"^ARG BASE_IMAGE=python:(\d+\.\d+)\.\d+-slim", text, re.MULTILINE)
-    required = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
-    assert default is not None and f">={default.group(1)}" == required
+    assert default is not None and f">={default.group(1)}" == PYPROJECT["requires-python"]
     stages = re.findall(r"^FROM (\S+)", text, re.MULTILINE)
     assert stages and set(stages) == {"${BASE_IMAGE}"}, stages
     for source in re.findall(r"^COPY (?!--from)(.+) \S+$", text, re.MULTILINE):

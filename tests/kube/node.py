@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import fcntl
+import hashlib
 import ipaddress
 import json
 import os
@@ -30,10 +32,10 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import yaml
 
@@ -248,6 +250,7 @@ def clean_host(
     """Remove everything a node with this state folder, subnet and bridge may have left behind,
     running or not: its processes (containerd shims and pods), network namespaces, bridge,
     mounts, cgroups and files (``keep_logs``: all but ``state/logs``). Idempotent."""
+    ids = _runtime_ids(state)
     # 1. Processes: the shims of our containerd (their command line names our socket) and every
     # process in the kubelet's cgroups; then the kubelet and containerd themselves if still up.
     victims = _pids_with_cmdline(str(state / "containerd.sock"))
@@ -257,21 +260,13 @@ def clean_host(
     victims += _pids_with_cmdline(str(state / "kubelet.yaml"))
     victims += _pids_with_cmdline(str(state / "containerd.toml"))
     _kill_and_wait(sorted(set(victims) - {os.getpid()}))
-    # 2. Pod network namespaces on our subnet (created by containerd under /run/netns).
+    # 2. Pod network namespaces (containerd makes them under /run/netns): those on our subnet,
+    # and those our sandboxes left with nothing but a loopback and nobody inside.
     network = ipaddress.ip_network(subnet)
     netns_dir = Path("/run/netns")
     for netns in sorted(netns_dir.glob("cni-*")) if netns_dir.is_dir() else []:
-        addresses = _run("ip", "-n", netns.name, "-j", "addr", "show", check=False)
-        with contextlib.suppress(ValueError):
-            infos = json.loads(addresses or "[]")
-            ours = any(
-                ipaddress.ip_address(a["local"]) in network
-                for info in infos
-                for a in info.get("addr_info", [])
-                if a.get("family") == "inet"
-            )
-            if ours:
-                _run("ip", "netns", "delete", netns.name, check=False)
+        if _netns_is_ours_or_dead(netns, network):
+            _run("ip", "netns", "delete", netns.name, check=False)
     if Path(f"/sys/class/net/{bridge}").exists():
         _run("ip", "link", "delete", bridge, check=False)
     # 3. Mounts under the state folder (container root filesystems, pod volumes, shm).
@@ -299,8 +294,48 @@ def clean_host(
         for link in CONTAINER_LOG_LINKS.iterdir():
             if link.is_symlink() and f"-{NODE_NAME}_default_" in link.name:
                 link.unlink()
+    with contextlib.suppress(OSError):
+        CONTAINER_LOG_LINKS.rmdir()  # when empty
     for result in Path("/var/lib/cni/results").glob(f"{NETWORK_NAME}-*"):
         result.unlink(missing_ok=True)
+    # containerd keeps shim sockets and the CNI loopback results under fixed paths, named after
+    # our sandboxes and containers.
+    address = state / "containerd.sock"
+    for cid in ids:
+        digest = hashlib.sha256(f"{address}/k8s.io/{cid}".encode()).hexdigest()
+        Path(f"/run/containerd/s/{digest}").unlink(missing_ok=True)
+        Path(f"/var/lib/cni/results/cni-loopback-{cid}-lo").unlink(missing_ok=True)
+
+
+def _netns_is_ours_or_dead(
+    netns: Path, network: ipaddress.IPv4Network | ipaddress.IPv6Network
+) -> bool:
+    try:
+        infos = json.loads(_run("ip", "-n", netns.name, "-j", "addr", "show", check=False) or "[]")
+        inode = netns.stat().st_ino
+    except (ValueError, OSError):
+        return False
+    addresses = [a for i in infos for a in i.get("addr_info", []) if a.get("family") == "inet"]
+    if any(ipaddress.ip_address(a["local"]) in network for a in addresses):
+        return True
+    if any(i.get("ifname") != "lo" for i in infos):
+        return False
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            with contextlib.suppress(OSError):
+                if (proc / "ns" / "net").stat().st_ino == inode:
+                    return False
+    return True
+
+
+def _runtime_ids(state: Path) -> set[str]:
+    """Ids of every sandbox and container containerd knows under ``state``."""
+    folders = (
+        state / "containerd/state/io.containerd.runtime.v2.task/k8s.io",
+        state / "containerd/root/io.containerd.grpc.v1.cri/sandboxes",
+        state / "containerd/root/io.containerd.grpc.v1.cri/containers",
+    )
+    return {entry.name for folder in folders if folder.is_dir() for entry in folder.iterdir()}
 
 
 # ------------------------------------------------------------------------------------ node
@@ -326,11 +361,13 @@ class KubeNode:
         self._containerd: subprocess.Popen[bytes] | None = None
         self._kubelet: subprocess.Popen[bytes] | None = None
         self._ended: dict[str, dict[str, dict[str, Any]]] = {}
+        self._lock: IO[str] | None = None
 
     # --- start / stop ---------------------------------------------------------------------
 
     def start(self) -> KubeNode:
         started = time.monotonic()
+        self._take_machine_lock()
         clean_host(self.state, str(self.subnet))
         for folder in (self.manifests, self.pod_logs, self.state / "cni", self.state / "logs"):
             folder.mkdir(parents=True, exist_ok=True)
@@ -342,14 +379,32 @@ class KubeNode:
         self.setup_seconds = time.monotonic() - started
         return self
 
+    def _take_machine_lock(self, timeout: float = 900.0) -> None:
+        """One node per state folder on the machine: a second one would clean the first one's
+        processes and bridge away. Wait for the holder (another test session) to finish."""
+        self.state.parent.mkdir(parents=True, exist_ok=True)
+        lock = (self.state.parent / f".{self.state.name}.lock").open("w")
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                self._lock = lock
+                return
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    lock.close()
+                    raise NodeError(f"another session runs a node in {self.state}") from None
+                time.sleep(1)
+
     def stop(self) -> None:
         """Delete every pod (the kubelet runs its termination), stop the kubelet and containerd
         by PID, then remove what the node created."""
-        with contextlib.suppress(NodeError):
-            for manifest in self.manifests.glob("*.yaml"):
-                manifest.unlink()
-            if self._kubelet is not None and self._kubelet.poll() is None:
-                self.wait_until("every pod gone", lambda: not self.pods(), 90)
+        if self._lock is None:
+            return  # never started: the state folder may be another session's
+        left = [manifest.stem for manifest in self.manifests.glob("*.yaml")]
+        if left and self._kubelet is not None and self._kubelet.poll() is None:
+            with contextlib.suppress(NodeError):  # what is still running gets killed below
+                self.delete(*left, timeout=90)
         for proc in (self._kubelet, self._containerd):
             if proc is not None and proc.poll() is None:
                 proc.terminate()
@@ -361,6 +416,9 @@ class KubeNode:
         self._kubelet = self._containerd = None
         # The logs stay (until the next start) for whoever looks into a failure.
         clean_host(self.state, str(self.subnet), keep_logs=True)
+        if self._lock is not None:
+            self._lock.close()  # releases the machine lock
+            self._lock = None
 
     def _make_bridge(self) -> None:
         # The bridge has the node's address and nothing else: no gateway for the pods, no NAT,
@@ -500,10 +558,12 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
     def wait_until(
         self,
         what: str,
-        check: Any,
+        check: Callable[[], bool],
         timeout: float,
         proc: subprocess.Popen[bytes] | None = None,
     ) -> float:
+        """Poll ``check`` every 0.1 s until it holds; returns seconds waited. NodeError after
+        ``timeout`` s, or at once when ``proc`` (default: the kubelet) has exited."""
         started = time.monotonic()
         proc = proc or self._kubelet
         while not check():

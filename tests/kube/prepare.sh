@@ -64,7 +64,7 @@ hash_of() { sha256sum | cut -c1-16; }
 rootfs_image() {
     local name=$1 packages=$2 tar="$CACHE/images/rootfs-$$.tar"
     local started=$SECONDS
-    rm -f "$tar"
+    trap "rm -f '$tar'" EXIT  # expanded now: $tar is local
     mmdebstrap --quiet --variant=minbase --include="$packages" \
         --aptopt='APT::Install-Recommends "false"' \
         --dpkgopt='path-exclude=/usr/share/doc/*' \
@@ -129,6 +129,8 @@ java_tar="$CACHE/images/java-$java_key.tar"
 if [ ! -f "$java_tar" ]; then
     rootfs_image "localhost/prestop-java-rootfs:$java_key" "$BASE_PACKAGES,$JAVA_PACKAGES"
     export_image "localhost/prestop-java-rootfs:$java_key" "$JAVA_NAME" "$java_tar"
+    # Only the archive is used from here on: nothing is built FROM this image.
+    "${BUILDAH[@]}" rmi "localhost/prestop-java-rootfs:$java_key" >/dev/null
 fi
 
 echo "KUBELET=$kubelet"
