@@ -9,9 +9,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from bench.rollout.rig import CALLERS, Replacement
-
-OK = "200"
+from bench.rollout.rig import CALLERS, OK, Replacement
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,8 @@ set up for the scenario it will be deleted in, and three callers as pods:
 - ``fresh``: ``bench/rollout/caller.py``, a new TCP connection per request at ``FRESH_RATE``
   req/s, discovering the instances through Eureka's REST API with its own fetch and cache times.
 
-Every caller appends one JSON line per request to a file in ``records`` (a hostPath volume).
+The Spring callers keep their records in memory (read over HTTP); ``fresh`` appends one JSON line
+per request to a file in ``records`` (a hostPath volume).
 
 A standalone kubelet has no Deployment controller, so ``replace()`` does by hand what one with
 ``maxSurge: 1, maxUnavailable: 0`` does: start the new replica, wait until it is Ready, until
@@ -22,7 +23,6 @@ replica's pod. The kubelet runs that pod's whole termination (hook, signals, gra
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import threading
 import time
@@ -43,6 +43,7 @@ from tests.kube.pods import (
 
 HERE = Path(__file__).resolve().parent
 APP = "DEMO-APP"
+OK = "200"
 BUSY_RATE = 40.0
 SLOW_RATE = 0.75
 FRESH_RATE = 25.0
@@ -214,15 +215,10 @@ def _records_volume(records: Path) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def spring_caller_pod(
-    node: KubeNode,
-    name: str,
-    jar: Path,
-    rate: float,
-    timings: Timings,
-    eureka_url: str,
-    records: Path,
+    node: KubeNode, name: str, jar: Path, rate: float, timings: Timings, eureka_url: str
 ) -> dict[str, Any]:
-    """The demo app in caller mode: a Eureka client that only fetches, no registration."""
+    """The demo app in caller mode (its ``Caller``, ``demo.caller.target``): a Eureka client
+    that only fetches; its records are read over HTTP (``/caller/records``)."""
     pod = agent_pod(name, node.prepared, jar, {}, eureka_url=eureka_url)
     spec = pod["spec"]
     app = spec["containers"][0]
@@ -233,15 +229,11 @@ def spring_caller_pod(
         *_eureka_args(timings, eureka_url),
         "--eureka.client.register-with-eureka=false",
         f"--spring.cloud.loadbalancer.cache.ttl={int(timings.balancer_cache * 1000)}ms",
-        f"--demo.caller.service={APP.lower()}",
-        f"--demo.caller.rate={rate:g}",
-        f"--demo.caller.record-file={records / name}.jsonl",
+        f"--demo.caller.target={APP.lower()}",
+        f"--demo.caller.interval-ms={round(1000 / rate)}",
     )
     del app["lifecycle"]
     app["readinessProbe"]["httpGet"] = {"port": APP_PORT, "path": "/actuator/health"}
-    volume, mount = _records_volume(records)
-    spec["volumes"].append(volume)
-    app["volumeMounts"].append(mount)
     spec["terminationGracePeriodSeconds"] = 5
     return pod
 
@@ -300,25 +292,58 @@ def eureka_view(eureka_url: str) -> dict[str, str]:
 
 
 class RecordFile:
-    """A caller's record file, read incrementally (the rig polls it often; it only grows)."""
+    """The fresh caller's record file, read incrementally (it only grows)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.records: list[dict[str, Any]] = []
         self._offset = 0
 
-    def read(self) -> list[dict[str, Any]]:
-        """Every complete record so far (a line being written is left for the next read)."""
+    def read(self, since: float = 0.0) -> list[dict[str, Any]]:
+        """The complete records sent at or after ``since`` (epoch seconds)."""
         if self.path.exists():
             with self.path.open("rb") as file:
                 file.seek(self._offset)
                 chunk = file.read()
-            complete = chunk[: chunk.rfind(b"\n") + 1]
+            complete = chunk[: chunk.rfind(b"\n") + 1]  # a line being written waits
             self._offset += len(complete)
             for line in complete.decode(errors="replace").splitlines():
                 with contextlib.suppress(ValueError):
                     self.records.append(json.loads(line))
-        return self.records
+        return [r for r in self.records if r["t"] >= since]
+
+
+class SpringRecords:
+    """A Spring caller's records (``/caller/records`` of the demo app's ``Caller``), in the
+    fresh caller's form: ``t`` seconds, ``ms``, ``target`` ``ip:port``, ``outcome`` ``200``
+    or the exception class."""
+
+    def __init__(self, node: KubeNode, pod: str) -> None:
+        self.node = node
+        self.pod = pod
+
+    def read(self, since: float = 0.0) -> list[dict[str, Any]]:
+        address = f"{self.node.pod_ip(self.pod)}:{APP_PORT}"
+        url = f"http://{address}/caller/records?since={int(since * 1000)}"
+        try:
+            with _OPENER.open(url, timeout=10) as response:
+                calls = json.load(response)
+        except (OSError, ValueError):
+            return []
+        return [
+            {
+                "t": call["sentMs"] / 1000,
+                "ms": call["tookMs"],
+                # The instance id is ip:app:port (the demo app's eureka.instance.instance-id).
+                "target": (
+                    "{0}:{2}".format(*call["target"].split(":"))
+                    if call["target"].count(":") == 2
+                    else ""
+                ),
+                "outcome": OK if call["outcome"] == "ok" else call["outcome"].split(":")[0],
+            }
+            for call in calls
+        ]
 
 
 class ViewWatcher:
@@ -395,7 +420,10 @@ class Rig:
         self.eureka_url = ""
         self.replicas: list[str] = []
         self._count = 0
-        self._files = {c: RecordFile(records / f"{c}.jsonl") for c in callers}
+        self._files: dict[str, RecordFile | SpringRecords] = {
+            c: RecordFile(records / f"{c}.jsonl") if c == "fresh" else SpringRecords(node, c)
+            for c in callers
+        }
 
     def start(self, first: Scenario, second: Scenario) -> None:
         """Eureka, two replicas (to be deleted in ``first`` and ``second``), the callers."""
@@ -416,13 +444,7 @@ class Rig:
                 pod = fresh_caller_pod(node, caller, self.timings, self.eureka_url, self.records)
             else:
                 pod = spring_caller_pod(
-                    node,
-                    caller,
-                    self.demo_jar,
-                    rates[caller],
-                    self.timings,
-                    self.eureka_url,
-                    self.records,
+                    node, caller, self.demo_jar, rates[caller], self.timings, self.eureka_url
                 )
             node.apply(pod)
         for caller in self.callers:
@@ -454,10 +476,7 @@ class Rig:
 
     def _used_by_callers(self, target: str, since: float) -> bool:
         for caller in self.callers:
-            records = self._files[caller].read()
-            # Newest first, stopping a little before ``since`` (records are written on answer).
-            recent = itertools.takewhile(lambda r: r["t"] >= since - 10, reversed(records))
-            if not any(r["target"] == target and r["t"] >= since for r in recent):
+            if not any(r["target"] == target for r in self._files[caller].read(since)):
                 return False
         return True
 
@@ -497,9 +516,7 @@ class Rig:
             down_visible_at=view.first_not_up(old_target, deleted_at),
             grace=self.timings.grace,
             records={
-                caller: [
-                    r for r in self._files[caller].read() if window_start <= r["t"] <= window_end
-                ]
+                caller: [r for r in self._files[caller].read(window_start) if r["t"] <= window_end]
                 for caller in self.callers
             },
             timeline=timeline,
