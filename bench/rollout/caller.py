@@ -77,8 +77,13 @@ class Caller:
             outcome = "NoInstance"
         else:
             host, port = target.rsplit(":", 1)
-            connection = http.client.HTTPConnection(host, int(port), timeout=5)
+            connection = http.client.HTTPConnection(
+                host, int(port), timeout=self.args.connect_timeout
+            )
             try:
+                connection.connect()
+                assert connection.sock is not None
+                connection.sock.settimeout(self.args.read_timeout)
                 connection.request("GET", self.args.path, headers={"Connection": "close"})
                 response = connection.getresponse()
                 response.read()
@@ -116,6 +121,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rate", type=float, default=25.0, help="requests per second")
     parser.add_argument("--fetch", type=float, default=3.0, help="registry fetch interval, s")
     parser.add_argument("--cache", type=float, default=3.5, help="load-balancer cache TTL, s")
+    parser.add_argument("--connect-timeout", type=float, default=1.0, help="seconds")
+    parser.add_argument("--read-timeout", type=float, default=5.0, help="seconds")
     parser.add_argument("--record", default="-", help="file to append records to")
     args = parser.parse_args(argv)
     with open(args.record, "a") if args.record != "-" else sys.stdout as record:

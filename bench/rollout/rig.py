@@ -48,6 +48,8 @@ BUSY_RATE = 40.0
 SLOW_RATE = 0.75
 FRESH_RATE = 25.0
 CALLERS = ("busy", "slow", "fresh")
+CONNECT_TIMEOUT = 1.0  # every caller's, seconds
+READ_TIMEOUT = 5.0
 START_TIMEOUT = 240.0  # JVMs starting on a loaded 2-core machine
 
 # urllib without proxies from the environment: every target is on this machine.
@@ -231,6 +233,11 @@ def spring_caller_pod(
         f"--spring.cloud.loadbalancer.cache.ttl={int(timings.balancer_cache * 1000)}ms",
         f"--demo.caller.target={APP.lower()}",
         f"--demo.caller.interval-ms={round(1000 / rate)}",
+        # A deleted pod's address vanishes from the bridge: a connect to it is not refused but
+        # unanswered, and HttpClient's default connect timeout (3 min) would hold the caller's
+        # few sender threads for minutes. Timeouts as a production client sets them.
+        f"--spring.http.client.connect-timeout={CONNECT_TIMEOUT:g}s",
+        f"--spring.http.client.read-timeout={READ_TIMEOUT:g}s",
     )
     del app["lifecycle"]
     app["readinessProbe"]["httpGet"] = {"port": APP_PORT, "path": "/actuator/health"}
@@ -264,6 +271,8 @@ def fresh_caller_pod(
                         f"--fetch={timings.client_fetch:g}",
                         f"--cache={timings.balancer_cache:g}",
                         f"--record={records / name}.jsonl",
+                        f"--connect-timeout={CONNECT_TIMEOUT:g}",
+                        f"--read-timeout={READ_TIMEOUT:g}",
                     ],
                     "volumeMounts": [mount, {"name": "script", "mountPath": "/rollout"}],
                 }
