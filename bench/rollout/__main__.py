@@ -141,6 +141,19 @@ def write_report(raw: dict[str, object]) -> None:
             if shortest is not None
             else "No sleep tried gave zero failures in every run.",
         ]
+        agent = [r for r in scaled if r.scenario in ("traffic", "native")]
+        safe = [r for r in search if r.scenario == f"classic-{shortest:g}"]
+        if shortest is not None and agent and safe:
+            terminations = [r.termination for r in agent]
+            lines += [
+                "",
+                f"Against it: the agent's traffic drain (scenarios 5 and 6, {len(agent)} runs,"
+                f" {sum(r.failures for r in agent)} failed requests) ended the pod in"
+                f" {min(terminations):.1f}-{max(terminations):.1f} s (mean"
+                f" {sum(terminations) / len(terminations):.1f} s); the {shortest:g} s sleep ends"
+                f" it in {sum(r.termination for r in safe) / len(safe):.1f} s ({shortest:g} s plus"
+                " the app's own shutdown, which both pay).",
+            ]
     else:
         lines.append("Not measured in this report.")
     if search:

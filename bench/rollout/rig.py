@@ -322,6 +322,24 @@ class RecordFile:
         return [r for r in self.records if r["t"] >= since]
 
 
+# What the Spring caller's exception messages say, as the fresh caller's exception classes do.
+_CAUSES = (
+    ("Connection refused", "refused"),
+    ("Connect timed out", "connect timeout"),
+    ("connect timed out", "connect timeout"),
+    ("Read timed out", "read timeout"),
+    ("Connection reset", "reset"),
+    ("closed", "closed"),
+)
+
+
+def _failure_kind(outcome: str) -> str:
+    """``ExceptionClass: message`` -> ``ExceptionClass`` plus the cause its message names."""
+    name, _, message = outcome.partition(":")
+    cause = next((short for text, short in _CAUSES if text in message), "")
+    return f"{name} ({cause})" if cause else name
+
+
 class SpringRecords:
     """A Spring caller's records (``/caller/records`` of the demo app's ``Caller``), in the
     fresh caller's form: ``t`` seconds, ``ms``, ``target`` ``ip:port``, ``outcome`` ``200``
@@ -349,7 +367,7 @@ class SpringRecords:
                     if call["target"].count(":") == 2
                     else ""
                 ),
-                "outcome": OK if call["outcome"] == "ok" else call["outcome"].split(":")[0],
+                "outcome": OK if call["outcome"] == "ok" else _failure_kind(call["outcome"]),
             }
             for call in calls
         ]
