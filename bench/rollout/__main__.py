@@ -118,7 +118,7 @@ def write_report(raw: dict[str, object]) -> None:
         "done by the harness because a standalone kubelet has no Deployment controller: start a",
         "new replica, wait until Eureka's client-facing view lists it UP and every caller has",
         "sent to it, then delete the oldest replica's pod; the kubelet runs its termination.",
-        "Failures are counted from 5 s before the deletion to 12 s after the pod was gone.",
+        "Requests are counted from 6 s before the deletion to 12 s after the pod was gone.",
         "",
         "## Scenarios (scaled timings)",
         "",

@@ -113,6 +113,13 @@ def _kinds(runs: list[RunFigures], caller: str) -> str:
     return ", ".join(f"{k} {n}" for k, n in total.most_common()) or "-"
 
 
+def _order(key: str, titles: dict[str, str]) -> tuple[float, str]:
+    """Scenarios by their number (the titles start with it), searched sleeps by length."""
+    if key.startswith("classic-"):
+        return float(key.split("-", 1)[1]), ""
+    return 0.0, titles.get(key, key)
+
+
 def scenario_rows(runs: list[RunFigures], titles: dict[str, str]) -> list[str]:
     """One row per scenario and caller: runs, requests, failures (runs with any), kinds, and
     the scenario's termination, DOWN-visible and last-served times (mean (min-max), s)."""
@@ -124,7 +131,7 @@ def scenario_rows(runs: list[RunFigures], titles: dict[str, str]) -> list[str]:
     by_scenario: dict[str, list[RunFigures]] = {}
     for run in runs:
         by_scenario.setdefault(run.scenario, []).append(run)
-    for key, group in by_scenario.items():
+    for key, group in sorted(by_scenario.items(), key=lambda item: _order(item[0], titles)):
         for index, caller in enumerate(c for c in CALLERS if c in group[0].sent):
             sent = sum(r.sent.get(caller, 0) for r in group)
             failed = sum(sum(r.failed.get(caller, {}).values()) for r in group)
@@ -202,7 +209,7 @@ def plot(runs: list[RunFigures], titles: dict[str, str], path: str) -> None:
     by_scenario: dict[str, list[RunFigures]] = {}
     for run in runs:
         by_scenario.setdefault(run.scenario, []).append(run)
-    keys = list(by_scenario)
+    keys = sorted(by_scenario, key=lambda key: _order(key, titles))
     fig, axes = plt.subplots(len(keys), 1, figsize=(10, 1.7 * len(keys) + 0.6), sharex=True)
     axes = [axes] if len(keys) == 1 else list(axes)
     colours = {0: "0.75", 1: "tab:blue"}
