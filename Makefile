@@ -1,9 +1,13 @@
 # Two commands matter (see README): `make run` and `make test`. Both work on a fresh machine.
 VENV   := .venv
 PYTHON := $(VENV)/bin/python
-STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+CKSUM  := $(shell cksum pyproject.toml | cut -d' ' -f1)
+# What is installed in the venv, redone when pyproject.toml changes: the package alone (enough to
+# run it), or the package and its test tools.
+RUN_STAMP  := $(VENV)/.installed-run-$(CKSUM)
+TEST_STAMP := $(VENV)/.installed-test-$(CKSUM)
 
-.PHONY: run test system-deps k8s-tools kube-prepare lint bench bench-rollout
+.PHONY: run test system-deps k8s-tools kube-prepare lint bench bench-rollout reference
 
 # Kubernetes tools the suite runs on k8s/ (chart, component, manifests). Built or installed once
 # per version into a cache on the machine (never into git), so a fresh machine pays once.
@@ -18,16 +22,22 @@ HELM              := $(TOOLS)/helm-$(HELM_VERSION)/helm
 KUSTOMIZE         := $(TOOLS)/kustomize-$(KUSTOMIZE_VERSION)/kustomize
 CHECKOV           := $(TOOLS)/checkov-$(CHECKOV_VERSION)/bin/checkov
 
-# The package and its test tools, in a venv of their own; redone when pyproject.toml changes.
-$(STAMP): pyproject.toml
+$(PYTHON):
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -e '.[test]'
-	rm -f $(VENV)/.installed-*
+
+$(RUN_STAMP): pyproject.toml | $(PYTHON)
+	$(VENV)/bin/pip install --quiet -e .
+	rm -f $(VENV)/.installed-run-*
 	touch $@
 
+$(TEST_STAMP): pyproject.toml | $(PYTHON)
+	$(VENV)/bin/pip install --quiet -e '.[test]'
+	rm -f $(VENV)/.installed-*
+	touch $@ $(RUN_STAMP)
+
 ## Run the agent with its embedded defaults: :8099, traffic drain watching port 8080, no registry.
-run: $(STAMP)
+run: $(RUN_STAMP)
 	$(VENV)/bin/prestop-agent
 
 ## What the suite needs from Debian: promtool/prometheus (metrics checked by the real thing),
@@ -62,16 +72,16 @@ $(CHECKOV):
 	flock /tmp/prestop-tools.lock sh -c 'python3 -m venv $(TOOLS)/checkov-$(CHECKOV_VERSION) \
 		&& $(TOOLS)/checkov-$(CHECKOV_VERSION)/bin/pip install --quiet checkov==$(CHECKOV_VERSION)'
 
-lint: $(STAMP)
+lint: $(TEST_STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
 ## Every test: lint, unit, process, traffic, Prometheus, the real Eureka/Spring Boot ones, the
 ## k8s/ checks, and the agent's pods under a real kubelet (tests/kube/).
-test: $(STAMP) system-deps k8s-tools kube-prepare lint
+test: $(TEST_STAMP) system-deps k8s-tools kube-prepare lint
 	PRESTOP_HELM=$(HELM) PRESTOP_KUSTOMIZE=$(KUSTOMIZE) PRESTOP_CHECKOV=$(CHECKOV) $(PYTHON) -m pytest
 
-bench: $(STAMP)
+bench: $(TEST_STAMP)
 	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }
 	$(PYTHON) bench/bench_agent.py
 	$(PYTHON) bench/bench_sockdiag.py
@@ -79,6 +89,10 @@ bench: $(STAMP)
 ## The rolling-replacement benchmark on a real kubelet (root; bench/rollout/): every scenario
 ## several times, the sleep search, then bench/results/rollout.md and rollout.png. Heavy (JVMs,
 ## ~30 min): it waits for the machine's heavy-job lock.
-bench-rollout: $(STAMP) kube-prepare
+bench-rollout: $(TEST_STAMP) kube-prepare
 	$(VENV)/bin/pip install --quiet -e '.[test,bench]'
 	flock /tmp/prestop-heavy.lock $(PYTHON) -m bench.rollout $(ROLLOUT_ARGS)
+
+## Regenerate docs/reference.md from the code (Config's field docstrings, agent/metrics.py).
+reference: $(RUN_STAMP)
+	$(PYTHON) -m agent.reference

@@ -15,7 +15,18 @@ import sys
 from collections.abc import Mapping, Sequence
 
 from agent import __version__
-from agent.config import Config, ConfigError, load
+from agent.config import (
+    DRAIN_MODES,
+    DRAIN_SOURCES,
+    LOG_FORMATS,
+    LOG_LEVELS,
+    REGISTRIES,
+    Config,
+    ConfigError,
+    in_use,
+    load,
+)
+from agent.reference import settings
 
 # flag -> environment variable it sets
 FLAGS = {
@@ -23,14 +34,30 @@ FLAGS = {
     "--port": "PRESTOP_PORT",
     "--drain-mode": "PRESTOP_DRAIN_MODE",
     "--drain-seconds": "PRESTOP_DRAIN_SECONDS",
-    "--grace-period-seconds": "PRESTOP_GRACE_PERIOD_SECONDS",
+    "--drain-min-seconds": "PRESTOP_DRAIN_MIN_SECONDS",
+    "--drain-quiet-seconds": "PRESTOP_DRAIN_QUIET_SECONDS",
+    "--drain-max-seconds": "PRESTOP_DRAIN_MAX_SECONDS",
+    "--drain-source": "PRESTOP_DRAIN_SOURCE",
     "--app-port": "PRESTOP_APP_PORT",
+    "--app-ports": "PRESTOP_APP_PORTS",
+    "--grace-period-seconds": "PRESTOP_GRACE_PERIOD_SECONDS",
     "--registry": "PRESTOP_REGISTRY",
     "--log-format": "PRESTOP_LOG_FORMAT",
     "--log-level": "PRESTOP_LOG_LEVEL",
 }
+# Flags whose variable takes one of a few words: --help lists them (the parser still checks).
+CHOICES = {
+    "PRESTOP_DRAIN_MODE": DRAIN_MODES,
+    "PRESTOP_DRAIN_SOURCE": DRAIN_SOURCES,
+    "PRESTOP_REGISTRY": REGISTRIES,
+    "PRESTOP_LOG_FORMAT": LOG_FORMATS,
+    "PRESTOP_LOG_LEVEL": LOG_LEVELS,
+}
 
 EXIT_CONFIG = 2
+# check: the registry's servers gave no answer / answered, but the instance is not there.
+EXIT_REGISTRY_UNREACHABLE = 1
+EXIT_INSTANCE_NOT_FOUND = 3
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -47,9 +74,31 @@ def _parser() -> argparse.ArgumentParser:
         default="run",
         help="run the agent (default), or check the configuration and print the shutdown plan",
     )
+    documented = {s.variable: s for s in settings()}
     for flag, variable in FLAGS.items():
-        parser.add_argument(flag, dest=variable, metavar="VALUE", help=f"sets {variable}")
+        choices = CHOICES.get(variable)
+        metavar = "{" + ",".join(choices) + "}" if choices else _metavar(variable)
+        setting = documented[variable]
+        parser.add_argument(
+            flag,
+            dest=variable,
+            metavar=metavar,
+            help=f"sets {variable}: {setting.summary} (default: {setting.default})".replace(
+                "%", "%%"
+            ),
+        )
+    parser.epilog = "Every setting: docs/reference.md, or `prestop-agent check` for yours."
     return parser
+
+
+def _metavar(variable: str) -> str:
+    if variable.endswith("_SECONDS"):
+        return "SECONDS"
+    if variable.endswith("_PORTS"):
+        return "PORT[,PORT...]"
+    if variable.endswith("_PORT"):
+        return "PORT"
+    return "VALUE"
 
 
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
@@ -77,9 +126,16 @@ def check(config: Config) -> int:
     """Print the effective settings and the shutdown plan, reach the registry; 0 if all is well."""
     budget = config.budget()
     print(f"prestop-agent {__version__}: configuration is valid")
-    print("\nEffective settings (secrets redacted):")
-    for name, value in config.redacted().items():
-        print(f"  {name} = {json.dumps(value)}")
+    print(
+        f"\nSettings read by drain mode {config.drain_mode} and registry {config.registry}"
+        " (secrets redacted):"
+    )
+    shown = config.redacted()
+    used = [s for s in settings() if in_use(config, s.variable)]
+    width = max(len(s.variable) for s in used)
+    for setting in used:
+        print(f"  {setting.variable:<{width}} = {_shown_value(shown[setting.field])}")
+    print("  (what each one means: docs/reference.md)")
     print("\nShutdown plan, from the first trigger (/prestop, SIGTERM or SIGINT):")
     print("  1. /ready answers 503 at once")
     if config.registry == "none":
@@ -116,32 +172,65 @@ def check(config: Config) -> int:
             print(f"     WARNING: {warning}")
     print("  4. answer every /prestop caller: the kubelet then sends the app SIGTERM")
     print(f"     and the app has {config.app_shutdown_seconds:g}s to stop")
-    print("  5. exit once a SIGTERM has arrived")
+    print("  5. exit once a SIGTERM has arrived; if it came before the end of the drain (classic")
+    print("     sidecar), first wait for one /metrics scrape, the app's exit or the grace period")
     print(f"\nTime budget: {budget.arithmetic()}")
     if config.registry == "none":
         return 0
     return asyncio.run(_check_registry(config))
 
 
+def _shown_value(value: object) -> str:
+    if value is None:
+        return "unset"
+    if isinstance(value, list):
+        value = ",".join(str(item) for item in value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value) if value != "" else "empty"
+
+
 async def _check_registry(config: Config) -> int:
+    """Three answers an operator can act on: the servers are unreachable, they answer but the
+    instance is not there, or it is found (and then what the mark-down would change)."""
     import aiohttp
 
-    from agent.registry import RegistryError, open_registry
+    from agent.registry import HealthState, RegistryError, open_registry
     from agent.server import AppHealth
 
+    timeout = config.registry_timeout_seconds
     async with aiohttp.ClientSession() as session:
         url = config.app_health_url
         registry = open_registry(config, session, AppHealth(url, session) if url else None)
         try:
-            async with asyncio.timeout(config.registry_timeout_seconds):
-                described = await registry.describe()
-        except (RegistryError, TimeoutError) as exc:
-            reason = str(exc) or f"no answer within {config.registry_timeout_seconds:g}s"
-            print(f"\nRegistry {config.registry}: NOT reachable: {reason}")
-            return 1
+            try:
+                async with asyncio.timeout(timeout):
+                    health = await registry.check_health()
+            except TimeoutError:
+                print(
+                    f"\nRegistry {config.registry}: server NOT reachable: no answer within"
+                    f" {timeout:g}s"
+                )
+                return EXIT_REGISTRY_UNREACHABLE
+            if health.state is HealthState.UNREACHABLE:
+                print(f"\nRegistry {config.registry}: server NOT reachable: {health.reason}")
+                return EXIT_REGISTRY_UNREACHABLE
+            if health.state is HealthState.NOT_FOUND:
+                print(
+                    f"\nRegistry {config.registry}: server reachable, but the instance is NOT"
+                    f" found: {health.reason}"
+                )
+                return EXIT_INSTANCE_NOT_FOUND
+            print(f"\nRegistry {config.registry}: instance found: {health.reason}")
+            try:
+                async with asyncio.timeout(timeout):
+                    described = await registry.describe()
+            except (RegistryError, TimeoutError) as exc:
+                print(f"  (could not describe it: {exc or 'no answer in time'})")
+                return 0
         finally:
             await registry.close()
-    print(f"\nRegistry {config.registry}: reachable; the instance it would mark down:")
+    print("The instance it would mark down:")
     print(json.dumps(described, indent=2, default=str))
     return 0
 

@@ -145,6 +145,9 @@ class Config:
     """PRESTOP_REGISTRY: ``none``, ``eureka``, ``actuator`` or ``register``."""
     registry_timeout_seconds: float = 5.0
     """PRESTOP_REGISTRY_TIMEOUT_SECONDS: bound on the whole mark-down step, retries included."""
+    registry_check_seconds: float = 30.0
+    """PRESTOP_REGISTRY_CHECK_SECONDS: interval of the registry health check, from start-up until
+    the shutdown begins, seconds (checked sooner while the instance is not found yet)."""
     eureka_urls: tuple[str, ...] = field(default=(), repr=False)
     """PRESTOP_EUREKA_URLS: Eureka service URLs as in Spring's defaultZone, comma-separated;
     may carry credentials (never logged)."""
@@ -425,6 +428,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "POD_IP": ("pod_ip", _ip),
     "PRESTOP_REGISTRY": ("registry", _choice(REGISTRIES)),
     "PRESTOP_REGISTRY_TIMEOUT_SECONDS": ("registry_timeout_seconds", _seconds(allow_zero=False)),
+    "PRESTOP_REGISTRY_CHECK_SECONDS": ("registry_check_seconds", _seconds(minimum=0.1)),
     "PRESTOP_EUREKA_URLS": ("eureka_urls", _http_urls),
     "PRESTOP_EUREKA_CA_FILE": ("eureka_ca_file", _optional_text),
     "PRESTOP_EUREKA_APP": ("eureka_app", _text),
@@ -484,6 +488,38 @@ _MODE_VARIABLES = {
         "PRESTOP_DRAIN_COUNT_ACCEPTS",
     ),
 }
+
+
+# Settings that only some registry backends read (the rest apply to every configuration).
+_REGISTRY_VARIABLES = {
+    "PRESTOP_REGISTRY_TIMEOUT_SECONDS": ("eureka", "actuator", "register"),
+    "PRESTOP_REGISTRY_CHECK_SECONDS": ("eureka", "actuator", "register"),
+    # actuator mode reads the Eureka URLs too, when given, to watch the clients' view.
+    "PRESTOP_EUREKA_URLS": ("eureka", "actuator", "register"),
+    "PRESTOP_EUREKA_CA_FILE": ("eureka", "actuator", "register"),
+    "PRESTOP_EUREKA_APP": ("eureka", "actuator", "register"),
+    "PRESTOP_EUREKA_INSTANCE_ID": ("eureka", "actuator", "register"),
+    "PRESTOP_EUREKA_CLIENT_REFRESH_SECONDS": ("eureka", "actuator", "register"),
+    "PRESTOP_EUREKA_SERVER_CACHE_SECONDS": ("eureka", "actuator", "register"),
+    "PRESTOP_EUREKA_STATUS": ("eureka", "actuator", "register"),
+    "PRESTOP_EUREKA_KEEP_OVERRIDE": ("eureka",),
+    "PRESTOP_EUREKA_RENEWAL_SECONDS": ("register",),
+    "PRESTOP_EUREKA_LEASE_SECONDS": ("register",),
+    "PRESTOP_ACTUATOR_URL": ("actuator",),
+}
+
+
+def in_use(config: Config, variable: str) -> bool:
+    """Does this configuration read ``variable``? (``check`` shows only those settings.)"""
+    for mode, variables in _MODE_VARIABLES.items():
+        if variable in variables:
+            return mode == config.drain_mode
+    return config.registry in _REGISTRY_VARIABLES.get(variable, (config.registry,))
+
+
+def field_of(variable: str) -> str:
+    """The Config field a variable sets."""
+    return _VARIABLES[variable][0]
 
 
 def _check_mode_settings(config: Config, environ: Mapping[str, str]) -> None:

@@ -262,7 +262,7 @@ class Lifecycle:
         return {
             "phase": str(self.phase),
             "trigger": None if self.trigger is None else str(self.trigger),
-            "triggered_at": _iso(self.triggered_wall),
+            "triggered_at": iso_time(self.triggered_wall),
             "joined": [
                 {"trigger": str(trigger), "after_seconds": round(offset, 4)}
                 for trigger, offset in self.joined
@@ -280,7 +280,8 @@ class Lifecycle:
         }
 
 
-def _iso(timestamp: float | None) -> str | None:
+def iso_time(timestamp: float | None) -> str | None:
+    """A wall-clock time as ISO 8601 UTC with milliseconds, for humans and log pipelines."""
     if timestamp is None:
         return None
     moment = datetime.datetime.fromtimestamp(timestamp, tz=datetime.UTC)

@@ -76,7 +76,9 @@ class AccessLogger(AbstractAccessLogger):
     """aiohttp's access log as structured events."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        quiet = request.path in QUIET_PATHS and response.status < 500
+        # /ready's 503 is its normal answer during a drain (probes keep coming): not news.
+        expected = response.status < 500 or (request.path == "/ready" and response.status == 503)
+        quiet = request.path in QUIET_PATHS and expected
         emit = access_log.debug if quiet else access_log.info
         emit(
             "http_request",

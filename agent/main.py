@@ -23,7 +23,7 @@ from agent.drain import DrainOutcome, run_drain
 from agent.lifecycle import Lifecycle, Phase, Propagation, Trigger
 from agent.logs import AccessLogger
 from agent.metrics import Metrics
-from agent.registry import Registry, RegistryError, open_registry
+from agent.registry import HealthWatch, Registry, RegistryError, open_registry
 from agent.server import AppHealth, PendingAnswers, make_app
 
 log = structlog.get_logger()
@@ -33,6 +33,8 @@ log = structlog.get_logger()
 ANSWER_SECONDS = 2.0
 # How long aiohttp may take to close its connections at exit (in-flight handlers included).
 SERVER_CLOSE_SECONDS = 1.0
+# How often the agent looks for the app's listening socket while it waits for the final scrape.
+APP_EXIT_POLL_SECONDS = 0.25
 # The exit status of a forced exit (second Ctrl-C), as a shell reports death by SIGINT.
 FORCED_EXIT_STATUS = 128 + signal.SIGINT
 
@@ -55,6 +57,8 @@ class Agent:
         """Set by the first SIGTERM/SIGINT: exit as soon as the drain is over."""
         self.started = asyncio.Event()
         """Set once the listener accepts connections (tests and the benchmark wait on it)."""
+        self.final_scrape = asyncio.Event()
+        """Set once /metrics has been served after the drain: the termination's figures left."""
         self._drain_source: str | None = None
         """How the traffic drain sees the app's sockets (``netlink`` or ``proc``), for /status."""
         self._drain_seen: dict[str, Any] = {}
@@ -64,6 +68,7 @@ class Agent:
         accepted connections, which the traffic drain reads to find connections it missed."""
         self._view: Any = None
         """The Eureka servers' client-facing view (agent.registry.view.ClientView), if any."""
+        self._health: HealthWatch | None = None
         self.metrics.track(self.lifecycle)
         self.lifecycle.subscribe(self._log_phase)
 
@@ -111,6 +116,7 @@ class Agent:
                         health=health,
                         pending=self.pending,
                         status_extra=self._status_extra,
+                        on_final_scrape=self.final_scrape.set,
                     ),
                     handle_signals=False,  # the signals are ours: see handle_signal
                     access_log_class=AccessLogger,
@@ -144,11 +150,24 @@ class Agent:
                 )
                 self._announce_floor()
                 self.started.set()
-                # The long-lived background tasks, cancelled below at exit: the registry's own
-                # start-up and upkeep (clear a stale override; register and renew), and keeping
-                # the agent's key hot in the Eureka servers' response cache (agent.registry.view).
+                # The long-lived background tasks, all cancelled below at exit: the registry's
+                # own start-up and upkeep (clear a stale override; register and renew), and its
+                # health check, which also ends when the shutdown begins (the mark-down step
+                # reports on the registry from then on).
                 background.append(asyncio.create_task(registry.run(), name="registry"))
+                health_check: asyncio.Task[None] | None = None
+                if registry.name != "none":
+                    self._health = HealthWatch(
+                        registry,
+                        self.metrics,
+                        interval_seconds=self.config.registry_check_seconds,
+                        timeout_seconds=self.config.registry_timeout_seconds,
+                    )
+                    health_check = asyncio.create_task(self._health.run(), name="registry_health")
+                    background.append(health_check)
                 if self.config.watches_client_view:
+                    # Keeps the agent's key hot in the Eureka servers' response cache, so that
+                    # the propagation watch sees what clients see (agent.registry.view).
                     from agent.registry.view import ClientView
 
                     self._view = ClientView(self.config, session)
@@ -157,10 +176,18 @@ class Agent:
                     )
 
                 await self.lifecycle.wait_triggered()
+                if health_check is not None:
+                    health_check.cancel()
                 await self.shutdown(registry)
-                # Native sidecar: the drain was the app's hook; we go when the kubelet says so.
-                await self.exit_requested.wait()
-                log.info("agent_exiting", phase=str(self.lifecycle.phase))
+                if self.exit_requested.is_set():
+                    # Classic sidecar (SIGTERM came with the trigger): the drain's figures exist
+                    # only in this process; stay until they have been scraped.
+                    await self._wait_for_final_scrape()
+                else:
+                    # Native sidecar: the drain was the app's hook; we go when the kubelet says
+                    # so, which is after the app has exited (scrapes happen meanwhile).
+                    await self.exit_requested.wait()
+                log.info("shutdown_complete", **self.lifecycle.report())
         finally:
             for task in background:
                 task.cancel()
@@ -231,7 +258,36 @@ class Agent:
                 await registry.finalize()
         except TimeoutError:
             log.warning("registry_finalize_timeout", backend=registry.name)
-        log.info("shutdown_complete", **lifecycle.report())
+
+    async def _wait_for_final_scrape(self) -> None:
+        """Stay up (not ready) until the first of: a /metrics scrape served after the drain, the
+        app's sockets gone (no listener, no open connection: the app exited, the pod is going),
+        the grace budget spent (the kubelet's SIGKILL would come next). Recorded as the
+        ``final_scrape`` step."""
+        from agent.drain.sockdiag import app_is_up
+
+        config, lifecycle = self.config, self.lifecycle
+        step = lifecycle.begin("final_scrape")
+        deadline = config.grace_period_seconds - config.margin_seconds
+        ports = config.app_ports
+        outcome = "grace"
+        watch_app = True
+        while (left := deadline - lifecycle.elapsed()) > 0:
+            if self.final_scrape.is_set():
+                outcome = "scraped"
+                break
+            try:
+                if watch_app and not await asyncio.to_thread(app_is_up, ports):
+                    outcome = "app_exited"
+                    break
+            except OSError as exc:
+                # No /proc/net/tcp here: wait for the scrape or the grace budget only.
+                log.warning("app_exit_not_observable", error=str(exc))
+                watch_app = False
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(APP_EXIT_POLL_SECONDS, left)):
+                    await self.final_scrape.wait()
+        lifecycle.end(step, outcome)
 
     async def _mark_down(self, registry: Registry) -> bool:
         """Step 2; True when the instance was marked."""
@@ -343,6 +399,9 @@ class Agent:
                 "max_seconds": self.config.drain_limit,
                 "floor_warning": self.config.floor_warning(),
             },
+            "registry": {"backend": self.config.registry}
+            if self._health is None
+            else self._health.report(),
         }
 
 

@@ -7,6 +7,8 @@ read values back with ``registry.get_sample_value``.
 
 from __future__ import annotations
 
+import math
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -71,6 +73,14 @@ class Metrics:
             buckets=REGISTRY_BUCKETS,
             registry=r,
         )
+        self.registry_ready = Gauge(
+            "prestop_registry_ready",
+            "1 when the last registry health check found the instance, 0 when the servers were"
+            " unreachable or the instance was not there. Checked from start-up until the"
+            " shutdown begins; absent without a registry.",
+            ["backend"],
+            registry=r,
+        )
         self.drains = Counter(
             "prestop_drains",
             "Drains by how they ended (quiet, max, fixed).",
@@ -97,9 +107,12 @@ class Metrics:
         )
         self.seconds_since_last_data = Gauge(
             "prestop_drain_seconds_since_last_data",
-            "Seconds since data last arrived on a watched connection (traffic drain).",
+            "Seconds since data last arrived on a watched connection (traffic drain); NaN"
+            " until the drain has seen data (none yet, or the /proc fallback, which cannot"
+            " time data).",
             registry=r,
         )
+        self.seconds_since_last_data.set(math.nan)
         self.last_data_after_trigger = Histogram(
             "prestop_drain_last_data_after_trigger_seconds",
             "Time from the shutdown trigger to the last data the agent saw reach the app"

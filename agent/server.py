@@ -140,8 +140,12 @@ def make_app(
     health: AppHealth | None = None,
     pending: PendingAnswers | None = None,
     status_extra: Callable[[], dict[str, Any]] | None = None,
+    on_final_scrape: Callable[[], None] | None = None,
 ) -> web.Application:
-    """The agent's aiohttp application."""
+    """The agent's aiohttp application.
+
+    ``on_final_scrape`` is called once a /metrics page generated after the drain (so holding
+    its figures) has been written to the scraper."""
     pending = pending if pending is not None else PendingAnswers()
 
     def refusal(request: web.Request) -> tuple[int, str, str] | None:
@@ -198,8 +202,14 @@ def make_app(
         return _json(body)
 
     async def metrics_page(request: web.Request) -> web.Response:
+        final = lifecycle.phase is Phase.DRAINED
         response = web.Response(body=metrics.exposition())
         response.headers["Content-Type"] = CONTENT_TYPE
+        if final and on_final_scrape is not None:
+            # Written here, so the process (waiting on this) never exits before the bytes left.
+            await response.prepare(request)
+            await response.write_eof()
+            on_final_scrape()
         return response
 
     app = web.Application(middlewares=[_json_errors])

@@ -56,6 +56,10 @@ class AgentProcess:
             "PRESTOP_HOST": "127.0.0.1",
             "PRESTOP_PORT": str(self.port),
             "PRESTOP_LOG_FORMAT": "json",
+            # A port nothing listens on, unless the test says otherwise: after a classic
+            # termination the agent waits for the app's listener to go, and port 8080 may be
+            # someone else's on a shared machine.
+            "PRESTOP_APP_PORT": str(free_port()),
             **env,
         }
         self.proc: subprocess.Popen[bytes] | None = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -234,8 +235,66 @@ def test_flags_override_the_environment_through_the_same_checks(
     assert "PRESTOP_DRAIN_SECONDS" in capsys.readouterr().err
     assert cli.main(["check", *fixed, "--port", "9001", "--drain-seconds", "3"], {}) == 0
     out = capsys.readouterr().out
-    assert '"port" = 9001' not in out and "port = 9001" in out
+    assert re.search(r"^  PRESTOP_PORT +  = 9001$", out, re.MULTILINE), out
     assert "drain 3s + registry deadline 0s + app shutdown 5s + margin 1s = 9s" in out
+
+
+def _shown_settings(out: str) -> dict[str, str]:
+    """The ``NAME = value`` lines of check's settings block."""
+    return dict(re.findall(r"^  (\S+) += (.*)$", out, re.MULTILINE))
+
+
+def test_check_shows_variable_names_and_only_the_settings_in_use(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert cli.main(["check", "--drain-mode", "fixed"], {}) == 0
+    fixed = _shown_settings(capsys.readouterr().out)
+    assert fixed["PRESTOP_DRAIN_SECONDS"] == "10.0" and fixed["PRESTOP_REGISTRY"] == "none"
+    assert all(name.startswith(("PRESTOP_", "POD_")) for name in fixed), "no field names"
+    assert "port" not in fixed and "drain_seconds" not in fixed
+    assert not {"PRESTOP_DRAIN_MIN_SECONDS", "PRESTOP_DRAIN_SOURCE"} & set(fixed)
+    assert not [name for name in fixed if "EUREKA" in name or "ACTUATOR" in name]
+
+    eureka = {
+        "PRESTOP_REGISTRY": "eureka",
+        "PRESTOP_EUREKA_URLS": f"http://admin:{SECRET_PASSWORD}@127.0.0.1:1/eureka/",
+        "PRESTOP_EUREKA_APP": "orders",
+        "POD_IP": "10.1.2.3",
+        "PRESTOP_REGISTRY_TIMEOUT_SECONDS": "0.3",
+    }
+    cli.main(["check"], eureka)
+    out = capsys.readouterr().out
+    traffic = _shown_settings(out)
+    assert traffic["PRESTOP_DRAIN_QUIET_SECONDS"] == "3.0"
+    assert traffic["PRESTOP_EUREKA_URLS"] == "http://admin:***@127.0.0.1:1/eureka/"
+    assert traffic["PRESTOP_EUREKA_INSTANCE_ID"] == "empty"
+    assert "PRESTOP_DRAIN_SECONDS" not in traffic
+    assert not {"PRESTOP_ACTUATOR_URL", "PRESTOP_EUREKA_LEASE_SECONDS"} & set(traffic)
+    assert SECRET_PASSWORD not in out
+
+
+def test_help_has_the_traffic_drain_flags_and_lists_allowed_values(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["--help"], {})
+    text = " ".join(capsys.readouterr().out.split())
+    for flag in (
+        "--drain-min-seconds SECONDS",
+        "--drain-quiet-seconds SECONDS",
+        "--drain-max-seconds SECONDS",
+        "--drain-source {auto,netlink,proc}",
+        "--app-ports PORT[,PORT...]",
+        "--drain-mode {fixed,traffic}",
+        "--registry {none,eureka,actuator,register}",
+        "--log-level {debug,info,warning,error}",
+    ):
+        assert flag in text
+    assert "sets PRESTOP_DRAIN_QUIET_SECONDS: the traffic drain ends after" in text
+    assert "(default: 3)" in text
+    # A flag sets the variable, so the one parser checks it: a wrong word is a config error.
+    assert cli.main(["check", "--drain-source", "ebpf"], {}) == cli.EXIT_CONFIG
+    assert "must be one of auto, netlink, proc" in capsys.readouterr().err
 
 
 def test_check_prints_the_plan_with_its_budget(capsys: pytest.CaptureFixture[str]) -> None:

@@ -10,6 +10,7 @@ import sys
 import tomllib
 from pathlib import Path
 
+import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
@@ -152,9 +153,68 @@ def test_the_readme_quick_start_is_two_commands_and_ci_runs_the_second() -> None
     ] == ["exec make test"]
 
 
-def test_the_readme_documents_every_variable_and_phase() -> None:
+def test_the_readme_documents_every_phase_and_links_the_reference_of_every_variable() -> None:
     readme = (ROOT / "README.md").read_text()
-    for variable in VARIABLES:
-        assert f"`{variable}`" in readme, f"{variable} is missing from the README"
     for phase in Phase:
         assert f"`{phase}`" in readme
+    assert "(docs/reference.md)" in readme
+    generated = (ROOT / "docs" / "reference.md").read_text()  # tests/test_reference.py: current
+    for variable in VARIABLES:
+        assert f"`{variable}`" in generated, f"{variable} is missing from docs/reference.md"
+
+
+DOCUMENTS = [ROOT / "README.md", ROOT / "CHANGELOG.md", *sorted((ROOT / "docs").glob("*.md"))]
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+@pytest.mark.parametrize("document", DOCUMENTS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_documents_link_only_into_the_repository(document: Path) -> None:
+    text = document.read_text()
+    assert "shared/" not in text, "a developer-only path leaks into the repository's docs"
+    for target in LINK.findall(text):
+        if target.startswith(("https://", "http://")):
+            continue  # external references (Keep a Changelog, ...) are fine
+        path, _, anchor = target.partition("#")
+        resolved = (document.parent / path).resolve() if path else document
+        assert resolved.is_relative_to(ROOT), f"{target}: outside the repository"
+        assert resolved.exists(), f"{target}: no such file"
+        if anchor:
+            headings = re.findall(r"^#+ (.+)$", resolved.read_text(), re.MULTILINE)
+            slugs = {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in headings}
+            assert anchor in slugs, f"{target}: no such heading"
+
+
+def test_the_license_file_matches_pyproject() -> None:
+    assert PYPROJECT["license"] == "Apache-2.0"
+    text = (ROOT / "LICENSE").read_text()
+    assert text.split()[:4] == ["Apache", "License", "Version", "2.0,"]
+    assert "TERMS AND CONDITIONS FOR USE, REPRODUCTION, AND DISTRIBUTION" in text
+    assert "END OF TERMS AND CONDITIONS" in text
+    assert len(text.split()) > 1500, "the whole license text, not a pointer to it"
+
+
+def test_the_readme_says_which_python_it_needs() -> None:
+    assert PYPROJECT["requires-python"] == ">=3.11"
+    assert "Python 3.11 or newer" in (ROOT / "README.md").read_text()
+
+
+def _make_dry_run(target: str, tmp_path: Path) -> str:
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    return subprocess.run(
+        ["make", "-n", target, f"VENV={tmp_path / 'venv'}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout
+
+
+def test_make_run_installs_the_package_and_make_test_its_test_tools(tmp_path: Path) -> None:
+    run = _make_dry_run("run", tmp_path)
+    assert "pip install --quiet -e .\n" in run
+    assert "[test]" not in run, "running the agent needs no test tools"
+    test = _make_dry_run("test", tmp_path)
+    assert "pip install --quiet -e '.[test]'" in test
+    assert "-m pytest" in test

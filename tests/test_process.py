@@ -75,9 +75,14 @@ async def test_classic_sidecar_sigterm_and_50_concurrent_hooks(new_agent) -> Non
     final = next(e for e in events if e["event"] == "shutdown_complete")
     assert final["trigger"] == "sigterm"
     assert [j["trigger"] for j in final["joined"]] == ["prestop"] * 50
-    assert [s["name"] for s in final["steps"]] == ["mark_down", "drain"]
+    assert [s["name"] for s in final["steps"]] == ["mark_down", "drain", "final_scrape"]
+    # Nothing listens on the app port: the app is gone, so there is no reason to stay.
+    assert final["steps"][-1]["outcome"] == "app_exited"
+    assert events[-1] is final, "shutdown_complete is the last line"
     phases = [e["phase"] for e in events if e["event"] == "phase_changed"]
     assert phases == ["draining", "drained"]
+    # /ready was polled during the drain: its 503s are the expected answer, not info-level news.
+    assert not [e for e in events if e["event"] == "http_request" and e["path"] == "/ready"]
     assert "Traceback" not in agent.log_text()
 
 
@@ -108,12 +113,125 @@ async def test_native_sidecar_hook_first_then_sigterm_later(new_agent) -> None:
         assert code == 200
         assert repeat_answered - repeat_sent < 0.2, "a repeated hook is answered at once"
         assert repeat_body == body
+        # The process keeps running: its record of the termination is not complete yet.
+        assert "shutdown_complete" not in agent.log_text()
 
     sigterm = time.monotonic()
     agent.signal(signal.SIGTERM)
     status, exited = await _wait_exit(agent, limit=5)
     assert status == 0
     assert exited - sigterm <= 1.0
+    final = agent.log_events()[-1]
+    assert final["event"] == "shutdown_complete"
+    assert [s["name"] for s in final["steps"]] == ["mark_down", "drain"], "native: no wait"
+
+
+async def test_ready_503s_during_the_drain_are_logged_at_debug(new_agent) -> None:
+    agent = new_agent(
+        {"PRESTOP_DRAIN_MODE": "fixed", "PRESTOP_DRAIN_SECONDS": "1", "PRESTOP_LOG_LEVEL": "debug"}
+    )
+    agent.start()
+    await asyncio.to_thread(agent.wait_ready)
+    agent.signal(signal.SIGTERM)
+    async with aiohttp.ClientSession() as session:
+        await _first_503(session, agent.url)
+        for _ in range(5):
+            async with session.get(f"{agent.url}/ready") as response:
+                assert response.status == 503
+    assert (await _wait_exit(agent, limit=10))[0] == 0
+    probes = [
+        e
+        for e in agent.log_events()
+        if e["event"] == "http_request" and e["path"] == "/ready" and e["status"] == 503
+    ]
+    assert len(probes) >= 6
+    assert {e["level"] for e in probes} == {"debug"}
+
+
+def _listener() -> socket.socket:
+    """A socket listening on a free loopback port: the app, as far as the agent can tell."""
+    app = socket.socket()
+    app.bind(("127.0.0.1", 0))
+    app.listen()
+    return app
+
+
+async def test_classic_stays_up_not_ready_until_metrics_are_scraped(new_agent) -> None:
+    with _listener() as app:
+        env = {
+            "PRESTOP_DRAIN_MODE": "fixed",
+            "PRESTOP_DRAIN_SECONDS": "0.5",
+            "PRESTOP_APP_PORT": str(app.getsockname()[1]),
+        }
+        agent = new_agent(env)
+        agent.start()
+        await asyncio.to_thread(agent.wait_ready)
+        agent.signal(signal.SIGTERM)
+        await asyncio.sleep(1.5)  # the drain is over; the app still listens, nobody scraped
+        assert agent.proc is not None and agent.proc.poll() is None
+        assert "shutdown_complete" not in agent.log_text()
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"{agent.url}/ready") as response:
+                assert response.status == 503
+            scraped = time.monotonic()
+            async with session.get(f"{agent.url}/metrics") as response:
+                page = await response.text()
+        status, exited = await _wait_exit(agent, limit=5)
+    assert status == 0 and exited - scraped <= 1.0
+    assert 'prestop_drains_total{reason="fixed"} 1.0' in page
+    assert "prestop_drain_duration_seconds_count 1.0" in page
+    final = agent.log_events()[-1]
+    assert final["event"] == "shutdown_complete"
+    assert final["steps"][-1]["name"] == "final_scrape"
+    assert final["steps"][-1]["outcome"] == "scraped"
+
+
+async def test_classic_goes_when_the_app_stops_listening(new_agent) -> None:
+    app = _listener()
+    agent = new_agent(
+        {
+            "PRESTOP_DRAIN_MODE": "fixed",
+            "PRESTOP_DRAIN_SECONDS": "0.5",
+            "PRESTOP_APP_PORT": str(app.getsockname()[1]),
+        }
+    )
+    agent.start()
+    await asyncio.to_thread(agent.wait_ready)
+    agent.signal(signal.SIGTERM)
+    await asyncio.sleep(1.0)
+    assert agent.proc is not None and agent.proc.poll() is None
+    closed = time.monotonic()
+    app.close()
+    status, exited = await _wait_exit(agent, limit=5)
+    assert status == 0 and exited - closed <= 1.0
+    final = agent.log_events()[-1]
+    assert final["event"] == "shutdown_complete"
+    assert final["steps"][-1]["outcome"] == "app_exited"
+
+
+async def test_classic_goes_before_the_grace_period_ends(new_agent) -> None:
+    with _listener() as app:
+        agent = new_agent(
+            {
+                "PRESTOP_DRAIN_MODE": "fixed",
+                "PRESTOP_DRAIN_SECONDS": "0.5",
+                "PRESTOP_GRACE_PERIOD_SECONDS": "3",
+                "PRESTOP_APP_SHUTDOWN_SECONDS": "0.5",
+                "PRESTOP_MARGIN_SECONDS": "0.5",
+                "PRESTOP_APP_PORT": str(app.getsockname()[1]),
+            }
+        )
+        agent.start()
+        await asyncio.to_thread(agent.wait_ready)
+        trigger = time.monotonic()
+        agent.signal(signal.SIGTERM)
+        status, exited = await _wait_exit(agent, limit=10)
+    assert status == 0
+    # grace 3 s - margin 0.5 s: out before the kubelet's SIGKILL would come.
+    assert 2.5 <= exited - trigger <= 3.0
+    final = agent.log_events()[-1]
+    assert final["event"] == "shutdown_complete"
+    assert final["steps"][-1]["outcome"] == "grace"
 
 
 async def test_a_second_sigterm_does_not_cut_the_drain_short(new_agent) -> None:

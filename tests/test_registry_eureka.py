@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -153,22 +154,118 @@ def run_check(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.java
 @pytest.mark.usefixtures("need_java", "jvm_logs_on_failure")
-def test_check_reaches_eureka_and_shows_the_instance_it_would_mark_down(
+def test_check_tells_server_down_from_instance_not_registered_from_found(
     eureka_server: EurekaServer, start_demo_app: StartDemoApp
 ) -> None:
     app = start_demo_app(eureka_server)
     url = eureka_server.url.replace("http://", "http://admin:s3cret@")
-    done = run_check(eureka_env(app, [url]))
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "Registry eureka: reachable" in done.stdout
-    assert f'"instance_id": "{app.instance_id}"' in done.stdout
-    assert "s3cret" not in done.stdout + done.stderr
+    found = run_check(eureka_env(app, [url]))
+    assert found.returncode == 0, found.stdout + found.stderr
+    assert (
+        f"Registry eureka: instance found: {app.app_name}/{app.instance_id} listed by 1 of 1"
+        in (found.stdout)
+    )
+    assert f'"instance_id": "{app.instance_id}"' in found.stdout
+    assert "s3cret" not in found.stdout + found.stderr
+
+    # The server answers, but nothing is registered at this port (the app is not up yet, or
+    # PRESTOP_APP_PORT / POD_IP are wrong): exit 3, and what is listed instead.
+    absent = run_check(eureka_env(app, [url], PRESTOP_APP_PORT=str(free_port())))
+    assert absent.returncode == 3, absent.stdout + absent.stderr
+    assert "Registry eureka: server reachable, but the instance is NOT found" in absent.stdout
+    assert f"listed: {app.instance_id}" in absent.stdout
+    by_id = run_check(eureka_env(app, [url], PRESTOP_EUREKA_INSTANCE_ID="no-such-id"))
+    assert by_id.returncode == 3
+    assert f"{app.app_name}/no-such-id is not listed" in by_id.stdout
 
     dead = f"http://127.0.0.1:{free_port()}/eureka/"
-    done = run_check(eureka_env(app, [dead], PRESTOP_REGISTRY_TIMEOUT_SECONDS="1"))
-    assert done.returncode == 1
-    assert "Registry eureka: NOT reachable" in done.stdout
-    assert "Traceback" not in done.stdout + done.stderr
+    down = run_check(eureka_env(app, [dead], PRESTOP_REGISTRY_TIMEOUT_SECONDS="1"))
+    assert down.returncode == 1
+    assert "Registry eureka: server NOT reachable: no server answered GET apps/" in down.stdout
+    for done in (found, absent, by_id, down):
+        assert "Traceback" not in done.stdout + done.stderr
+
+
+def agent_status(agent: AgentProcess) -> dict[str, Any]:
+    status, body = http_get(f"{agent.url}/status")
+    assert status == 200, body
+    return json.loads(body)
+
+
+def registry_ready(agent: AgentProcess, backend: str = "eureka") -> float | None:
+    _, page = http_get(f"{agent.url}/metrics", accept="text/plain")
+    found = re.search(rf'^prestop_registry_ready{{backend="{backend}"}} (\S+)$', page, re.MULTILINE)
+    return None if found is None else float(found.group(1))
+
+
+def ready_status(agent: AgentProcess) -> int:
+    return http_get(f"{agent.url}/ready")[0]
+
+
+@pytest.mark.java
+@pytest.mark.usefixtures("need_java", "jvm_logs_on_failure")
+def test_registry_health_from_start_up_not_registered_then_found(
+    eureka_server: EurekaServer,
+    start_demo_app: StartDemoApp,
+    start_agent: Callable[..., AgentProcess],
+) -> None:
+    port = free_port()
+    env = {
+        "PRESTOP_REGISTRY": "eureka",
+        "PRESTOP_EUREKA_URLS": eureka_server.url,
+        "PRESTOP_EUREKA_APP": "health-app",
+        "POD_IP": "127.0.0.1",
+        "PRESTOP_APP_PORT": str(port),
+        "PRESTOP_REGISTRY_CHECK_SECONDS": "0.5",
+    }
+    agent = start_agent(env)  # before the app, as in a pod whose app boots slower
+    wait_for("first check", lambda: agent_status(agent)["registry"]["checks"] >= 1, 10)
+    missing = agent_status(agent)["registry"]
+    assert missing["state"] == "not_found" and missing["ready"] is False, missing
+    assert "no instance of HEALTH-APP has ipAddr 127.0.0.1" in missing["reason"]
+    assert registry_ready(agent) == 0
+    assert ready_status(agent) == 200, "/ready does not depend on the registry"
+
+    app = start_demo_app(eureka_server, app_name="health-app", port=port)
+    wait_for("found", lambda: agent_status(agent)["registry"]["state"] == "found", 40)
+    found = agent_status(agent)["registry"]
+    assert found["reason"].startswith(f"HEALTH-APP/{app.instance_id} listed by 1 of 1 server(s)")
+    assert registry_ready(agent) == 1
+    checks = found["checks"]
+    wait_for("more checks", lambda: agent_status(agent)["registry"]["checks"] >= checks + 3, 10)
+
+    changes = events(agent, "registry_health_changed")
+    assert [(e["state"], e["level"]) for e in changes] == [
+        ("not_found", "warning"),
+        ("found", "info"),
+    ], "one line per change, not one per check"
+    assert changes[1]["previous"] == "not_found"
+    assert ready_status(agent) == 200
+
+
+@pytest.mark.java
+@pytest.mark.usefixtures("need_java", "jvm_logs_on_failure")
+def test_registry_health_server_down_warns_at_once_and_keeps_ready(
+    eureka_peers: tuple[EurekaServer, EurekaServer],
+    start_demo_app: StartDemoApp,
+    start_agent: Callable[..., AgentProcess],
+) -> None:
+    a, _ = eureka_peers
+    app = start_demo_app(a)
+    agent = start_agent(eureka_env(app, [a.url], PRESTOP_REGISTRY_CHECK_SECONDS="0.5"))
+    wait_for("found", lambda: agent_status(agent)["registry"]["state"] == "found", 10)
+    a.stop()  # the one Eureka server goes away
+    wait_for("unreachable", lambda: agent_status(agent)["registry"]["state"] == "unreachable", 15)
+    down = agent_status(agent)["registry"]
+    assert down["reason"].startswith("no server answered: "), down
+    assert a.url in down["reason"]
+    assert registry_ready(agent) == 0
+    assert ready_status(agent) == 200, "a Eureka outage must not take the pod out of Service"
+    changes = events(agent, "registry_health_changed")
+    assert [(e["state"], e["level"]) for e in changes] == [
+        ("found", "info"),
+        ("unreachable", "warning"),
+    ]
 
 
 def listed_by_itself(app: DemoApp) -> list[dict[str, Any]]:
@@ -367,6 +464,7 @@ def test_register_on_behalf_up_down_and_gone(
                 "PRESTOP_EUREKA_RENEWAL_SECONDS": "0.5",
                 "PRESTOP_EUREKA_LEASE_SECONDS": "5",
                 "PRESTOP_DRAIN_SECONDS": "1.5",
+                "PRESTOP_REGISTRY_CHECK_SECONDS": "0.3",
             }
         )
 
@@ -384,10 +482,15 @@ def test_register_on_behalf_up_down_and_gone(
         assert instance["healthCheckUrl"] == f"{server.url}/health"
         assert instance["metadata"]["pod"] == "py-app-0"
 
+        wait_for("health: found", lambda: agent_status(agent)["registry"]["state"] == "found", 5)
         plain.healthy = False
         wait_for("reported DOWN while unhealthy", lambda: status() == "DOWN", 5)
+        wait_for("health: not UP", lambda: agent_status(agent)["registry"]["ready"] is False, 5)
+        assert "not registered UP" in agent_status(agent)["registry"]["reason"]
+        assert registry_ready(agent, "register") == 0
         plain.healthy = True
         wait_for("UP again once healthy", lambda: status() == "UP", 5)
+        wait_for("health: found again", lambda: registry_ready(agent, "register") == 1, 5)
 
         result: dict[str, Any] = {}
         caller = threading.Thread(target=lambda: result.update(answer=prestop(agent)))

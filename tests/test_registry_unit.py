@@ -21,11 +21,13 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
 from agent.config import load
 from agent.lifecycle import Propagation
-from agent.registry import RegistryError, open_registry
+from agent.metrics import Metrics
+from agent.registry import HealthState, HealthWatch, RegistryError, RegistryHealth, open_registry
 from agent.registry._http import REPLICATION_HEADER, Server
 from agent.registry.eureka import EurekaRegistry
 from agent.registry.register import RegisterRegistry
@@ -476,6 +478,109 @@ async def test_register_registers_renews_marks_and_cancels(
     await asyncio.sleep(0.25)  # no renewal after the cancel would register it again
     assert f"{POD_IP}:py-app:9000" not in fake.instances
     await registry.close()
+
+
+# ------------------------------------------------------------------------------------- health
+
+
+class ScriptedRegistry:
+    """A backend whose health checks answer from a script (the watch's logic is under test)."""
+
+    name = "eureka"
+
+    def __init__(self, *answers: RegistryHealth | BaseException | float) -> None:
+        self.answers = list(answers)
+
+    async def check_health(self) -> RegistryHealth:
+        answer = self.answers.pop(0)
+        if isinstance(answer, float):
+            await asyncio.sleep(answer)  # hangs past the watch's timeout
+        if isinstance(answer, BaseException):
+            raise answer
+        assert isinstance(answer, RegistryHealth)
+        return answer
+
+
+async def test_health_watch_logs_changes_of_state_only() -> None:
+    down = RegistryHealth(HealthState.UNREACHABLE, "no server answered: a: refused")
+    down_again = RegistryHealth(HealthState.UNREACHABLE, "no server answered: a: timed out")
+    missing = RegistryHealth(HealthState.NOT_FOUND, "DEMO-APP/x is not listed")
+    found = RegistryHealth(HealthState.FOUND, "DEMO-APP/x listed by 1 of 1 server(s)")
+    script = [down, down_again, down, missing, missing, found, found, found, missing]
+    metrics = Metrics(CollectorRegistry())
+    watch = HealthWatch(
+        ScriptedRegistry(*script),  # type: ignore[arg-type]
+        metrics,
+        interval_seconds=30,
+        timeout_seconds=1,
+    )
+    assert watch.report()["state"] == "not checked yet"
+    ready = []
+    with capture_logs() as logs:
+        for _ in script:
+            await watch.check()
+            ready.append(
+                metrics.registry.get_sample_value("prestop_registry_ready", {"backend": "eureka"})
+            )
+    changes = [e for e in logs if e["event"] == "registry_health_changed"]
+    assert [(e["state"], e["previous"], e["log_level"]) for e in changes] == [
+        ("unreachable", None, "warning"),
+        ("not_found", "unreachable", "warning"),
+        ("found", "not_found", "info"),
+        ("not_found", "found", "warning"),
+    ]
+    assert changes[0]["reason"] == "no server answered: a: refused"
+    assert ready == [0, 0, 0, 0, 0, 1, 1, 1, 0]
+    report = watch.report()
+    assert report["state"] == "not_found" and report["ready"] is False
+    assert report["reason"] == "DEMO-APP/x is not listed"
+    assert report["checks"] == len(script) and report["checked_at"].endswith("Z")
+
+
+async def test_health_watch_turns_a_hang_or_a_bug_into_unreachable() -> None:
+    metrics = Metrics(CollectorRegistry())
+    found = RegistryHealth(HealthState.FOUND, "listed")
+    watch = HealthWatch(
+        ScriptedRegistry(found, 5.0, found, RuntimeError("boom")),  # type: ignore[arg-type]
+        metrics,
+        interval_seconds=30,
+        timeout_seconds=0.2,
+    )
+    with capture_logs() as logs:
+        assert (await watch.check()).ready
+        hung = await watch.check()
+        assert (await watch.check()).ready
+        bug = await watch.check()
+    assert (hung.state, hung.reason) == (HealthState.UNREACHABLE, "no answer within 0.2s")
+    assert bug.state is HealthState.UNREACHABLE and "RuntimeError: boom" in bug.reason
+    assert len([e for e in logs if e["event"] == "registry_health_changed"]) == 4
+
+
+async def test_actuator_health_tells_a_missing_endpoint_from_a_dead_app(
+    session: aiohttp.ClientSession,
+) -> None:
+    async def registration(request: web.Request) -> web.Response:
+        return web.json_response({"status": "UP"})
+
+    app = web.Application()
+    app.router.add_get("/actuator/serviceregistry", registration)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        base = f"http://127.0.0.1:{server.port}"
+
+        async def health(url: str) -> RegistryHealth:
+            env = {"PRESTOP_REGISTRY": "actuator", "PRESTOP_ACTUATOR_URL": url}
+            return await open_registry(load(env), session).check_health()
+
+        found = await health(f"{base}/actuator/serviceregistry")
+        missing = await health(f"{base}/actuator/nothing-here")
+        dead = await health(dead_url())
+    finally:
+        await server.close()
+    assert found.state is HealthState.FOUND and "'status': 'UP'" in found.reason
+    assert missing.state is HealthState.NOT_FOUND and "HTTP 404" in missing.reason
+    assert dead.state is HealthState.UNREACHABLE
 
 
 # ------------------------------------------------------------- the client-facing view (error paths)

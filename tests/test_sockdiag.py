@@ -27,8 +27,10 @@ from agent.drain.sockdiag import (
     ProcWatcher,
     SocketSample,
     SocketWatcher,
+    app_is_up,
     open_watcher,
 )
+from tests.support import free_port
 
 IPv4 = ipaddress.IPv4Address
 LOCALHOST_V4 = IPv4("127.0.0.1")
@@ -814,6 +816,26 @@ def test_netlink_socket_has_a_timeout_so_a_poll_cannot_hang() -> None:
         timeout = watcher._sock.gettimeout() if watcher._sock is not None else None
     assert timeout is not None
     assert 0 < timeout <= 5
+
+
+def test_app_is_up_while_it_listens_or_holds_a_connection() -> None:
+    """The agent's sign that the app exited: no listener and no open connection on its ports.
+    Spring Boot closes its listener at SIGTERM and then finishes its requests."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    assert app_is_up([port])
+    client = socket.create_connection(("127.0.0.1", port))
+    accepted, _ = listener.accept()
+    listener.close()  # the listener is gone, a request is still being served
+    assert app_is_up([port])
+    accepted.close()  # the app's last socket: what is left (FIN_WAIT, the client's) is not it
+    try:
+        assert not app_is_up([port])
+        assert not app_is_up([free_port()])
+    finally:
+        client.close()
 
 
 # --- every connection seen: closed between two polls --------------------------------------------

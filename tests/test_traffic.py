@@ -401,6 +401,25 @@ async def test_the_proc_fallback_ends_on_zero_connections(app: App, traffic_agen
     assert closed + QUIET - POLL <= answered <= closed + QUIET + 2 * POLL
     assert body["drain_ended_by"] == "quiet"
     assert body["steps"][-1]["source"] == "proc"
+    assert await _since_last_data(agent) == "NaN", "/proc cannot time data"
     events = agent.log_events()
     watching = next(e for e in events if e["event"] == "drain_watching")
     assert watching["source"] == "proc"
+
+
+async def _since_last_data(agent: AgentProcess) -> str:
+    async with aiohttp.ClientSession() as session, session.get(f"{agent.url}/metrics") as page:
+        metrics = await page.text()
+    since = re.search(r"^prestop_drain_seconds_since_last_data (\S+)$", metrics, re.MULTILINE)
+    assert since is not None, metrics
+    return since.group(1)
+
+
+async def test_seconds_since_last_data_is_nan_while_no_data_was_ever_seen(
+    app: App, traffic_agent: Any
+) -> None:
+    agent = traffic_agent(app)
+    assert await _since_last_data(agent) == "NaN", "before any drain"
+    _, _, body = await _prestop(agent)  # nobody talks to the app
+    assert body["drain_ended_by"] == "quiet"
+    assert await _since_last_data(agent) == "NaN", "not 0: no data was ever seen"

@@ -849,3 +849,36 @@ def open_watcher(
             else:
                 return watcher
     return ProcWatcher(port_set)
+
+
+# Sockets only a living process holds: its listener, and connections it has not closed. (Once a
+# process exits, its closed connections linger as orphans in FIN_WAIT1/FIN_WAIT2/LAST_ACK for up
+# to a minute; those say nothing about the app.)
+APP_ALIVE_STATES: frozenset[bytes] = frozenset(
+    b"%02X" % TCP_STATE_NAMES.index(name) for name in ("LISTEN", "ESTABLISHED", "CLOSE_WAIT")
+)
+
+
+def app_is_up(ports: Iterable[int], proc_root: str = "/proc") -> bool:
+    """Does anything in our network namespace still listen on, or hold an open connection on,
+    one of ``ports``?
+
+    After the drain of a classic sidecar the agent waits for the app to exit. Spring Boot closes
+    its listener the instant it gets SIGTERM and then finishes its requests, so the listener alone
+    would say "gone" too early; its open connections are the rest of its life. Read from
+    /proc/net/tcp and tcp6, which list every socket of the namespace whatever process holds it.
+    """
+    port_hex = {b"%04X" % port for port in _normalise_ports(ports)}
+    for name, width in PROC_NET_FILES:
+        try:
+            with open(os.path.join(proc_root, name), "rb") as file:
+                lines = file.read().splitlines()[1:]
+        except FileNotFoundError:
+            if width == 16:
+                continue  # IPv6 disabled
+            raise
+        for line in lines:
+            fields = line.split(None, 4)
+            if len(fields) > 3 and fields[3] in APP_ALIVE_STATES and fields[1][-4:] in port_hex:
+                return True
+    return False

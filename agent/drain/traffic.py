@@ -217,7 +217,8 @@ async def traffic_drain(
             if on_poll is not None:
                 on_poll(verdict)
             metrics.watched_connections.set(verdict.connections)
-            if verdict.last_data_at is not None:
+            # On /proc, last_data_at is "a connection was open", not data: the gauge stays NaN.
+            if verdict.last_data_at is not None and verdict.timestamps:
                 metrics.seconds_since_last_data.set(max(0.0, now - verdict.last_data_at))
             reason = verdict.verdict(now)
             if reason is not None:

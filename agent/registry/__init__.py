@@ -6,18 +6,57 @@ an agent without a registry never loads their dependencies.
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Protocol
+
+import structlog
+
+from agent.lifecycle import iso_time
 
 if TYPE_CHECKING:
     import aiohttp
 
     from agent.config import Config
+    from agent.metrics import Metrics
     from agent.server import AppHealth
+
+log = structlog.get_logger()
 
 
 class RegistryError(Exception):
     """The registry step failed. The message is shown in /prestop's answer: it names the server
     and what went wrong, and never carries credentials."""
+
+
+class HealthState(StrEnum):
+    """What a registry health check found. Three states, because "the server is down" and "the
+    server answers but does not know us" call for different fixes."""
+
+    UNREACHABLE = "unreachable"
+    """No registry server (or, for ``actuator``, the app's endpoint) gave an answer."""
+    NOT_FOUND = "not_found"
+    """A server answered, but the instance is not there (not registered, or not UP in
+    ``register`` mode; for ``actuator``, the endpoint answered with an error)."""
+    FOUND = "found"
+    """The instance is there: the shutdown's mark-down has something to mark."""
+
+
+@dataclass(frozen=True, slots=True)
+class RegistryHealth:
+    """The result of one health check."""
+
+    state: HealthState
+    reason: str
+    """One line for logs, /status and ``check``: names the servers and what they said, never
+    credentials."""
+
+    @property
+    def ready(self) -> bool:
+        return self.state is HealthState.FOUND
 
 
 class Registry(Protocol):
@@ -50,6 +89,10 @@ class Registry(Protocol):
     async def describe(self) -> dict[str, Any]:
         """For ``prestop-agent check``: reach the registry, show the instance it would mark down."""
 
+    async def check_health(self) -> RegistryHealth:
+        """One look: do the servers answer, and is the instance there? Read-only, bounded by
+        ``PRESTOP_REGISTRY_TIMEOUT_SECONDS``, one attempt per server. Must not raise."""
+
 
 class NoRegistry:
     """``PRESTOP_REGISTRY=none``: the pod is not in a registry the agent must update."""
@@ -74,6 +117,9 @@ class NoRegistry:
     async def describe(self) -> dict[str, Any]:
         return {"registry": "none"}
 
+    async def check_health(self) -> RegistryHealth:
+        return RegistryHealth(HealthState.FOUND, "no registry")
+
 
 def open_registry(
     config: Config, session: aiohttp.ClientSession, health: AppHealth | None = None
@@ -93,3 +139,98 @@ def open_registry(
     from agent.registry.register import RegisterRegistry
 
     return RegisterRegistry(config, session, health)
+
+
+# The first checks come quickly (the app usually registers a few seconds after the agent
+# started), then less and less often until PRESTOP_REGISTRY_CHECK_SECONDS.
+FIRST_CHECK_INTERVAL_SECONDS = 1.0
+
+
+class HealthWatch:
+    """The registry health check from start-up until the shutdown begins.
+
+    Exports ``prestop_registry_ready{backend}``, keeps the last result for /status, and logs only
+    when the state changes: one line per change, however often it checks. The
+    first result is logged too (a change from "not checked yet"). Warning when the instance is not
+    found or the servers are unreachable, info when it is found.
+
+    It never touches /ready: a Eureka outage must not take every pod out of its Service.
+    """
+
+    def __init__(
+        self,
+        registry: Registry,
+        metrics: Metrics,
+        *,
+        interval_seconds: float,
+        timeout_seconds: float,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._registry = registry
+        self._gauge = metrics.registry_ready.labels(backend=registry.name)
+        self._interval = interval_seconds
+        self._timeout = timeout_seconds
+        self._wall_clock = wall_clock
+        self.last: RegistryHealth | None = None
+        self.checked_at: float | None = None
+        """Wall-clock time of the last check."""
+        self.changed_at: float | None = None
+        """Wall-clock time the state last changed."""
+        self.checks = 0
+
+    async def check(self) -> RegistryHealth:
+        """Check once, record, export, and log if anything changed."""
+        try:
+            async with asyncio.timeout(self._timeout):
+                health = await self._registry.check_health()
+        except TimeoutError:
+            health = RegistryHealth(HealthState.UNREACHABLE, f"no answer within {self._timeout:g}s")
+        except Exception as exc:  # check_health must not raise; if it does, say so once
+            health = RegistryHealth(
+                HealthState.UNREACHABLE, f"health check failed: {type(exc).__name__}: {exc}"
+            )
+        self.record(health)
+        return health
+
+    def record(self, health: RegistryHealth) -> None:
+        now = self._wall_clock()
+        self.checks += 1
+        self.checked_at = now
+        self._gauge.set(1 if health.ready else 0)
+        previous = self.last
+        self.last = health
+        if previous is not None and previous.state is health.state:
+            return  # the reason may word the same state differently from check to check
+        self.changed_at = now
+        emit = log.info if health.ready else log.warning
+        emit(
+            "registry_health_changed",
+            backend=self._registry.name,
+            state=str(health.state),
+            reason=health.reason,
+            previous=None if previous is None else str(previous.state),
+        )
+
+    async def run(self) -> None:
+        """Check at once, then quickly while the instance is not found, then every interval.
+        Cancelled by ``main`` when the shutdown begins."""
+        pause = min(FIRST_CHECK_INTERVAL_SECONDS, self._interval)
+        while True:
+            health = await self.check()
+            if health.ready:
+                pause = self._interval
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, self._interval)
+
+    def report(self) -> dict[str, Any]:
+        """For /status."""
+        last = self.last
+        return {
+            "backend": self._registry.name,
+            "state": "not checked yet" if last is None else str(last.state),
+            "ready": last is not None and last.ready,
+            "reason": None if last is None else last.reason,
+            "checked_at": iso_time(self.checked_at),
+            "changed_at": iso_time(self.changed_at),
+            "checks": self.checks,
+        }

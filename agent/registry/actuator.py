@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 import structlog
 
 from agent.config import redact_url
-from agent.registry import RegistryError
+from agent.registry import HealthState, RegistryError, RegistryHealth
 from agent.registry._http import (
     MARK_SHARE,
     VERIFY_SHARE,
@@ -125,6 +125,10 @@ class ActuatorRegistry:
     async def _read(self, until: float) -> dict[str, Any]:
         status, body = await self._http.request(self._endpoint, "GET", "", until=until)
         check_status(status, body, ok=(200,))
+        return self._parse(body)
+
+    @staticmethod
+    def _parse(body: bytes) -> dict[str, Any]:
         text = body.decode("utf-8", "replace").strip()
         try:
             document = json.loads(text)
@@ -154,3 +158,14 @@ class ActuatorRegistry:
             "would_set": self._status,
             "reported": reported,
         }
+
+    async def check_health(self) -> RegistryHealth:
+        """Found when the endpoint answers with a status; an HTTP error means the app is up
+        but the endpoint is missing (not exposed) or has no registration."""
+        until = asyncio.get_running_loop().time() + self._config.registry_timeout_seconds
+        try:
+            reported = await self._read(until)
+        except RequestFailed as exc:
+            state = HealthState.UNREACHABLE if exc.status is None else HealthState.NOT_FOUND
+            return RegistryHealth(state, f"GET {self._endpoint.shown}: {exc.reason}")
+        return RegistryHealth(HealthState.FOUND, f"GET {self._endpoint.shown}: {reported}")

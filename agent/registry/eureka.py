@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from agent.registry import RegistryError
+from agent.registry import HealthState, RegistryError, RegistryHealth
 from agent.registry._http import (
     MARK_SHARE,
     VERIFY_SHARE,
@@ -296,12 +296,9 @@ class EurekaRegistry:
         results = await asyncio.gather(*(read(s) for s in self._servers))
         return dict(zip(self._servers, results, strict=True))
 
-    async def _discover(self, until: float, *, quiet: bool) -> str | None:
-        """Find the instance id by POD_IP and PRESTOP_APP_PORT in ``GET apps/{APP}``.
-
-        ``quiet``: return None when nothing matches yet (start-up, the app may not have
-        registered); otherwise raise RegistryError saying what was listed.
-        """
+    async def _match(self, until: float) -> tuple[list[str], list[dict[str, Any]], list[str]]:
+        """``GET apps/{APP}`` on every server: the ids matching POD_IP and PRESTOP_APP_PORT,
+        every instance listed, and one error line per server that did not answer."""
         ip, port = self._config.pod_ip, self._config.app_port
 
         async def listed(server: Server) -> list[dict[str, Any]] | str:
@@ -328,31 +325,87 @@ class EurekaRegistry:
                 if i.get("ipAddr") == ip and port_of(i) == port
             }
         )
-        if len(matching) == 1:
-            self._instance_id = matching[0]
-            log.info(
-                "eureka_instance_discovered",
-                app=self._app,
-                instance_id=matching[0],
-                ip=ip,
-                port=port,
-            )
-            return matching[0]
-        if len(matching) > 1:
-            raise RegistryError(
-                f"several instances of {self._app} have ipAddr {ip} and port {port}:"
-                f" {', '.join(matching)}; set PRESTOP_EUREKA_INSTANCE_ID"
-            )
-        if quiet:
-            return None
-        if len(errors) == len(self._servers):
-            raise RegistryError(f"no server answered GET apps/{self._app}: {'; '.join(errors)}")
+        return matching, instances, errors
+
+    def _adopt(self, instance_id: str) -> str:
+        self._instance_id = instance_id
+        log.info(
+            "eureka_instance_discovered",
+            app=self._app,
+            instance_id=instance_id,
+            ip=self._config.pod_ip,
+            port=self._config.app_port,
+        )
+        return instance_id
+
+    def _several(self, matching: list[str]) -> str:
+        return (
+            f"several instances of {self._app} have ipAddr {self._config.pod_ip} and port"
+            f" {self._config.app_port}: {', '.join(matching)}; set PRESTOP_EUREKA_INSTANCE_ID"
+        )
+
+    def _none_matches(self, instances: list[dict[str, Any]], errors: list[str]) -> str:
         seen = sorted(
             {f"{i.get('instanceId')} ({i.get('ipAddr')}:{port_of(i)})" for i in instances}
         )
         listing = ", ".join(seen[:MAX_LISTED]) + (" ..." if len(seen) > MAX_LISTED else "")
         unreachable = f"; unreachable: {'; '.join(errors)}" if errors else ""
-        raise RegistryError(
-            f"no instance of {self._app} has ipAddr {ip} and port {port}"
-            f" (listed: {listing or 'none'}){unreachable}"
+        return (
+            f"no instance of {self._app} has ipAddr {self._config.pod_ip} and port"
+            f" {self._config.app_port} (listed: {listing or 'none'}){unreachable}"
+        )
+
+    async def _discover(self, until: float, *, quiet: bool) -> str | None:
+        """Find the instance id by POD_IP and PRESTOP_APP_PORT in ``GET apps/{APP}``.
+
+        ``quiet``: return None when nothing matches yet (start-up, the app may not have
+        registered); otherwise raise RegistryError saying what was listed.
+        """
+        matching, instances, errors = await self._match(until)
+        if len(matching) == 1:
+            return self._adopt(matching[0])
+        if len(matching) > 1:
+            raise RegistryError(self._several(matching))
+        if quiet:
+            return None
+        if len(errors) == len(self._servers):
+            raise RegistryError(f"no server answered GET apps/{self._app}: {'; '.join(errors)}")
+        raise RegistryError(self._none_matches(instances, errors))
+
+    # --- health -------------------------------------------------------------------------------
+
+    async def check_health(self) -> RegistryHealth:
+        """Found when at least one server lists the instance (by id, or by POD_IP and port)."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + self._config.registry_timeout_seconds * VERIFY_SHARE
+        instance_id = self._instance_id
+        if instance_id is None:
+            matching, instances, errors = await self._match(until)
+            if len(errors) == len(self._servers):
+                return RegistryHealth(
+                    HealthState.UNREACHABLE,
+                    f"no server answered GET apps/{self._app}: {'; '.join(errors)}",
+                )
+            if len(matching) != 1:
+                reason = (
+                    self._several(matching) if matching else self._none_matches(instances, errors)
+                )
+                return RegistryHealth(HealthState.NOT_FOUND, reason)
+            instance_id = self._adopt(matching[0])
+        found = await self._read_all(instance_id, until)
+        listed = {s: i for s, i in found.items() if isinstance(i, dict)}
+        shown = "; ".join(
+            f"{s.shown}: {i.get('status') if isinstance(i, dict) else i or 'not listed'}"
+            for s, i in found.items()
+        )
+        if listed:
+            return RegistryHealth(
+                HealthState.FOUND,
+                f"{self._app}/{instance_id} listed by {len(listed)} of {len(found)}"
+                f" server(s): {shown}",
+            )
+        if all(isinstance(i, str) for i in found.values()):
+            return RegistryHealth(HealthState.UNREACHABLE, f"no server answered: {shown}")
+        return RegistryHealth(
+            HealthState.NOT_FOUND, f"{self._app}/{instance_id} is not listed: {shown}"
         )

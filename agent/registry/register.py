@@ -43,13 +43,14 @@ from py_eureka_client import eureka_basic
 from py_eureka_client import http_client as eureka_http
 
 from agent.config import redact_url
-from agent.registry import RegistryError
+from agent.registry import HealthState, RegistryError, RegistryHealth
 from agent.registry._http import (
     MARK_SHARE,
     VERIFY_SHARE,
     Http,
     RequestFailed,
     Server,
+    get_instance,
     read_back,
     request_timeout,
     require_one_marked,
@@ -472,3 +473,28 @@ class RegisterRegistry:
             "would_set": self._config.eureka_status,
             "servers": servers,
         }
+
+    async def check_health(self) -> RegistryHealth:
+        """Found when at least one server lists our registration as UP."""
+        until = asyncio.get_running_loop().time() + self._config.registry_timeout_seconds
+
+        async def read(server: Server) -> str:
+            try:
+                instance = await get_instance(
+                    self._http, server, self._app, self.instance_id, until=until
+                )
+            except RequestFailed as exc:
+                return f"error: {exc.reason}"
+            return "not listed" if instance is None else str(instance.get("status"))
+
+        answers = await asyncio.gather(*(read(s) for s in self._servers))
+        shown = "; ".join(f"{s.shown}: {a}" for s, a in zip(self._servers, answers, strict=True))
+        if "UP" in answers:
+            return RegistryHealth(
+                HealthState.FOUND, f"{self._app}/{self.instance_id} registered UP: {shown}"
+            )
+        if all(a.startswith("error: ") for a in answers):
+            return RegistryHealth(HealthState.UNREACHABLE, f"no server answered: {shown}")
+        return RegistryHealth(
+            HealthState.NOT_FOUND, f"{self._app}/{self.instance_id} not registered UP: {shown}"
+        )
