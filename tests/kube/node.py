@@ -365,9 +365,11 @@ class KubeNode:
 
     # --- start / stop ---------------------------------------------------------------------
 
-    def start(self) -> KubeNode:
+    def start(self, lock_timeout: float = 240.0) -> KubeNode:
+        """Bring the node up (clearing what an earlier run left); waits up to ``lock_timeout``
+        seconds while another session on this machine runs its node."""
         started = time.monotonic()
-        self._take_machine_lock()
+        self._take_machine_lock(lock_timeout)
         clean_host(self.state, str(self.subnet))
         for folder in (self.manifests, self.pod_logs, self.state / "cni", self.state / "logs"):
             folder.mkdir(parents=True, exist_ok=True)
@@ -379,7 +381,7 @@ class KubeNode:
         self.setup_seconds = time.monotonic() - started
         return self
 
-    def _take_machine_lock(self, timeout: float = 900.0) -> None:
+    def _take_machine_lock(self, timeout: float) -> None:
         """One node per state folder on the machine: a second one would clean the first one's
         processes and bridge away. Wait for the holder (another test session) to finish."""
         self.state.parent.mkdir(parents=True, exist_ok=True)
