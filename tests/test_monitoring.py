@@ -1,7 +1,7 @@
 """The monitoring pack in k8s/monitoring/: its alerts under ``promtool test rules``, and every
 dashboard panel query run against a real Prometheus that scraped real agents through real
 terminations (a drain that ends quiet, one that ends at max on the /proc fallback, a failed
-registry step, a refused hook call)."""
+registry step, a refused hook call) and a registry health check that cannot reach its server."""
 
 from __future__ import annotations
 
@@ -89,7 +89,7 @@ def test_the_rules_pass_promtool_check_and_their_unit_tests(tmp_path: Path) -> N
 def test_every_alert_has_a_unit_test_that_fires_it_and_one_that_does_not() -> None:
     rules = [rule for group in _rule_groups() for rule in group["rules"]]
     alerts = {rule["alert"] for rule in rules if "alert" in rule}
-    assert len(alerts) == 6
+    assert len(alerts) == 7
     cases = [
         case for test in yaml.safe_load(RULES_TEST.read_text())["tests"]
         for case in test.get("alert_rule_test", [])
@@ -177,6 +177,7 @@ def test_every_dashboard_panel_returns_data_from_real_terminations(
     quiet_app, held_app = app_server(), app_server()
     # orders-0: traffic drain on netlink that ends quiet, with a registry step that fails (the
     # actuator is a closed port) so its hook is answered 500; and one refused hook call first.
+    # The same closed port makes its registry health check export prestop_registry_ready 0.
     failing = new_agent(
         {
             "PRESTOP_DRAIN_MODE": "traffic",
@@ -290,6 +291,10 @@ def test_every_dashboard_panel_returns_data_from_real_terminations(
             for sample in server.query("sum by (reason) (prestop_drains_total)")
         }
         assert by_reason == {"quiet": 1, "max": 1, "fixed": 1}
+        ready = server.query("prestop_registry_ready")
+        assert {
+            (s["metric"]["pod"], s["metric"]["backend"], float(s["value"][1])) for s in ready
+        } == {("orders-0", "actuator", 0.0)}, "only the agent with a registry has a health check"
         in_use = server.query("prestop_drain_watch_source == 1")
         assert {(s["metric"]["pod"], s["metric"]["source"]) for s in in_use} == {
             ("orders-0", "netlink"),
