@@ -127,7 +127,9 @@ def write_report(raw: dict[str, object]) -> None:
         "termination: the pod's deletion to its last container's exit (containerd). DOWN",
         "visible: to Eureka's client-facing view (its response cache) no longer listing the",
         "replica UP. last request served: to the end of the last request the replica answered.",
-        "Times: mean (min-max) over the runs.",
+        "Times: mean (min-max) over the runs. Failure kinds: the Python caller's exception"
+        " class; the Spring callers' exception class with the cause its message names (runs"
+        " made before the cause was recorded show the class alone).",
         "",
         "## Shortest zero-failure fixed sleep (classic hook: DOWN, then sleep)",
         "",
