@@ -18,13 +18,13 @@ import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
-from urllib.parse import quote, unquote, urlsplit, urlunsplit
+from urllib.parse import SplitResult, quote, unquote, urlsplit, urlunsplit
 
 import aiohttp
 import structlog
 import yarl
 
-from agent.config import Config, redact_url
+from agent.config import Config, ascii_host, redact_url
 from agent.registry import RegistryError
 
 log = structlog.get_logger()
@@ -83,7 +83,7 @@ class Server:
         if parts.username is not None:
             credentials = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
             authorization = "Basic " + base64.b64encode(credentials.encode("utf-8")).decode()
-        hostport = parts.netloc.rpartition("@")[2]
+        hostport = _ascii_hostport(parts)
         path = parts.path if parts.path.endswith("/") else parts.path + "/"
         base = urlunsplit((parts.scheme, hostport, path, "", ""))
         return cls(base=base, shown=redact_url(url), authorization=authorization)
@@ -93,9 +93,19 @@ class Server:
         """One URL requested as it is (an actuator or health endpoint, query kept, no ``/``
         appended), its credentials split off like a ``defaultZone`` URL's."""
         parts = urlsplit(url)
-        hostport = parts.netloc.rpartition("@")[2]
+        hostport = _ascii_hostport(parts)
         base = urlunsplit((parts.scheme, hostport, parts.path or "/", parts.query, ""))
         return cls(base=base, shown=redact_url(url), authorization=cls.parse(url).authorization)
+
+
+def _ascii_hostport(parts: SplitResult) -> str:
+    """``host[:port]`` of a URL with an international host name in its IDNA form, so that the
+    resolver, the Host header and TLS all get the same ASCII name."""
+    hostport = parts.netloc.rpartition("@")[2]
+    host = parts.hostname or ""
+    if host.isascii():
+        return hostport
+    return ascii_host(host) + (f":{parts.port}" if parts.port is not None else "")
 
 
 def segment(value: str) -> str:
