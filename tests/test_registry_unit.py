@@ -11,7 +11,6 @@ import base64
 import json
 import re
 import ssl
-import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,6 @@ from agent.registry import RegistryError, open_registry
 from agent.registry._http import REPLICATION_HEADER, Server
 from agent.registry.eureka import EurekaRegistry
 from agent.registry.register import RegisterRegistry
-from tests.support import skip_or_fail
 
 APP = "DEMO-APP"
 POD_IP = "10.1.2.3"
@@ -322,40 +320,6 @@ def test_server_parse_keeps_the_path_and_drops_the_userinfo() -> None:
     assert server.shown == "https://u:***@eureka-0.eureka:8761/eureka/"
     assert server.authorization == "Basic " + base64.b64encode(b"u:p@").decode()
     assert "p@" not in repr(server)
-
-
-@pytest.fixture(scope="module")
-def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A self-signed certificate for 127.0.0.1 (its own CA), made with the openssl CLI."""
-    directory = tmp_path_factory.mktemp("tls")
-    cert, key = directory / "cert.pem", directory / "key.pem"
-    try:
-        subprocess.run(
-            [
-                "openssl",
-                "req",
-                "-x509",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-days",
-                "1",
-                "-subj",
-                "/CN=127.0.0.1",
-                "-addext",
-                "subjectAltName=IP:127.0.0.1",
-                "-keyout",
-                str(key),
-                "-out",
-                str(cert),
-            ],
-            check=True,
-            capture_output=True,
-            timeout=60,
-        )
-    except (OSError, subprocess.CalledProcessError) as err:
-        skip_or_fail(f"openssl cannot make a certificate: {err}")
-    return cert, key
 
 
 async def test_https_with_a_private_ca(

@@ -50,6 +50,7 @@ VERIFY_SHARE = 0.9
 # its memory. Eureka's ``GET apps/{APP}`` is ~1.5 KB per instance, so 4 MiB is thousands of them.
 MAX_ANSWER_BYTES = 4 * 1024 * 1024
 READ_CHUNK = 64 * 1024
+MAX_REASON = 200
 
 
 class RequestFailed(Exception):
@@ -213,7 +214,9 @@ async def read_bounded(response: aiohttp.ClientResponse, limit: int = MAX_ANSWER
 def _reason(exc: BaseException) -> str:
     """An exception as a short reason. aiohttp's messages name host and port only (the request
     URL has no userinfo), so they are safe to show."""
-    text = str(exc) or type(exc).__name__
+    text = " ".join(str(exc).split()) or type(exc).__name__  # one line, whatever it quotes
+    if len(text) > MAX_REASON:  # a message may quote the hostile answer itself
+        text = text[:MAX_REASON] + "..."
     return f"{type(exc).__name__}: {text}"
 
 

@@ -25,6 +25,7 @@ import structlog
 from agent.registry import RegistryError
 from agent.registry._http import (
     MARK_SHARE,
+    MIN_REQUEST_TIMEOUT,
     VERIFY_SHARE,
     Http,
     RequestFailed,
@@ -120,7 +121,7 @@ class ActuatorRegistry:
                 last = f"reports {reported}"
             except Exception as exc:  # a bad answer is "not yet", up to the deadline
                 last = failure_reason(exc)
-            if self._verify_until - loop.time() < delay:
+            if self._verify_until - loop.time() < delay + MIN_REQUEST_TIMEOUT:
                 raise RegistryError(
                     f"GET {self._endpoint.shown}: not {self._status} in time, last: {last}"
                 )
@@ -133,9 +134,12 @@ class ActuatorRegistry:
         try:
             document = parse_json(body)
         except RequestFailed:
-            # A handler that answers the bare status; anything longer is not one.
+            # A handler that answers the bare status ("DOWN"); anything longer is not one, and
+            # why it is not JSON is the better reason.
             text = body.decode("utf-8", "replace").strip()
-            return {"status": text if len(text) <= MAX_BARE_STATUS else f"{text[:40]}..."}
+            if len(text) > MAX_BARE_STATUS:
+                raise
+            return {"status": text}
         if isinstance(document, dict):
             return {
                 k: _short(document.get(k)) for k in ("status", "overriddenStatus") if k in document
