@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import json
 import re
 import ssl
@@ -24,9 +25,17 @@ from structlog.testing import capture_logs
 
 from agent.config import load
 from agent.registry import RegistryError, open_registry
-from agent.registry._http import REPLICATION_HEADER, Server
+from agent.registry._http import (
+    MAX_ANSWER_BYTES,
+    REPLICATION_HEADER,
+    Http,
+    RequestFailed,
+    Server,
+    parse_json,
+)
 from agent.registry.eureka import EurekaRegistry
 from agent.registry.register import RegisterRegistry
+from agent.server import AppHealth
 
 APP = "DEMO-APP"
 POD_IP = "10.1.2.3"
@@ -438,3 +447,79 @@ async def test_register_registers_renews_marks_and_cancels(
     await asyncio.sleep(0.25)  # no renewal after the cancel would register it again
     assert f"{POD_IP}:py-app:9000" not in fake.instances
     await registry.close()
+
+
+# ------------------------------------------------------------------ untrusted answers (issue 9)
+
+
+async def test_an_unusable_host_beside_a_good_server_does_not_hide_its_success(
+    serve: Serve, session: aiohttp.ClientSession
+) -> None:
+    # Issue 9: "http://a..b/" beside a good server turned a successful mark-down into a 500
+    # (`unexpected UnicodeError` from the resolver). Config now refuses such a host; the request
+    # layer still turns whatever a new caller might pass it into that server's failure.
+    _, url = await serve([instance("a")])
+    good = config([url], PRESTOP_EUREKA_INSTANCE_ID="a")
+    bad = "http://a..b:8761/eureka/"
+    registry = EurekaRegistry(dataclasses.replace(good, eureka_urls=(bad, url)), session)
+    said = await registry.mark_down()
+    assert said[url]["result"] == "ok"
+    assert said[bad]["result"] == "failed"
+    assert "UnicodeError" in said[bad]["error"] or "Cannot connect" in said[bad]["error"]
+    assert (await registry.verify())[url] == "DOWN"
+
+
+async def test_the_app_health_check_reports_any_failure_as_not_ready(
+    session: aiohttp.ClientSession,
+) -> None:
+    # Issue 9: as PRESTOP_APP_HEALTH_URL, such a host made every /ready a 500 with a traceback.
+    health = AppHealth("http://a..b:8080/health", session, cache_seconds=0.0)
+    healthy, reason = await health.check()
+    assert not healthy and reason.startswith("app health unreachable: ")
+
+
+async def test_a_dirty_timestamp_of_the_wrong_type_never_reaches_the_url(
+    serve: Serve, session: aiohttp.ClientSession
+) -> None:
+    fake, url = await serve([instance("a", lastDirtyTimestamp={"nested": ["x y"]})])
+    said = await EurekaRegistry(config([url], PRESTOP_EUREKA_INSTANCE_ID="a"), session).mark_down()
+    assert said[url]["result"] == "ok" and said[url]["lastDirtyTimestamp"] is None
+    put = next(r for r in fake.requests if r.method == "PUT")
+    assert "lastDirtyTimestamp" not in put.query
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+        (b"{\"a\": \"\x80\x81\"}", "not UTF-8"),
+        (b'{"instance": {"a": ', "not JSON"),
+    ],
+)
+def test_parse_json_turns_every_decoding_failure_into_a_reason(body: bytes, reason: str) -> None:
+    with pytest.raises(RequestFailed, match=reason):
+        parse_json(body)
+
+
+async def test_an_answer_over_the_cap_is_refused_before_it_is_held(
+    session: aiohttp.ClientSession,
+) -> None:
+    async def endless(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        for _ in range(1000):
+            await response.write(b" " * 65536)
+        return response
+
+    async def promised(request: web.Request) -> web.Response:
+        return web.Response(body=b"{}", headers={"Content-Length": "4294967296"})
+
+    app = web.Application()
+    app.router.add_get("/endless/", endless)
+    app.router.add_get("/promised/", promised)
+    async with TestServer(app) as server:
+        http = Http(session, timeout=5.0)
+        for path in ("endless", "promised"):
+            target = Server.parse(str(server.make_url(f"/{path}/")))
+            with pytest.raises(RequestFailed, match=f"answer larger than {MAX_ANSWER_BYTES} bytes"):
+                await http.request(target, "GET", "")
