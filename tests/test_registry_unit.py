@@ -492,7 +492,7 @@ async def test_a_dirty_timestamp_of_the_wrong_type_never_reaches_the_url(
     ("body", "reason"),
     [
         (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
-        (b"{\"a\": \"\x80\x81\"}", "not UTF-8"),
+        (b'{"a": "\x80\x81"}', "not UTF-8"),
         (b'{"instance": {"a": ', "not JSON"),
     ],
 )
