@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import resource
 import signal
 import socket
 import sys
@@ -37,6 +38,11 @@ ANSWER_SECONDS = 2.0
 SERVER_CLOSE_SECONDS = 1.0
 # The exit status of a forced exit (second Ctrl-C), as a shell reports death by SIGINT.
 FORCED_EXIT_STATUS = 128 + signal.SIGINT
+# A connection that sends no complete request for this long is closed (aiohttp's keep-alive
+# timer runs from the connection's start): idle or slowloris connections cannot pile up until
+# the agent runs out of file descriptors and the kubelet's probes go unanswered. Probes open a
+# connection per request and Prometheus reconnects per scrape, so nobody waits on this.
+IDLE_CONNECTION_SECONDS = 5.0
 SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # Nobody sends a sidecar SIGHUP on purpose (there is no terminal, and no configuration file to
 # reload); its default action would kill the agent silently and lose the drain, so it is ignored.
@@ -159,6 +165,7 @@ class Agent:
                     handle_signals=False,  # the signals are ours: see handle_signal
                     access_log_class=AccessLogger,
                     shutdown_timeout=SERVER_CLOSE_SECONDS,
+                    keepalive_timeout=IDLE_CONNECTION_SECONDS,
                 )
                 await runner.setup()
                 resources.push_async_callback(runner.cleanup)
@@ -189,6 +196,7 @@ class Agent:
                     registry=registry.name,
                     pid=os.getpid(),
                     drain_source=self._drain_source,
+                    open_files_limit=resource.getrlimit(resource.RLIMIT_NOFILE)[0],
                 )
                 self.started.set()
                 # The only long-lived background task: the registry's own start-up and upkeep
@@ -313,9 +321,20 @@ class Agent:
         }
 
 
+def raise_open_files_limit() -> int:
+    """Raise the soft limit on open files to the hard one (a container's soft limit is often
+    1024): a storm of connections must cost descriptors the agent has, not its probes."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
 def run(config: Config, early_signals: Sequence[int] = ()) -> int:
     """Run the agent in a fresh event loop until it exits; return the process exit status.
     ``early_signals``: SIGTERM/SIGINT/SIGHUP received before, in order."""
+    raise_open_files_limit()
     try:
         return asyncio.run(Agent(config, early_signals=early_signals).run())
     except OSError as exc:
