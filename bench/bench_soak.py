@@ -24,7 +24,6 @@ import re
 import signal
 import socket
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -33,7 +32,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.support import free_port  # the repo root, put on the path above
+from bench.bench_agent import start_agent  # the repo root, put on the path above
+from tests.support import free_port
 
 TOKEN = "soak-token"
 WRONG_TOKEN = {"X-Prestop-Token": "wrong"}
@@ -106,24 +106,8 @@ def main() -> None:
     health = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Health)
     threading.Thread(target=health.serve_forever, daemon=True).start()
     port = free_port()
-    agent = subprocess.Popen(
-        [sys.executable, "-m", "agent.cli"],
-        env={
-            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-            "PRESTOP_HOST": "127.0.0.1",
-            "PRESTOP_PORT": str(port),
-            "PRESTOP_LOG_FORMAT": "json",
-            "PRESTOP_LOG_LEVEL": "warning",
-            "PRESTOP_TOKEN": TOKEN,
-            "PRESTOP_APP_HEALTH_URL": f"http://127.0.0.1:{health.server_address[1]}/health",
-        },
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    while get(port, "/live")[0] != 200:
-        if agent.poll() is not None:
-            raise SystemExit(f"agent exited with {agent.returncode}")
-        time.sleep(0.01)
+    health_url = f"http://127.0.0.1:{health.server_address[1]}/health"
+    agent, _ = start_agent(port, {"PRESTOP_TOKEN": TOKEN, "PRESTOP_APP_HEALTH_URL": health_url})
 
     started = time.monotonic()
     rss: list[tuple[float, float]] = []

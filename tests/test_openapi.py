@@ -10,12 +10,7 @@ MAX_EXAMPLES per operation.
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,7 +18,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 
-from tests.support import free_port
+from tests.support import AgentProcess
 
 SPEC = Path(__file__).resolve().parent.parent / "docs" / "openapi.yaml"
 MAX_EXAMPLES = 30
@@ -33,36 +28,14 @@ schema = schemathesis.openapi.from_path(SPEC)
 
 @pytest.fixture(scope="module")
 def agent_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
-    log = tmp_path_factory.mktemp("openapi") / "agent.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "agent.cli"],
-            env={
-                "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-                "PRESTOP_HOST": "127.0.0.1",
-                "PRESTOP_PORT": str(port),
-                "PRESTOP_LOG_FORMAT": "json",
-                "PRESTOP_DRAIN_MODE": "fixed",
-                "PRESTOP_DRAIN_SECONDS": "0",
-                "PRESTOP_TOKEN": "openapi-token",
-            },
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/live", timeout=1):
-                break
-        except OSError:
-            assert time.monotonic() < deadline and proc.poll() is None, log.read_text()
-            time.sleep(0.02)
-    yield url
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(timeout=10)
-    assert "Traceback" not in log.read_text()
+    env = {"PRESTOP_DRAIN_MODE": "fixed", "PRESTOP_DRAIN_SECONDS": "0", "PRESTOP_TOKEN": "t-1"}
+    agent = AgentProcess(env, tmp_path_factory.mktemp("openapi") / "agent.log")
+    agent.start()
+    agent.wait_ready()
+    yield agent.url
+    agent.signal(signal.SIGTERM)
+    assert agent.proc is not None and agent.proc.wait(timeout=10) == 0
+    assert "Traceback" not in agent.log_text()
 
 
 @schema.parametrize()
