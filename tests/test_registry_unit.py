@@ -523,3 +523,19 @@ async def test_an_answer_over_the_cap_is_refused_before_it_is_held(
             target = Server.parse(str(server.make_url(f"/{path}/")))
             with pytest.raises(RequestFailed, match=f"answer larger than {MAX_ANSWER_BYTES} bytes"):
                 await http.request(target, "GET", "")
+
+
+async def test_fields_of_the_wrong_type_are_shown_by_type_never_printed(
+    serve: Serve, session: aiohttp.ClientSession
+) -> None:
+    nested: Any = "DOWN"
+    for _ in range(500):
+        nested = [nested]
+    fake, url = await serve([instance("a")])
+    registry = EurekaRegistry(config([url], PRESTOP_EUREKA_INSTANCE_ID="a"), session)
+    await registry.mark_down()
+    fake.instances["a"]["status"] = nested  # the server now answers with a nested status
+    with pytest.raises(RegistryError, match=r"no server shows DOWN: .*: <a JSON list>"):
+        await registry.verify()
+    described = await registry.describe()
+    assert described["servers"][url]["status"] == "<a JSON list>"

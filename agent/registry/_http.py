@@ -51,6 +51,7 @@ VERIFY_SHARE = 0.9
 MAX_ANSWER_BYTES = 4 * 1024 * 1024
 READ_CHUNK = 64 * 1024
 MAX_REASON = 200
+MAX_FIELD = 200
 
 
 class RequestFailed(Exception):
@@ -304,10 +305,24 @@ def port_of(instance: Mapping[str, Any]) -> int | None:
         return None
 
 
+def text_of(value: Any) -> str | None:
+    """A field of a server's answer as text for comparisons, logs and answers: strings (cut
+    short) and numbers as they are, anything else by its type. Never ``str()`` of a nested value
+    a hostile server sent: printing a structure nested hundreds deep can raise RecursionError."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value if len(value) <= MAX_FIELD else value[:MAX_FIELD] + "..."
+    if isinstance(value, int | float):
+        return str(value)
+    return f"<a JSON {type(value).__name__}>"
+
+
 def override_of(instance: Mapping[str, Any]) -> str:
     """The status override; Eureka writes ``overriddenStatus`` (older servers
     ``overriddenstatus``), ``UNKNOWN`` meaning none."""
-    return str(instance.get("overriddenStatus") or instance.get("overriddenstatus") or "UNKNOWN")
+    override = instance.get("overriddenStatus") or instance.get("overriddenstatus")
+    return text_of(override) or "UNKNOWN"
 
 
 def dirty_timestamp_of(instance: Mapping[str, Any]) -> str | None:
@@ -323,11 +338,11 @@ def dirty_timestamp_of(instance: Mapping[str, Any]) -> str | None:
 def summary(instance: Mapping[str, Any]) -> dict[str, Any]:
     """What ``check``, logs and /prestop's answer show of an instance."""
     return {
-        "instanceId": instance.get("instanceId"),
-        "app": instance.get("app"),
-        "ipAddr": instance.get("ipAddr"),
+        "instanceId": text_of(instance.get("instanceId")),
+        "app": text_of(instance.get("app")),
+        "ipAddr": text_of(instance.get("ipAddr")),
         "port": port_of(instance),
-        "status": instance.get("status"),
+        "status": text_of(instance.get("status")),
         "overriddenStatus": override_of(instance),
         "lastDirtyTimestamp": dirty_timestamp_of(instance),
     }
@@ -406,7 +421,7 @@ async def read_back(
                 instance = await get_instance(http, server, app, instance_id, until=until)
             except Exception as exc:  # one server's bad answer must not hide another's
                 return f"error: {failure_reason(exc)}"
-            return "not listed" if instance is None else str(instance.get("status"))
+            return "not listed" if instance is None else str(text_of(instance.get("status")))
 
         answers = await asyncio.gather(*(read(s) for s in servers))
         said = {s.shown: a for s, a in zip(servers, answers, strict=True)}

@@ -48,6 +48,7 @@ from agent.registry._http import (
     segment,
     ssl_context,
     summary,
+    text_of,
 )
 
 if TYPE_CHECKING:
@@ -323,7 +324,7 @@ class EurekaRegistry:
         instances = [i for a in answers if isinstance(a, list) for i in a]
         matching = sorted(
             {
-                str(i.get("instanceId"))
+                str(text_of(i.get("instanceId")))
                 for i in instances
                 if i.get("ipAddr") == ip and port_of(i) == port
             }
@@ -348,7 +349,10 @@ class EurekaRegistry:
         if len(errors) == len(self._servers):
             raise RegistryError(f"no server answered GET apps/{self._app}: {'; '.join(errors)}")
         seen = sorted(
-            {f"{i.get('instanceId')} ({i.get('ipAddr')}:{port_of(i)})" for i in instances}
+            {
+                f"{text_of(i.get('instanceId'))} ({text_of(i.get('ipAddr'))}:{port_of(i)})"
+                for i in instances
+            }
         )
         listing = ", ".join(seen[:MAX_LISTED]) + (" ..." if len(seen) > MAX_LISTED else "")
         unreachable = f"; unreachable: {'; '.join(errors)}" if errors else ""
