@@ -22,7 +22,7 @@ def _record(signum: int, frame: FrameType | None) -> None:
 
 
 EARLY_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-if __name__ == "__main__" or sys.argv[0].endswith("/prestop-agent"):
+if __name__ == "__main__" or sys.argv[0].rpartition("/")[2] == "prestop-agent":
     for _signum in EARLY_SIGNALS:
         signal.signal(_signum, _record)
 
@@ -87,6 +87,7 @@ def signals_recorded() -> Iterator[list[int]]:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        _received.clear()  # replayed by now (run) or read (check); the next main() starts afresh
 
 
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
@@ -111,8 +112,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             for warning in warnings:
                 log.warning("unknown_variable", warning=warning)
             return run(config, early_signals)
+        stopped = [s for s in early_signals if s in (signal.SIGTERM, signal.SIGINT)]
     # ``check`` is a person's command, not the sidecar: Ctrl-C interrupts it as usual.
-    stopped = [s for s in early_signals if s in (signal.SIGTERM, signal.SIGINT)]
     if stopped:
         print(f"prestop-agent: {signal.Signals(stopped[0]).name} received, check not run")
         return 128 + stopped[0]

@@ -321,14 +321,13 @@ class Agent:
         }
 
 
-def raise_open_files_limit() -> int:
+def raise_open_files_limit() -> None:
     """Raise the soft limit on open files to the hard one (a container's soft limit is often
     1024): a storm of connections must cost descriptors the agent has, not its probes."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != hard:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 def run(config: Config, early_signals: Sequence[int] = ()) -> int:

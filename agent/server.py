@@ -20,6 +20,7 @@ from aiohttp import web
 from agent.config import Config
 from agent.lifecycle import Lifecycle, Phase, Trigger
 from agent.metrics import CONTENT_TYPE, Metrics
+from agent.registry._http import Http, Server, failure_reason
 
 log = structlog.get_logger()
 
@@ -44,8 +45,6 @@ class AppHealth:
         cache_seconds: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        from agent.registry._http import Http, Server
-
         # The registry's bounded reader: the app's answer is untrusted input too (size cap,
         # credentials in the URL sent as basic auth and never shown, any failure a reason).
         self._http = Http(session, timeout=timeout_seconds)
@@ -66,8 +65,6 @@ class AppHealth:
             return self._healthy, self._reason
 
     async def _ask(self) -> tuple[bool, str]:
-        from agent.registry._http import failure_reason
-
         try:
             status, _ = await self._http.request(
                 self._endpoint, "GET", "", headers={"Accept": "*/*"}
