@@ -432,6 +432,11 @@ def test_fault_table(outcomes: dict[str, Outcome], capsys: pytest.CaptureFixture
     lines = [f"{'case':34} {'HTTP':>4} {'seconds':>8} {'bound':>5} {'peak RSS':>9}  answer"]
     for outcome in outcomes.values():
         answer = outcome.failure or "ok"
+        if outcome.case.startswith("eureka-pair-") and not outcome.failure:
+            # What the bad peer said, beside the good one's success.
+            mark_down = next(s for s in outcome.answer["steps"] if s["name"] == "mark_down")
+            bad = mark_down["servers"][outcome.server_shown]
+            answer = f"ok; bad peer: {bad['result']} {bad.get('error', '')}".rstrip()
         lines.append(
             f"{outcome.case:34} {outcome.status:>4} {outcome.seconds:>8.2f} {bound:>5.1f}"
             f" {outcome.peak_rss_mib:>6.1f} MiB  {answer[:150]}"
