@@ -3,7 +3,20 @@ VENV   := .venv
 PYTHON := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: run test system-deps lint bench
+.PHONY: run test system-deps k8s-tools lint bench
+
+# Kubernetes tools the suite runs on k8s/ (chart, component, manifests). Built or installed once
+# per version into a cache on the machine (never into git), so a fresh machine pays once.
+# kube-linter is not served by the Go module proxy, so the security linter is checkov, in a venv
+# of its own: its dependency tree would clash with the test venv's.
+GO                := /usr/local/go/bin/go
+TOOLS             := $(HOME)/.cache/prestop-agent/tools
+HELM_VERSION      := v3.22.0
+KUSTOMIZE_VERSION := v5.8.2
+CHECKOV_VERSION   := 3.3.30
+HELM              := $(TOOLS)/helm-$(HELM_VERSION)/helm
+KUSTOMIZE         := $(TOOLS)/kustomize-$(KUSTOMIZE_VERSION)/kustomize
+CHECKOV           := $(TOOLS)/checkov-$(CHECKOV_VERSION)/bin/checkov
 
 # The package and its test tools, in a venv of their own; redone when pyproject.toml changes.
 $(STAMP): pyproject.toml
@@ -26,13 +39,28 @@ system-deps:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus iproute2 >/dev/null; \
 	else echo "not root: prometheus/iproute2 not installed; tests that need them skip (fail under CI=true)"; fi
 
+## helm, kustomize (Go module proxy) and checkov (PyPI), each cached under its version. A lock
+## keeps two checkouts on one machine from filling the same cache at once.
+k8s-tools: $(HELM) $(KUSTOMIZE) $(CHECKOV)
+
+$(HELM):
+	flock /tmp/prestop-tools.lock env GOBIN=$(@D) $(GO) install helm.sh/helm/v3/cmd/helm@$(HELM_VERSION)
+
+$(KUSTOMIZE):
+	flock /tmp/prestop-tools.lock env GOBIN=$(@D) $(GO) install \
+		sigs.k8s.io/kustomize/kustomize/v5@$(KUSTOMIZE_VERSION)
+
+$(CHECKOV):
+	flock /tmp/prestop-tools.lock sh -c 'python3 -m venv $(TOOLS)/checkov-$(CHECKOV_VERSION) \
+		&& $(TOOLS)/checkov-$(CHECKOV_VERSION)/bin/pip install --quiet checkov==$(CHECKOV_VERSION)'
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
 ## Every test: lint, unit, process, traffic, Prometheus, and the real Eureka/Spring Boot ones.
-test: $(STAMP) system-deps lint
-	$(PYTHON) -m pytest
+test: $(STAMP) system-deps k8s-tools lint
+	PRESTOP_HELM=$(HELM) PRESTOP_KUSTOMIZE=$(KUSTOMIZE) PRESTOP_CHECKOV=$(CHECKOV) $(PYTHON) -m pytest
 
 bench: $(STAMP)
 	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }

@@ -182,11 +182,12 @@ class Agent:
                     pod=self.config.pod_name,
                     namespace=self.config.pod_namespace,
                 )
+                self.metrics.registry_backend(registry.name)
                 if self.config.drain_mode == "traffic":
                     from agent.drain.traffic import probe_source
 
                     self._drain_source = probe_source(
-                        self.config.app_ports, self.config.drain_source
+                        self.config.app_ports, self.config.drain_source, self.metrics
                     )
                 log.info(
                     "agent_started",

@@ -20,7 +20,7 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from agent import __version__
-from agent.lifecycle import Lifecycle, Phase
+from agent.lifecycle import Lifecycle, Phase, Trigger
 
 # Registry round trips are milliseconds on a healthy cluster and seconds when a peer hangs.
 REGISTRY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -83,6 +83,13 @@ class Metrics:
             buckets=DRAIN_BUCKETS,
             registry=r,
         )
+        self.drain_watch_source = Gauge(
+            "prestop_drain_watch_source",
+            "1 for the way the traffic drain sees the app's sockets (netlink, or the proc"
+            " fallback that cannot time connections), 0 for the other.",
+            ["source"],
+            registry=r,
+        )
         self.watched_connections = Gauge(
             "prestop_watched_connections",
             "TCP connections on the app's ports at the last look (traffic drain).",
@@ -100,12 +107,32 @@ class Metrics:
             buckets=DRAIN_BUCKETS,
             registry=r,
         )
+        # Every series an alert or dashboard counts with increase() exists at 0 from start-up: a
+        # pod terminates once, and a counter born at 1 shows no increase at all.
         for phase in Phase:
             self.phase.labels(phase=str(phase))
+        for trigger in Trigger:
+            self.shutdown_triggers.labels(trigger=str(trigger))
+        for reason in ("quiet", "max", "fixed"):
+            self.drains.labels(reason=reason)
+        for result in ("ok", "failed", "unauthorized", "forbidden"):
+            self.hook_calls.labels(result=result)
 
     def describe(self, **settings: str) -> None:
         """Set ``prestop_info`` (version plus the settings that shape the termination)."""
         self.info.info({"version": __version__, **settings})
+
+    def registry_backend(self, backend: str) -> None:
+        """Start the registry step's counters at 0 for the backend in use (``none`` has none)."""
+        if backend != "none":
+            for result in ("ok", "failed"):
+                self.registry_updates.labels(backend=backend, result=result)
+            self.registry_update_duration.labels(backend=backend)
+
+    def watching(self, source: str) -> None:
+        """Record the socket source the traffic drain uses: ``netlink`` or ``proc``."""
+        for each in ("netlink", "proc"):
+            self.drain_watch_source.labels(source=each).set(1 if each == source else 0)
 
     def track(self, lifecycle: Lifecycle) -> None:
         """Follow the lifecycle's phase changes in ``prestop_phase``."""

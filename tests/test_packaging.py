@@ -1,5 +1,5 @@
-"""What ships: the Dockerfile (linted, its steps replayed with pip), the example manifests (their
-settings pass the agent's own validation and agree with the pod around them), the Quick start."""
+"""What ships: the Dockerfile (linted, its steps replayed with pip) and the Quick start. The
+Kubernetes material in k8s/ has its own tests: tests/test_k8s.py and tests/test_monitoring.py."""
 
 from __future__ import annotations
 
@@ -9,18 +9,28 @@ import subprocess
 import sys
 import tomllib
 from pathlib import Path
-from typing import Any
 
-import pytest
-import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from agent import __version__
-from agent.config import VARIABLES, load
+from agent.config import VARIABLES
 from agent.lifecycle import Phase
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
-MANIFESTS = sorted((ROOT / "k8s").glob("*.yaml"))
+CONSTRAINTS = ROOT / "docker" / "constraints.txt"
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+
+def _pins() -> dict[str, str]:
+    """docker/constraints.txt as {canonical name: version}."""
+    pins = {}
+    for line in CONSTRAINTS.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            pins[canonicalize_name(name)] = version.strip()
+    return pins
 
 
 def test_the_dockerfile_passes_hadolint() -> None:
@@ -42,14 +52,60 @@ def test_the_dockerfile_matches_the_package() -> None:
     assert re.search(r"^USER 10001$", text, re.MULTILINE), "the runtime stage runs unprivileged"
     assert 'ENTRYPOINT ["prestop-agent"]' in text
     assert "EXPOSE 8099" in text
+    labels = dict(re.findall(r'(org\.opencontainers\.image\.\w+)="([^"]*)"', text))
+    assert labels["org.opencontainers.image.version"] == __version__
+    assert labels["org.opencontainers.image.licenses"] == PYPROJECT["license"]
+    assert labels["org.opencontainers.image.source"] == "${SOURCE_URL}"
+    assert re.search(r"^ARG SOURCE_URL", text, re.MULTILINE)
+    assert "-c constraints.txt" in text, "the wheels are built from the pinned versions"
+
+
+def test_the_constraints_pin_every_dependency_within_pyproject_ranges() -> None:
+    pins = _pins()
+    for dependency in PYPROJECT["dependencies"]:
+        requirement = Requirement(dependency)
+        pinned = pins.get(canonicalize_name(requirement.name))
+        assert pinned is not None, f"{requirement.name} is not pinned in {CONSTRAINTS.name}"
+        assert requirement.specifier.contains(pinned), (
+            f"{requirement.name}=={pinned}: {requirement}"
+        )
+
+
+def test_the_dockerignore_lets_in_only_what_the_image_copies() -> None:
+    """An allow-list: everything out (the 100+ MB .venv first), then what COPY names back in."""
+    lines = [
+        line
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    assert lines[0] == "*"
+    allowed = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
+    copied = {
+        path
+        for source in re.findall(r"^COPY (?!--from)(.+) \S+$", DOCKERFILE.read_text(), re.MULTILINE)
+        for path in source.split()
+    }
+    assert allowed == copied
 
 
 def test_the_dockerfile_steps_build_a_working_command(tmp_path: Path) -> None:
-    """The image's two RUN steps, replayed: wheels of the package and its dependencies, then an
-    offline install of exactly those wheels into a fresh environment."""
+    """The image's two RUN steps, replayed: wheels of the package and its dependencies at the
+    pinned versions, then an offline install of exactly those wheels into a fresh environment,
+    which then holds exactly what docker/constraints.txt pins (nothing unpinned crept in)."""
     wheels = tmp_path / "wheels"
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--wheel-dir", str(wheels), str(ROOT)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--wheel-dir",
+            str(wheels),
+            "-c",
+            str(CONSTRAINTS),
+            str(ROOT),
+        ],
         check=True,
         timeout=600,
     )
@@ -75,72 +131,11 @@ def test_the_dockerfile_steps_build_a_working_command(tmp_path: Path) -> None:
         check=True,
     )
     assert version.stdout.strip() == f"prestop-agent {__version__}"
-
-
-def _pod(manifest: Path) -> dict[str, Any]:
-    return yaml.safe_load(manifest.read_text())["spec"]["template"]["spec"]
-
-
-def _agent_and_app(pod: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    every = pod.get("initContainers", []) + pod["containers"]
-    agent = next(c for c in every if c["name"] == "prestop-agent")
-    app = next(c for c in pod["containers"] if c["name"] == "app")
-    return agent, app
-
-
-DOWNWARD_API = {
-    "status.podIP": "10.1.2.3",
-    "metadata.name": "orders-7f9c",
-    "metadata.namespace": "shop",
-}
-
-
-def _environment(agent: dict[str, Any]) -> dict[str, str]:
-    """The agent container's environment as the kubelet would fill it in."""
-    environ: dict[str, str] = {}
-    for variable in agent["env"]:
-        if "value" in variable:
-            environ[variable["name"]] = variable["value"]
-        elif "fieldRef" in variable["valueFrom"]:
-            environ[variable["name"]] = DOWNWARD_API[variable["valueFrom"]["fieldRef"]["fieldPath"]]
-        else:  # a Secret: Eureka URLs with credentials
-            environ[variable["name"]] = "http://user:secret@eureka-0:8761/eureka/"
-    return environ
-
-
-def test_there_is_a_manifest_for_each_sidecar_layout() -> None:
-    assert {m.name for m in MANIFESTS} == {"classic-sidecar.yaml", "native-sidecar.yaml"}
-
-
-@pytest.mark.parametrize("manifest", MANIFESTS, ids=lambda m: m.stem)
-def test_the_manifest_is_a_valid_agent_configuration_that_fits_its_pod(manifest: Path) -> None:
-    pod = _pod(manifest)
-    agent, app = _agent_and_app(pod)
-    environ = _environment(agent)
-    assert set(environ) <= set(VARIABLES), "every variable is one the agent reads"
-    config = load(environ)  # raises on anything invalid, the grace budget included
-    assert config.grace_period_seconds == pod["terminationGracePeriodSeconds"]
-    assert config.budget().fits
-    agent_port = agent["ports"][0]["containerPort"]
-    assert agent_port == config.port
-
-    hook = app["lifecycle"]["preStop"]["httpGet"]
-    assert (hook["port"], hook["path"]) == (agent_port, "/prestop")
-    assert "host" not in hook, "the kubelet must call the pod IP, where the agent listens"
-    headers = {h["name"]: h["value"] for h in hook.get("httpHeaders", [])}
-    assert headers.get("X-Prestop-Token") == config.token
-    probe = app["readinessProbe"]["httpGet"]
-    assert (probe["port"], probe["path"]) == (agent_port, "/ready")
-    app_ports = {p["containerPort"] for p in app["ports"]}
-    assert set(config.app_ports) <= app_ports
-
-
-def test_the_native_layout_is_an_init_container_that_keeps_running() -> None:
-    pod = _pod(ROOT / "k8s" / "native-sidecar.yaml")
-    agent = next(c for c in pod["initContainers"] if c["name"] == "prestop-agent")
-    assert agent["restartPolicy"] == "Always"
-    classic = _pod(ROOT / "k8s" / "classic-sidecar.yaml")
-    assert "initContainers" not in classic
+    frozen = subprocess.run(
+        [pip, "freeze", "--exclude", "prestop-agent"], capture_output=True, text=True, check=True
+    ).stdout.split()
+    installed = {canonicalize_name(n): v for n, _, v in (line.partition("==") for line in frozen)}
+    assert installed == _pins()
 
 
 def test_the_readme_quick_start_is_two_commands_and_ci_runs_the_second() -> None:

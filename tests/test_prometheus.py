@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import shutil
-import signal
 import subprocess
 import time
 import urllib.error
@@ -12,11 +10,10 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.support import AgentProcess, free_port, skip_or_fail
+from tests.support import AgentProcess, PrometheusServer, skip_or_fail
 
 
 @pytest.fixture
@@ -64,55 +61,29 @@ def test_promtool_finds_nothing_to_lint_after_a_termination(agent: AgentProcess)
             assert sample in text
 
 
-def _query(base: str, expr: str) -> list[dict[str, Any]]:
-    status, raw = _get(f"{base}/api/v1/query?{urllib.parse.urlencode({'query': expr})}")
-    body = json.loads(raw)
-    assert status == 200 and body["status"] == "success", body
-    return body["data"]["result"]
-
-
 def test_a_real_prometheus_scrapes_the_phase_change(agent: AgentProcess, tmp_path: Path) -> None:
-    prometheus = _need("prometheus")
-    port = free_port()
-    config = tmp_path / "prometheus.yml"
-    config.write_text(
+    config = (
         "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
         "scrape_configs:\n"
         "- job_name: prestop-agent\n"
         f"  static_configs: [{{targets: ['127.0.0.1:{agent.port}']}}]\n"
     )
-    server = subprocess.Popen(
-        [
-            prometheus,
-            f"--config.file={config}",
-            f"--storage.tsdb.path={tmp_path / 'data'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-        ],
-        stdout=(tmp_path / "prometheus.log").open("wb"),
-        stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}"
+    with PrometheusServer(_need("prometheus"), config, tmp_path) as server:
 
-    def value_of(expr: str, want: float, within: float) -> None:
-        deadline = time.monotonic() + within
-        while time.monotonic() < deadline:
-            try:
-                result = _query(base, expr)
-            except OSError:
-                result = []
-            if result and float(result[0]["value"][1]) == want:
-                return
-            time.sleep(0.25)
-        log = (tmp_path / "prometheus.log").read_text()[-2000:]
-        raise AssertionError(f"{expr} never became {want} within {within}s\n{log}")
+        def value_of(expr: str, want: float, within: float) -> None:
+            deadline = time.monotonic() + within
+            while time.monotonic() < deadline:
+                result = server.query(expr)
+                if result and float(result[0]["value"][1]) == want:
+                    return
+                time.sleep(0.25)
+            raise AssertionError(
+                f"{expr} never became {want} within {within}s\n{server.log_tail()}"
+            )
 
-    try:
         value_of('prestop_phase{phase="serving"}', 1, within=30)
         value_of('up{job="prestop-agent"}', 1, within=5)
         assert _get(f"{agent.url}/prestop")[0] == 200
         value_of('prestop_phase{phase="drained"}', 1, within=10)
         value_of('sum(prestop_hook_calls_total{result="ok"})', 1, within=5)
-        assert _query(base, "prestop_info")[0]["metric"]["drain_mode"] == "fixed"
-    finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(timeout=20)
+        assert server.query("prestop_info")[0]["metric"]["drain_mode"] == "fixed"

@@ -278,6 +278,8 @@ async def test_steady_keepalive_traffic_ends_the_drain_after_last_request_plus_q
     assert 'prestop_drains_total{reason="quiet"} 1.0' in metrics
     assert "prestop_drain_last_data_after_trigger_seconds_count 1.0" in metrics
     assert "prestop_watched_connections 4.0" in metrics  # the 4 clients, idle, still connected
+    assert 'prestop_drain_watch_source{source="netlink"} 1.0' in metrics
+    assert 'prestop_drain_watch_source{source="proc"} 0.0' in metrics
     since = re.search(r"^prestop_drain_seconds_since_last_data (\S+)$", metrics, re.MULTILINE)
     assert since is not None and QUIET <= float(since.group(1)) <= QUIET + 2 * POLL
 
@@ -371,8 +373,14 @@ async def test_ipv6_traffic_holds_the_drain(app: App, traffic_agent: Any) -> Non
 
 async def test_the_proc_fallback_ends_on_zero_connections(app: App, traffic_agent: Any) -> None:
     agent = traffic_agent(app, PRESTOP_DRAIN_SOURCE="proc")
-    async with aiohttp.ClientSession() as session, session.get(f"{agent.url}/status") as response:
-        assert (await response.json())["drain"]["source"] == "proc"
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{agent.url}/status") as response:
+            assert (await response.json())["drain"]["source"] == "proc"
+        async with session.get(f"{agent.url}/metrics") as page:
+            metrics = await page.text()
+    # Known from start-up, before any drain: what the /proc-fallback alert fires on.
+    assert 'prestop_drain_watch_source{source="proc"} 1.0' in metrics
+    assert 'prestop_drain_watch_source{source="netlink"} 0.0' in metrics
     held = []
     for _ in range(5):
         conn = socket.create_connection(("127.0.0.1", app.port))

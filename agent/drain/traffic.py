@@ -157,6 +157,7 @@ async def traffic_drain(
     """Drain until the app's traffic has stopped (``quiet``) or ``limit`` seconds (``max``)."""
     started_at = clock()
     watcher = open_watcher(config.app_ports, force_proc=config.drain_source == "proc")
+    metrics.watching(watcher.source)
     verdict = TrafficVerdict(
         trigger_at=started_at - lifecycle.elapsed(),
         started_at=started_at,
@@ -199,10 +200,12 @@ async def traffic_drain(
     )
 
 
-def probe_source(ports: Iterable[int], requested: str) -> str:
-    """Which way the drain will see sockets here (``netlink`` or ``proc``), for /status."""
+def probe_source(ports: Iterable[int], requested: str, metrics: Metrics) -> str:
+    """Which way the drain will see sockets here (``netlink`` or ``proc``), for /status and
+    ``prestop_drain_watch_source``: known from start-up, so an alert need not wait for a drain."""
     watcher = open_watcher(ports, force_proc=requested == "proc")
     try:
+        metrics.watching(watcher.source)
         return watcher.source
     finally:
         watcher.close()

@@ -1,0 +1,219 @@
+{{/*
+The helpers that add the agent to a pod spec. The chart's own Deployment uses them, and so can a
+parent chart that lists this chart as a dependency (see README.md): pass a context that holds this
+chart's values as .Values, plus .Release.
+
+  prestop-agent.podSpec   (dict "pod" <your pod spec> "Values" <these values> "Release" .Release)
+                          -> your pod spec with the agent, the app's preStop hook and readiness
+                             probe, terminationGracePeriodSeconds and a RuntimeDefault seccomp
+                             profile (unless the spec sets its own).
+  prestop-agent.podLabels -> the labels the PodMonitor selects on (the release's own pods only:
+                             two releases in a namespace must not scrape each other's twice).
+*/}}
+
+{{- define "prestop-agent.fullname" -}}
+{{- default .Release.Name .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "prestop-agent.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "prestop-agent.fullname" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "prestop-agent.labels" -}}
+{{ include "prestop-agent.selectorLabels" . }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+
+{{- define "prestop-agent.podLabels" -}}
+prestop-agent/sidecar: "true"
+prestop-agent/release: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "prestop-agent.tokenSecretName" -}}
+{{- if .Values.token.existingSecret.name -}}
+{{- .Values.token.existingSecret.name -}}
+{{- else -}}
+{{- printf "%s-prestop-token" (include "prestop-agent.fullname" .) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The token's value, for the hook's header (Kubernetes cannot take a header from a Secret). */}}
+{{- define "prestop-agent.token" -}}
+{{- $token := .Values.token -}}
+{{- if and $token.value $token.existingSecret.name -}}
+{{- fail "prestop-agent: set token.value or token.existingSecret.name, not both" -}}
+{{- else if $token.value -}}
+{{- $token.value -}}
+{{- else if $token.existingSecret.name -}}
+{{- $secret := lookup "v1" "Secret" .Release.Namespace $token.existingSecret.name -}}
+{{- $data := dig "data" $token.existingSecret.key "" $secret -}}
+{{- if not $data -}}
+{{- fail (printf "prestop-agent: token.existingSecret: no key %q in Secret %s/%s (read at install time, because the hook's X-Prestop-Token header cannot come from a Secret; helm template has no cluster to read it from: use token.value there)" $token.existingSecret.key .Release.Namespace $token.existingSecret.name) -}}
+{{- end -}}
+{{- b64dec $data -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The agent's environment: only the variables that apply to the chosen modes (the agent refuses
+a drain setting of the other drain mode, rather than ignore it). */}}
+{{- define "prestop-agent.env" -}}
+{{- $v := .Values -}}
+{{- $a := $v.agent -}}
+{{- $d := $a.drain -}}
+- {name: PRESTOP_PORT, value: {{ $v.port | quote }}}
+- {name: PRESTOP_GRACE_PERIOD_SECONDS, value: {{ $v.gracePeriodSeconds | quote }}}
+- {name: PRESTOP_APP_SHUTDOWN_SECONDS, value: {{ $a.appShutdownSeconds | quote }}}
+- {name: PRESTOP_MARGIN_SECONDS, value: {{ $a.marginSeconds | quote }}}
+- {name: PRESTOP_APP_PORT, value: {{ $a.appPort | quote }}}
+{{- with $a.appPorts }}
+- {name: PRESTOP_APP_PORTS, value: {{ join "," . | quote }}}
+{{- end }}
+{{- with $a.appHealthPath }}
+- {name: PRESTOP_APP_HEALTH_URL, value: {{ printf "http://127.0.0.1:%v%s" $a.appPort . | quote }}}
+{{- end }}
+- {name: PRESTOP_DRAIN_MODE, value: {{ $d.mode | quote }}}
+{{- if eq $d.mode "fixed" }}
+- {name: PRESTOP_DRAIN_SECONDS, value: {{ $d.seconds | quote }}}
+{{- else }}{{/* traffic; values.schema.json allows no other mode */}}
+- {name: PRESTOP_DRAIN_MIN_SECONDS, value: {{ $d.minSeconds | quote }}}
+- {name: PRESTOP_DRAIN_QUIET_SECONDS, value: {{ $d.quietSeconds | quote }}}
+{{- if not (kindIs "invalid" $d.maxSeconds) }}
+- {name: PRESTOP_DRAIN_MAX_SECONDS, value: {{ $d.maxSeconds | quote }}}
+{{- end }}
+- {name: PRESTOP_DRAIN_POLL_SECONDS, value: {{ $d.pollSeconds | quote }}}
+- {name: PRESTOP_DRAIN_SOURCE, value: {{ $d.source | quote }}}
+{{- with $d.ignoreCidrs }}
+- {name: PRESTOP_DRAIN_IGNORE_CIDRS, value: {{ join "," . | quote }}}
+{{- end }}
+{{- end }}
+{{- with $a.allowCidrs }}
+- {name: PRESTOP_ALLOW_CIDRS, value: {{ join "," . | quote }}}
+{{- end }}
+{{- if or $v.token.value $v.token.existingSecret.name }}
+- name: PRESTOP_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "prestop-agent.tokenSecretName" . }}
+      key: {{ ternary "token" $v.token.existingSecret.key (empty $v.token.existingSecret.name) }}
+{{- end }}
+- {name: PRESTOP_LOG_FORMAT, value: {{ $a.logFormat | quote }}}
+- {name: PRESTOP_LOG_LEVEL, value: {{ $a.logLevel | quote }}}
+{{- $r := $v.registry }}
+- {name: PRESTOP_REGISTRY, value: {{ $r.type | quote }}}
+{{- if ne $r.type "none" }}
+- {name: PRESTOP_REGISTRY_TIMEOUT_SECONDS, value: {{ $r.timeoutSeconds | quote }}}
+{{- end }}
+{{- if has $r.type (list "eureka" "register") }}
+{{- $e := $r.eureka }}
+- {name: PRESTOP_EUREKA_APP, value: {{ required "prestop-agent: registry.eureka.app is required" $e.app | quote }}}
+- name: PRESTOP_EUREKA_URLS
+  valueFrom:
+    secretKeyRef:
+      name: {{ required "prestop-agent: registry.eureka.urlsSecret.name is required" $e.urlsSecret.name }}
+      key: {{ $e.urlsSecret.key }}
+{{- with $e.instanceId }}
+- {name: PRESTOP_EUREKA_INSTANCE_ID, value: {{ . | quote }}}
+{{- end }}
+- {name: PRESTOP_EUREKA_STATUS, value: {{ $e.status | quote }}}
+- {name: PRESTOP_EUREKA_KEEP_OVERRIDE, value: {{ $e.keepOverride | quote }}}
+{{- with $e.caFile }}
+- {name: PRESTOP_EUREKA_CA_FILE, value: {{ . | quote }}}
+{{- end }}
+{{- if eq $r.type "register" }}
+- {name: PRESTOP_EUREKA_RENEWAL_SECONDS, value: {{ $e.renewalSeconds | quote }}}
+- {name: PRESTOP_EUREKA_LEASE_SECONDS, value: {{ $e.leaseSeconds | quote }}}
+{{- end }}
+{{- else if eq $r.type "actuator" }}
+{{- with $r.actuator.url }}
+- {name: PRESTOP_ACTUATOR_URL, value: {{ . | quote }}}
+{{- end }}
+{{- end }}
+- name: POD_NAME
+  valueFrom: {fieldRef: {fieldPath: metadata.name}}
+- name: POD_NAMESPACE
+  valueFrom: {fieldRef: {fieldPath: metadata.namespace}}
+- name: POD_IP
+  valueFrom: {fieldRef: {fieldPath: status.podIP}}
+{{- with $a.extraEnv }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{- define "prestop-agent.container" -}}
+{{- $v := .Values -}}
+name: prestop-agent
+image: {{ printf "%s:%s" $v.image.repository $v.image.tag | quote }}
+imagePullPolicy: {{ $v.image.pullPolicy }}
+{{- if eq $v.layout "native" }}
+restartPolicy: Always
+{{- end }}
+ports:
+- {name: prestop-agent, containerPort: {{ $v.port }}}
+env:
+{{ include "prestop-agent.env" . }}
+livenessProbe:
+  httpGet: {port: {{ $v.port }}, path: /live}
+  periodSeconds: 10
+# /live, not /ready: the agent's own readiness must not follow the drain (the app's does).
+readinessProbe:
+  httpGet: {port: {{ $v.port }}, path: /live}
+  periodSeconds: 10
+resources:
+  {{- toYaml $v.resources | nindent 2 }}
+securityContext:
+  runAsNonRoot: true
+  runAsUser: 10001
+  runAsGroup: 10001
+  allowPrivilegeEscalation: false
+  readOnlyRootFilesystem: true
+  capabilities: {drop: [ALL]}
+{{- end -}}
+
+{{- define "prestop-agent.podSpec" -}}
+{{- $v := .Values -}}
+{{- $pod := deepCopy .pod -}}
+{{- if hasKey $pod "terminationGracePeriodSeconds" -}}
+{{- fail "prestop-agent: set gracePeriodSeconds, not the pod's terminationGracePeriodSeconds: the chart gives the same value to the pod and to the agent" -}}
+{{- end -}}
+{{- $_ := set $pod "terminationGracePeriodSeconds" (int $v.gracePeriodSeconds) -}}
+{{- $security := deepCopy (default (dict) $pod.securityContext) -}}
+{{- if not (hasKey $security "seccompProfile") -}}
+{{- $_ := set $security "seccompProfile" (dict "type" "RuntimeDefault") -}}
+{{- end -}}
+{{- $_ := set $pod "securityContext" $security -}}
+{{- $hook := dict "path" "/prestop" "port" (int $v.port) -}}
+{{- $token := include "prestop-agent.token" . -}}
+{{- if $token -}}
+{{- $_ := set $hook "httpHeaders" (list (dict "name" "X-Prestop-Token" "value" $token)) -}}
+{{- end -}}
+{{- $probe := merge (dict "httpGet" (dict "path" "/ready" "port" (int $v.port))) (deepCopy $v.readinessProbe) -}}
+{{- $containers := list -}}
+{{- $found := false -}}
+{{- range $container := $pod.containers -}}
+{{- $container = deepCopy $container -}}
+{{- if eq $container.name $v.appContainer -}}
+{{- $found = true -}}
+{{- $lifecycle := default (dict) $container.lifecycle -}}
+{{- if hasKey $lifecycle "preStop" -}}
+{{- fail (printf "prestop-agent: container %q already has a preStop hook; the agent's /prestop replaces it (a sleep there only delays the drain)" $container.name) -}}
+{{- end -}}
+{{- $_ := set $lifecycle "preStop" (dict "httpGet" $hook) -}}
+{{- $_ := set $container "lifecycle" $lifecycle -}}
+{{- $_ := set $container "readinessProbe" $probe -}}
+{{- end -}}
+{{- $containers = append $containers $container -}}
+{{- end -}}
+{{- if not $found -}}
+{{- fail (printf "prestop-agent: the pod spec has no container named %q (set appContainer)" $v.appContainer) -}}
+{{- end -}}
+{{- $agent := include "prestop-agent.container" . | fromYaml -}}
+{{- if eq $v.layout "native" -}}
+{{- $_ := set $pod "initContainers" (prepend (default (list) $pod.initContainers) $agent) -}}
+{{- else -}}
+{{- $containers = append $containers $agent -}}
+{{- end -}}
+{{- $_ := set $pod "containers" $containers -}}
+{{- toYaml $pod -}}
+{{- end -}}
