@@ -221,6 +221,8 @@ def _shown_value(value: object) -> str:
         value = ",".join(str(item) for item in value)
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, float):
+        return f"{value:g}"
     return str(value) if value != "" else "empty"
 
 
