@@ -200,10 +200,26 @@ def check(config: Config, warnings: Sequence[str] = ()) -> int:
     else:
         ports = ",".join(str(p) for p in config.app_ports)
         print(
-            f"  3. drain: watch ports {ports} every {config.drain_poll_seconds:g}s; at least"
+            f"  3. drain: watch ports {ports} every {config.drain_poll_seconds:g}s (open"
+            " connections, and those that opened and closed between two looks); at least"
             f" {config.drain_min_seconds:g}s, then end after {config.drain_quiet_seconds:g}s"
             f" without data and nothing in flight; at most {budget.drain:g}s"
         )
+        if config.registry != "none":
+            measured = (
+                "when the Eureka servers' client-facing view shows the instance out (watched)"
+                if config.watches_client_view
+                else f"the server cache's bound, {config.eureka_server_cache_seconds:g}s"
+                " (not observable: set PRESTOP_EUREKA_URLS and PRESTOP_EUREKA_APP)"
+            )
+            print(
+                "     and never before registry clients can have dropped the instance:"
+                f" {measured} + client refresh {config.eureka_client_refresh_seconds:g}s;"
+                f" at worst {config.worst_case_floor():g}s after the trigger"
+            )
+        warning = config.floor_warning()
+        if warning is not None:
+            print(f"     WARNING: {warning}")
     print("  4. answer every /prestop caller: the kubelet then sends the app SIGTERM")
     print(f"     and the app has {config.app_shutdown_seconds:g}s to stop")
     print("  5. exit once a SIGTERM has arrived; if it came before the end of the drain (classic")

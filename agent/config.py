@@ -102,6 +102,11 @@ class Config:
     drain_ignore_cidrs: tuple[Network, ...] = ()
     """PRESTOP_DRAIN_IGNORE_CIDRS: peers whose traffic does not hold the drain (kubelet probes,
     Prometheus scraping the app), comma-separated CIDRs."""
+    drain_count_accepts: bool = True
+    """PRESTOP_DRAIN_COUNT_ACCEPTS: count connections accepted in the pod's network namespace
+    (/proc/net/snmp PassiveOpens) that no socket the drain saw accounts for as traffic: a
+    client that opens a connection, sends a request and closes between two polls. Turn off
+    only for ``hostNetwork`` pods, whose count is the whole node's."""
     app_port: int = DEFAULT_APP_PORT
     """PRESTOP_APP_PORT: the app's serving port (used to find the instance in Eureka)."""
     app_ports: tuple[int, ...] = (DEFAULT_APP_PORT,)
@@ -168,6 +173,14 @@ class Config:
     """PRESTOP_EUREKA_LEASE_SECONDS: lease duration announced in ``register`` mode."""
     actuator_url: str = "http://127.0.0.1:8080/actuator/serviceregistry"
     """PRESTOP_ACTUATOR_URL: the app's service-registry actuator endpoint."""
+    eureka_client_refresh_seconds: float = 65.0
+    """PRESTOP_EUREKA_CLIENT_REFRESH_SECONDS: how long a Eureka client may keep routing to the
+    instance after its server's client-facing view changed: the clients' registry fetch
+    interval plus their load balancer's cache TTL (Spring Cloud: 30 s + 35 s), seconds."""
+    eureka_server_cache_seconds: float = 30.0
+    """PRESTOP_EUREKA_SERVER_CACHE_SECONDS: bound on the Eureka server's read-only response
+    cache (``responseCacheUpdateIntervalMs``), assumed when its client-facing view cannot be
+    watched (actuator mode without URLs, a server that stops answering), seconds."""
 
     def budget(self) -> Budget:
         """The grace-period arithmetic for this configuration."""
@@ -195,6 +208,48 @@ class Config:
     def drain_limit(self) -> float:
         """The longest the drain step may last, seconds."""
         return self.budget().drain
+
+    @property
+    def watches_client_view(self) -> bool:
+        """Whether the agent can watch the Eureka servers' client-facing view of the instance."""
+        return self.registry in ("eureka", "register") or (
+            self.registry == "actuator"
+            and bool(self.eureka_urls)
+            and bool(self.eureka_app)
+            and bool(self.pod_ip or self.eureka_instance_id)
+        )
+
+    def worst_case_floor(self) -> float:
+        """Seconds after the trigger before which the drain may not end, at worst: until every
+        Eureka client can have dropped the instance (server cache bound + client refresh). With
+        no registry, only the drain's minimum."""
+        if self.registry == "none":
+            return self.drain_min_seconds
+        return self.eureka_server_cache_seconds + self.eureka_client_refresh_seconds
+
+    def floor_warning(self) -> str | None:
+        """The arithmetic and the remedy when the propagation floor can outlast the drain's
+        maximum (the drain then ends at its maximum while clients may still send); else None."""
+        if self.registry == "none" or self.drain_mode != "traffic":
+            return None
+        floor, limit = self.worst_case_floor(), self.drain_limit
+        if floor <= limit + 1e-9:
+            return None
+        grace = math.ceil(
+            floor + self.registry_deadline + self.app_shutdown_seconds + self.margin_seconds
+        )
+        raise_max = " and PRESTOP_DRAIN_MAX_SECONDS" if self.drain_max_seconds is not None else ""
+        return (
+            f"propagation floor: Eureka server cache {self.eureka_server_cache_seconds:g}s"
+            f" + client refresh {self.eureka_client_refresh_seconds:g}s = {floor:g}s >"
+            f" drain maximum {limit:g}s ({self.budget().arithmetic()}); clients may still send"
+            f" when the drain ends at its maximum. Raise terminationGracePeriodSeconds and"
+            f" PRESTOP_GRACE_PERIOD_SECONDS to {grace}{raise_max}, or lower the clients'"
+            " eureka.client.registry-fetch-interval-seconds and"
+            " spring.cloud.loadbalancer.cache.ttl (and the server's"
+            " response-cache-update-interval-ms) and set PRESTOP_EUREKA_CLIENT_REFRESH_SECONDS"
+            " (and PRESTOP_EUREKA_SERVER_CACHE_SECONDS) to match"
+        )
 
     def redacted(self) -> dict[str, Any]:
         """Every setting, with secrets replaced, for /status, ``check`` and logs."""
@@ -442,6 +497,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "PRESTOP_DRAIN_POLL_SECONDS": ("drain_poll_seconds", _seconds(minimum=0.01)),
     "PRESTOP_DRAIN_SOURCE": ("drain_source", _choice(DRAIN_SOURCES)),
     "PRESTOP_DRAIN_IGNORE_CIDRS": ("drain_ignore_cidrs", _cidrs),
+    "PRESTOP_DRAIN_COUNT_ACCEPTS": ("drain_count_accepts", _bool),
     "PRESTOP_APP_PORT": ("app_port", _port),
     "PRESTOP_APP_PORTS": ("app_ports", _ports),
     "PRESTOP_GRACE_PERIOD_SECONDS": ("grace_period_seconds", _whole_seconds),
@@ -467,6 +523,8 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "PRESTOP_EUREKA_RENEWAL_SECONDS": ("eureka_renewal_seconds", _seconds(allow_zero=False)),
     "PRESTOP_EUREKA_LEASE_SECONDS": ("eureka_lease_seconds", _seconds(allow_zero=False)),
     "PRESTOP_ACTUATOR_URL": ("actuator_url", _http_url),
+    "PRESTOP_EUREKA_CLIENT_REFRESH_SECONDS": ("eureka_client_refresh_seconds", _seconds()),
+    "PRESTOP_EUREKA_SERVER_CACHE_SECONDS": ("eureka_server_cache_seconds", _seconds()),
 }
 # Fields whose variable is not PRESTOP_ + the field's name (the downward API's own names).
 _ENVIRONMENT_NAMES = {"pod_name": "POD_NAME", "pod_namespace": "POD_NAMESPACE", "pod_ip": "POD_IP"}
@@ -538,6 +596,7 @@ _MODE_VARIABLES = {
         "PRESTOP_DRAIN_POLL_SECONDS",
         "PRESTOP_DRAIN_SOURCE",
         "PRESTOP_DRAIN_IGNORE_CIDRS",
+        "PRESTOP_DRAIN_COUNT_ACCEPTS",
     ),
 }
 
@@ -546,10 +605,13 @@ _MODE_VARIABLES = {
 _REGISTRY_VARIABLES = {
     "PRESTOP_REGISTRY_TIMEOUT_SECONDS": ("eureka", "actuator", "register"),
     "PRESTOP_REGISTRY_CHECK_SECONDS": ("eureka", "actuator", "register"),
-    "PRESTOP_EUREKA_URLS": ("eureka", "register"),
-    "PRESTOP_EUREKA_CA_FILE": ("eureka", "register"),
-    "PRESTOP_EUREKA_APP": ("eureka", "register"),
-    "PRESTOP_EUREKA_INSTANCE_ID": ("eureka", "register"),
+    # actuator mode reads the Eureka URLs too, when given, to watch the clients' view.
+    "PRESTOP_EUREKA_URLS": ("eureka", "actuator", "register"),
+    "PRESTOP_EUREKA_CA_FILE": ("eureka", "actuator", "register"),
+    "PRESTOP_EUREKA_APP": ("eureka", "actuator", "register"),
+    "PRESTOP_EUREKA_INSTANCE_ID": ("eureka", "actuator", "register"),
+    "PRESTOP_EUREKA_CLIENT_REFRESH_SECONDS": ("eureka", "actuator", "register"),
+    "PRESTOP_EUREKA_SERVER_CACHE_SECONDS": ("eureka", "actuator", "register"),
     "PRESTOP_EUREKA_STATUS": ("eureka", "actuator", "register"),
     "PRESTOP_EUREKA_KEEP_OVERRIDE": ("eureka",),
     "PRESTOP_EUREKA_RENEWAL_SECONDS": ("register",),

@@ -25,6 +25,7 @@ from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
 from agent.config import load
+from agent.lifecycle import Propagation
 from agent.metrics import Metrics
 from agent.registry import HealthState, HealthWatch, RegistryError, RegistryHealth, open_registry
 from agent.registry._http import (
@@ -37,6 +38,7 @@ from agent.registry._http import (
 )
 from agent.registry.eureka import EurekaRegistry
 from agent.registry.register import RegisterRegistry
+from agent.registry.view import ClientView
 from agent.server import AppHealth
 
 APP = "DEMO-APP"
@@ -644,3 +646,53 @@ async def test_fields_of_the_wrong_type_are_shown_by_type_never_printed(
         await registry.verify()
     described = await registry.describe()
     assert described["servers"][url]["status"] == "<a JSON list>"
+
+
+# ------------------------------------------------------------- the client-facing view (error paths)
+
+
+async def _watch(url_list: list[str], session: aiohttp.ClientSession) -> Propagation:
+    view = ClientView(config(url_list, PRESTOP_DRAIN_POLL_SECONDS="0.01"), session)
+    seen = Propagation(registry=True, client_refresh=6.5, server_cache=3.0)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    async with asyncio.timeout(5):
+        await view.watch(seen, lambda: loop.time() - started)
+    return seen
+
+
+async def test_a_view_that_fails_three_times_is_assumed_not_measured(
+    serve: Serve, session: aiohttp.ClientSession
+) -> None:
+    fake, url = await serve([instance("pod-1")])
+    fake.statuses = [503] * 3
+    seen = await _watch([url], session)
+    assert seen.visible_to_clients is None
+    assert list(seen.unobservable) == [url]
+    assert seen.floor(elapsed=1.0) == 3.0 + 6.5  # the server cache's bound, not "now"
+
+
+async def test_an_instance_the_view_never_listed_is_not_taken_as_gone(
+    serve: Serve, session: aiohttp.ClientSession
+) -> None:
+    # Listed under another address: absence there proves nothing about what clients see.
+    _, url = await serve([instance("pod-1", ip="10.9.9.9")])
+    seen = await _watch([url], session)
+    assert seen.visible_to_clients is None
+    assert "not listed" in seen.unobservable[url]
+
+
+async def test_the_view_showing_the_status_is_recorded_per_server(
+    serve: Serve, session: aiohttp.ClientSession
+) -> None:
+    slow, lagging = await serve([instance("pod-1")])
+    _, prompt = await serve([instance("pod-1", status="OUT_OF_SERVICE")])
+    watching = asyncio.create_task(_watch([lagging, prompt], session))
+    await asyncio.sleep(0.3)
+    assert not watching.done()  # one server still shows UP to its clients: the watch goes on
+    slow.instances["pod-1"]["status"] = "DOWN"
+    seen = await watching
+    assert seen.servers[prompt] is not None and seen.servers[prompt] < 0.2
+    assert seen.servers[lagging] is not None and seen.servers[lagging] >= 0.3
+    assert seen.visible_to_clients == seen.servers[lagging]
+    assert seen.floor(elapsed=5.0) == pytest.approx(seen.servers[lagging] + 6.5)
