@@ -9,8 +9,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import resource
 import signal
+import socket
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 import aiohttp
@@ -37,6 +40,36 @@ SERVER_CLOSE_SECONDS = 1.0
 APP_EXIT_POLL_SECONDS = 0.25
 # The exit status of a forced exit (second Ctrl-C), as a shell reports death by SIGINT.
 FORCED_EXIT_STATUS = 128 + signal.SIGINT
+# A connection that sends no complete request for this long is closed (aiohttp's keep-alive
+# timer runs from the connection's start): idle or slowloris connections cannot pile up until
+# the agent runs out of file descriptors and the kubelet's probes go unanswered. Probes open a
+# connection per request and Prometheus reconnects per scrape, so nobody waits on this.
+IDLE_CONNECTION_SECONDS = 5.0
+SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# Nobody sends a sidecar SIGHUP on purpose (there is no terminal, and no configuration file to
+# reload); its default action would kill the agent silently and lose the drain, so it is ignored.
+IGNORED_SIGNALS = (signal.SIGHUP,)
+
+
+def host_has_ipv6() -> bool:
+    """Whether IPv6 is usable here: the kernel has it and some interface has an IPv6 address
+    (a pod or network namespace with IPv6 disabled lists none in /proc/net/if_inet6)."""
+    if not socket.has_ipv6:
+        return False
+    try:
+        with open("/proc/net/if_inet6") as addresses:
+            return any(line.strip() for line in addresses)
+    except OSError:
+        return False
+
+
+def listen_addresses(host: str | None) -> list[str]:
+    """Where the agent listens: PRESTOP_HOST when set; else every IPv4 address and, when the host
+    has IPv6, every IPv6 address too (asyncio makes the ``::`` socket IPv6-only, so the two
+    sockets share the port)."""
+    if host is not None:
+        return [host]
+    return ["0.0.0.0", "::"] if host_has_ipv6() else ["0.0.0.0"]
 
 
 class Agent:
@@ -48,8 +81,13 @@ class Agent:
         *,
         metrics: Metrics | None = None,
         lifecycle: Lifecycle | None = None,
+        early_signals: Sequence[int] = (),
     ) -> None:
         self.config = config
+        self._early_signals = early_signals
+        """Signals that arrived before :meth:`run` installed its handlers (recorded by the CLI
+        from its first instruction); replayed, in order, once it has."""
+        self._listening: list[str] = []
         self.metrics = metrics if metrics is not None else Metrics()
         self.lifecycle = lifecycle if lifecycle is not None else Lifecycle()
         self.pending = PendingAnswers()
@@ -89,13 +127,32 @@ class Agent:
             # must not cut that drain short either.
             log.info("signal_joined", signal=str(trigger), phase=str(self.lifecycle.phase))
 
+    def handle_ignored_signal(self, signum: int) -> None:
+        log.info(
+            "signal_ignored",
+            signal=signal.Signals(signum).name,
+            reason="SIGHUP does not stop the agent; SIGTERM or SIGINT does",
+        )
+
+    def _install_signal_handlers(self, loop: asyncio.AbstractEventLoop) -> None:
+        for signum in SHUTDOWN_SIGNALS:
+            loop.add_signal_handler(signum, self.handle_signal, signum)
+        for signum in IGNORED_SIGNALS:
+            loop.add_signal_handler(signum, self.handle_ignored_signal, signum)
+        # Now that the loop owns them, what came before: the pod may be deleted while it starts.
+        for signum in self._early_signals:
+            log.info("signal_before_start", signal=signal.Signals(signum).name)
+            if signum in SHUTDOWN_SIGNALS:
+                self.handle_signal(signum)
+            else:
+                self.handle_ignored_signal(signum)
+
     # --- the process --------------------------------------------------------------------------
 
     async def run(self) -> int:
         """Serve until the drain is over and a signal asked us to go; return the exit status."""
         loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, self.handle_signal, signum)
+        self._install_signal_handlers(loop)
         background: list[asyncio.Task[None]] = []
         try:
             async with contextlib.AsyncExitStack() as resources:
@@ -121,11 +178,18 @@ class Agent:
                     handle_signals=False,  # the signals are ours: see handle_signal
                     access_log_class=AccessLogger,
                     shutdown_timeout=SERVER_CLOSE_SECONDS,
+                    keepalive_timeout=IDLE_CONNECTION_SECONDS,
                 )
                 await runner.setup()
                 resources.push_async_callback(runner.cleanup)
                 self._count_accepts(runner)
-                await web.TCPSite(runner, self.config.host, self.config.port).start()
+                for address in listen_addresses(self.config.host):
+                    await web.TCPSite(runner, address, self.config.port).start()
+                    self._listening.append(
+                        f"[{address}]:{self.config.port}"
+                        if ":" in address
+                        else f"{address}:{self.config.port}"
+                    )
                 self.metrics.describe(
                     drain_mode=self.config.drain_mode,
                     registry=registry.name,
@@ -142,11 +206,12 @@ class Agent:
                 log.info(
                     "agent_started",
                     version=__version__,
-                    listen=f"{self.config.host}:{self.config.port}",
+                    listen=self._listening,
                     drain_mode=self.config.drain_mode,
                     registry=registry.name,
                     pid=os.getpid(),
                     drain_source=self._drain_source,
+                    open_files_limit=resource.getrlimit(resource.RLIMIT_NOFILE)[0],
                 )
                 self._announce_floor()
                 self.started.set()
@@ -192,7 +257,7 @@ class Agent:
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
-            for signum in (signal.SIGTERM, signal.SIGINT):
+            for signum in (*SHUTDOWN_SIGNALS, *IGNORED_SIGNALS):
                 loop.remove_signal_handler(signum)
         return 0
 
@@ -390,6 +455,7 @@ class Agent:
         return {
             "version": __version__,
             "exit_requested": self.exit_requested.is_set(),
+            "listening": self._listening,
             "drain": {
                 "mode": self.config.drain_mode,
                 "source": self._drain_source,
@@ -415,10 +481,21 @@ _SEES = {
 }
 
 
-def run(config: Config) -> int:
-    """Run the agent in a fresh event loop until it exits; return the process exit status."""
+def raise_open_files_limit() -> None:
+    """Raise the soft limit on open files to the hard one (a container's soft limit is often
+    1024): a storm of connections must cost descriptors the agent has, not its probes."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def run(config: Config, early_signals: Sequence[int] = ()) -> int:
+    """Run the agent in a fresh event loop until it exits; return the process exit status.
+    ``early_signals``: SIGTERM/SIGINT/SIGHUP received before, in order."""
+    raise_open_files_limit()
     try:
-        return asyncio.run(Agent(config).run())
+        return asyncio.run(Agent(config, early_signals=early_signals).run())
     except OSError as exc:
         # The usual cause: the port is taken. One line, no traceback.
         log.error("agent_failed", error=str(exc))
