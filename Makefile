@@ -7,7 +7,7 @@ CKSUM  := $(shell cksum pyproject.toml | cut -d' ' -f1)
 RUN_STAMP  := $(VENV)/.installed-run-$(CKSUM)
 TEST_STAMP := $(VENV)/.installed-test-$(CKSUM)
 
-.PHONY: run test system-deps k8s-tools kube-prepare lint bench reference
+.PHONY: run test system-deps k8s-tools kube-prepare lint bench bench-rollout reference
 
 # Kubernetes tools the suite runs on k8s/ (chart, component, manifests). Built or installed once
 # per version into a cache on the machine (never into git), so a fresh machine pays once.
@@ -85,6 +85,13 @@ bench: $(TEST_STAMP)
 	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }
 	$(PYTHON) bench/bench_agent.py
 	$(PYTHON) bench/bench_sockdiag.py
+
+## The rolling-replacement benchmark on a real kubelet (root; bench/rollout/): every scenario
+## several times, the sleep search, then bench/results/rollout.md and rollout.png. Heavy (JVMs,
+## ~30 min): it waits for the machine's heavy-job lock.
+bench-rollout: $(TEST_STAMP) kube-prepare
+	$(VENV)/bin/pip install --quiet -e '.[test,bench]'
+	flock /tmp/prestop-heavy.lock $(PYTHON) -m bench.rollout $(ROLLOUT_ARGS)
 
 ## Regenerate docs/reference.md from the code (Config's field docstrings, agent/metrics.py).
 reference: $(RUN_STAMP)

@@ -7,12 +7,33 @@ never disagree about validation.
 
 from __future__ import annotations
 
+# First, before the slower imports: from here on SIGTERM, SIGINT and SIGHUP are recorded instead
+# of killing the process (see signals_recorded). Only in the agent's own process: a test that
+# imports this module keeps its own handlers.
+import signal
+import sys
+from types import FrameType
+
+_received: list[int] = []
+
+
+def _record(signum: int, frame: FrameType | None) -> None:
+    _received.append(signum)
+
+
+EARLY_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+if __name__ == "__main__" or sys.argv[0].rpartition("/")[2] == "prestop-agent":
+    for _signum in EARLY_SIGNALS:
+        signal.signal(_signum, _record)
+
 import argparse
 import asyncio
+import contextlib
 import json
 import os
-import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+
+import structlog
 
 from agent import __version__
 from agent.config import (
@@ -25,8 +46,11 @@ from agent.config import (
     ConfigError,
     in_use,
     load,
+    unknown_variables,
 )
 from agent.reference import settings
+
+log = structlog.get_logger()
 
 # flag -> environment variable it sets
 FLAGS = {
@@ -101,31 +125,57 @@ def _metavar(variable: str) -> str:
     return "VALUE"
 
 
-def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    env = dict(os.environ if environ is None else environ)
-    flags = {name: value for name, value in vars(args).items() if name in FLAGS.values()}
-    env.update({name: value for name, value in flags.items() if value is not None})
+@contextlib.contextmanager
+def signals_recorded() -> Iterator[list[int]]:
+    """From the first instruction of :func:`main` until the agent's loop takes them over, record
+    SIGTERM, SIGINT and SIGHUP instead of dying of them (the default): the pod may be deleted
+    while the agent is still importing, and that deletion still deserves its drain and a log
+    line. Handlers only record (uvicorn's rule); the previous ones come back on exit."""
+    previous = {signum: signal.signal(signum, _record) for signum in EARLY_SIGNALS}
     try:
-        config = load(env)
-    except ConfigError as exc:
-        print(f"prestop-agent: configuration error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-
-    from agent import logs
-
-    logs.configure(config.log_format, config.log_level)
-    if args.command == "check":
-        return check(config)
-    from agent.main import run
-
-    return run(config)
+        yield _received
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        _received.clear()  # replayed by now (run) or read (check); the next main() starts afresh
 
 
-def check(config: Config) -> int:
+def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    with signals_recorded() as early_signals:
+        args = _parser().parse_args(argv)
+        env = dict(os.environ if environ is None else environ)
+        flags = {name: value for name, value in vars(args).items() if name in FLAGS.values()}
+        env.update({name: value for name, value in flags.items() if value is not None})
+        try:
+            config = load(env)
+        except ConfigError as exc:
+            print(f"prestop-agent: configuration error: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+        warnings = unknown_variables(env)
+
+        from agent import logs
+
+        logs.configure(config.log_format, config.log_level)
+        if args.command != "check":
+            from agent.main import run
+
+            for warning in warnings:
+                log.warning("unknown_variable", warning=warning)
+            return run(config, early_signals)
+        stopped = [s for s in early_signals if s in (signal.SIGTERM, signal.SIGINT)]
+    # ``check`` is a person's command, not the sidecar: Ctrl-C interrupts it as usual.
+    if stopped:
+        print(f"prestop-agent: {signal.Signals(stopped[0]).name} received, check not run")
+        return 128 + stopped[0]
+    return check(config, warnings)
+
+
+def check(config: Config, warnings: Sequence[str] = ()) -> int:
     """Print the effective settings and the shutdown plan, reach the registry; 0 if all is well."""
     budget = config.budget()
     print(f"prestop-agent {__version__}: configuration is valid")
+    for warning in warnings:
+        print(f"warning: {warning}")
     print(
         f"\nSettings read by drain mode {config.drain_mode} and registry {config.registry}"
         " (secrets redacted):"
@@ -150,10 +200,26 @@ def check(config: Config) -> int:
     else:
         ports = ",".join(str(p) for p in config.app_ports)
         print(
-            f"  3. drain: watch ports {ports} every {config.drain_poll_seconds:g}s; at least"
+            f"  3. drain: watch ports {ports} every {config.drain_poll_seconds:g}s (open"
+            " connections, and those that opened and closed between two looks); at least"
             f" {config.drain_min_seconds:g}s, then end after {config.drain_quiet_seconds:g}s"
             f" without data and nothing in flight; at most {budget.drain:g}s"
         )
+        if config.registry != "none":
+            measured = (
+                "when the Eureka servers' client-facing view shows the instance out (watched)"
+                if config.watches_client_view
+                else f"the server cache's bound, {config.eureka_server_cache_seconds:g}s"
+                " (not observable: set PRESTOP_EUREKA_URLS and PRESTOP_EUREKA_APP)"
+            )
+            print(
+                "     and never before registry clients can have dropped the instance:"
+                f" {measured} + client refresh {config.eureka_client_refresh_seconds:g}s;"
+                f" at worst {config.worst_case_floor():g}s after the trigger"
+            )
+        warning = config.floor_warning()
+        if warning is not None:
+            print(f"     WARNING: {warning}")
     print("  4. answer every /prestop caller: the kubelet then sends the app SIGTERM")
     print(f"     and the app has {config.app_shutdown_seconds:g}s to stop")
     print("  5. exit once a SIGTERM has arrived; if it came before the end of the drain (classic")
@@ -171,6 +237,8 @@ def _shown_value(value: object) -> str:
         value = ",".join(str(item) for item in value)
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, float):
+        return f"{value:g}"
     return str(value) if value != "" else "empty"
 
 

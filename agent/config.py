@@ -12,8 +12,10 @@ discovered as a SIGKILL in the middle of a rollout.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import ipaddress
 import math
+import re
 import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -29,6 +31,8 @@ EUREKA_STATUSES = ("DOWN", "OUT_OF_SERVICE")
 LOG_FORMATS = ("auto", "json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 REDACTED = "***"
+ALL_ADDRESSES = "*"
+"""How an unset PRESTOP_HOST is shown: every IPv4 address, and every IPv6 one when there is IPv6."""
 DEFAULT_APP_PORT = 8080  # Spring Boot's server.port default
 
 
@@ -72,9 +76,10 @@ class Config:
     """Everything the agent can be told. Durations are in seconds, ports are TCP ports."""
 
     # --- the agent's own listener -------------------------------------------------------------
-    host: str = "0.0.0.0"
-    """PRESTOP_HOST: address to listen on. The kubelet sends the httpGet hook to the pod IP, so a
-    loopback-only address cannot receive it."""
+    host: str | None = None
+    """PRESTOP_HOST: address to listen on. Unset: every IPv4 address, and every IPv6 address
+    too when the host has IPv6 (an IPv6-only or dual-stack pod gets its hook). The kubelet sends
+    the httpGet hook to the pod IP, so a loopback-only address cannot receive it."""
     port: int = 8099
     """PRESTOP_PORT: port of /prestop, /ready, /live, /status and /metrics."""
 
@@ -97,6 +102,11 @@ class Config:
     drain_ignore_cidrs: tuple[Network, ...] = ()
     """PRESTOP_DRAIN_IGNORE_CIDRS: peers whose traffic does not hold the drain (kubelet probes,
     Prometheus scraping the app), comma-separated CIDRs."""
+    drain_count_accepts: bool = True
+    """PRESTOP_DRAIN_COUNT_ACCEPTS: count connections accepted in the pod's network namespace
+    (/proc/net/snmp PassiveOpens) that no socket the drain saw accounts for as traffic: a
+    client that opens a connection, sends a request and closes between two polls. Turn off
+    only for ``hostNetwork`` pods, whose count is the whole node's."""
     app_port: int = DEFAULT_APP_PORT
     """PRESTOP_APP_PORT: the app's serving port (used to find the instance in Eureka)."""
     app_ports: tuple[int, ...] = (DEFAULT_APP_PORT,)
@@ -104,7 +114,8 @@ class Config:
 
     # --- the grace budget ---------------------------------------------------------------------
     grace_period_seconds: float = 30.0
-    """PRESTOP_GRACE_PERIOD_SECONDS: the pod's terminationGracePeriodSeconds."""
+    """PRESTOP_GRACE_PERIOD_SECONDS: the pod's terminationGracePeriodSeconds, whole seconds (as
+    Kubernetes takes it)."""
     app_shutdown_seconds: float = 5.0
     """PRESTOP_APP_SHUTDOWN_SECONDS: time the app needs between its SIGTERM and exit."""
     margin_seconds: float = 1.0
@@ -162,6 +173,14 @@ class Config:
     """PRESTOP_EUREKA_LEASE_SECONDS: lease duration announced in ``register`` mode."""
     actuator_url: str = "http://127.0.0.1:8080/actuator/serviceregistry"
     """PRESTOP_ACTUATOR_URL: the app's service-registry actuator endpoint."""
+    eureka_client_refresh_seconds: float = 65.0
+    """PRESTOP_EUREKA_CLIENT_REFRESH_SECONDS: how long a Eureka client may keep routing to the
+    instance after its server's client-facing view changed: the clients' registry fetch
+    interval plus their load balancer's cache TTL (Spring Cloud: 30 s + 35 s), seconds."""
+    eureka_server_cache_seconds: float = 30.0
+    """PRESTOP_EUREKA_SERVER_CACHE_SECONDS: bound on the Eureka server's read-only response
+    cache (``responseCacheUpdateIntervalMs``), assumed when its client-facing view cannot be
+    watched (actuator mode without URLs, a server that stops answering), seconds."""
 
     def budget(self) -> Budget:
         """The grace-period arithmetic for this configuration."""
@@ -190,6 +209,48 @@ class Config:
         """The longest the drain step may last, seconds."""
         return self.budget().drain
 
+    @property
+    def watches_client_view(self) -> bool:
+        """Whether the agent can watch the Eureka servers' client-facing view of the instance."""
+        return self.registry in ("eureka", "register") or (
+            self.registry == "actuator"
+            and bool(self.eureka_urls)
+            and bool(self.eureka_app)
+            and bool(self.pod_ip or self.eureka_instance_id)
+        )
+
+    def worst_case_floor(self) -> float:
+        """Seconds after the trigger before which the drain may not end, at worst: until every
+        Eureka client can have dropped the instance (server cache bound + client refresh). With
+        no registry, only the drain's minimum."""
+        if self.registry == "none":
+            return self.drain_min_seconds
+        return self.eureka_server_cache_seconds + self.eureka_client_refresh_seconds
+
+    def floor_warning(self) -> str | None:
+        """The arithmetic and the remedy when the propagation floor can outlast the drain's
+        maximum (the drain then ends at its maximum while clients may still send); else None."""
+        if self.registry == "none" or self.drain_mode != "traffic":
+            return None
+        floor, limit = self.worst_case_floor(), self.drain_limit
+        if floor <= limit + 1e-9:
+            return None
+        grace = math.ceil(
+            floor + self.registry_deadline + self.app_shutdown_seconds + self.margin_seconds
+        )
+        raise_max = " and PRESTOP_DRAIN_MAX_SECONDS" if self.drain_max_seconds is not None else ""
+        return (
+            f"propagation floor: Eureka server cache {self.eureka_server_cache_seconds:g}s"
+            f" + client refresh {self.eureka_client_refresh_seconds:g}s = {floor:g}s >"
+            f" drain maximum {limit:g}s ({self.budget().arithmetic()}); clients may still send"
+            f" when the drain ends at its maximum. Raise terminationGracePeriodSeconds and"
+            f" PRESTOP_GRACE_PERIOD_SECONDS to {grace}{raise_max}, or lower the clients'"
+            " eureka.client.registry-fetch-interval-seconds and"
+            " spring.cloud.loadbalancer.cache.ttl (and the server's"
+            " response-cache-update-interval-ms) and set PRESTOP_EUREKA_CLIENT_REFRESH_SECONDS"
+            " (and PRESTOP_EUREKA_SERVER_CACHE_SECONDS) to match"
+        )
+
     def redacted(self) -> dict[str, Any]:
         """Every setting, with secrets replaced, for /status, ``check`` and logs."""
         shown: dict[str, Any] = {}
@@ -203,6 +264,10 @@ class Config:
                 value = redact_url(value)
             elif isinstance(value, tuple):
                 value = [str(item) if not isinstance(item, int) else item for item in value]
+            elif f.name == "drain_max_seconds" and value is None:
+                value = self.drain_limit  # what the budget leaves: the value in effect
+            elif f.name == "host" and value is None:
+                value = ALL_ADDRESSES
             shown[f.name] = value
         return shown
 
@@ -299,15 +364,73 @@ def _bool(raw: str) -> bool:
     raise ValueError("must be true or false")
 
 
-def _http_url(raw: str) -> str:
-    parts = urlsplit(raw.strip())
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError("must be an http:// or https:// URL with a host")
+_LABEL = re.compile(r"[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?", re.ASCII | re.IGNORECASE)
+MAX_LABEL = 63
+MAX_HOST_NAME = 253
+
+
+def ascii_host(host: str) -> str:
+    """A host name checked by :func:`check_host` as resolvers and TLS want it (IDNA, ``xn--``)."""
+    if host.isascii():
+        return host
+    return ".".join(
+        label.encode("idna").decode("ascii") if label else "" for label in host.split(".")
+    )
+
+
+def check_host(host: str) -> None:
+    """Raise ValueError unless ``host`` is an IP address or a host name that resolvers and
+    URL libraries accept: IDNA-encodable, no empty label (``a..b``, a leading dot), labels of
+    at most 63 characters, at most 253 in all, letters, digits, ``-`` and ``_``. A name that
+    fails here would otherwise fail later, inside a request, as a UnicodeError."""
     try:
-        parts.port  # noqa: B018 -- a port out of range raises here
+        ipaddress.ip_address(host)
+        return
+    except ValueError:
+        pass
+    name = host[:-1] if host.endswith(".") else host  # one trailing dot: a fully qualified name
+    if not name:
+        raise ValueError("has an empty host name")
+    labels = name.split(".")
+    if any(not label for label in labels):
+        raise ValueError(f"host {host!r} has an empty label (a leading dot or '..')")
+    try:
+        # ASCII labels as they are (the codec would refuse a long one with a vaguer message).
+        encoded = [
+            label if label.isascii() else label.encode("idna").decode("ascii") for label in labels
+        ]
+    except UnicodeError:
+        raise ValueError(f"host {host!r} is not a valid international (IDNA) name") from None
+    for label in encoded:
+        if len(label) > MAX_LABEL:
+            raise ValueError(f"host {host!r} has a label longer than {MAX_LABEL} characters")
+        if not _LABEL.fullmatch(label):
+            raise ValueError(
+                f"host {host!r}: a label may hold letters, digits, '-' and '_', and may not"
+                " begin or end with '-'"
+            )
+    if len(".".join(encoded)) > MAX_HOST_NAME:
+        raise ValueError(f"host {host!r} is longer than {MAX_HOST_NAME} characters")
+
+
+def _http_url(raw: str) -> str:
+    url = raw.strip()
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # an unclosed or invalid [IPv6] literal
+        raise ValueError("must be an http:// or https:// URL with a valid host") from None
+    try:
+        port = parts.port  # a port out of range or not a number raises here
     except ValueError:
         raise ValueError("must be an http:// or https:// URL with a valid port") from None
-    return raw.strip()
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an http:// or https:// URL with a host")
+    if port == 0:
+        raise ValueError("must be an http:// or https:// URL with a port 1-65535")
+    if any(c.isspace() or not c.isprintable() for c in url):
+        raise ValueError("must not contain spaces or control characters")
+    check_host(parts.hostname)
+    return url
 
 
 def _http_urls(raw: str) -> tuple[str, ...]:
@@ -331,6 +454,23 @@ def _text(raw: str) -> str:
     return raw.strip()
 
 
+def _listen_host(raw: str) -> str:
+    value = raw.strip()
+    if not value:
+        raise ValueError("must be an address to listen on, e.g. 0.0.0.0 or ::, or unset for both")
+    check_host(value)
+    return value
+
+
+def _whole_seconds(raw: str) -> float:
+    value = _seconds(allow_zero=False)(raw)
+    if not value.is_integer():
+        raise ValueError(
+            "must be whole seconds, as the pod's terminationGracePeriodSeconds (an integer)"
+        )
+    return value
+
+
 def _optional_text(raw: str) -> str | None:
     return raw.strip() or None
 
@@ -347,7 +487,7 @@ def _log_level(raw: str) -> str:
 
 # Variable name -> (Config field, parser). Fields without a variable keep their default.
 _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
-    "PRESTOP_HOST": ("host", _text),
+    "PRESTOP_HOST": ("host", _listen_host),
     "PRESTOP_PORT": ("port", _port),
     "PRESTOP_DRAIN_MODE": ("drain_mode", _choice(DRAIN_MODES)),
     "PRESTOP_DRAIN_SECONDS": ("drain_seconds", _seconds()),
@@ -357,9 +497,10 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "PRESTOP_DRAIN_POLL_SECONDS": ("drain_poll_seconds", _seconds(minimum=0.01)),
     "PRESTOP_DRAIN_SOURCE": ("drain_source", _choice(DRAIN_SOURCES)),
     "PRESTOP_DRAIN_IGNORE_CIDRS": ("drain_ignore_cidrs", _cidrs),
+    "PRESTOP_DRAIN_COUNT_ACCEPTS": ("drain_count_accepts", _bool),
     "PRESTOP_APP_PORT": ("app_port", _port),
     "PRESTOP_APP_PORTS": ("app_ports", _ports),
-    "PRESTOP_GRACE_PERIOD_SECONDS": ("grace_period_seconds", _seconds(allow_zero=False)),
+    "PRESTOP_GRACE_PERIOD_SECONDS": ("grace_period_seconds", _whole_seconds),
     "PRESTOP_APP_SHUTDOWN_SECONDS": ("app_shutdown_seconds", _seconds()),
     "PRESTOP_MARGIN_SECONDS": ("margin_seconds", _seconds()),
     "PRESTOP_APP_HEALTH_URL": ("app_health_url", _optional_url),
@@ -382,9 +523,37 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "PRESTOP_EUREKA_RENEWAL_SECONDS": ("eureka_renewal_seconds", _seconds(allow_zero=False)),
     "PRESTOP_EUREKA_LEASE_SECONDS": ("eureka_lease_seconds", _seconds(allow_zero=False)),
     "PRESTOP_ACTUATOR_URL": ("actuator_url", _http_url),
+    "PRESTOP_EUREKA_CLIENT_REFRESH_SECONDS": ("eureka_client_refresh_seconds", _seconds()),
+    "PRESTOP_EUREKA_SERVER_CACHE_SECONDS": ("eureka_server_cache_seconds", _seconds()),
 }
-VARIABLES = tuple(_VARIABLES)
-"""Every environment variable the agent reads, for the README and ``check``."""
+# Fields whose variable is not PRESTOP_ + the field's name (the downward API's own names).
+_ENVIRONMENT_NAMES = {"pod_name": "POD_NAME", "pod_namespace": "POD_NAMESPACE", "pod_ip": "POD_IP"}
+
+
+def variable_of(field_name: str) -> str:
+    """The environment variable that sets a Config field."""
+    return _ENVIRONMENT_NAMES.get(field_name, f"PRESTOP_{field_name.upper()}")
+
+
+VARIABLES = tuple(variable_of(f.name) for f in dataclasses.fields(Config))
+"""Every environment variable the agent reads, derived from Config's fields (so a new setting is
+known, validated, fuzzed and suggested without another list to keep), for the README and
+``check``."""
+PREFIX = "PRESTOP_"
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """One warning per ``PRESTOP_*`` variable the agent does not read (a typo does nothing,
+    silently, otherwise), naming the closest variable it does read. Values are not shown: a
+    misspelt PRESTOP_TOKEN is still a secret."""
+    warnings = []
+    for name in sorted(environ):
+        if not name.startswith(PREFIX) or name in VARIABLES:
+            continue
+        close = difflib.get_close_matches(name, VARIABLES, n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]}?" if close else "no variable of that name exists"
+        warnings.append(f"{name} is not a prestop-agent variable and is ignored; {hint}")
+    return warnings
 
 
 def _shown(name: str, raw: str) -> str:
@@ -412,7 +581,7 @@ def load(environ: Mapping[str, str]) -> Config:
         values["app_ports"] = (values.get("app_port", DEFAULT_APP_PORT),)
     config = Config(**values)
     _check_mode_settings(config, environ)
-    _check_together(config)
+    _check_together(config, environ)
     return config
 
 
@@ -427,6 +596,7 @@ _MODE_VARIABLES = {
         "PRESTOP_DRAIN_POLL_SECONDS",
         "PRESTOP_DRAIN_SOURCE",
         "PRESTOP_DRAIN_IGNORE_CIDRS",
+        "PRESTOP_DRAIN_COUNT_ACCEPTS",
     ),
 }
 
@@ -435,10 +605,13 @@ _MODE_VARIABLES = {
 _REGISTRY_VARIABLES = {
     "PRESTOP_REGISTRY_TIMEOUT_SECONDS": ("eureka", "actuator", "register"),
     "PRESTOP_REGISTRY_CHECK_SECONDS": ("eureka", "actuator", "register"),
-    "PRESTOP_EUREKA_URLS": ("eureka", "register"),
-    "PRESTOP_EUREKA_CA_FILE": ("eureka", "register"),
-    "PRESTOP_EUREKA_APP": ("eureka", "register"),
-    "PRESTOP_EUREKA_INSTANCE_ID": ("eureka", "register"),
+    # actuator mode reads the Eureka URLs too, when given, to watch the clients' view.
+    "PRESTOP_EUREKA_URLS": ("eureka", "actuator", "register"),
+    "PRESTOP_EUREKA_CA_FILE": ("eureka", "actuator", "register"),
+    "PRESTOP_EUREKA_APP": ("eureka", "actuator", "register"),
+    "PRESTOP_EUREKA_INSTANCE_ID": ("eureka", "actuator", "register"),
+    "PRESTOP_EUREKA_CLIENT_REFRESH_SECONDS": ("eureka", "actuator", "register"),
+    "PRESTOP_EUREKA_SERVER_CACHE_SECONDS": ("eureka", "actuator", "register"),
     "PRESTOP_EUREKA_STATUS": ("eureka", "actuator", "register"),
     "PRESTOP_EUREKA_KEEP_OVERRIDE": ("eureka",),
     "PRESTOP_EUREKA_RENEWAL_SECONDS": ("register",),
@@ -472,33 +645,14 @@ def _check_mode_settings(config: Config, environ: Mapping[str, str]) -> None:
                 )
 
 
-def _check_together(config: Config) -> None:
+def _check_together(config: Config, environ: Mapping[str, str]) -> None:
     """Rules that involve more than one setting."""
-    if not config.host:
-        raise ConfigError("PRESTOP_HOST='': must be an address to listen on, e.g. 0.0.0.0")
-    budget = config.budget()
-    if budget.available_for_drain <= 0 or not budget.fits:
-        variable = {
-            "fixed": "PRESTOP_DRAIN_SECONDS",
-            "traffic": "PRESTOP_DRAIN_MAX_SECONDS",
-        }[config.drain_mode]
+    _check_budget(config, environ)
+    if config.drain_mode == "traffic" and config.drain_poll_seconds > config.drain_quiet_seconds:
         raise ConfigError(
-            f"{variable}: the drain does not fit the grace budget: {budget.arithmetic()};"
-            f" at most {max(budget.available_for_drain, 0):g}s is left for the drain"
-            " (lower the drain, or raise PRESTOP_GRACE_PERIOD_SECONDS with the pod's"
-            " terminationGracePeriodSeconds)"
+            f"PRESTOP_DRAIN_POLL_SECONDS={config.drain_poll_seconds:g}: must not exceed"
+            f" PRESTOP_DRAIN_QUIET_SECONDS={config.drain_quiet_seconds:g}"
         )
-    if config.drain_mode == "traffic":
-        if config.drain_min_seconds > budget.drain:
-            raise ConfigError(
-                f"PRESTOP_DRAIN_MIN_SECONDS={config.drain_min_seconds:g}: must not exceed the"
-                f" drain maximum {budget.drain:g}s"
-            )
-        if config.drain_poll_seconds > config.drain_quiet_seconds:
-            raise ConfigError(
-                f"PRESTOP_DRAIN_POLL_SECONDS={config.drain_poll_seconds:g}: must not exceed"
-                f" PRESTOP_DRAIN_QUIET_SECONDS={config.drain_quiet_seconds:g}"
-            )
     if config.registry in ("eureka", "register"):
         if not config.eureka_urls:
             raise ConfigError(
@@ -523,4 +677,64 @@ def _check_together(config: Config) -> None:
         raise ConfigError(
             "PRESTOP_EUREKA_INSTANCE_ID or POD_IP is required when PRESTOP_REGISTRY=eureka"
             " (the instance is found by POD_IP and PRESTOP_APP_PORT)"
+        )
+
+
+def _check_budget(config: Config, environ: Mapping[str, str]) -> None:
+    """The drain must fit the grace period. The message names the grace period first (it is
+    the pod's, and usually what is too short), then exactly the variables that take its time."""
+    budget = config.budget()
+    grace = f"PRESTOP_GRACE_PERIOD_SECONDS={config.grace_period_seconds:g}"
+    costs = [
+        (budget.registry_deadline, "registry deadline", "PRESTOP_REGISTRY_TIMEOUT_SECONDS"),
+        (budget.app_shutdown, "app shutdown", "PRESTOP_APP_SHUTDOWN_SECONDS"),
+        (budget.margin, "margin", "PRESTOP_MARGIN_SECONDS"),
+    ]
+    taken = [(seconds, what, name) for seconds, what, name in costs if seconds > 0]
+    left = budget.available_for_drain
+    spent = " - ".join(f"{what} {seconds:g}s ({name})" for seconds, what, name in taken)
+    leaves = f"{config.grace_period_seconds:g}s" + (f" - {spent}" if spent else "")
+    if left <= 0:
+        raise ConfigError(
+            f"{grace}: leaves no time for the drain: {leaves} = {left:g}s; raise it with the"
+            f" pod's terminationGracePeriodSeconds, or lower"
+            f" {' / '.join(name for _, _, name in taken)}"
+        )
+    # An explicit drain length that does not fit.
+    explicit = {"fixed": "PRESTOP_DRAIN_SECONDS", "traffic": "PRESTOP_DRAIN_MAX_SECONDS"}
+    drain_variable = explicit[config.drain_mode]
+    if not budget.fits:
+        raise ConfigError(
+            f"{grace} is too short for {drain_variable}={budget.drain:g}: {budget.arithmetic()};"
+            f" at most {left:g}s is left for the drain ({leaves}); lower"
+            f" {drain_variable}, or raise the grace period with the pod's"
+            " terminationGracePeriodSeconds"
+        )
+    if config.drain_mode != "traffic":
+        return
+    # The traffic drain's own lengths must fit under its maximum, or they mean nothing.
+    for value, name, meaning in (
+        (
+            config.drain_min_seconds,
+            "PRESTOP_DRAIN_MIN_SECONDS",
+            "the drain cannot last its minimum",
+        ),
+        (
+            config.drain_quiet_seconds,
+            "PRESTOP_DRAIN_QUIET_SECONDS",
+            "the drain can never end because traffic stopped, only at its maximum",
+        ),
+    ):
+        if value <= budget.drain + 1e-9:
+            continue
+        setting = f"{name}={value:g}" + ("" if name in environ else " (its default)")
+        if config.drain_max_seconds is not None:
+            raise ConfigError(
+                f"{setting}: must not exceed PRESTOP_DRAIN_MAX_SECONDS="
+                f"{config.drain_max_seconds:g}, or {meaning}; lower one or raise the other"
+            )
+        raise ConfigError(
+            f"{grace} leaves {left:g}s for the drain ({leaves}), less than {setting}: {meaning};"
+            f" raise the grace period with the pod's terminationGracePeriodSeconds, or lower"
+            f" {name}"
         )

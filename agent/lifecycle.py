@@ -59,6 +59,90 @@ class Step:
         }
 
 
+@dataclass(slots=True)
+class Propagation:
+    """How far the mark-down has reached the registry's clients, and the drain floor it implies.
+
+    Eureka clients route from caches: the server's read-only response cache (the client-facing
+    view), then each client's registry fetch and its load balancer's cache. The agent can watch
+    the first stage (a registry backend records, per server, when its cached view first shows the
+    new status); the other two are bounded only by configuration (``client_refresh``). The drain
+    may not end before every client can have dropped the instance: ``floor()``. Times are seconds
+    after the trigger. Pure data: the registry backend writes it, the drain reads it.
+    """
+
+    registry: bool
+    """False with ``PRESTOP_REGISTRY=none``: nothing to propagate, no floor beyond the minimum."""
+    client_refresh: float
+    """PRESTOP_EUREKA_CLIENT_REFRESH_SECONDS: client fetch interval + load-balancer cache TTL."""
+    server_cache: float
+    """PRESTOP_EUREKA_SERVER_CACHE_SECONDS: assumed for a server whose view is not observed."""
+    servers: dict[str, float | None] = field(default_factory=dict)
+    """Watched servers: when their client-facing view first showed the new status (None: not
+    yet). Empty: the view is not observable, the server cache's bound is assumed."""
+    unobservable: dict[str, str] = field(default_factory=dict)
+    """Servers whose view could not be read, and why: the bound is assumed for them."""
+
+    def watch(self, server: str) -> None:
+        """A server whose view is being watched."""
+        self.servers.setdefault(server, None)
+
+    def seen(self, server: str, after_trigger: float) -> None:
+        """The server's client-facing view showed the new status ``after_trigger`` seconds in."""
+        if self.servers.get(server) is None:
+            self.servers[server] = max(0.0, after_trigger)
+        self.unobservable.pop(server, None)
+
+    def lost(self, server: str, reason: str) -> None:
+        """The server's view could not be read (any more); its stage is assumed, not measured."""
+        if self.servers.get(server) is None:
+            self.unobservable[server] = reason
+
+    @property
+    def visible_to_clients(self) -> float | None:
+        """When the slowest watched server showed the status to clients; None until all have,
+        or when no server was observed."""
+        times = list(self.servers.values())
+        if not times or any(t is None for t in times) or self.unobservable:
+            return None
+        return max(t for t in times if t is not None)
+
+    def floor(self, elapsed: float) -> float:
+        """Seconds after the trigger before which the drain may not end, as known at
+        ``elapsed`` seconds after the trigger.
+
+        Measured: the slowest server's visibility + client refresh. A server not yet showing
+        the status (still answering) holds it open: at least its assumed bound, and never less
+        than now (a cache slower than configured is followed, not assumed away). A server not
+        observed at all: its assumed bound.
+        """
+        if not self.registry:
+            return 0.0
+        if not self.servers:
+            return self.server_cache + self.client_refresh
+        stages = []
+        for server, seen in self.servers.items():
+            if seen is not None:
+                stages.append(seen)
+            elif server in self.unobservable:
+                stages.append(self.server_cache)
+            else:
+                stages.append(max(self.server_cache, elapsed))
+        return max(stages) + self.client_refresh
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "visible_to_clients_seconds": _rounded(self.visible_to_clients),
+            "servers": {name: _rounded(seen) for name, seen in self.servers.items()},
+            "unobservable": dict(self.unobservable),
+            "client_refresh_seconds": self.client_refresh,
+        }
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
+
+
 PhaseListener = Callable[[Phase, "Lifecycle"], None]
 
 # Hooks are retried and several may be configured, so a few joins are normal; a flood of calls
@@ -94,6 +178,8 @@ class Lifecycle:
         self.failure: str | None = None
         """Why the termination is reported as failed (the hook then answers 500)."""
         self.finished_at: float | None = None
+        self.propagation: Propagation | None = None
+        """How far the mark-down has reached the registry's clients (None: no registry)."""
 
     # --- observing ------------------------------------------------------------------------------
 
@@ -184,6 +270,10 @@ class Lifecycle:
             "joined_total": self.joined_total,
             "steps": [step.as_dict() for step in self.steps],
             "drain_ended_by": None if drain is None else drain.outcome,
+            "visible_to_clients_seconds": None
+            if self.propagation is None
+            else _rounded(self.propagation.visible_to_clients),
+            "propagation": None if self.propagation is None else self.propagation.as_dict(),
             "duration_seconds": None if self.finished_at is None else round(self.finished_at, 4),
             "ok": self.failure is None,
             "error": self.failure,

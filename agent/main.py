@@ -9,8 +9,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import resource
 import signal
+import socket
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 import aiohttp
@@ -20,7 +23,7 @@ from aiohttp import web
 from agent import __version__
 from agent.config import Config
 from agent.drain import DrainOutcome, run_drain
-from agent.lifecycle import Lifecycle, Phase, Trigger
+from agent.lifecycle import Lifecycle, Phase, Propagation, Trigger
 from agent.logs import AccessLogger
 from agent.metrics import Metrics
 from agent.registry import HealthWatch, Registry, RegistryError, open_registry
@@ -37,6 +40,36 @@ SERVER_CLOSE_SECONDS = 1.0
 APP_EXIT_POLL_SECONDS = 0.25
 # The exit status of a forced exit (second Ctrl-C), as a shell reports death by SIGINT.
 FORCED_EXIT_STATUS = 128 + signal.SIGINT
+# A connection that sends no complete request for this long is closed (aiohttp's keep-alive
+# timer runs from the connection's start): idle or slowloris connections cannot pile up until
+# the agent runs out of file descriptors and the kubelet's probes go unanswered. Probes open a
+# connection per request and Prometheus reconnects per scrape, so nobody waits on this.
+IDLE_CONNECTION_SECONDS = 5.0
+SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# Nobody sends a sidecar SIGHUP on purpose (there is no terminal, and no configuration file to
+# reload); its default action would kill the agent silently and lose the drain, so it is ignored.
+IGNORED_SIGNALS = (signal.SIGHUP,)
+
+
+def host_has_ipv6() -> bool:
+    """Whether IPv6 is usable here: the kernel has it and some interface has an IPv6 address
+    (a pod or network namespace with IPv6 disabled lists none in /proc/net/if_inet6)."""
+    if not socket.has_ipv6:
+        return False
+    try:
+        with open("/proc/net/if_inet6") as addresses:
+            return any(line.strip() for line in addresses)
+    except OSError:
+        return False
+
+
+def listen_addresses(host: str | None) -> list[str]:
+    """Where the agent listens: PRESTOP_HOST when set; else every IPv4 address and, when the host
+    has IPv6, every IPv6 address too (asyncio makes the ``::`` socket IPv6-only, so the two
+    sockets share the port)."""
+    if host is not None:
+        return [host]
+    return ["0.0.0.0", "::"] if host_has_ipv6() else ["0.0.0.0"]
 
 
 class Agent:
@@ -48,8 +81,13 @@ class Agent:
         *,
         metrics: Metrics | None = None,
         lifecycle: Lifecycle | None = None,
+        early_signals: Sequence[int] = (),
     ) -> None:
         self.config = config
+        self._early_signals = early_signals
+        """Signals that arrived before :meth:`run` installed its handlers (recorded by the CLI
+        from its first instruction); replayed, in order, once it has."""
+        self._listening: list[str] = []
         self.metrics = metrics if metrics is not None else Metrics()
         self.lifecycle = lifecycle if lifecycle is not None else Lifecycle()
         self.pending = PendingAnswers()
@@ -61,6 +99,13 @@ class Agent:
         """Set once /metrics has been served after the drain: the termination's figures left."""
         self._drain_source: str | None = None
         """How the traffic drain sees the app's sockets (``netlink`` or ``proc``), for /status."""
+        self._drain_seen: dict[str, Any] = {}
+        """What the traffic drain saw at its last poll, for /status."""
+        self.accepted = 0
+        """Connections the agent's own listener accepted: they share the pod's count of
+        accepted connections, which the traffic drain reads to find connections it missed."""
+        self._view: Any = None
+        """The Eureka servers' client-facing view (agent.registry.view.ClientView), if any."""
         self._health: HealthWatch | None = None
         self.metrics.track(self.lifecycle)
         self.lifecycle.subscribe(self._log_phase)
@@ -82,13 +127,32 @@ class Agent:
             # must not cut that drain short either.
             log.info("signal_joined", signal=str(trigger), phase=str(self.lifecycle.phase))
 
+    def handle_ignored_signal(self, signum: int) -> None:
+        log.info(
+            "signal_ignored",
+            signal=signal.Signals(signum).name,
+            reason="SIGHUP does not stop the agent; SIGTERM or SIGINT does",
+        )
+
+    def _install_signal_handlers(self, loop: asyncio.AbstractEventLoop) -> None:
+        for signum in SHUTDOWN_SIGNALS:
+            loop.add_signal_handler(signum, self.handle_signal, signum)
+        for signum in IGNORED_SIGNALS:
+            loop.add_signal_handler(signum, self.handle_ignored_signal, signum)
+        # Now that the loop owns them, what came before: the pod may be deleted while it starts.
+        for signum in self._early_signals:
+            log.info("signal_before_start", signal=signal.Signals(signum).name)
+            if signum in SHUTDOWN_SIGNALS:
+                self.handle_signal(signum)
+            else:
+                self.handle_ignored_signal(signum)
+
     # --- the process --------------------------------------------------------------------------
 
     async def run(self) -> int:
         """Serve until the drain is over and a signal asked us to go; return the exit status."""
         loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, self.handle_signal, signum)
+        self._install_signal_handlers(loop)
         background: list[asyncio.Task[None]] = []
         try:
             async with contextlib.AsyncExitStack() as resources:
@@ -114,10 +178,18 @@ class Agent:
                     handle_signals=False,  # the signals are ours: see handle_signal
                     access_log_class=AccessLogger,
                     shutdown_timeout=SERVER_CLOSE_SECONDS,
+                    keepalive_timeout=IDLE_CONNECTION_SECONDS,
                 )
                 await runner.setup()
                 resources.push_async_callback(runner.cleanup)
-                await web.TCPSite(runner, self.config.host, self.config.port).start()
+                self._count_accepts(runner)
+                for address in listen_addresses(self.config.host):
+                    await web.TCPSite(runner, address, self.config.port).start()
+                    self._listening.append(
+                        f"[{address}]:{self.config.port}"
+                        if ":" in address
+                        else f"{address}:{self.config.port}"
+                    )
                 self.metrics.describe(
                     drain_mode=self.config.drain_mode,
                     registry=registry.name,
@@ -134,12 +206,14 @@ class Agent:
                 log.info(
                     "agent_started",
                     version=__version__,
-                    listen=f"{self.config.host}:{self.config.port}",
+                    listen=self._listening,
                     drain_mode=self.config.drain_mode,
                     registry=registry.name,
                     pid=os.getpid(),
                     drain_source=self._drain_source,
+                    open_files_limit=resource.getrlimit(resource.RLIMIT_NOFILE)[0],
                 )
+                self._announce_floor()
                 self.started.set()
                 # The long-lived background tasks, all cancelled below at exit: the registry's
                 # own start-up and upkeep (clear a stale override; register and renew), and its
@@ -156,6 +230,15 @@ class Agent:
                     )
                     health_check = asyncio.create_task(self._health.run(), name="registry_health")
                     background.append(health_check)
+                if self.config.watches_client_view:
+                    # Keeps the agent's key hot in the Eureka servers' response cache, so that
+                    # the propagation watch sees what clients see (agent.registry.view).
+                    from agent.registry.view import ClientView
+
+                    self._view = ClientView(self.config, session)
+                    background.append(
+                        asyncio.create_task(self._view.keep_hot(), name="registry-view")
+                    )
 
                 await self.lifecycle.wait_triggered()
                 if health_check is not None:
@@ -174,7 +257,7 @@ class Agent:
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
-            for signum in (signal.SIGTERM, signal.SIGINT):
+            for signum in (*SHUTDOWN_SIGNALS, *IGNORED_SIGNALS):
                 loop.remove_signal_handler(signum)
         return 0
 
@@ -190,12 +273,33 @@ class Agent:
         )
 
         # 2. Take the instance out of the registry (bounded by its own deadline).
-        await self._mark_down(registry)
+        lifecycle.propagation = Propagation(
+            registry=registry.name != "none",
+            client_refresh=config.eureka_client_refresh_seconds,
+            server_cache=config.eureka_server_cache_seconds,
+        )
+        marked = await self._mark_down(registry)
 
-        # 3. Keep the app serving while traffic may still arrive.
+        # 3. Keep the app serving while traffic may still arrive, and at least until every
+        #    registry client can have dropped the instance: watch the servers' client-facing
+        #    view meanwhile (without a marked instance there is nothing to watch, and the
+        #    floor assumes the server cache's bound).
+        watch: asyncio.Task[None] | None = None
+        if marked and self._view is not None:
+            watch = asyncio.create_task(
+                self._view.watch(lifecycle.propagation, lifecycle.elapsed), name="registry-watch"
+            )
         limit = min(config.drain_limit, answer_by - lifecycle.elapsed())
         step = lifecycle.begin("drain")
-        outcome = await self._drain(limit)
+        try:
+            outcome = await self._drain(limit)
+        finally:
+            if watch is not None:
+                watch.cancel()
+                await asyncio.gather(watch, return_exceptions=True)
+        visible = lifecycle.propagation.visible_to_clients
+        if visible is not None:
+            self.metrics.registry_propagation.observe(visible)
         detail = dict(outcome.detail)
         if outcome.last_data_seconds is not None:
             detail["last_data_seconds"] = round(outcome.last_data_seconds, 4)
@@ -250,12 +354,13 @@ class Agent:
                     await self.final_scrape.wait()
         lifecycle.end(step, outcome)
 
-    async def _mark_down(self, registry: Registry) -> None:
+    async def _mark_down(self, registry: Registry) -> bool:
+        """Step 2; True when the instance was marked."""
         lifecycle, metrics = self.lifecycle, self.metrics
         step = lifecycle.begin("mark_down")
         if registry.name == "none":
             lifecycle.end(step, "skipped", backend="none")
-            return
+            return False
         timeout = self.config.registry_timeout_seconds
         error: str | None = None
         detail: dict[str, Any] = {}
@@ -277,12 +382,18 @@ class Agent:
         if error:
             lifecycle.fail(error)
             log.error("registry_mark_down_failed", error=error, duration_seconds=step.duration)
+        return error is None
 
     async def _drain(self, limit: float) -> DrainOutcome:
         started = self.lifecycle.elapsed()
         try:
             return await run_drain(
-                self.config, limit=limit, lifecycle=self.lifecycle, metrics=self.metrics
+                self.config,
+                limit=limit,
+                lifecycle=self.lifecycle,
+                metrics=self.metrics,
+                own_accepts=lambda: self.accepted,
+                on_poll=self._drain_polled,
             )
         except Exception as exc:
             # Whatever broke, the app still needs its drain: keep it serving up to the limit.
@@ -290,7 +401,44 @@ class Agent:
             await asyncio.sleep(max(0.0, limit - (self.lifecycle.elapsed() - started)))
             return DrainOutcome(reason="max", detail={"error": type(exc).__name__})
 
+    def _count_accepts(self, runner: web.AppRunner) -> None:
+        """Count the connections the agent's listener accepts (see ``accepted``).
+
+        aiohttp's low-level server is told of every accepted connection (``connection_made``);
+        the count is taken there rather than per request, so that a connection without a request
+        (a TCP probe) counts too.
+        """
+        server = runner.server
+        assert server is not None  # set by runner.setup()
+        made = server.connection_made
+
+        def counted(handler: Any, transport: Any) -> None:
+            self.accepted += 1
+            made(handler, transport)
+
+        server.connection_made = counted  # type: ignore[method-assign]
+
+    def _announce_floor(self) -> None:
+        """Export the worst-case propagation floor and the drain's maximum, and say once when
+        the one can outlast the other."""
+        config = self.config
+        self.metrics.drain_floor.set(config.worst_case_floor())
+        self.metrics.drain_max.set(config.drain_limit)
+        warning = config.floor_warning()
+        if warning is not None:
+            log.warning("drain_floor_exceeds_max", detail=warning)
+
     # --- observing ----------------------------------------------------------------------------
+
+    def _drain_polled(self, verdict: Any) -> None:
+        self._drain_seen = {
+            "connections": verdict.connections,
+            "in_flight": verdict.in_flight,
+            "missed_connections": verdict.missed,
+            "unaccounted_opens": verdict.unaccounted_opens,
+            "floor_seconds": round(verdict.floor_seconds, 4),
+            "quiet_since_seconds": round(verdict.quiet_since - verdict.trigger_at, 4),
+        }
 
     def _log_phase(self, phase: Phase, lifecycle: Lifecycle) -> None:
         if phase is Phase.SERVING:
@@ -307,17 +455,47 @@ class Agent:
         return {
             "version": __version__,
             "exit_requested": self.exit_requested.is_set(),
-            "drain": {"mode": self.config.drain_mode, "source": self._drain_source},
+            "listening": self._listening,
+            "drain": {
+                "mode": self.config.drain_mode,
+                "source": self._drain_source,
+                "sees": _SEES.get(self._drain_source or ""),
+                "seen": self._drain_seen,
+                "floor_seconds": self.config.worst_case_floor(),
+                "max_seconds": self.config.drain_limit,
+                "floor_warning": self.config.floor_warning(),
+            },
             "registry": {"backend": self.config.registry}
             if self._health is None
             else self._health.report(),
         }
 
 
-def run(config: Config) -> int:
-    """Run the agent in a fresh event loop until it exits; return the process exit status."""
+# What each watcher source can see, for /status.
+_SEES = {
+    "netlink": "open connections on the app's ports with their last data (sock_diag tcp_info),"
+    " connections the app closed first (TIME_WAIT), and connections accepted in the pod that"
+    " neither accounts for (/proc/net/snmp PassiveOpens minus the agent's own)",
+    "proc": "open connections on the app's ports only (/proc/net/tcp): no timestamps, and a"
+    " connection that opens and closes between two polls is not seen",
+}
+
+
+def raise_open_files_limit() -> None:
+    """Raise the soft limit on open files to the hard one (a container's soft limit is often
+    1024): a storm of connections must cost descriptors the agent has, not its probes."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def run(config: Config, early_signals: Sequence[int] = ()) -> int:
+    """Run the agent in a fresh event loop until it exits; return the process exit status.
+    ``early_signals``: SIGTERM/SIGINT/SIGHUP received before, in order."""
+    raise_open_files_limit()
     try:
-        return asyncio.run(Agent(config).run())
+        return asyncio.run(Agent(config, early_signals=early_signals).run())
     except OSError as exc:
         # The usual cause: the port is taken. One line, no traceback.
         log.error("agent_failed", error=str(exc))

@@ -115,9 +115,30 @@ class Metrics:
         self.seconds_since_last_data.set(math.nan)
         self.last_data_after_trigger = Histogram(
             "prestop_drain_last_data_after_trigger_seconds",
-            "Time from the shutdown trigger to the last data the app received: the"
-            " cluster's real registry propagation delay.",
+            "Time from the shutdown trigger to the last data the agent saw reach the app"
+            " (traffic drain). Not the registry's propagation delay: callers slower than the"
+            " drain are not in it; prestop_registry_propagation_seconds plus the clients'"
+            " refresh is.",
             buckets=DRAIN_BUCKETS,
+            registry=r,
+        )
+        self.registry_propagation = Histogram(
+            "prestop_registry_propagation_seconds",
+            "Time from the shutdown trigger until the registry servers' client-facing view"
+            " (Eureka's response cache) showed the instance's new status, slowest server.",
+            buckets=DRAIN_BUCKETS,
+            registry=r,
+        )
+        self.drain_floor = Gauge(
+            "prestop_drain_floor_seconds",
+            "Seconds after the trigger before which the drain may not end: registry"
+            " propagation (server cache bound + client refresh) at worst as configured, the"
+            " actual floor once a drain knows it; the drain minimum with no registry.",
+            registry=r,
+        )
+        self.drain_max = Gauge(
+            "prestop_drain_max_seconds",
+            "The drain's effective maximum, seconds: it ends then whatever callers do.",
             registry=r,
         )
         # Every series an alert or dashboard counts with increase() exists at 0 from start-up: a

@@ -20,6 +20,7 @@ from aiohttp import web
 from agent.config import Config
 from agent.lifecycle import Lifecycle, Phase, Trigger
 from agent.metrics import CONTENT_TYPE, Metrics
+from agent.registry._http import Http, Server, failure_reason
 
 log = structlog.get_logger()
 
@@ -44,9 +45,10 @@ class AppHealth:
         cache_seconds: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._url = url
-        self._session = session
-        self._timeout = aiohttp.ClientTimeout(total=timeout_seconds)
+        # The registry's bounded reader: the app's answer is untrusted input too (size cap,
+        # credentials in the URL sent as basic auth and never shown, any failure a reason).
+        self._http = Http(session, timeout=timeout_seconds)
+        self._endpoint = Server.endpoint(url)
         self._cache_seconds = cache_seconds
         self._clock = clock
         self._checked_at = -float("inf")
@@ -64,16 +66,14 @@ class AppHealth:
 
     async def _ask(self) -> tuple[bool, str]:
         try:
-            async with self._session.get(
-                self._url, timeout=self._timeout, allow_redirects=False
-            ) as response:
-                if 200 <= response.status < 300:
-                    return True, "app healthy"
-                return False, f"app health answered {response.status}"
-        except TimeoutError:
-            return False, f"app health gave no answer within {self._timeout.total:g}s"
-        except aiohttp.ClientError as exc:
-            return False, f"app health unreachable: {type(exc).__name__}"
+            status, _ = await self._http.request(
+                self._endpoint, "GET", "", headers={"Accept": "*/*"}
+            )
+        except Exception as exc:  # RequestFailed, or a bug: either way "not healthy", said why
+            return False, f"app health unreachable: {failure_reason(exc)}"
+        if 200 <= status < 300:
+            return True, "app healthy"
+        return False, f"app health answered {status}"
 
 
 class PendingAnswers:

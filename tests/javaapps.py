@@ -10,10 +10,15 @@ Fixtures (import them into a test module, or make the whole suite see them with
 - ``eureka_jar`` / ``demo_app_jar`` (session): the jars to run (``build()``: Maven, then an
   AppCDS archive that halves JVM start-up; ``PRESTOP_JAVA_CDS=0`` skips the archive).
 - ``eureka_server`` (session): one standalone server, ``.url == "http://127.0.0.1:PORT/eureka/"``.
+- ``cached_eureka_server`` (module): a standalone server whose read-only response cache is on,
+  refreshed every 3 s.
 - ``eureka_peers`` (per test, servers live per module): a pair of replicating servers
   ``(a, b)``; a test may ``stop()``/``start()`` either one, the next test gets both running.
 - ``start_demo_app(eureka_urls, app_name="DEMO-APP", instance_id=None, port=None, ...)``: starts
   the demo app, waits until every given server lists it UP, stops it after the test.
+- The demo app's caller mode (``extra_args=["--demo.caller.target=APP", ...]``): a Spring Cloud
+  LoadBalancer client over a pooled keep-alive HTTP client calling ``APP``'s ``/whoami``, every
+  request recorded (``GET /caller/records``, ``/caller/stats``; ``POST /caller/interval?ms=``).
 - ``jvm_logs_on_failure``: prints the tail of every live JVM's log when the test failed
   (``eureka_peers`` and ``start_demo_app`` already do this).
 
@@ -41,6 +46,7 @@ import pytest
 from tests.support import free_port, skip_or_fail
 
 __all__ = [
+    "CACHED_EUREKA_UPDATE_SECONDS",
     "FIXTURES",
     "MAX_JVMS",
     "DemoApp",
@@ -48,6 +54,7 @@ __all__ = [
     "JavaApp",
     "StartDemoApp",
     "build",
+    "cached_eureka_server",
     "demo_app_jar",
     "eureka_instances",
     "eureka_jar",
@@ -569,6 +576,28 @@ def jvm_logs_on_failure(request: pytest.FixtureRequest) -> Iterator[None]:
 def eureka_server(eureka_jar: Path, java_log_dir: Path) -> Iterator[EurekaServer]:
     """One standalone Eureka server for the whole session (``.url`` ends in ``/eureka/``)."""
     server = EurekaServer(eureka_jar, java_log_dir, "eureka", "127.0.0.1", free_port())
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+# The read-only response cache's refresh interval of ``cached_eureka_server``: Eureka's 30 s
+# default scaled 10x down, as the propagation tests use it.
+CACHED_EUREKA_UPDATE_SECONDS = 3.0
+
+
+@pytest.fixture(scope="module")
+def cached_eureka_server(eureka_jar: Path, java_log_dir: Path) -> Iterator[EurekaServer]:
+    """A standalone server with the read-only response cache on, refreshed every 3 s (per
+    module): what clients fetch lags the registry by up to that, as in production."""
+    server = EurekaServer(eureka_jar, java_log_dir, "eureka-cached", "127.0.0.1", free_port())
+    server.app.args += [
+        "--eureka.server.use-read-only-response-cache=true",
+        "--eureka.server.response-cache-update-interval-ms="
+        f"{int(CACHED_EUREKA_UPDATE_SECONDS * 1000)}",
+    ]
     try:
         server.start()
         yield server

@@ -11,7 +11,15 @@ from pathlib import Path
 import pytest
 
 from agent import cli
-from agent.config import Config, ConfigError, load, redact_url
+from agent.config import (
+    VARIABLES,
+    Config,
+    ConfigError,
+    load,
+    redact_url,
+    unknown_variables,
+    variable_of,
+)
 
 SECRET_TOKEN = "s3cr3t-token-value"
 SECRET_PASSWORD = "p%40ss%3Aw%2Frd"  # "p@ss:w/rd", percent-encoded as in a URL
@@ -19,7 +27,7 @@ SECRET_PASSWORD = "p%40ss%3Aw%2Frd"  # "p@ss:w/rd", percent-encoded as in a URL
 
 def test_defaults_are_a_working_agent() -> None:
     config = load({})
-    assert (config.host, config.port) == ("0.0.0.0", 8099)
+    assert (config.host, config.port) == (None, 8099)  # None: dual-stack, see main.listen_addresses
     assert config.drain_mode == "traffic"
     assert config.registry == "none"
     assert config.app_ports == (8080,)
@@ -187,7 +195,9 @@ def test_a_drain_that_cannot_fit_the_grace_budget_shows_the_arithmetic() -> None
             }
         )
     message = str(caught.value)
-    assert message.startswith("PRESTOP_DRAIN_SECONDS")
+    # The grace period first (the pod's, usually what is too short), then the drain it blocks.
+    assert message.startswith("PRESTOP_GRACE_PERIOD_SECONDS=30 is too short for")
+    assert "PRESTOP_DRAIN_SECONDS=25" in message
     assert (
         "drain 25s + registry deadline 3s + app shutdown 5s + margin 1s = 34s > grace period 30s"
         in message
@@ -198,7 +208,9 @@ def test_a_drain_that_cannot_fit_the_grace_budget_shows_the_arithmetic() -> None
 def test_traffic_maximum_defaults_to_what_the_budget_leaves() -> None:
     config = load({"PRESTOP_DRAIN_MODE": "traffic", "PRESTOP_GRACE_PERIOD_SECONDS": "45"})
     assert config.drain_limit == 45 - 5 - 1
-    with pytest.raises(ConfigError, match=r"PRESTOP_DRAIN_MAX_SECONDS.*= 41s > grace period 40s"):
+    with pytest.raises(
+        ConfigError, match=r"^PRESTOP_GRACE_PERIOD_SECONDS=40 is too short for PRESTOP_DRAIN_MAX_"
+    ):
         load(
             {
                 "PRESTOP_DRAIN_MODE": "traffic",
@@ -222,9 +234,137 @@ def test_a_setting_of_the_other_drain_mode_is_refused(
         load(environ)
 
 
-def test_a_grace_period_shorter_than_the_app_shutdown_is_rejected() -> None:
-    with pytest.raises(ConfigError, match="at most 0s is left"):
-        load({"PRESTOP_GRACE_PERIOD_SECONDS": "5", "PRESTOP_DRAIN_MAX_SECONDS": "1"})
+def test_a_grace_period_shorter_than_the_app_shutdown_names_it_and_only_what_is_in_play() -> None:
+    # Issue 9: GRACE=5 blamed PRESTOP_DRAIN_MAX_SECONDS (never set) with "drain -1s ... <= 5s".
+    with pytest.raises(ConfigError) as caught:
+        load({"PRESTOP_GRACE_PERIOD_SECONDS": "5"})
+    message = str(caught.value)
+    assert message.startswith("PRESTOP_GRACE_PERIOD_SECONDS=5: leaves no time for the drain")
+    assert "5s - app shutdown 5s (PRESTOP_APP_SHUTDOWN_SECONDS)" in message
+    assert "margin 1s (PRESTOP_MARGIN_SECONDS) = -1s" in message
+    assert "DRAIN_MAX" not in message and "REGISTRY" not in message  # neither is in play
+    assert "<=" not in message
+    # With a registry, its deadline is in play and named.
+    with pytest.raises(ConfigError, match=r"registry deadline 5s \(PRESTOP_REGISTRY_TIMEOUT_SEC"):
+        load({"PRESTOP_GRACE_PERIOD_SECONDS": "10", "PRESTOP_REGISTRY": "actuator"})
+
+
+def test_a_grace_period_too_short_for_the_minimum_names_the_grace_period_first() -> None:
+    # Issue 9: GRACE=7 blamed PRESTOP_DRAIN_MIN_SECONDS=2 without naming the grace period.
+    with pytest.raises(ConfigError) as caught:
+        load({"PRESTOP_GRACE_PERIOD_SECONDS": "7"})
+    message = str(caught.value)
+    assert message.startswith("PRESTOP_GRACE_PERIOD_SECONDS=7 leaves 1s for the drain")
+    assert "(7s - app shutdown 5s (PRESTOP_APP_SHUTDOWN_SECONDS) - margin 1s" in message
+    assert "less than PRESTOP_DRAIN_MIN_SECONDS=2 (its default)" in message
+    # An explicit maximum: then the grace period is not what is in play.
+    with pytest.raises(ConfigError, match=r"^PRESTOP_DRAIN_MIN_SECONDS=5: must not exceed PRE"):
+        load({"PRESTOP_DRAIN_MIN_SECONDS": "5", "PRESTOP_DRAIN_MAX_SECONDS": "4"})
+
+
+def test_quiet_longer_than_the_drain_maximum_is_refused() -> None:
+    # Issue 9: accepted silently; the traffic drain could then only ever end at its maximum.
+    with pytest.raises(ConfigError, match=r"^PRESTOP_DRAIN_QUIET_SECONDS=10: must not exceed"):
+        load({"PRESTOP_DRAIN_QUIET_SECONDS": "10", "PRESTOP_DRAIN_MAX_SECONDS": "8"})
+    with pytest.raises(
+        ConfigError, match=r"leaves 2s for the drain .* less than PRESTOP_DRAIN_QUI"
+    ):
+        load({"PRESTOP_GRACE_PERIOD_SECONDS": "8", "PRESTOP_DRAIN_MIN_SECONDS": "1"})
+    assert load({"PRESTOP_DRAIN_QUIET_SECONDS": "8", "PRESTOP_DRAIN_MAX_SECONDS": "8"})
+
+
+@pytest.mark.parametrize("value", ["30.5", "0.5", "29.999"])
+def test_a_fractional_grace_period_is_refused(value: str) -> None:
+    with pytest.raises(ConfigError, match=r"PRESTOP_GRACE_PERIOD_SECONDS.*must be whole seconds"):
+        load({"PRESTOP_GRACE_PERIOD_SECONDS": value})
+    assert load({"PRESTOP_GRACE_PERIOD_SECONDS": "45"}).grace_period_seconds == 45
+
+
+def test_check_and_status_show_effective_values_not_nulls(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Issue 9: `drain_max_seconds = null` while the plan said 24 s.
+    config = load({})
+    assert config.redacted()["drain_max_seconds"] == 24
+    assert config.redacted()["host"] == "*"
+    assert cli.main(["check"], {}) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"PRESTOP_DRAIN_MAX_SECONDS += 24\n", out) and "at most 24s" in out
+    assert "null" not in out and "None" not in out
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "reason"),
+    [
+        ("PRESTOP_EUREKA_URLS", "http://a..b/eureka/", "empty label"),
+        ("PRESTOP_EUREKA_URLS", "http://.eureka:8761/eureka/", "empty label"),
+        ("PRESTOP_EUREKA_URLS", f"http://{'a' * 64}.example/", "longer than 63"),
+        ("PRESTOP_EUREKA_URLS", f"http://{'a.' * 127}b/", "longer than 253"),
+        ("PRESTOP_EUREKA_URLS", "http://eu reka/", "spaces"),
+        ("PRESTOP_EUREKA_URLS", "http://-eureka/", "may not"),
+        ("PRESTOP_EUREKA_URLS", "http://[::1/", "valid host"),
+        ("PRESTOP_EUREKA_URLS", "http://eureka:0/", "port 1-65535"),
+        ("PRESTOP_EUREKA_URLS", "ftp://eureka/", "http://"),
+        ("PRESTOP_APP_HEALTH_URL", "http://a..b/health", "empty label"),
+        ("PRESTOP_ACTUATOR_URL", "http://\u00ad/", "control characters"),
+        ("PRESTOP_ACTUATOR_URL", "http://\u0627\u0031.example/", "IDNA"),
+        ("PRESTOP_ACTUATOR_URL", "http://\u2ff0.example/", "IDNA"),
+        ("PRESTOP_HOST", "a..b", "empty label"),
+        ("PRESTOP_HOST", " ", "address to listen on"),
+    ],
+)
+def test_unusable_host_names_are_refused_at_start_up(
+    variable: str, value: str, reason: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Issue 9: these passed validation, then UnicodeError escaped: check printed a traceback,
+    # a mark-down beside a good server turned into a 500, and /ready answered 500.
+    with pytest.raises(ConfigError) as caught:
+        load({"PRESTOP_REGISTRY": "actuator", variable: value})
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith(variable) and reason in message, message
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://eureka-0.eureka.svc.cluster.local.:8761/eureka/",
+        "http://[fd00::1]:8761/eureka/",
+        "https://user:p%40ss@bücher.example/eureka/",
+        "http://my_host:80/",
+        "http://10.0.0.1/",
+    ],
+)
+def test_usable_host_names_are_accepted(url: str) -> None:
+    assert load({"PRESTOP_ACTUATOR_URL": url}).actuator_url == url
+
+
+def test_a_misspelt_variable_is_warned_about_naming_the_closest(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Issue 9: PRESTOP_DRAIN_QUIET=5 did nothing, and nobody was told.
+    environ = {"PRESTOP_DRAIN_QUIET": "5", "PRESTOP_TOKN": "s3cret", "PRESTOP_ZZZZZZZZZZZZ": "1"}
+    warnings = unknown_variables(environ)
+    assert warnings == [
+        "PRESTOP_DRAIN_QUIET is not a prestop-agent variable and is ignored;"
+        " did you mean PRESTOP_DRAIN_QUIET_SECONDS?",
+        "PRESTOP_TOKN is not a prestop-agent variable and is ignored; did you mean PRESTOP_TOKEN?",
+        "PRESTOP_ZZZZZZZZZZZZ is not a prestop-agent variable and is ignored;"
+        " no variable of that name exists",
+    ]
+    assert cli.main(["check"], environ) == 0
+    out = capsys.readouterr().out
+    assert out.count("warning: ") == 3 and "PRESTOP_DRAIN_QUIET_SECONDS?" in out
+    assert "s3cret" not in out
+    assert unknown_variables({"POD_NAME": "x", "HOME": "/", "PRESTOP_PORT": "1"}) == []
+
+
+def test_every_config_field_has_its_variable_and_parser() -> None:
+    # The known names come from Config itself; every one of them must also be parsed.
+    from agent.config import _VARIABLES
+
+    assert set(VARIABLES) == set(_VARIABLES)
+    for name, (field_name, _) in _VARIABLES.items():
+        assert variable_of(field_name) == name
 
 
 def test_flags_override_the_environment_through_the_same_checks(
@@ -249,7 +389,7 @@ def test_check_shows_variable_names_and_only_the_settings_in_use(
 ) -> None:
     assert cli.main(["check", "--drain-mode", "fixed"], {}) == 0
     fixed = _shown_settings(capsys.readouterr().out)
-    assert fixed["PRESTOP_DRAIN_SECONDS"] == "10.0" and fixed["PRESTOP_REGISTRY"] == "none"
+    assert fixed["PRESTOP_DRAIN_SECONDS"] == "10" and fixed["PRESTOP_REGISTRY"] == "none"
     assert all(name.startswith(("PRESTOP_", "POD_")) for name in fixed), "no field names"
     assert "port" not in fixed and "drain_seconds" not in fixed
     assert not {"PRESTOP_DRAIN_MIN_SECONDS", "PRESTOP_DRAIN_SOURCE"} & set(fixed)
@@ -265,7 +405,7 @@ def test_check_shows_variable_names_and_only_the_settings_in_use(
     cli.main(["check"], eureka)
     out = capsys.readouterr().out
     traffic = _shown_settings(out)
-    assert traffic["PRESTOP_DRAIN_QUIET_SECONDS"] == "3.0"
+    assert traffic["PRESTOP_DRAIN_QUIET_SECONDS"] == "3"
     assert traffic["PRESTOP_EUREKA_URLS"] == "http://admin:***@127.0.0.1:1/eureka/"
     assert traffic["PRESTOP_EUREKA_INSTANCE_ID"] == "empty"
     assert "PRESTOP_DRAIN_SECONDS" not in traffic

@@ -29,7 +29,7 @@ async def test_without_proc_net_tcp_the_wait_after_the_drain_ends_at_the_grace_b
             "PRESTOP_PORT": str(free_port()),
             "PRESTOP_DRAIN_MODE": "fixed",
             "PRESTOP_DRAIN_SECONDS": "0.2",
-            "PRESTOP_GRACE_PERIOD_SECONDS": "1.5",
+            "PRESTOP_GRACE_PERIOD_SECONDS": "2",
             "PRESTOP_APP_SHUTDOWN_SECONDS": "0.5",
             "PRESTOP_MARGIN_SECONDS": "0.5",
         }
@@ -43,7 +43,7 @@ async def test_without_proc_net_tcp_the_wait_after_the_drain_ends_at_the_grace_b
     [final] = [e for e in logs if e["event"] == "shutdown_complete"]
     wait = final["steps"][-1]
     assert (wait["name"], wait["outcome"]) == ("final_scrape", "grace")
-    assert wait["started_seconds"] + wait["duration_seconds"] == pytest.approx(1.0, abs=0.1)
+    assert wait["started_seconds"] + wait["duration_seconds"] == pytest.approx(1.5, abs=0.1)
     [warning] = [e for e in logs if e["event"] == "app_exit_not_observable"]
     assert "/proc/net/tcp" in warning["error"]
     assert logs[-1] is final

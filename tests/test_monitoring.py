@@ -187,6 +187,12 @@ def test_every_dashboard_panel_returns_data_from_real_terminations(
             "PRESTOP_REGISTRY": "actuator",
             "PRESTOP_ACTUATOR_URL": f"http://127.0.0.1:{free_port()}/actuator/serviceregistry",
             "PRESTOP_REGISTRY_TIMEOUT_SECONDS": "1",
+            # A registry means a propagation floor (here assumed: the actuator mode has no
+            # Eureka URLs to watch); scaled down so that the drain can end quiet. The machine's
+            # shared namespace counts everybody's connections: see test_traffic.
+            "PRESTOP_EUREKA_SERVER_CACHE_SECONDS": "0",
+            "PRESTOP_EUREKA_CLIENT_REFRESH_SECONDS": "0.5",
+            "PRESTOP_DRAIN_COUNT_ACCEPTS": "false",
             "PRESTOP_TOKEN": token,
         }
     ).run()

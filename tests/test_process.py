@@ -8,11 +8,14 @@ drain + 1 s of the trigger (classic) or within 1 s of its SIGTERM (native).
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 import socket
 import time
+from pathlib import Path
 
 import aiohttp
+import pytest
 
 from tests.support import AgentProcess
 
@@ -298,3 +301,73 @@ async def test_a_taken_port_is_one_line_and_exit_1(new_agent) -> None:
     assert status == 1
     assert "Traceback" not in agent.log_text()
     assert "address already in use" in agent.log_text().lower()
+
+
+def _catches(pid: int, signum: int) -> bool:
+    """Whether the process has a handler for ``signum`` (the SigCgt mask in /proc)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    mask = int(re.search(r"SigCgt:\s+([0-9a-f]+)", status).group(1), 16)  # type: ignore[union-attr]
+    return bool(mask & (1 << (signum - 1)))
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+async def _signal_before_the_server_is_up(agent: AgentProcess, signum: int) -> None:
+    """Send ``signum`` in the window issue 9 found (the pod deleted while the agent starts):
+    once the process records signals, before it listens."""
+    agent.start()
+    assert agent.proc is not None
+    pid = agent.proc.pid
+    async with asyncio.timeout(5):
+        # SIGHUP's handler is installed last (and Python catches SIGINT from its own start).
+        while not _catches(pid, signal.SIGHUP):
+            await asyncio.sleep(0.001)
+    assert not _listening(agent.port), "too late: the server is already up"
+    agent.signal(signum)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+async def test_a_signal_before_the_server_is_up_still_gives_an_orderly_exit(
+    new_agent, signum: int
+) -> None:
+    # Issue 9: SIGTERM in the first ~0.3 s killed the agent with 143 and no log line.
+    agent = new_agent({"PRESTOP_DRAIN_MODE": "fixed", "PRESTOP_DRAIN_SECONDS": "0.3"})
+    await _signal_before_the_server_is_up(agent, signum)
+    status, _ = await _wait_exit(agent, limit=10)
+    assert status == 0, agent.log_text()
+    events = [e["event"] for e in agent.log_events()]
+    assert "signal_before_start" in events
+    # The whole shutdown ran, in order: the drain, then the exit (its record is the last line).
+    assert events.index("signal_before_start") < events.index("shutdown_triggered")
+    assert events[-1] == "shutdown_complete"
+    assert "Traceback" not in agent.log_text()
+
+
+async def test_sighup_is_ignored_with_a_log_line_early_and_late(new_agent) -> None:
+    # Issue 9: SIGHUP killed the agent silently. Now it is ignored on purpose (README: signals).
+    agent = new_agent({"PRESTOP_DRAIN_MODE": "fixed", "PRESTOP_DRAIN_SECONDS": "0.1"})
+    await _signal_before_the_server_is_up(agent, signal.SIGHUP)
+    await asyncio.to_thread(agent.wait_ready)
+    agent.signal(signal.SIGHUP)
+    await asyncio.sleep(0.3)
+    assert agent.proc is not None and agent.proc.poll() is None
+    await asyncio.to_thread(agent.wait_ready)  # still serving, still ready
+    ignored = [e for e in agent.log_events() if e["event"] == "signal_ignored"]
+    assert [e["signal"] for e in ignored] == ["SIGHUP", "SIGHUP"]
+    agent.signal(signal.SIGTERM)
+    assert (await _wait_exit(agent, limit=5))[0] == 0
+
+
+async def test_a_misspelt_variable_is_warned_about_at_start_up(new_agent) -> None:
+    # Issue 9: PRESTOP_DRAIN_QUIET=5 was ignored silently.
+    agent = new_agent({"PRESTOP_DRAIN_QUIET": "5", "PRESTOP_TOKN": "s3cret"})
+    agent.run()
+    warned = [e for e in agent.log_events() if e["event"] == "unknown_variable"]
+    assert len(warned) == 2
+    assert "did you mean PRESTOP_DRAIN_QUIET_SECONDS?" in warned[0]["warning"]
+    assert "did you mean PRESTOP_TOKEN?" in warned[1]["warning"]
+    assert all(e["level"] == "warning" for e in warned)
+    assert "s3cret" not in agent.log_text()

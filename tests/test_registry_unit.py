@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import json
 import re
 import ssl
-import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -25,12 +25,21 @@ from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
 from agent.config import load
+from agent.lifecycle import Propagation
 from agent.metrics import Metrics
 from agent.registry import HealthState, HealthWatch, RegistryError, RegistryHealth, open_registry
-from agent.registry._http import REPLICATION_HEADER, Server
+from agent.registry._http import (
+    MAX_ANSWER_BYTES,
+    REPLICATION_HEADER,
+    Http,
+    RequestFailed,
+    Server,
+    parse_json,
+)
 from agent.registry.eureka import EurekaRegistry
 from agent.registry.register import RegisterRegistry
-from tests.support import skip_or_fail
+from agent.registry.view import ClientView
+from agent.server import AppHealth
 
 APP = "DEMO-APP"
 POD_IP = "10.1.2.3"
@@ -326,40 +335,6 @@ def test_server_parse_keeps_the_path_and_drops_the_userinfo() -> None:
     assert "p@" not in repr(server)
 
 
-@pytest.fixture(scope="module")
-def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A self-signed certificate for 127.0.0.1 (its own CA), made with the openssl CLI."""
-    directory = tmp_path_factory.mktemp("tls")
-    cert, key = directory / "cert.pem", directory / "key.pem"
-    try:
-        subprocess.run(
-            [
-                "openssl",
-                "req",
-                "-x509",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-days",
-                "1",
-                "-subj",
-                "/CN=127.0.0.1",
-                "-addext",
-                "subjectAltName=IP:127.0.0.1",
-                "-keyout",
-                str(key),
-                "-out",
-                str(cert),
-            ],
-            check=True,
-            capture_output=True,
-            timeout=60,
-        )
-    except (OSError, subprocess.CalledProcessError) as err:
-        skip_or_fail(f"openssl cannot make a certificate: {err}")
-    return cert, key
-
-
 async def test_https_with_a_private_ca(
     serve: Serve, session: aiohttp.ClientSession, certificate: tuple[Path, Path]
 ) -> None:
@@ -579,3 +554,145 @@ async def test_actuator_health_tells_a_missing_endpoint_from_a_dead_app(
     assert found.state is HealthState.FOUND and "'status': 'UP'" in found.reason
     assert missing.state is HealthState.NOT_FOUND and "HTTP 404" in missing.reason
     assert dead.state is HealthState.UNREACHABLE
+
+
+# ------------------------------------------------------------------ untrusted answers (issue 9)
+
+
+async def test_an_unusable_host_beside_a_good_server_does_not_hide_its_success(
+    serve: Serve, session: aiohttp.ClientSession
+) -> None:
+    # Issue 9: "http://a..b/" beside a good server turned a successful mark-down into a 500
+    # (`unexpected UnicodeError` from the resolver). Config now refuses such a host; the request
+    # layer still turns whatever a new caller might pass it into that server's failure.
+    _, url = await serve([instance("a")])
+    good = config([url], PRESTOP_EUREKA_INSTANCE_ID="a")
+    bad = "http://a..b:8761/eureka/"
+    registry = EurekaRegistry(dataclasses.replace(good, eureka_urls=(bad, url)), session)
+    said = await registry.mark_down()
+    assert said[url]["result"] == "ok"
+    assert said[bad]["result"] == "failed"
+    assert "UnicodeError" in said[bad]["error"] or "Cannot connect" in said[bad]["error"]
+    assert (await registry.verify())[url] == "DOWN"
+
+
+async def test_the_app_health_check_reports_any_failure_as_not_ready(
+    session: aiohttp.ClientSession,
+) -> None:
+    # Issue 9: as PRESTOP_APP_HEALTH_URL, such a host made every /ready a 500 with a traceback.
+    health = AppHealth("http://a..b:8080/health", session, cache_seconds=0.0)
+    healthy, reason = await health.check()
+    assert not healthy and reason.startswith("app health unreachable: ")
+
+
+async def test_a_dirty_timestamp_of_the_wrong_type_never_reaches_the_url(
+    serve: Serve, session: aiohttp.ClientSession
+) -> None:
+    fake, url = await serve([instance("a", lastDirtyTimestamp={"nested": ["x y"]})])
+    said = await EurekaRegistry(config([url], PRESTOP_EUREKA_INSTANCE_ID="a"), session).mark_down()
+    assert said[url]["result"] == "ok" and said[url]["lastDirtyTimestamp"] is None
+    put = next(r for r in fake.requests if r.method == "PUT")
+    assert "lastDirtyTimestamp" not in put.query
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+        (b'{"a": "\x80\x81"}', "not UTF-8"),
+        (b'{"instance": {"a": ', "not JSON"),
+    ],
+)
+def test_parse_json_turns_every_decoding_failure_into_a_reason(body: bytes, reason: str) -> None:
+    with pytest.raises(RequestFailed, match=reason):
+        parse_json(body)
+
+
+async def test_an_answer_over_the_cap_is_refused_before_it_is_held(
+    session: aiohttp.ClientSession,
+) -> None:
+    async def endless(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        for _ in range(1000):
+            await response.write(b" " * 65536)
+        return response
+
+    async def promised(request: web.Request) -> web.Response:
+        return web.Response(body=b"{}", headers={"Content-Length": "4294967296"})
+
+    app = web.Application()
+    app.router.add_get("/endless/", endless)
+    app.router.add_get("/promised/", promised)
+    async with TestServer(app) as server:
+        http = Http(session, timeout=5.0)
+        for path in ("endless", "promised"):
+            target = Server.parse(str(server.make_url(f"/{path}/")))
+            with pytest.raises(RequestFailed, match=f"answer larger than {MAX_ANSWER_BYTES} bytes"):
+                await http.request(target, "GET", "")
+
+
+async def test_fields_of_the_wrong_type_are_shown_by_type_never_printed(
+    serve: Serve, session: aiohttp.ClientSession
+) -> None:
+    nested: Any = "DOWN"
+    for _ in range(500):
+        nested = [nested]
+    fake, url = await serve([instance("a")])
+    registry = EurekaRegistry(config([url], PRESTOP_EUREKA_INSTANCE_ID="a"), session)
+    await registry.mark_down()
+    fake.instances["a"]["status"] = nested  # the server now answers with a nested status
+    with pytest.raises(RegistryError, match=r"no server shows DOWN: .*: <a JSON list>"):
+        await registry.verify()
+    described = await registry.describe()
+    assert described["servers"][url]["status"] == "<a JSON list>"
+
+
+# ------------------------------------------------------------- the client-facing view (error paths)
+
+
+async def _watch(url_list: list[str], session: aiohttp.ClientSession) -> Propagation:
+    view = ClientView(config(url_list, PRESTOP_DRAIN_POLL_SECONDS="0.01"), session)
+    seen = Propagation(registry=True, client_refresh=6.5, server_cache=3.0)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    async with asyncio.timeout(5):
+        await view.watch(seen, lambda: loop.time() - started)
+    return seen
+
+
+async def test_a_view_that_fails_three_times_is_assumed_not_measured(
+    serve: Serve, session: aiohttp.ClientSession
+) -> None:
+    fake, url = await serve([instance("pod-1")])
+    fake.statuses = [503] * 3
+    seen = await _watch([url], session)
+    assert seen.visible_to_clients is None
+    assert list(seen.unobservable) == [url]
+    assert seen.floor(elapsed=1.0) == 3.0 + 6.5  # the server cache's bound, not "now"
+
+
+async def test_an_instance_the_view_never_listed_is_not_taken_as_gone(
+    serve: Serve, session: aiohttp.ClientSession
+) -> None:
+    # Listed under another address: absence there proves nothing about what clients see.
+    _, url = await serve([instance("pod-1", ip="10.9.9.9")])
+    seen = await _watch([url], session)
+    assert seen.visible_to_clients is None
+    assert "not listed" in seen.unobservable[url]
+
+
+async def test_the_view_showing_the_status_is_recorded_per_server(
+    serve: Serve, session: aiohttp.ClientSession
+) -> None:
+    slow, lagging = await serve([instance("pod-1")])
+    _, prompt = await serve([instance("pod-1", status="OUT_OF_SERVICE")])
+    watching = asyncio.create_task(_watch([lagging, prompt], session))
+    await asyncio.sleep(0.3)
+    assert not watching.done()  # one server still shows UP to its clients: the watch goes on
+    slow.instances["pod-1"]["status"] = "DOWN"
+    seen = await watching
+    assert seen.servers[prompt] is not None and seen.servers[prompt] < 0.2
+    assert seen.servers[lagging] is not None and seen.servers[lagging] >= 0.3
+    assert seen.visible_to_clients == seen.servers[lagging]
+    assert seen.floor(elapsed=5.0) == pytest.approx(seen.servers[lagging] + 6.5)

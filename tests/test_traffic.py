@@ -206,6 +206,10 @@ def traffic_agent(new_agent: Callable[..., AgentProcess]) -> Callable[..., Agent
                 "PRESTOP_DRAIN_QUIET_SECONDS": str(QUIET),
                 "PRESTOP_DRAIN_POLL_SECONDS": str(POLL),
                 "PRESTOP_DRAIN_MAX_SECONDS": "8",
+                # These tests share the machine's network namespace, whose count of accepted
+                # connections moves with everything else running here; the pod-namespace
+                # behaviour is tested in test_connection_per_request.py.
+                "PRESTOP_DRAIN_COUNT_ACCEPTS": "false",
                 **env,
             }
         ).run()

@@ -8,6 +8,7 @@ watcher costs nothing to an agent that does not use it) watches the app's socket
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,13 +28,27 @@ class DrainOutcome:
 
 
 async def run_drain(
-    config: Config, *, limit: float, lifecycle: Lifecycle, metrics: Metrics
+    config: Config,
+    *,
+    limit: float,
+    lifecycle: Lifecycle,
+    metrics: Metrics,
+    own_accepts: Callable[[], int] | None = None,
+    on_poll: Callable[[Any], None] | None = None,
 ) -> DrainOutcome:
-    """Run the configured strategy for at most ``limit`` seconds."""
+    """Run the configured strategy for at most ``limit`` seconds (the traffic drain: see
+    :func:`agent.drain.traffic.traffic_drain` for ``own_accepts`` and ``on_poll``)."""
     if config.drain_mode == "traffic":
         from agent.drain.traffic import traffic_drain
 
-        return await traffic_drain(config, limit=limit, lifecycle=lifecycle, metrics=metrics)
+        return await traffic_drain(
+            config,
+            limit=limit,
+            lifecycle=lifecycle,
+            metrics=metrics,
+            own_accepts=own_accepts,
+            on_poll=on_poll,
+        )
     seconds = min(config.drain_seconds, max(limit, 0.0))
     await asyncio.sleep(seconds)
     return DrainOutcome(reason="fixed" if seconds >= config.drain_seconds else "max")

@@ -18,6 +18,13 @@ used inside a running event loop. The direct request with the small ``struct`` p
 ~4.7 ms per poll at 1,000 connections in that comparison; this module now takes ~3.2 ms CPU per
 poll at 1,000 and ~36 ms at 10,000 (``bench/bench_sockdiag.py``).
 
+A connection can open, carry a request and close between two polls. The netlink watcher still
+counts it (``Poll.missed``, ``Poll.unaccounted_opens``): the dump includes TIME_WAIT sockets, which
+a connection the app closed first leaves behind for 60 s, and each poll reads the network
+namespace's count of accepted connections (``/proc/net/snmp`` PassiveOpens), which shows those a
+client closed first. Both are unprivileged; together they add ~3 % CPU per poll at 1,000 sockets
+and ~6 % at 10,000 (``bench/bench_sockdiag.py``, "old" against "netlink").
+
 Where netlink is not available (a sandbox such as gVisor, a kernel without ``inet_diag``), the
 ``/proc/net/tcp{,6}`` fallback still counts connections and queues, but cannot say when data was
 last received or sent (``None``).
@@ -37,7 +44,7 @@ import os
 import socket
 import struct
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol, Self, runtime_checkable
 
@@ -93,6 +100,24 @@ WATCHED_STATES: frozenset[int] = frozenset(
 )
 # inet_diag_req_v2.idiag_states is a bitmask of (1 << state) (the kernel's TCPF_* flags).
 WATCHED_STATES_MASK: int = sum(1 << state for state in WATCHED_STATES)
+TCP_TIME_WAIT = 6
+# The netlink watcher asks for TIME_WAIT too. A connection the app closes first ends in
+# TIME_WAIT on the app's side for 60 s, as a mini-socket without tcp_info: a connection that
+# opened, carried a request and closed between two polls is still there at the next one. Such
+# sockets are never samples (the connection is over); they only tell the drain that a
+# connection it never saw open did exist (``Poll.missed``).
+DUMP_STATES_MASK: int = WATCHED_STATES_MASK | (1 << TCP_TIME_WAIT)
+
+# A connection the *client* closes first leaves nothing behind on the app's side (CLOSE_WAIT,
+# then LAST_ACK, gone within a round trip). What the kernel does keep is a count: PassiveOpens
+# in /proc/net/snmp, every connection accepted in this network namespace (the pod's). Opens that
+# no socket the watcher saw (open or in TIME_WAIT) and no connection of the agent's own accounts
+# for are connections the watcher missed (``Poll.unaccounted_opens``). The file is per network
+# namespace and world-readable: no privilege needed.
+PROC_NET_SNMP = "net/snmp"
+# Cookies of the sockets seen in this many recent polls count as "seen before": a socket that one
+# dump skipped (see the kernel quirk at PROC_NET_FILES) is not mistaken for a new connection.
+SEEN_MEMORY_POLLS = 2
 
 # /proc/net/tcp "tr" column value for a socket whose timer is the TIME_WAIT timer, i.e. a
 # time-wait mini-socket (net/ipv4/tcp_ipv4.c, get_timewait4_sock). An orphaned FIN_WAIT2 socket
@@ -250,6 +275,13 @@ class Poll:
     ``last_data_sent_ms`` count back from this instant, so ``taken_at - ms / 1000`` is when data
     last arrived (or left)."""
     sockets: tuple[SocketSample, ...]
+    missed: tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...] = ()
+    """Peers of connections to a watched port that opened and closed since the previous poll
+    without ever being seen open (found in TIME_WAIT): traffic the app had meanwhile."""
+    unaccounted_opens: int = 0
+    """Connections the kernel accepted in this network namespace since the previous poll that
+    nothing seen accounts for (a client closed first, between two polls): traffic, of which the
+    port and peer are unknown. Always 0 on the /proc path and on the first poll."""
 
 
 @runtime_checkable
@@ -333,11 +365,11 @@ def _build_port_filter(ports: frozenset[int]) -> bytes:
     return bytes(program)
 
 
-def _build_request(family: int, bytecode: bytes) -> bytearray:
+def _build_request(family: int, bytecode: bytes, states_mask: int) -> bytearray:
     """One SOCK_DIAG_BY_FAMILY dump request; the sequence number is patched in per poll."""
     attribute = NLATTR.pack(NLATTR.size + len(bytecode), INET_DIAG_REQ_BYTECODE) + bytecode
     body = (
-        INET_DIAG_REQ_V2.pack(family, socket.IPPROTO_TCP, INET_DIAG_EXT_INFO, WATCHED_STATES_MASK)
+        INET_DIAG_REQ_V2.pack(family, socket.IPPROTO_TCP, INET_DIAG_EXT_INFO, states_mask)
         + attribute
     )
     header = NLMSGHDR.pack(
@@ -353,6 +385,36 @@ def _decode_peer(raw: bytes) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     return ipaddress.ip_address(raw)
 
 
+class PassiveOpens:
+    """Reads TCP PassiveOpens (connections accepted) of this network namespace, /proc/net/snmp.
+
+    The file is kept open and re-read from offset 0 (the kernel regenerates it on each read):
+    one pread of ~1.5 KB per poll.
+    """
+
+    def __init__(self, proc_root: str = "/proc") -> None:
+        self._fd = os.open(os.path.join(proc_root, "self", PROC_NET_SNMP), os.O_RDONLY)
+        try:
+            header, _ = self._tcp_lines()
+            self._index = header.index(b"PassiveOpens")
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    def _tcp_lines(self) -> tuple[list[bytes], list[bytes]]:
+        data = os.pread(self._fd, 16384, 0)
+        lines = [line.split() for line in data.splitlines() if line.startswith(b"Tcp:")]
+        if len(lines) < 2:
+            raise OSError("no Tcp: lines in /proc/net/snmp")
+        return lines[0], lines[1]
+
+    def read(self) -> int:
+        return int(self._tcp_lines()[1][self._index])
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
 class NetlinkWatcher:
     """Polls the kernel over NETLINK_SOCK_DIAG: filtered in the kernel, with tcp_info.
 
@@ -363,15 +425,47 @@ class NetlinkWatcher:
 
     source: str = "netlink"
 
-    def __init__(self, ports: Iterable[int]) -> None:
-        """Open the netlink socket now: a kernel or sandbox without it fails here (OSError)."""
+    def __init__(
+        self,
+        ports: Iterable[int],
+        *,
+        own_accepts: Callable[[], int] | None = None,
+        every_connection: bool = True,
+        count_accepts: bool = True,
+        proc_root: str = "/proc",
+    ) -> None:
+        """Open the netlink socket now: a kernel or sandbox without it fails here (OSError).
+
+        ``own_accepts``: how many connections the agent's own listener has accepted so far
+        (they share the pod's PassiveOpens count). ``every_connection=False`` watches open
+        connections only, as before TIME_WAIT and PassiveOpens were read (the benchmark's
+        baseline). ``count_accepts=False`` leaves PassiveOpens out (hostNetwork pods, whose
+        count is the node's). ``proc_root``: where ``net/snmp`` is read (tests).
+        """
         self.ports: frozenset[int] = _normalise_ports(ports)
+        self.every_connection = every_connection
+        self._own_accepts = own_accepts or (lambda: 0)
+        self._count_accepts = every_connection and count_accepts
+        self._states_mask = DUMP_STATES_MASK if every_connection else WATCHED_STATES_MASK
+        self._proc_root = proc_root
+        self._snmp: PassiveOpens | None = None
+        # Cookies of the sockets of the last SEEN_MEMORY_POLLS polls, newest last.
+        self._recent: list[set[int]] = []
+        self._opens_at_start = self._own_at_start = 0
+        self._accounted = 0
+        self._unaccounted_high = 0
+        self.passive_opens = 0
+        """Connections accepted in the pod's network namespace since the first poll."""
+        self.missed_total = 0
+        """Connections to a watched port first seen in TIME_WAIT, since the first poll."""
+        self.unaccounted_total = 0
+        """Accepted connections nothing seen accounts for, since the first poll."""
         bytecode = _build_port_filter(self.ports)
         # AF_UNSPEC is not accepted (sock_diag dispatches on the family), and the kernel walks
         # its whole socket table per request, so one request per family.
         self._requests: tuple[tuple[int, bytearray], ...] = (
-            (socket.AF_INET, _build_request(socket.AF_INET, bytecode)),
-            (socket.AF_INET6, _build_request(socket.AF_INET6, bytecode)),
+            (socket.AF_INET, _build_request(socket.AF_INET, bytecode, self._states_mask)),
+            (socket.AF_INET6, _build_request(socket.AF_INET6, bytecode, self._states_mask)),
         )
         self._buffer = bytearray(RECV_BUFFER_BYTES)
         self._peers: dict[bytes, ipaddress.IPv4Address | ipaddress.IPv6Address] = {}
@@ -397,6 +491,15 @@ class NetlinkWatcher:
         self._sock = sock
         samples: list[SocketSample] = []
         seen: set[int] = set()
+        closed: dict[int, bytes] = {}
+        # Read before the dump: a connection opened in between is seen before it is counted,
+        # which the running maximum in _account absorbs (never the other way round).
+        opens: int | None = None
+        if self._count_accepts:
+            if self._snmp is None:
+                self._snmp = PassiveOpens(self._proc_root)
+            opens = self._snmp.read()
+        own = self._own_accepts()
         taken_at = time.monotonic()
         try:
             for family, request in self._requests:
@@ -409,11 +512,56 @@ class NetlinkWatcher:
                 # whole poll has one reference instant (clamped at 0: data that arrived between
                 # the two requests is "now").
                 rebase_ms = round((sent_at - taken_at) * 1000)
-                self._read_dump(sock, family, self._seq, rebase_ms, samples, seen)
+                self._read_dump(sock, family, self._seq, rebase_ms, samples, seen, closed)
         except BaseException:
             self._drop_socket()
             raise
-        return Poll(taken_at, tuple(samples))
+        if not self.every_connection:
+            return Poll(taken_at, tuple(samples))
+        missed, unaccounted = self._account(seen, closed, opens, own)
+        return Poll(taken_at, tuple(samples), missed, unaccounted)
+
+    def _account(
+        self, seen: set[int], closed: dict[int, bytes], opens: int | None, own: int
+    ) -> tuple[tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...], int]:
+        """Which connections happened since the last poll without being seen open.
+
+        * In TIME_WAIT and not seen recently: it opened and closed in between (``missed``).
+        * Every new socket, open or closed, accounts for one accepted connection; so does every
+          connection the agent itself accepted. Accepted connections beyond those were missed
+          too (``unaccounted``). Counting is cumulative with a running maximum: a connection
+          seen in a dump before the counter read shows it makes the difference dip for one
+          poll, and must not hide a missed one later.
+        """
+        everything = seen.union(closed)
+        if not self._recent:  # first poll: what exists now existed before the drain
+            self._recent = [everything]
+            self._opens_at_start, self._own_at_start = opens or 0, own
+            return (), 0
+        new = everything.difference(*self._recent)
+        self._recent.append(everything)
+        del self._recent[:-SEEN_MEMORY_POLLS]
+        missed = tuple(self._peer(closed[cookie]) for cookie in closed.keys() & new)
+        self.missed_total += len(missed)
+        if opens is None:
+            return missed, 0
+        self._accounted += len(new)
+        self.passive_opens = opens - self._opens_at_start
+        unaccounted_now = self.passive_opens - (own - self._own_at_start) - self._accounted
+        unaccounted = 0
+        if unaccounted_now > self._unaccounted_high:
+            unaccounted = unaccounted_now - self._unaccounted_high
+            self._unaccounted_high = unaccounted_now
+        self.unaccounted_total += unaccounted
+        return missed, unaccounted
+
+    def _peer(self, raw: bytes) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+        peer = self._peers.get(raw)
+        if peer is None:
+            if len(self._peers) >= PEER_CACHE_MAX:
+                self._peers.clear()
+            peer = self._peers[raw] = _decode_peer(raw)
+        return peer
 
     def _read_dump(
         self,
@@ -423,6 +571,7 @@ class NetlinkWatcher:
         rebase_ms: int,
         out: list[SocketSample],
         seen: set[int],
+        closed: dict[int, bytes],
     ) -> None:
         """Read one multi-part reply into `out`, datagram by datagram, until NLMSG_DONE.
 
@@ -489,10 +638,15 @@ class NetlinkWatcher:
                             info_len = attr_len - attr_header_len
                             break
                         attr += (attr_len + 3) & ~3
-                    if info_at < 0 or cookie in seen:
-                        # No tcp_info: a time-wait mini-socket (orphaned FIN_WAIT2) that the app
-                        # has already closed, not a connection it serves. A cookie already seen:
-                        # a repeat, see the kernel quirk at PROC_NET_FILES. Skip both.
+                    if info_at < 0:
+                        # No tcp_info: a time-wait mini-socket (TIME_WAIT, or an orphaned
+                        # FIN_WAIT2) that the app has already closed, not a connection it
+                        # serves. Only remembered, for _account.
+                        closed[cookie] = raw_peer
+                        offset = next_offset
+                        continue
+                    if cookie in seen:
+                        # A repeat, see the kernel quirk at PROC_NET_FILES.
                         offset = next_offset
                         continue
                     seen.add(cookie)
@@ -552,8 +706,11 @@ class NetlinkWatcher:
             self._sock = None
 
     def close(self) -> None:
-        """Close the netlink socket; a later poll would reopen it."""
+        """Close the netlink socket and /proc/net/snmp; a later poll would reopen them."""
         self._drop_socket()
+        if self._snmp is not None:
+            self._snmp.close()
+            self._snmp = None
 
     def __enter__(self) -> Self:
         return self
@@ -665,7 +822,13 @@ def _proc_address(text: bytes) -> bytes:
     return struct.pack(f"={len(words)}I", *words)
 
 
-def open_watcher(ports: Iterable[int], *, force_proc: bool = False) -> SocketWatcher:
+def open_watcher(
+    ports: Iterable[int],
+    *,
+    force_proc: bool = False,
+    own_accepts: Callable[[], int] | None = None,
+    count_accepts: bool = True,
+) -> SocketWatcher:
     """netlink when available, else /proc (the caller logs which, from .source).
 
     "Available" is proven by one real poll, not just by opening the socket: a kernel without the
@@ -675,7 +838,7 @@ def open_watcher(ports: Iterable[int], *, force_proc: bool = False) -> SocketWat
     port_set = _normalise_ports(ports)
     if not force_proc:
         try:
-            watcher = NetlinkWatcher(port_set)
+            watcher = NetlinkWatcher(port_set, own_accepts=own_accepts, count_accepts=count_accepts)
         except OSError:
             pass
         else:

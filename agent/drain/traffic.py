@@ -23,6 +23,7 @@ import asyncio
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv6Address
 
 import structlog
 
@@ -54,6 +55,10 @@ class TrafficVerdict:
     """Peers whose traffic does not hold the drain (probes, scrapers)."""
     timestamps: bool = True
     """False on the /proc fallback: connections are counted, never timed."""
+    floor_seconds: float = 0.0
+    """Seconds after the trigger before which the drain may not end: until every registry
+    client can have dropped the instance (see :class:`agent.lifecycle.Propagation`). Updated by
+    the drain loop as the registry's propagation is observed."""
 
     last_data_at: float | None = None
     """When data last arrived on a watched connection, as far as any poll could tell."""
@@ -62,6 +67,10 @@ class TrafficVerdict:
     in_flight: int = 0
     """Connections at the last poll with a request not yet answered."""
     peak_connections: int = 0
+    missed: int = 0
+    """Connections seen only after they had closed (TIME_WAIT), not ignored."""
+    unaccounted_opens: int = 0
+    """Accepted connections no socket seen accounts for (a client that closed first)."""
     polls: int = 0
     _last_poll_at: float | None = field(default=None, repr=False)
 
@@ -81,6 +90,13 @@ class TrafficVerdict:
         if not self.timestamps and connections:
             # /proc: an open connection is all we can see; count it as traffic now.
             self._saw_data(poll.taken_at)
+        # Connections that opened and closed since the last poll carried data in between; when
+        # exactly is unknown, so the latest instant it may have been: now.
+        missed = sum(1 for peer in poll.missed if not self._ignored_peer(peer))
+        if missed or poll.unaccounted_opens:
+            self._saw_data(poll.taken_at)
+        self.missed += missed
+        self.unaccounted_opens += poll.unaccounted_opens
         self.connections, self.in_flight = connections, in_flight
         self.peak_connections = max(self.peak_connections, connections)
         self.polls += 1
@@ -92,6 +108,8 @@ class TrafficVerdict:
             return "max"
         if self._last_poll_at is None or now - self.started_at < self.min_seconds:
             return None
+        if now - self.trigger_at < self.floor_seconds:
+            return None  # callers that still list the instance may yet send
         if self.in_flight == 0 and self._last_poll_at - self.quiet_since >= self.quiet_seconds:
             return "quiet"
         return None
@@ -103,6 +121,7 @@ class TrafficVerdict:
             self.started_at + self.limit_seconds,
             self.started_at + self.min_seconds,
             self.quiet_since + self.quiet_seconds,
+            self.trigger_at + self.floor_seconds,
         )
         upcoming = [bound - now for bound in bounds if bound > now]
         return max(MIN_SLEEP_SECONDS, min([poll_seconds, *upcoming]))
@@ -126,7 +145,10 @@ class TrafficVerdict:
             self.last_data_at = at
 
     def _ignored(self, sample: SocketSample) -> bool:
-        return any(sample.peer in network for network in self.ignore)
+        return self._ignored_peer(sample.peer)
+
+    def _ignored_peer(self, peer: IPv4Address | IPv6Address) -> bool:
+        return any(peer in network for network in self.ignore)
 
 
 def _request_in_flight(sample: SocketSample) -> bool:
@@ -153,10 +175,23 @@ async def traffic_drain(
     metrics: Metrics,
     open_watcher: Callable[..., SocketWatcher] = open_watcher,
     clock: Callable[[], float] = time.monotonic,
+    own_accepts: Callable[[], int] | None = None,
+    on_poll: Callable[[TrafficVerdict], None] | None = None,
 ) -> DrainOutcome:
-    """Drain until the app's traffic has stopped (``quiet``) or ``limit`` seconds (``max``)."""
+    """Drain until the app's traffic has stopped (``quiet``) or ``limit`` seconds (``max``).
+
+    Never ``quiet`` before the propagation floor (``lifecycle.propagation``, re-read every poll
+    as the registry backend observes the clients' view). ``own_accepts`` counts the agent's own
+    accepted connections (see :class:`agent.drain.sockdiag.NetlinkWatcher`); ``on_poll`` sees
+    the verdict after every poll (/status).
+    """
     started_at = clock()
-    watcher = open_watcher(config.app_ports, force_proc=config.drain_source == "proc")
+    watcher = open_watcher(
+        config.app_ports,
+        force_proc=config.drain_source == "proc",
+        own_accepts=own_accepts,
+        count_accepts=config.drain_count_accepts,
+    )
     metrics.watching(watcher.source)
     verdict = TrafficVerdict(
         trigger_at=started_at - lifecycle.elapsed(),
@@ -168,11 +203,19 @@ async def traffic_drain(
         timestamps=watcher.source == "netlink",
     )
     _log_source(watcher.source, config.drain_source, config.app_ports)
+    propagation = lifecycle.propagation
     try:
         while True:
             poll = await asyncio.to_thread(watcher.poll)
             verdict.observe(poll)
             now = clock()
+            if propagation is not None:
+                floor = propagation.floor(now - verdict.trigger_at)
+                if floor != verdict.floor_seconds:
+                    verdict.floor_seconds = floor
+                    metrics.drain_floor.set(floor)
+            if on_poll is not None:
+                on_poll(verdict)
             metrics.watched_connections.set(verdict.connections)
             # On /proc, last_data_at is "a connection was open", not data: the gauge stays NaN.
             if verdict.last_data_at is not None and verdict.timestamps:
@@ -197,6 +240,9 @@ async def traffic_drain(
             "connections": verdict.connections,
             "peak_connections": verdict.peak_connections,
             "in_flight": verdict.in_flight,
+            "missed_connections": verdict.missed,
+            "unaccounted_opens": verdict.unaccounted_opens,
+            "floor_seconds": round(verdict.floor_seconds, 4),
         },
     )
 

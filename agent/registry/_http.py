@@ -18,13 +18,13 @@ import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
-from urllib.parse import quote, unquote, urlsplit, urlunsplit
+from urllib.parse import SplitResult, quote, unquote, urlsplit, urlunsplit
 
 import aiohttp
 import structlog
 import yarl
 
-from agent.config import Config, redact_url
+from agent.config import Config, ascii_host, redact_url
 from agent.registry import RegistryError
 
 log = structlog.get_logger()
@@ -45,6 +45,13 @@ MIN_REQUEST_TIMEOUT = 0.05
 # before the whole timeout means our own error, naming each server, beats main's bare timeout.
 MARK_SHARE = 0.6
 VERIFY_SHARE = 0.9
+# Every answer is read through one bounded reader: a registry (or the app's health endpoint) is
+# untrusted input, and a server that streams gigabytes must cost the agent a failed request, not
+# its memory. Eureka's ``GET apps/{APP}`` is ~1.5 KB per instance, so 4 MiB is thousands of them.
+MAX_ANSWER_BYTES = 4 * 1024 * 1024
+READ_CHUNK = 64 * 1024
+MAX_REASON = 200
+MAX_FIELD = 200
 
 
 class RequestFailed(Exception):
@@ -78,10 +85,29 @@ class Server:
         if parts.username is not None:
             credentials = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
             authorization = "Basic " + base64.b64encode(credentials.encode("utf-8")).decode()
-        hostport = parts.netloc.rpartition("@")[2]
+        hostport = _ascii_hostport(parts)
         path = parts.path if parts.path.endswith("/") else parts.path + "/"
         base = urlunsplit((parts.scheme, hostport, path, "", ""))
         return cls(base=base, shown=redact_url(url), authorization=authorization)
+
+    @classmethod
+    def endpoint(cls, url: str) -> Server:
+        """One URL requested as it is (an actuator or health endpoint, query kept, no ``/``
+        appended), its credentials split off like a ``defaultZone`` URL's."""
+        parts = urlsplit(url)
+        hostport = _ascii_hostport(parts)
+        base = urlunsplit((parts.scheme, hostport, parts.path or "/", parts.query, ""))
+        return cls(base=base, shown=redact_url(url), authorization=cls.parse(url).authorization)
+
+
+def _ascii_hostport(parts: SplitResult) -> str:
+    """``host[:port]`` of a URL with an international host name in its IDNA form, so that the
+    resolver, the Host header and TLS all get the same ASCII name."""
+    hostport = parts.netloc.rpartition("@")[2]
+    host = parts.hostname or ""
+    if host.isascii():
+        return hostport
+    return ascii_host(host) + (f":{parts.port}" if parts.port is not None else "")
 
 
 def segment(value: str) -> str:
@@ -154,19 +180,44 @@ class Http:
                 timeout=aiohttp.ClientTimeout(total=timeout),
                 allow_redirects=False,
             ) as response:
-                return response.status, await response.read()
+                return response.status, await read_bounded(response)
+        except RequestFailed:
+            raise
         except TimeoutError:
             raise RequestFailed(f"no answer within {timeout:.3g}s", retriable=True) from None
         except aiohttp.ClientSSLError as exc:
             raise RequestFailed(f"TLS: {_reason(exc)}", retriable=False) from None
         except (aiohttp.ClientError, OSError) as exc:
             raise RequestFailed(_reason(exc), retriable=True) from None
+        except Exception as exc:
+            # Anything else (an unencodable host name in the resolver, a malformed header): the
+            # request failed, the backend carries on with its other servers.
+            raise RequestFailed(f"unexpected {_reason(exc)}", retriable=False) from None
+
+
+async def read_bounded(response: aiohttp.ClientResponse, limit: int = MAX_ANSWER_BYTES) -> bytes:
+    """The answer's body, refusing more than ``limit`` bytes: a promised (Content-Length) or
+    streamed (chunked, endless) body over the limit is :class:`RequestFailed` before it is held
+    in memory."""
+    promised = response.content_length
+    if promised is not None and promised > limit:
+        raise RequestFailed(f"answer larger than {limit} bytes", retriable=False)
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await response.content.read(READ_CHUNK):
+        size += len(chunk)
+        if size > limit:
+            raise RequestFailed(f"answer larger than {limit} bytes", retriable=False)
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _reason(exc: BaseException) -> str:
     """An exception as a short reason. aiohttp's messages name host and port only (the request
     URL has no userinfo), so they are safe to show."""
-    text = str(exc) or type(exc).__name__
+    text = " ".join(str(exc).split()) or type(exc).__name__  # one line, whatever it quotes
+    if len(text) > MAX_REASON:  # a message may quote the hostile answer itself
+        text = text[:MAX_REASON] + "..."
     return f"{type(exc).__name__}: {text}"
 
 
@@ -205,7 +256,13 @@ async def retrying(
     while True:
         attempts += 1
         try:
-            return await attempt(), attempts
+            try:
+                return await attempt(), attempts
+            except RequestFailed:
+                raise
+            except Exception as unexpected:
+                # A server's answer broke something in the attempt: that server failed, for good.
+                raise RequestFailed(failure_reason(unexpected), retriable=False) from None
         except RequestFailed as exc:
             left = until - loop.time()
             if not exc.retriable or give_up() or left < delay + MIN_REQUEST_TIMEOUT:
@@ -248,35 +305,69 @@ def port_of(instance: Mapping[str, Any]) -> int | None:
         return None
 
 
+def text_of(value: Any) -> str | None:
+    """A field of a server's answer as text for comparisons, logs and answers: strings (cut
+    short) and numbers as they are, anything else by its type. Never ``str()`` of a nested value
+    a hostile server sent: printing a structure nested hundreds deep can raise RecursionError."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value if len(value) <= MAX_FIELD else value[:MAX_FIELD] + "..."
+    if isinstance(value, int | float):
+        return str(value)
+    return f"<a JSON {type(value).__name__}>"
+
+
 def override_of(instance: Mapping[str, Any]) -> str:
     """The status override; Eureka writes ``overriddenStatus`` (older servers
     ``overriddenstatus``), ``UNKNOWN`` meaning none."""
-    return str(instance.get("overriddenStatus") or instance.get("overriddenstatus") or "UNKNOWN")
+    override = instance.get("overriddenStatus") or instance.get("overriddenstatus")
+    return text_of(override) or "UNKNOWN"
 
 
 def dirty_timestamp_of(instance: Mapping[str, Any]) -> str | None:
+    """Eureka's lastDirtyTimestamp (milliseconds, sent as a number or a string); None when the
+    answer has none or something else, so that no odd value ever ends up in a request's URL."""
     value = instance.get("lastDirtyTimestamp")
-    return str(value) if value not in (None, "") else None
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        return None
+    text = str(value)
+    return text if text.isascii() and text.isdigit() and len(text) <= 20 else None
 
 
 def summary(instance: Mapping[str, Any]) -> dict[str, Any]:
     """What ``check``, logs and /prestop's answer show of an instance."""
     return {
-        "instanceId": instance.get("instanceId"),
-        "app": instance.get("app"),
-        "ipAddr": instance.get("ipAddr"),
+        "instanceId": text_of(instance.get("instanceId")),
+        "app": text_of(instance.get("app")),
+        "ipAddr": text_of(instance.get("ipAddr")),
         "port": port_of(instance),
-        "status": instance.get("status"),
+        "status": text_of(instance.get("status")),
         "overriddenStatus": override_of(instance),
         "lastDirtyTimestamp": dirty_timestamp_of(instance),
     }
 
 
 def parse_json(body: bytes) -> Any:
+    """The answer as JSON, or :class:`RequestFailed` saying why not: bad encoding, truncated or
+    malformed text, and nesting too deep for the parser (``RecursionError``) alike."""
     try:
         return json.loads(body)
-    except ValueError:
-        raise RequestFailed("the answer is not JSON", retriable=False) from None
+    except UnicodeDecodeError:
+        raise RequestFailed("the answer is not JSON: not UTF-8 text", retriable=False) from None
+    except ValueError as exc:
+        reason = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
+        raise RequestFailed(f"the answer is not JSON: {reason}", retriable=False) from None
+    except RecursionError:
+        raise RequestFailed("the answer is not JSON: nested too deeply", retriable=False) from None
+
+
+def failure_reason(exc: BaseException) -> str:
+    """What one server's failed exchange is reported as: the reason of a
+    :class:`RequestFailed`, or the type of an unexpected error (never its traceback)."""
+    if isinstance(exc, RequestFailed):
+        return exc.reason
+    return f"unexpected {_reason(exc)}"
 
 
 async def get_instance(
@@ -328,9 +419,9 @@ async def read_back(
         async def read(server: Server) -> str:
             try:
                 instance = await get_instance(http, server, app, instance_id, until=until)
-            except RequestFailed as exc:
-                return f"error: {exc.reason}"
-            return "not listed" if instance is None else str(instance.get("status"))
+            except Exception as exc:  # one server's bad answer must not hide another's
+                return f"error: {failure_reason(exc)}"
+            return "not listed" if instance is None else str(text_of(instance.get("status")))
 
         answers = await asyncio.gather(*(read(s) for s in servers))
         said = {s.shown: a for s, a in zip(servers, answers, strict=True)}

@@ -22,15 +22,17 @@ from urllib.parse import urlsplit
 
 import structlog
 
-from agent.config import redact_url
 from agent.registry import HealthState, RegistryError, RegistryHealth
 from agent.registry._http import (
     MARK_SHARE,
+    MIN_REQUEST_TIMEOUT,
     VERIFY_SHARE,
     Http,
     RequestFailed,
     Server,
     check_status,
+    failure_reason,
+    parse_json,
     request_timeout,
     retrying,
 )
@@ -44,6 +46,15 @@ log = structlog.get_logger()
 
 LEGACY_SUFFIX = "instance-status"  # the Spring Boot 1.x endpoint's last path segment
 FIRST_POLL = 0.05
+MAX_BARE_STATUS = 64  # "DOWN", "OUT_OF_SERVICE": a bare status is a short word
+
+
+def _short(value: Any) -> Any:
+    """A reported status as shown: strings and nulls as they are, anything else (a nested
+    object a broken or hostile endpoint sent) as a short text."""
+    if value is None or (isinstance(value, str) and len(value) <= MAX_BARE_STATUS):
+        return value
+    return f"{value[:40]}..." if isinstance(value, str) else f"<a JSON {type(value).__name__}>"
 
 
 class ActuatorRegistry:
@@ -57,12 +68,7 @@ class ActuatorRegistry:
         # Server splits off credentials (a management port behind basic auth) like a Eureka URL;
         # the endpoint is its "base" and the requests add no path.
         parts = urlsplit(config.actuator_url)
-        self._endpoint = Server.parse(config.actuator_url.split("?", 1)[0])
-        self._endpoint = Server(
-            base=self._endpoint.base.rstrip("/"),
-            shown=redact_url(config.actuator_url),
-            authorization=self._endpoint.authorization,
-        )
+        self._endpoint = Server.endpoint(config.actuator_url)
         self._legacy = parts.path.rstrip("/").endswith(LEGACY_SUFFIX)
         self._status = config.eureka_status
         self._verify_until = 0.0
@@ -113,9 +119,9 @@ class ActuatorRegistry:
                 if self._status in (reported.get("status"), reported.get("overriddenStatus")):
                     return {"endpoint": self._endpoint.shown, **reported}
                 last = f"reports {reported}"
-            except RequestFailed as exc:
-                last = exc.reason
-            if self._verify_until - loop.time() < delay:
+            except Exception as exc:  # a bad answer is "not yet", up to the deadline
+                last = failure_reason(exc)
+            if self._verify_until - loop.time() < delay + MIN_REQUEST_TIMEOUT:
                 raise RegistryError(
                     f"GET {self._endpoint.shown}: not {self._status} in time, last: {last}"
                 )
@@ -129,14 +135,20 @@ class ActuatorRegistry:
 
     @staticmethod
     def _parse(body: bytes) -> dict[str, Any]:
-        text = body.decode("utf-8", "replace").strip()
         try:
-            document = json.loads(text)
-        except ValueError:
-            return {"status": text}  # a handler that answers the bare status
+            document = parse_json(body)
+        except RequestFailed:
+            # A handler that answers the bare status ("DOWN"); anything longer is not one, and
+            # why it is not JSON is the better reason.
+            text = body.decode("utf-8", "replace").strip()
+            if len(text) > MAX_BARE_STATUS:
+                raise
+            return {"status": text}
         if isinstance(document, dict):
-            return {k: document.get(k) for k in ("status", "overriddenStatus") if k in document}
-        return {"status": str(document)}
+            return {
+                k: _short(document.get(k)) for k in ("status", "overriddenStatus") if k in document
+            }
+        return {"status": _short(document)}
 
     async def finalize(self) -> None:
         return None

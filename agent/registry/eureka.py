@@ -48,6 +48,7 @@ from agent.registry._http import (
     segment,
     ssl_context,
     summary,
+    text_of,
 )
 
 if TYPE_CHECKING:
@@ -320,7 +321,7 @@ class EurekaRegistry:
         instances = [i for a in answers if isinstance(a, list) for i in a]
         matching = sorted(
             {
-                str(i.get("instanceId"))
+                str(text_of(i.get("instanceId")))
                 for i in instances
                 if i.get("ipAddr") == ip and port_of(i) == port
             }
@@ -346,7 +347,10 @@ class EurekaRegistry:
 
     def _none_matches(self, instances: list[dict[str, Any]], errors: list[str]) -> str:
         seen = sorted(
-            {f"{i.get('instanceId')} ({i.get('ipAddr')}:{port_of(i)})" for i in instances}
+            {
+                f"{text_of(i.get('instanceId'))} ({text_of(i.get('ipAddr'))}:{port_of(i)})"
+                for i in instances
+            }
         )
         listing = ", ".join(seen[:MAX_LISTED]) + (" ..." if len(seen) > MAX_LISTED else "")
         unreachable = f"; unreachable: {'; '.join(errors)}" if errors else ""

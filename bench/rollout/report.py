@@ -1,0 +1,246 @@
+"""Figures of the rolling-replacement benchmark: per run, per scenario and caller, the table in
+``bench/results/rollout.md`` and the plot in ``bench/results/rollout.png``."""
+
+from __future__ import annotations
+
+import statistics
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from bench.rollout.rig import CALLERS, OK, Replacement
+
+
+@dataclass(frozen=True)
+class RunFigures:
+    """One replacement, reduced to what the report shows (seconds are after the trigger)."""
+
+    scenario: str
+    label: str
+    """Which set of runs: ``scaled``, ``search`` or ``production``."""
+    pod: str
+    started: float
+    """Epoch seconds of the trigger (the pod's deletion)."""
+    termination: float
+    """Deletion to the last container's exit (containerd's time)."""
+    grace: int
+    down_visible: float | None
+    """Deletion to Eureka's client-facing view no longer listing the replica UP."""
+    last_served: float | None
+    """Deletion to the end of the last request the replica answered."""
+    sent: dict[str, int]
+    failed: dict[str, dict[str, int]]
+    """Per caller: failure kind (status or exception class) -> count."""
+    grace_exceeded: bool
+    """The kubelet logged that the hook outlived the grace period."""
+    points: dict[str, list[tuple[float, int]]]
+    """Per caller: (send time after the trigger, 0 = ok elsewhere / 1 = ok to the replica /
+    2 = failed) for the plot."""
+
+    @property
+    def failures(self) -> int:
+        return sum(sum(kinds.values()) for kinds in self.failed.values())
+
+
+def figures(replacement: Replacement, label: str) -> RunFigures:
+    trigger = replacement.deleted_at
+    served = [
+        r["t"] + r["ms"] / 1000
+        for records in replacement.records.values()
+        for r in records
+        if r["target"] == replacement.target and r["outcome"] == OK
+    ]
+    points = {
+        caller: [
+            (
+                round(r["t"] - trigger, 3),
+                2 if r["outcome"] != OK else int(r["target"] == replacement.target),
+            )
+            for r in records
+        ]
+        for caller, records in replacement.records.items()
+    }
+    return RunFigures(
+        scenario=replacement.scenario,
+        label=label,
+        pod=replacement.pod,
+        started=trigger,
+        termination=round(replacement.gone_at - trigger, 3),
+        grace=replacement.grace,
+        down_visible=(
+            None
+            if replacement.down_visible_at is None
+            else round(replacement.down_visible_at - trigger, 3)
+        ),
+        last_served=round(max(served) - trigger, 3) if served else None,
+        sent={c: len(records) for c, records in replacement.records.items()},
+        failed={
+            c: dict(Counter(r["outcome"] for r in records if r["outcome"] != OK))
+            for c, records in replacement.records.items()
+        },
+        grace_exceeded=any(e.what == "grace_exceeded" for e in replacement.timeline),
+        points=points,
+    )
+
+
+def to_json(run: RunFigures) -> dict[str, Any]:
+    return asdict(run)
+
+
+def from_json(data: dict[str, Any]) -> RunFigures:
+    data = dict(data)
+    data["points"] = {c: [tuple(p) for p in ps] for c, ps in data["points"].items()}
+    return RunFigures(**data)
+
+
+# ---------------------------------------------------------------------------------- table
+
+
+def _stats(values: Iterable[float | None]) -> str:
+    found = [v for v in values if v is not None]
+    if not found:
+        return "-"
+    if len(found) == 1:
+        return f"{found[0]:.1f}"
+    return f"{statistics.mean(found):.1f} ({min(found):.1f}-{max(found):.1f})"
+
+
+def _kinds(runs: list[RunFigures], caller: str) -> str:
+    total: Counter[str] = Counter()
+    for run in runs:
+        total.update(run.failed.get(caller, {}))
+    return ", ".join(f"{k} {n}" for k, n in total.most_common()) or "-"
+
+
+def _order(key: str, titles: dict[str, str]) -> tuple[float, str]:
+    """Scenarios by their number (the titles start with it), searched sleeps by length."""
+    if key.startswith("classic-"):
+        return float(key.split("-", 1)[1]), ""
+    return 0.0, titles.get(key, key)
+
+
+def scenario_rows(runs: list[RunFigures], titles: dict[str, str]) -> list[str]:
+    """One row per scenario and caller: runs, requests, failures (runs with any), kinds, and
+    the scenario's termination, DOWN-visible and last-served times (mean (min-max), s)."""
+    rows = [
+        "| scenario | caller | runs | requests | failed | runs with failures | kinds"
+        " | termination s | DOWN visible s | last request served s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    by_scenario: dict[str, list[RunFigures]] = {}
+    for run in runs:
+        by_scenario.setdefault(run.scenario, []).append(run)
+    for key, group in sorted(by_scenario.items(), key=lambda item: _order(item[0], titles)):
+        for index, caller in enumerate(c for c in CALLERS if c in group[0].sent):
+            sent = sum(r.sent.get(caller, 0) for r in group)
+            failed = sum(sum(r.failed.get(caller, {}).values()) for r in group)
+            bad_runs = sum(1 for r in group if sum(r.failed.get(caller, {}).values()))
+            times = (
+                [
+                    _stats(r.termination for r in group),
+                    _stats(r.down_visible for r in group),
+                    _stats(r.last_served for r in group),
+                ]
+                if index == 0
+                else ["", "", ""]
+            )
+            name = titles.get(key, key) if index == 0 else ""
+            rows.append(
+                f"| {name} | {caller} | {len(group)} | {sent} | {failed} | {bad_runs}"
+                f" | {_kinds(group, caller)} | " + " | ".join(times) + " |"
+            )
+    return rows
+
+
+def run_rows(runs: list[RunFigures]) -> list[str]:
+    rows = [
+        "| run | scenario | failed busy/slow/fresh | termination s | DOWN visible s"
+        " | last served s | grace exceeded |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for index, run in enumerate(runs, 1):
+        failed = "/".join(
+            str(sum(run.failed[c].values())) if c in run.failed else "-" for c in CALLERS
+        )
+        down = "-" if run.down_visible is None else f"{run.down_visible:.2f}"
+        served = "-" if run.last_served is None else f"{run.last_served:.2f}"
+        rows.append(
+            f"| {index} | {run.scenario} | {failed} | {run.termination:.2f} | {down}"
+            f" | {served} | {'yes' if run.grace_exceeded else 'no'} |"
+        )
+    return rows
+
+
+def shortest_safe_sleep(
+    runs: list[RunFigures],
+) -> tuple[float | None, dict[float, tuple[int, int]]]:
+    """From the classic-hook runs (``classic`` at its scenario's sleep, ``classic-N``): the
+    shortest sleep whose every run had zero failures, with no failing longer sleep tried below
+    it; and per sleep (runs, runs with failures)."""
+    tried: dict[float, tuple[int, int]] = {}
+    for run in runs:
+        if run.scenario.startswith("classic-"):
+            seconds = float(run.scenario.split("-", 1)[1])
+            count, bad = tried.get(seconds, (0, 0))
+            tried[seconds] = (count + 1, bad + int(run.failures > 0))
+    safe = [s for s, (_, bad) in sorted(tried.items()) if bad == 0]
+    shortest = None
+    for seconds in sorted(safe):
+        # Zero failures here, and at every longer sleep tried.
+        if all(bad == 0 for s, (_, bad) in tried.items() if s >= seconds):
+            shortest = seconds
+            break
+    return shortest, dict(sorted(tried.items()))
+
+
+# ----------------------------------------------------------------------------------- plot
+
+
+def plot(runs: list[RunFigures], titles: dict[str, str], path: str) -> None:
+    """One panel per scenario (its run with the most failures, else its first): every request
+    by send time after the trigger, one row per caller; grey = answered by another replica,
+    blue = answered by the terminating one, red x = failed. Lines: DOWN visible, pod gone."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_scenario: dict[str, list[RunFigures]] = {}
+    for run in runs:
+        by_scenario.setdefault(run.scenario, []).append(run)
+    keys = sorted(by_scenario, key=lambda key: _order(key, titles))
+    fig, axes = plt.subplots(len(keys), 1, figsize=(10, 1.7 * len(keys) + 0.6), sharex=True)
+    axes = [axes] if len(keys) == 1 else list(axes)
+    colours = {0: "0.75", 1: "tab:blue"}
+    for ax, key in zip(axes, keys, strict=True):
+        shown = max(by_scenario[key], key=lambda r: r.failures)
+        for row, caller in enumerate(c for c in CALLERS if c in shown.points):
+            for kind in (0, 1):
+                xs = [t for t, k in shown.points[caller] if k == kind]
+                ax.scatter(xs, [row] * len(xs), s=4, c=colours[kind], marker="|", linewidths=0.6)
+            bad = [t for t, k in shown.points[caller] if k == 2]
+            ax.scatter(bad, [row] * len(bad), s=22, c="tab:red", marker="x", linewidths=1.0)
+        ax.axvline(0, color="k", linewidth=0.8)
+        if shown.down_visible is not None:
+            ax.axvline(shown.down_visible, color="tab:orange", linestyle="--", linewidth=0.9)
+        ax.axvline(shown.termination, color="tab:green", linestyle="-.", linewidth=0.9)
+        callers = [c for c in CALLERS if c in shown.points]
+        ax.set_yticks(range(len(callers)), callers)
+        ax.set_ylim(-0.6, len(callers) - 0.4)
+        ax.set_title(
+            f"{titles.get(key, key)}: {shown.failures} failed, pod gone after"
+            f" {shown.termination:.1f} s",
+            fontsize=9,
+            loc="left",
+        )
+    axes[-1].set_xlim(-4, max(r.termination for r in runs) + 8)
+    axes[-1].set_xlabel(
+        "seconds after the pod's deletion (black); orange --: DOWN visible to clients;"
+        " green -.: pod gone. grey: served by another replica, blue: by the terminating one,"
+        " red x: failed",
+        fontsize=7,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
