@@ -195,8 +195,12 @@ def test_a_drain_longer_than_the_grace_period_is_refused_at_start_up(
     kube.wait_until("two starts logged", lambda: len(starts_logged()) >= 2, START_TIMEOUT)
     for lines in starts_logged():
         assert len(lines) == 1, lines
-        assert lines[0].startswith("prestop-agent: configuration error: PRESTOP_DRAIN_SECONDS")
-        assert "does not fit the grace budget" in lines[0]
+        # The grace period first, then the variable that does not fit it, with the arithmetic.
+        assert lines[0].startswith(
+            "prestop-agent: configuration error: PRESTOP_GRACE_PERIOD_SECONDS=30 is too short"
+            " for PRESTOP_DRAIN_SECONDS=40"
+        )
+        assert "> grace period 30s" in lines[0]
 
     def restarted() -> dict[str, Any]:
         status = kube.container_status("budget", "prestop-agent") or {}
