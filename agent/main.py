@@ -14,7 +14,7 @@ import signal
 import socket
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import structlog
@@ -28,6 +28,9 @@ from agent.logs import AccessLogger
 from agent.metrics import Metrics
 from agent.registry import HealthWatch, Registry, RegistryError, open_registry
 from agent.server import AppHealth, PendingAnswers, make_app
+
+if TYPE_CHECKING:
+    from agent.registry.view import ClientView  # imported at run time only when used
 
 log = structlog.get_logger()
 
@@ -104,8 +107,8 @@ class Agent:
         self.accepted = 0
         """Connections the agent's own listener accepted: they share the pod's count of
         accepted connections, which the traffic drain reads to find connections it missed."""
-        self._view: Any = None
-        """The Eureka servers' client-facing view (agent.registry.view.ClientView), if any."""
+        self._view: ClientView | None = None
+        """The Eureka servers' client-facing view, when the registry is watched (Eureka URLs)."""
         self._health: HealthWatch | None = None
         self.metrics.track(self.lifecycle)
         self.lifecycle.subscribe(self._log_phase)
