@@ -39,6 +39,7 @@ from tests.kube.pods import (
     agent_pod,
     eureka_server_pod,
     java_command,
+    pod_manifest,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -251,11 +252,9 @@ def fresh_caller_pod(
     """``caller.py`` (mounted from the repository) in the JRE image, which has a bare python3."""
     volume, mount = _records_volume(records)
     script = {"name": "script", "hostPath": {"path": str(HERE), "type": "Directory"}}
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": name},
-        "spec": {
+    return pod_manifest(
+        name,
+        {
             "terminationGracePeriodSeconds": 2,
             "containers": [
                 {
@@ -279,7 +278,7 @@ def fresh_caller_pod(
             ],
             "volumes": [volume, script],
         },
-    }
+    )
 
 
 # --------------------------------------------------------------------------------- views

@@ -105,6 +105,14 @@ def demo_app_container(
     }
 
 
+def pod_manifest(name: str, spec: Manifest, labels: Manifest | None = None) -> Manifest:
+    """A bare Pod manifest, as the kubelet runs it from its static-pod folder."""
+    metadata: Manifest = {"name": name}
+    if labels is not None:
+        metadata["labels"] = labels
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": spec}
+
+
 def agent_pod(
     name: str,
     prepared: Prepared,
@@ -135,15 +143,13 @@ def agent_pod(
     }
     if native:
         spec["initContainers"] = [{**agent, "restartPolicy": "Always"}]
-    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name}, "spec": spec}
+    return pod_manifest(name, spec)
 
 
 def eureka_server_pod(name: str, prepared: Prepared, jar: Path) -> Manifest:
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": name},
-        "spec": {
+    return pod_manifest(
+        name,
+        {
             "terminationGracePeriodSeconds": 5,
             "containers": [
                 {
@@ -161,7 +167,7 @@ def eureka_server_pod(name: str, prepared: Prepared, jar: Path) -> Manifest:
             ],
             "volumes": [jar_volume(jar)[0]],
         },
-    }
+    )
 
 
 def secret_values(documents: list[Manifest]) -> dict[tuple[str, str], str]:
@@ -232,9 +238,4 @@ def pod_from_deployment(
         if read_only and not has_tmp:  # the shipped examples mount their own /tmp
             spec["volumes"].append({"name": "app-tmp", "emptyDir": {}})
             container["volumeMounts"].append({"name": "app-tmp", "mountPath": "/tmp"})
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": name, "labels": template.get("metadata", {}).get("labels", {})},
-        "spec": spec,
-    }
+    return pod_manifest(name, spec, labels=template.get("metadata", {}).get("labels", {}))
