@@ -61,7 +61,8 @@ def run_rig(
             RAW.write_text(json.dumps(raw))
             print(
                 f"{label} {scenario.key}: failed {figures.failed}, sent {figures.sent},"
-                f" termination {figures.termination:.2f} s, DOWN visible {figures.down_visible},"
+                f" hook held {figures.app_signalled} s, termination {figures.termination:.2f} s,"
+                f" DOWN visible {figures.down_visible}, last sent {figures.last_sent},"
                 f" last served {figures.last_served}",
                 flush=True,
             )
@@ -83,15 +84,73 @@ def machine() -> str:
     return f"{os.cpu_count()} cores ({cpu}), {memory} GiB, Linux {platform.release()}"
 
 
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def sleep_section(
+    found: report.SleepSearch, scaled: list[report.RunFigures], search: list[report.RunFigures]
+) -> list[str]:
+    """The search for the shortest zero-failure fixed sleep, and the agent against it."""
+    lines = ["## Shortest zero-failure fixed sleep (classic hook: DOWN, then sleep)", ""]
+    if not found.rows:
+        return [*lines, "Not measured in this report."]
+    lines += [
+        "Two kinds of evidence. Each sleep tried has runs of its own. And every run of a"
+        " scenario whose hook marks the replica DOWN at the trigger (2, 4, 5, 6 and the sleeps"
+        f" tried; {found.measured} runs) measured how long after the trigger a caller still"
+        " sent to the replica (*last request sent*): a sleep shorter than that fails that run's"
+        " later requests, whatever the scenario actually did. Sleeps are whole seconds, as"
+        " Kubernetes' `preStop.sleep` takes them.",
+        "",
+        "| sleep s | runs of it | with failures | runs (of every scenario) that needed longer |",
+        "|---|---|---|---|",
+        *(
+            f"| {s:g} | {n} | {bad} | {longer} of {found.measured} |"
+            for s, n, bad, longer in found.rows
+        ),
+        "",
+    ]
+    if found.shortest is None:
+        return [*lines, "No sleep tried gave zero failures in every run."]
+    lines.append(
+        f"Shortest sleep with zero failures in every run: **{found.shortest:g} s** (the longest"
+        f" any run needed: {found.needed_max:.2f} s)."
+    )
+    agent = [r for r in scaled if r.scenario in ("traffic", "native")]
+    same = [r for r in search if r.scenario == f"classic-{found.shortest:g}"]
+    if not agent:
+        return lines
+    held = [r.app_signalled for r in agent if r.app_signalled is not None]
+    ended = [r.termination for r in agent]
+    lines += [
+        "",
+        f"Against it, the agent's traffic drain (scenarios 5 and 6, {len(agent)} runs,"
+        f" {sum(r.failures for r in agent)} failed requests):",
+        "",
+        "| | hook held the app s | pod terminated s |",
+        "|---|---|---|",
+        f"| agent, mean (min-max) | {_mean(held):.2f} ({min(held):.2f}-{max(held):.2f})"
+        f" | {_mean(ended):.2f} ({min(ended):.2f}-{max(ended):.2f}) |",
+    ]
+    if same:
+        same_held = [r.app_signalled for r in same if r.app_signalled is not None]
+        lines.append(
+            f"| {found.shortest:g} s sleep, mean of {len(same)} runs"
+            f" | {_mean(same_held):.2f} | {_mean([r.termination for r in same]):.2f} |"
+        )
+    return lines
+
+
 def write_report(raw: dict[str, object]) -> None:
     runs = [report.from_json(r) for r in raw.get("runs", [])]  # type: ignore[union-attr]
     titles = {k: s.title for k, s in scenarios(SCALED).items()}
     scaled = [r for r in runs if r.label == "scaled" and not r.scenario.startswith("classic-")]
     search = [r for r in runs if r.label == "scaled" and r.scenario.startswith("classic-")]
     production = [r for r in runs if r.label == "production"]
-    shortest, tried = report.shortest_safe_sleep(search)
-    for seconds in tried:
-        titles[f"classic-{seconds:g}"] = f"exec DOWN + sleep {seconds:g}"
+    found = report.sleep_search([*scaled, *search])
+    for run in search:
+        titles[run.scenario] = f"exec DOWN + sleep {run.scenario.split('-', 1)[1]}"
     lines = [
         "# Rolling replacement on a real kubelet",
         "",
@@ -131,33 +190,8 @@ def write_report(raw: dict[str, object]) -> None:
         " class; the Spring callers' exception class with the cause its message names (runs"
         " made before the cause was recorded show the class alone).",
         "",
-        "## Shortest zero-failure fixed sleep (classic hook: DOWN, then sleep)",
-        "",
     ]
-    if tried:
-        lines += ["| sleep s | runs | runs with failures |", "|---|---|---|"]
-        lines += [f"| {s:g} | {n} | {bad} |" for s, (n, bad) in tried.items()]
-        lines += [
-            "",
-            f"Shortest sleep with zero failures in every run: **{shortest:g} s**"
-            if shortest is not None
-            else "No sleep tried gave zero failures in every run.",
-        ]
-        agent = [r for r in scaled if r.scenario in ("traffic", "native")]
-        safe = [r for r in search if r.scenario == f"classic-{shortest:g}"]
-        if shortest is not None and agent and safe:
-            terminations = [r.termination for r in agent]
-            lines += [
-                "",
-                f"Against it: the agent's traffic drain (scenarios 5 and 6, {len(agent)} runs,"
-                f" {sum(r.failures for r in agent)} failed requests) ended the pod in"
-                f" {min(terminations):.1f}-{max(terminations):.1f} s (mean"
-                f" {sum(terminations) / len(terminations):.1f} s); the {shortest:g} s sleep ends"
-                f" it in {sum(r.termination for r in safe) / len(safe):.1f} s ({shortest:g} s plus"
-                " the app's own shutdown, which both pay).",
-            ]
-    else:
-        lines.append("Not measured in this report.")
+    lines += sleep_section(found, scaled, search)
     if search:
         lines += ["", *report.scenario_rows(search, titles)]
     lines += ["", "## Unscaled production timings", ""]

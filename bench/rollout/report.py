@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections import Counter
 from collections.abc import Iterable
@@ -29,6 +30,12 @@ class RunFigures:
     """Deletion to Eureka's client-facing view no longer listing the replica UP."""
     last_served: float | None
     """Deletion to the end of the last request the replica answered."""
+    last_sent: float | None
+    """Deletion to the send time of the last request any caller aimed at the replica, answered
+    or not: when the slowest caller's view dropped it. A hook that marks the replica DOWN at the
+    trigger must hold its app at least this long, or this run fails requests."""
+    app_signalled: float | None
+    """Deletion to the kubelet's SIGTERM to the app container: how long the hook held it."""
     sent: dict[str, int]
     failed: dict[str, dict[str, int]]
     """Per caller: failure kind (status or exception class) -> count."""
@@ -51,6 +58,13 @@ def figures(replacement: Replacement, label: str) -> RunFigures:
         for r in records
         if r["target"] == replacement.target and r["outcome"] == OK
     ]
+    aimed = [
+        r["t"]
+        for records in replacement.records.values()
+        for r in records
+        if r["target"] == replacement.target
+    ]
+    signalled = [e.at for e in replacement.timeline if e.what == "kill" and e.container == "app"]
     points = {
         caller: [
             (
@@ -74,6 +88,8 @@ def figures(replacement: Replacement, label: str) -> RunFigures:
             else round(replacement.down_visible_at - trigger, 3)
         ),
         last_served=round(max(served) - trigger, 3) if served else None,
+        last_sent=round(max(aimed) - trigger, 3) if aimed else None,
+        app_signalled=round(min(signalled) - trigger, 3) if signalled else None,
         sent={c: len(records) for c, records in replacement.records.items()},
         failed={
             c: dict(Counter(r["outcome"] for r in records if r["outcome"] != OK))
@@ -122,11 +138,13 @@ def _order(key: str, titles: dict[str, str]) -> tuple[float, str]:
 
 def scenario_rows(runs: list[RunFigures], titles: dict[str, str]) -> list[str]:
     """One row per scenario and caller: runs, requests, failures (runs with any), kinds, and
-    the scenario's termination, DOWN-visible and last-served times (mean (min-max), s)."""
+    the scenario's hook, termination, DOWN-visible, last-sent and last-served times (mean
+    (min-max), s)."""
     rows = [
         "| scenario | caller | runs | requests | failed | runs with failures | kinds"
-        " | termination s | DOWN visible s | last request served s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        " | hook held s | termination s | DOWN visible s | last request sent s"
+        " | last request served s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     by_scenario: dict[str, list[RunFigures]] = {}
     for run in runs:
@@ -138,12 +156,14 @@ def scenario_rows(runs: list[RunFigures], titles: dict[str, str]) -> list[str]:
             bad_runs = sum(1 for r in group if sum(r.failed.get(caller, {}).values()))
             times = (
                 [
+                    _stats(r.app_signalled for r in group),
                     _stats(r.termination for r in group),
                     _stats(r.down_visible for r in group),
+                    _stats(r.last_sent for r in group),
                     _stats(r.last_served for r in group),
                 ]
                 if index == 0
-                else ["", "", ""]
+                else ["", "", "", "", ""]
             )
             name = titles.get(key, key) if index == 0 else ""
             rows.append(
@@ -155,43 +175,76 @@ def scenario_rows(runs: list[RunFigures], titles: dict[str, str]) -> list[str]:
 
 def run_rows(runs: list[RunFigures]) -> list[str]:
     rows = [
-        "| run | scenario | failed busy/slow/fresh | termination s | DOWN visible s"
-        " | last served s | grace exceeded |",
-        "|---|---|---|---|---|---|---|",
+        "| run | scenario | failed busy/slow/fresh | hook held s | termination s"
+        " | DOWN visible s | last sent s | last served s | grace exceeded |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for index, run in enumerate(runs, 1):
         failed = "/".join(
             str(sum(run.failed[c].values())) if c in run.failed else "-" for c in CALLERS
         )
-        down = "-" if run.down_visible is None else f"{run.down_visible:.2f}"
-        served = "-" if run.last_served is None else f"{run.last_served:.2f}"
+        held, down, sent, served = (
+            "-" if value is None else f"{value:.2f}"
+            for value in (run.app_signalled, run.down_visible, run.last_sent, run.last_served)
+        )
         rows.append(
-            f"| {index} | {run.scenario} | {failed} | {run.termination:.2f} | {down}"
-            f" | {served} | {'yes' if run.grace_exceeded else 'no'} |"
+            f"| {index} | {run.scenario} | {failed} | {held} | {run.termination:.2f} | {down}"
+            f" | {sent} | {served} | {'yes' if run.grace_exceeded else 'no'} |"
         )
     return rows
 
 
-def shortest_safe_sleep(
-    runs: list[RunFigures],
-) -> tuple[float | None, dict[float, tuple[int, int]]]:
-    """From the classic-hook runs (``classic`` at its scenario's sleep, ``classic-N``): the
-    shortest sleep whose every run had zero failures, with no failing longer sleep tried below
-    it; and per sleep (runs, runs with failures)."""
+# Scenarios whose hook marks the replica DOWN at the trigger: in each, a caller's last request to
+# the replica shows how long after the trigger its view still held it.
+MARKS_DOWN_AT_TRIGGER = ("classic", "fixed", "traffic", "native")
+
+
+def marks_down_at_trigger(run: RunFigures) -> bool:
+    return run.scenario.split("-", 1)[0] in MARKS_DOWN_AT_TRIGGER
+
+
+@dataclass(frozen=True)
+class SleepSearch:
+    """The shortest fixed sleep (classic hook: DOWN, then sleep) that fails no request.
+
+    Two kinds of evidence, both needed: the runs of each sleep tried, and every run of a
+    scenario that marks DOWN at the trigger, whose ``last_sent`` says how long a sleep that run
+    needed. A sleep of S fails a run in which a caller still sent to the replica after S."""
+
+    rows: list[tuple[float, int, int, int]]
+    """Per whole-second sleep: (seconds, runs of it, of those with failures, measured runs that
+    needed longer)."""
+    measured: int
+    """Runs whose ``last_sent`` was measured."""
+    needed_max: float | None
+    shortest: float | None
+
+
+def sleep_search(runs: list[RunFigures]) -> SleepSearch:
+    """Whole seconds: Kubernetes' preStop.sleep takes whole seconds, and so do the hooks people
+    write. The shortest is the first sleep from which on every longer one is clean too."""
     tried: dict[float, tuple[int, int]] = {}
     for run in runs:
         if run.scenario.startswith("classic-"):
             seconds = float(run.scenario.split("-", 1)[1])
             count, bad = tried.get(seconds, (0, 0))
             tried[seconds] = (count + 1, bad + int(run.failures > 0))
-    safe = [s for s, (_, bad) in sorted(tried.items()) if bad == 0]
+    needed = [r.last_sent for r in runs if marks_down_at_trigger(r) and r.last_sent is not None]
+    if not tried and not needed:
+        return SleepSearch([], 0, None, None)
+    top = max([*tried, math.ceil(max(needed, default=0.0))])
+    low = min([*tried, top])
+    rows = []
+    for seconds in range(math.floor(low), math.ceil(top) + 1):
+        count, bad = tried.get(float(seconds), (0, 0))
+        longer = sum(1 for n in needed if n > seconds)
+        rows.append((float(seconds), count, bad, longer))
     shortest = None
-    for seconds in sorted(safe):
-        # Zero failures here, and at every longer sleep tried.
-        if all(bad == 0 for s, (_, bad) in tried.items() if s >= seconds):
+    for index, (seconds, _, bad, longer) in enumerate(rows):
+        if all(b == 0 and n == 0 for _, _, b, n in rows[index:]) and bad == longer == 0:
             shortest = seconds
             break
-    return shortest, dict(sorted(tried.items()))
+    return SleepSearch(rows, len(needed), max(needed, default=None), shortest)
 
 
 # ----------------------------------------------------------------------------------- plot

@@ -1,0 +1,67 @@
+"""The rollout benchmark's search for the shortest zero-failure fixed sleep (bench/rollout/)."""
+
+from __future__ import annotations
+
+from bench.rollout.report import RunFigures, sleep_search
+
+
+def run(scenario: str, last_sent: float | None, failures: int = 0) -> RunFigures:
+    return RunFigures(
+        scenario=scenario,
+        label="scaled",
+        pod="replica",
+        started=0.0,
+        termination=10.0,
+        grace=30,
+        down_visible=1.0,
+        last_sent=last_sent,
+        last_served=last_sent,
+        app_signalled=7.0,
+        sent={"busy": 100},
+        failed={"busy": {"ResourceAccessException": failures} if failures else {}},
+        grace_exceeded=False,
+        points={"busy": []},
+    )
+
+
+def test_a_sleep_whose_own_runs_were_clean_still_fails_if_another_run_needed_longer() -> None:
+    runs = [
+        run("classic-7", 6.1),
+        run("classic-7", 5.0),
+        run("classic-8", 6.5),
+        run("traffic", 7.4),  # a caller sent to the replica 7.4 s after the trigger
+        run("native", 5.5),
+    ]
+    found = sleep_search(runs)
+    assert found.rows == [(7.0, 2, 0, 1), (8.0, 1, 0, 0)]
+    assert found.measured == 5
+    assert found.needed_max == 7.4
+    assert found.shortest == 8.0
+
+
+def test_a_failing_longer_sleep_rules_out_every_shorter_one() -> None:
+    runs = [run("classic-6", 5.0), run("classic-7", 8.2, failures=3), run("classic-9", 8.0)]
+    found = sleep_search(runs)
+    assert [row[0] for row in found.rows] == [6.0, 7.0, 8.0, 9.0]
+    assert found.rows[2] == (8.0, 0, 0, 1)  # never tried, but run 2 needed 8.2 s
+    assert found.shortest == 9.0
+
+
+def test_scenarios_that_do_not_mark_down_at_the_trigger_are_not_evidence() -> None:
+    # With no hook or a bare preStop.sleep, the status changes at SIGTERM, not at the trigger.
+    found = sleep_search([run("classic-7", 6.0), run("none", 9.0), run("sleep", 9.5)])
+    assert found.measured == 1
+    assert found.shortest == 7.0
+
+
+def test_a_failed_run_still_tells_how_long_it_needed() -> None:
+    # The callers kept choosing the replica until their views dropped it, failing or not.
+    found = sleep_search([run("classic-7", 7.5, failures=2)])
+    assert found.rows == [(7.0, 1, 1, 1), (8.0, 0, 0, 0)]
+    assert found.shortest == 8.0
+
+
+def test_when_the_longest_sleep_tried_failed_there_is_no_answer() -> None:
+    found = sleep_search([run("classic-9", 8.5, failures=1)])
+    assert found.rows == [(9.0, 1, 1, 0)]
+    assert found.shortest is None
