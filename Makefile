@@ -87,7 +87,8 @@ bench: $(TEST_STAMP)
 	$(PYTHON) bench/bench_sockdiag.py
 
 ## The rolling-replacement benchmark on a real kubelet (root; bench/rollout/): every scenario
-## several times, the sleep search, then bench/results/rollout.md and rollout.png. Heavy (JVMs,
+## several times, the sleep search, then bench/results/rollout.md and rollout.png (add to the runs
+## recorded before; ROLLOUT_ARGS=--reset starts afresh, as the published report did). Heavy (JVMs,
 ## ~30 min): it waits for the machine's heavy-job lock.
 bench-rollout: $(TEST_STAMP) kube-prepare
 	$(VENV)/bin/pip install --quiet -e '.[test,bench]'

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
+
 from bench.rollout.report import RunFigures, sleep_search
 
 
-def run(scenario: str, last_sent: float | None, failures: int = 0) -> RunFigures:
+def run(
+    scenario: str, last_sent: float | None, failures: int = 0, held: float | None = None
+) -> RunFigures:
     return RunFigures(
         scenario=scenario,
         label="scaled",
@@ -16,7 +20,7 @@ def run(scenario: str, last_sent: float | None, failures: int = 0) -> RunFigures
         down_visible=1.0,
         last_sent=last_sent,
         last_served=last_sent,
-        app_signalled=7.0,
+        app_signalled=held,
         sent={"busy": 100},
         failed={"busy": {"ResourceAccessException": failures} if failures else {}},
         grace_exceeded=False,
@@ -65,3 +69,14 @@ def test_when_the_longest_sleep_tried_failed_there_is_no_answer() -> None:
     found = sleep_search([run("classic-9", 8.5, failures=1)])
     assert found.rows == [(9.0, 1, 1, 0)]
     assert found.shortest is None
+
+
+def test_a_sleep_is_held_to_what_it_really_holds_after_the_deletion() -> None:
+    # The 7 s sleep's SIGTERM came 0.2 s after its 7 s (the kubelet noticing the deletion, bash
+    # starting): a caller's request at 7.1 s was still served, one at 7.3 s would not be.
+    runs = [run("classic-7", 6.0, held=7.2), run("classic-7", 6.5, held=7.2)]
+    assert sleep_search([*runs, run("traffic", 7.1)]).shortest == 7.0
+    found = sleep_search([*runs, run("traffic", 7.3)])
+    assert found.overhead == pytest.approx(0.2)
+    assert found.rows[0] == (7.0, 2, 0, 1)
+    assert found.shortest == 8.0

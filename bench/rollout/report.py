@@ -208,14 +208,18 @@ class SleepSearch:
     """The shortest fixed sleep (classic hook: DOWN, then sleep) that fails no request.
 
     Two kinds of evidence, both needed: the runs of each sleep tried, and every run of a
-    scenario that marks DOWN at the trigger, whose ``last_sent`` says how long a sleep that run
-    needed. A sleep of S fails a run in which a caller still sent to the replica after S."""
+    scenario that marks DOWN at the trigger, whose ``last_sent`` says how long a hook that run
+    needed. A sleep of S holds the app ``S + overhead`` after the deletion, so it fails a run in
+    which a caller still sent to the replica later than that."""
 
     rows: list[tuple[float, int, int, int]]
     """Per whole-second sleep: (seconds, runs of it, of those with failures, measured runs that
     needed longer)."""
     measured: int
     """Runs whose ``last_sent`` was measured."""
+    overhead: float
+    """Deletion to SIGTERM beyond the sleep itself (the kubelet noticing the deletion, bash
+    starting): the median over the sleeps' own runs, s."""
     needed_max: float | None
     shortest: float | None
 
@@ -224,27 +228,34 @@ def sleep_search(runs: list[RunFigures]) -> SleepSearch:
     """Whole seconds: Kubernetes' preStop.sleep takes whole seconds, and so do the hooks people
     write. The shortest is the first sleep from which on every longer one is clean too."""
     tried: dict[float, tuple[int, int]] = {}
+    extra: list[float] = []
     for run in runs:
         if run.scenario.startswith("classic-"):
             seconds = float(run.scenario.split("-", 1)[1])
             count, bad = tried.get(seconds, (0, 0))
             tried[seconds] = (count + 1, bad + int(run.failures > 0))
+            if run.app_signalled is not None:
+                extra.append(run.app_signalled - seconds)
+    overhead = statistics.median(extra) if extra else 0.0
     needed = [r.last_sent for r in runs if marks_down_at_trigger(r) and r.last_sent is not None]
     if not tried and not needed:
-        return SleepSearch([], 0, None, None)
-    top = max([*tried, math.ceil(max(needed, default=0.0))])
+        return SleepSearch([], 0, overhead, None, None)
+    top = max([*tried, math.ceil(max(needed, default=0.0) - overhead)])
     low = min([*tried, top])
     rows = []
     for seconds in range(math.floor(low), math.ceil(top) + 1):
         count, bad = tried.get(float(seconds), (0, 0))
-        longer = sum(1 for n in needed if n > seconds)
+        longer = sum(1 for n in needed if n > seconds + overhead)
         rows.append((float(seconds), count, bad, longer))
-    shortest = None
-    for index, (seconds, _, bad, longer) in enumerate(rows):
-        if all(b == 0 and n == 0 for _, _, b, n in rows[index:]) and bad == longer == 0:
-            shortest = seconds
-            break
-    return SleepSearch(rows, len(needed), max(needed, default=None), shortest)
+    shortest = next(
+        (
+            seconds
+            for index, (seconds, _, _, _) in enumerate(rows)
+            if all(bad == longer == 0 for _, _, bad, longer in rows[index:])
+        ),
+        None,
+    )
+    return SleepSearch(rows, len(needed), overhead, max(needed, default=None), shortest)
 
 
 # ----------------------------------------------------------------------------------- plot
