@@ -373,8 +373,11 @@ def ascii_host(host: str) -> str:
     """A host name checked by :func:`check_host` as resolvers and TLS want it (IDNA, ``xn--``)."""
     if host.isascii():
         return host
+    # Label by label, ASCII labels as they are (the codec would refuse a long one with a vaguer
+    # message than check_host's).
     return ".".join(
-        label.encode("idna").decode("ascii") if label else "" for label in host.split(".")
+        label if label.isascii() else label.encode("idna").decode("ascii")
+        for label in host.split(".")
     )
 
 
@@ -395,10 +398,7 @@ def check_host(host: str) -> None:
     if any(not label for label in labels):
         raise ValueError(f"host {host!r} has an empty label (a leading dot or '..')")
     try:
-        # ASCII labels as they are (the codec would refuse a long one with a vaguer message).
-        encoded = [
-            label if label.isascii() else label.encode("idna").decode("ascii") for label in labels
-        ]
+        encoded = ascii_host(name).split(".")
     except UnicodeError:
         raise ValueError(f"host {host!r} is not a valid international (IDNA) name") from None
     for label in encoded:

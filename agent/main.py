@@ -30,7 +30,9 @@ from agent.registry import HealthWatch, Registry, RegistryError, open_registry
 from agent.server import AppHealth, PendingAnswers, make_app
 
 if TYPE_CHECKING:
-    from agent.registry.view import ClientView  # imported at run time only when used
+    # Imported at run time only when used.
+    from agent.drain.traffic import TrafficVerdict
+    from agent.registry.view import ClientView
 
 log = structlog.get_logger()
 
@@ -433,13 +435,9 @@ class Agent:
 
     # --- observing ----------------------------------------------------------------------------
 
-    def _drain_polled(self, verdict: Any) -> None:
+    def _drain_polled(self, verdict: TrafficVerdict) -> None:
         self._drain_seen = {
-            "connections": verdict.connections,
-            "in_flight": verdict.in_flight,
-            "missed_connections": verdict.missed,
-            "unaccounted_opens": verdict.unaccounted_opens,
-            "floor_seconds": round(verdict.floor_seconds, 4),
+            **verdict.seen(),
             "quiet_since_seconds": round(verdict.quiet_since - verdict.trigger_at, 4),
         }
 

@@ -126,6 +126,16 @@ class TrafficVerdict:
         upcoming = [bound - now for bound in bounds if bound > now]
         return max(MIN_SLEEP_SECONDS, min([poll_seconds, *upcoming]))
 
+    def seen(self) -> dict[str, float | int]:
+        """What the last poll showed, for the drain's outcome and /status."""
+        return {
+            "connections": self.connections,
+            "in_flight": self.in_flight,
+            "missed_connections": self.missed,
+            "unaccounted_opens": self.unaccounted_opens,
+            "floor_seconds": round(self.floor_seconds, 4),
+        }
+
     @property
     def quiet_since(self) -> float:
         """Since when nothing counted as traffic: the last data, or the trigger if later."""
@@ -237,12 +247,8 @@ async def traffic_drain(
         detail={
             "source": watcher.source,
             "polls": verdict.polls,
-            "connections": verdict.connections,
             "peak_connections": verdict.peak_connections,
-            "in_flight": verdict.in_flight,
-            "missed_connections": verdict.missed,
-            "unaccounted_opens": verdict.unaccounted_opens,
-            "floor_seconds": round(verdict.floor_seconds, 4),
+            **verdict.seen(),
         },
     )
 
