@@ -454,12 +454,8 @@ class NetlinkWatcher:
         self._opens_at_start = self._own_at_start = 0
         self._accounted = 0
         self._unaccounted_high = 0
-        self.passive_opens = 0
-        """Connections accepted in the pod's network namespace since the first poll."""
         self.missed_total = 0
         """Connections to a watched port first seen in TIME_WAIT, since the first poll."""
-        self.unaccounted_total = 0
-        """Accepted connections nothing seen accounts for, since the first poll."""
         bytecode = _build_port_filter(self.ports)
         # AF_UNSPEC is not accepted (sock_diag dispatches on the family), and the kernel walks
         # its whole socket table per request, so one request per family.
@@ -546,13 +542,12 @@ class NetlinkWatcher:
         if opens is None:
             return missed, 0
         self._accounted += len(new)
-        self.passive_opens = opens - self._opens_at_start
-        unaccounted_now = self.passive_opens - (own - self._own_at_start) - self._accounted
+        passive_opens = opens - self._opens_at_start
+        unaccounted_now = passive_opens - (own - self._own_at_start) - self._accounted
         unaccounted = 0
         if unaccounted_now > self._unaccounted_high:
             unaccounted = unaccounted_now - self._unaccounted_high
             self._unaccounted_high = unaccounted_now
-        self.unaccounted_total += unaccounted
         return missed, unaccounted
 
     def _peer(self, raw: bytes) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
