@@ -20,6 +20,7 @@ import os
 import platform
 import sys
 from pathlib import Path
+from statistics import mean
 
 from bench.rollout import report
 from bench.rollout.rig import (
@@ -87,10 +88,6 @@ def machine() -> str:
     return f"{os.cpu_count()} cores ({cpu}), {memory} GiB, Linux {platform.release()}"
 
 
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values)
-
-
 def sleep_section(
     found: report.SleepSearch, scaled: list[report.RunFigures], search: list[report.RunFigures]
 ) -> list[str]:
@@ -135,12 +132,12 @@ def sleep_section(
         "",
         "| | hook held the app s | pod terminated s |",
         "|---|---|---|",
-        f"| agent, mean (min-max) | {_mean(held):.2f} ({min(held):.2f}-{max(held):.2f})"
-        f" | {_mean(ended):.2f} ({min(ended):.2f}-{max(ended):.2f}) |",
+        f"| agent, mean (min-max) | {mean(held):.2f} ({min(held):.2f}-{max(held):.2f})"
+        f" | {mean(ended):.2f} ({min(ended):.2f}-{max(ended):.2f}) |",
     ]
     if same:
-        same_held = _mean([r.app_signalled for r in same if r.app_signalled is not None])
-        same_ended = _mean([r.termination for r in same])
+        same_held = mean([r.app_signalled for r in same if r.app_signalled is not None])
+        same_ended = mean([r.termination for r in same])
         lines += [
             f"| {found.shortest:g} s sleep, mean of {len(same)} runs | {same_held:.2f}"
             f" | {same_ended:.2f} |",
