@@ -30,12 +30,13 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
 
 import structlog
 
-from agent import __version__
+from agent import __version__, floorplan
 from agent.config import (
     DRAIN_MODES,
     DRAIN_SOURCES,
@@ -82,6 +83,8 @@ EXIT_CONFIG = 2
 # check: the registry's servers gave no answer / answered, but the instance is not there.
 EXIT_REGISTRY_UNREACHABLE = 1
 EXIT_INSTANCE_NOT_FOUND = 3
+# check --config-only: the propagation floor can outlast the drain's maximum (helm test fails).
+EXIT_FLOOR_ABOVE_MAX = 4
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -98,6 +101,36 @@ def _parser() -> argparse.ArgumentParser:
         default="run",
         help="run the agent (default), or check the configuration and print the shutdown plan",
     )
+    check = parser.add_argument_group("check only")
+    check.add_argument(
+        "--config-only",
+        action="store_true",
+        help="check: validate and print the plan without asking the registry (a pod that is not"
+        f" the app, e.g. helm test); exit {EXIT_FLOOR_ABOVE_MAX} when the propagation floor can"
+        " outlast the drain maximum",
+    )
+    check.add_argument(
+        "--floor-target",
+        type=_positive_seconds,
+        metavar="SECONDS",
+        help="check: the propagation floor to bring the Eureka settings under (default: the"
+        " drain maximum less the traffic drain's QUIET)",
+    )
+    check.add_argument(
+        "--client-fetch-seconds",
+        type=_positive_seconds,
+        default=floorplan.DEFAULT_CLIENT_FETCH_SECONDS,
+        metavar="SECONDS",
+        help="check: the clients' eureka.client.registry-fetch-interval-seconds (default:"
+        " %(default)g)",
+    )
+    check.add_argument(
+        "--loadbalancer-ttl-seconds",
+        type=_positive_seconds,
+        default=floorplan.DEFAULT_LOADBALANCER_TTL_SECONDS,
+        metavar="SECONDS",
+        help="check: the clients' spring.cloud.loadbalancer.cache.ttl (default: %(default)g)",
+    )
     documented = {s.variable: s for s in settings()}
     for flag, variable in FLAGS.items():
         choices = CHOICES.get(variable)
@@ -113,6 +146,16 @@ def _parser() -> argparse.ArgumentParser:
         )
     parser.epilog = "Every setting: docs/reference.md, or `prestop-agent check` for yours."
     return parser
+
+
+def _positive_seconds(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a number of seconds") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"{raw!r}: must be more than 0 seconds")
+    return value
 
 
 def _metavar(variable: str) -> str:
@@ -167,11 +210,31 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     if stopped:
         print(f"prestop-agent: {signal.Signals(stopped[0]).name} received, check not run")
         return 128 + stopped[0]
-    return check(config, warnings)
+    stages = floorplan.stages_of(
+        config.eureka_server_cache_seconds,
+        config.eureka_client_refresh_seconds,
+        args.client_fetch_seconds,
+        args.loadbalancer_ttl_seconds,
+    )
+    return check(
+        config,
+        warnings,
+        config_only=args.config_only,
+        stages=stages,
+        floor_target=args.floor_target,
+    )
 
 
-def check(config: Config, warnings: Sequence[str] = ()) -> int:
-    """Print the effective settings and the shutdown plan, reach the registry; 0 if all is well."""
+def check(
+    config: Config,
+    warnings: Sequence[str] = (),
+    *,
+    config_only: bool = False,
+    stages: floorplan.Stages | None = None,
+    floor_target: float | None = None,
+) -> int:
+    """Print the effective settings and the shutdown plan, reach the registry (unless
+    ``config_only``); 0 if all is well."""
     budget = config.budget()
     print(f"prestop-agent {__version__}: configuration is valid")
     for warning in warnings:
@@ -225,6 +288,23 @@ def check(config: Config, warnings: Sequence[str] = ()) -> int:
     print("  5. exit once a SIGTERM has arrived; if it came before the end of the drain (classic")
     print("     sidecar), first wait for one /metrics scrape, the app's exit or the grace period")
     print(f"\nTime budget: {budget.arithmetic()}")
+    if config.registry != "none":
+        if stages is None:
+            stages = floorplan.stages_of(
+                config.eureka_server_cache_seconds, config.eureka_client_refresh_seconds
+            )
+        # By default the floor plus QUIET fits the drain maximum: a drain can still end quiet
+        # after the floor instead of at its maximum.
+        quiet = config.drain_quiet_seconds if config.drain_mode == "traffic" else 0.0
+        target = budget.drain - quiet if floor_target is None else floor_target
+        print()
+        for line in floorplan.describe(stages, target):
+            print(line)
+    if config_only:
+        if config.floor_warning() is not None:
+            print("\nThe propagation floor can outlast the drain maximum (see WARNING above)")
+            return EXIT_FLOOR_ABOVE_MAX
+        return 0
     if config.registry == "none":
         return 0
     return asyncio.run(_check_registry(config))

@@ -11,6 +11,7 @@ monitoring pack, checked the way a Kubernetes engineer's review would:
 
 from __future__ import annotations
 
+import base64
 import copy
 import glob
 import json
@@ -36,6 +37,9 @@ KUSTOMIZE = K8S / "kustomize"
 EXAMPLES = sorted((K8S / "examples").glob("*.yaml"))
 LAYOUTS = ("native", "classic")
 KUBERNETES_VERSIONS = [f"1.{minor}.0" for minor in range(29, 35)]
+# What helm template assumes for the cluster: a helm built by `go install` (make k8s-tools) says
+# 1.20 by default, where a release binary says its client-go's version.
+KUBE_VERSION = KUBERNETES_VERSIONS[-1]
 TOKEN = "replace-with-a-random-token"
 Object = dict[str, Any]
 
@@ -59,7 +63,49 @@ CHART_VALUES: dict[str, Object] = {
             "logLevel": "debug",
         },
     },
-    "actuator": {"registry": {"type": "actuator"}, "agent": {"appHealthPath": ""}},
+    # No app health URL: the app keeps its own readiness probe (refused otherwise). A pod of
+    # the user's own: nothing of the chart's example pod is merged into it.
+    "actuator": {
+        "registry": {"type": "actuator"},
+        "agent": {"appHealthPath": ""},
+        "readinessProbe": {"replace": False},
+        "deployment": {
+            "pod": {
+                "containers": [
+                    {
+                        "name": "app",
+                        "image": "registry.example.com/shop/orders:1.4.2",
+                        "ports": [{"name": "http", "containerPort": 8080}],
+                        "readinessProbe": {
+                            "httpGet": {"port": 8080, "path": "/actuator/health/readiness"}
+                        },
+                        "livenessProbe": {
+                            "httpGet": {"port": 8080, "path": "/actuator/health/liveness"}
+                        },
+                        "securityContext": {
+                            "allowPrivilegeEscalation": False,
+                            "readOnlyRootFilesystem": True,
+                            "runAsNonRoot": True,
+                            "runAsUser": 10002,
+                            "capabilities": {"drop": ["ALL"]},
+                        },
+                        "resources": {
+                            "requests": {"cpu": "250m", "memory": "512Mi"},
+                            "limits": {"cpu": "2", "memory": "512Mi"},
+                        },
+                        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+                    }
+                ],
+                "volumes": [{"name": "tmp", "emptyDir": {}}],
+                "automountServiceAccountToken": False,
+            }
+        },
+    },
+    # A private CA for https Eureka, mounted from a Secret.
+    "private-ca": {
+        "token": {"value": TOKEN},
+        "registry": {"eureka": {"ca": {"secret": "eureka-ca", "key": "ca.pem"}}},
+    },
     "monitoring": {
         "token": {"value": TOKEN},
         "monitoring": {
@@ -95,13 +141,22 @@ def _documents(text: str) -> list[Object]:
     return [doc for doc in yaml.safe_load_all(text) if doc]
 
 
-def helm_template(values: Object, *extra: str, chart: Path = CHART) -> list[Object]:
+def helm_template(
+    values: Object, *extra: str, chart: Path = CHART, hooks: bool = False
+) -> list[Object]:
+    """The chart's objects; its hooks (the helm test pod) only with ``hooks``."""
     done = _run(
-        [_tool("helm"), "template", "orders", chart, "--values", "-", *extra],
+        [_tool("helm"), "template", "orders", chart, "--values", "-", "--kube-version",
+         KUBE_VERSION, *extra],
         input=json.dumps(values),
-    )
+    )  # fmt: skip
     assert done.returncode == 0, done.stderr
-    return _documents(done.stdout)
+    objects = _documents(done.stdout)
+    return [o for o in objects if hooks or not _is_hook(o)]
+
+
+def _is_hook(obj: Object) -> bool:
+    return "helm.sh/hook" in obj["metadata"].get("annotations", {})
 
 
 def kustomize_build(directory: Path) -> list[Object]:
@@ -112,7 +167,7 @@ def kustomize_build(directory: Path) -> list[Object]:
 
 @pytest.fixture(scope="module")
 def chart_renders() -> dict[str, list[Object]]:
-    return {name: helm_template(values) for name, values in CHART_VALUES.items()}
+    return {name: helm_template(values, hooks=True) for name, values in CHART_VALUES.items()}
 
 
 def _kustomize_example(tmp: Path, layout: str) -> Path:
@@ -144,7 +199,8 @@ DOWNWARD_API = {
 
 
 def _secret_data(secret: Object) -> dict[str, str]:
-    assert "data" not in secret, "examples keep Secret values readable: stringData"
+    if "data" in secret:  # a secretGenerator's
+        return {key: base64.b64decode(value).decode() for key, value in secret["data"].items()}
     return secret.get("stringData", {})
 
 
@@ -172,15 +228,36 @@ def _environment(container: Object, objects: list[Object]) -> dict[str, str]:
 
 
 def _secrets_from_outside(objects: list[Object]) -> list[Object]:
-    """The Secrets a chart user creates out of band (the chart only references them)."""
+    """The Secrets a user creates out of band (the chart and the component only reference them):
+    the Eureka URLs, and the token wherever the build has the hook's copy only."""
     present = {o["metadata"]["name"] for o in objects if o["kind"] == "Secret"}
     urls = "http://eureka:secret@eureka-0:8761/eureka/"
-    outside = {"eureka-credentials": {"service-urls": urls}}
+    outside = {
+        "eureka-credentials": {"service-urls": urls},
+        "prestop-agent-token": {"token": TOKEN},
+        "my-token": {"token": TOKEN},
+        "eureka-ca": {"ca.pem": "-----BEGIN CERTIFICATE-----"},
+    }
     return [
         {"kind": "Secret", "metadata": {"name": name}, "stringData": data}
         for name, data in outside.items()
         if name not in present
     ]
+
+
+SYSTEM_CAS = "/etc/ssl/certs/ca-certificates.crt"
+
+
+def _check_ca_is_mounted(path: str, agent: Object, pod: Object) -> None:
+    """PRESTOP_EUREKA_CA_FILE is a key of a Secret or ConfigMap mounted into the agent."""
+    directory, _, key = path.rpartition("/")
+    mounts = [m for m in agent.get("volumeMounts", []) if m["mountPath"] == directory]
+    assert len(mounts) == 1, f"{path}: no volume mounted at {directory} in the agent"
+    (volume,) = [v for v in pod.get("volumes", []) if v["name"] == mounts[0]["name"]]
+    source = volume.get("secret") or volume.get("configMap")
+    assert source is not None, volume
+    items = source.get("items")
+    assert items is None or key in {i["path"] for i in items}, f"{path}: not in {volume}"
 
 
 def check_agent_deployment(objects: list[Object]) -> Object:
@@ -205,6 +282,9 @@ def check_agent_deployment(objects: list[Object]) -> Object:
 
     environ = _environment(agent, objects + _secrets_from_outside(objects))
     assert set(environ) <= set(VARIABLES), f"unknown variables: {set(environ) - set(VARIABLES)}"
+    if "PRESTOP_EUREKA_CA_FILE" in environ:
+        _check_ca_is_mounted(environ["PRESTOP_EUREKA_CA_FILE"], agent, pod)
+        environ["PRESTOP_EUREKA_CA_FILE"] = SYSTEM_CAS  # what the mount would hold: a PEM bundle
     config = load(environ)  # raises on anything invalid, the grace budget included
     assert config.grace_period_seconds == pod["terminationGracePeriodSeconds"]
     assert config.budget().fits
@@ -219,8 +299,11 @@ def check_agent_deployment(objects: list[Object]) -> Object:
     assert "host" not in hook, "the kubelet must call the pod IP, where the agent listens"
     headers = {h["name"]: h["value"] for h in hook.get("httpHeaders", [])}
     assert headers.get("X-Prestop-Token") == config.token
-    probe = app["readinessProbe"]["httpGet"]
-    assert (probe["port"], probe["path"]) == (config.port, "/ready")
+    # The app's readiness on the agent's /ready only with the app's health behind it: without
+    # PRESTOP_APP_HEALTH_URL the pod would be Ready before the app listens.
+    probe = app.get("readinessProbe", {}).get("httpGet", {})
+    on_agent = (probe.get("port"), probe.get("path")) == (config.port, "/ready")
+    assert on_agent == (config.app_health_url is not None), "readiness follows the app's health"
     assert set(config.app_ports) <= {p["containerPort"] for p in app["ports"]}
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
     assert pod_template["metadata"]["labels"]["prestop-agent/sidecar"] == "true"
@@ -245,7 +328,7 @@ def test_each_chart_render_is_a_configuration_the_agent_accepts(
     for name, objects in chart_renders.items():
         environ = check_agent_deployment(objects)
         values = CHART_VALUES[name]
-        assert environ["PRESTOP_GRACE_PERIOD_SECONDS"] == str(values.get("gracePeriodSeconds", 60))
+        assert environ["PRESTOP_GRACE_PERIOD_SECONDS"] == str(values.get("gracePeriodSeconds", 150))
         assert ("PRESTOP_TOKEN" in environ) == ("token" in values), name
 
 
@@ -271,7 +354,7 @@ def test_the_grace_period_is_set_once_in_the_kustomize_overlay(tmp_path: Path) -
     kustomization = overlay / "kustomization.yaml"
     text = kustomization.read_text()
     kustomization.write_text(
-        text.replace("PRESTOP_GRACE_PERIOD_SECONDS=60", "PRESTOP_GRACE_PERIOD_SECONDS=95")
+        text.replace("PRESTOP_GRACE_PERIOD_SECONDS=150", "PRESTOP_GRACE_PERIOD_SECONDS=95")
     )
     objects = kustomize_build(overlay)
     (deployment,) = [o for o in objects if o["kind"] == "Deployment"]
@@ -298,7 +381,7 @@ def test_the_examples_are_what_the_chart_renders(
     layout: str, chart_renders: dict[str, list[Object]]
 ) -> None:
     example = _comparable(_documents((K8S / "examples" / f"{layout}-sidecar.yaml").read_text()))
-    rendered = _comparable(chart_renders[layout])
+    rendered = _comparable([o for o in chart_renders[layout] if not _is_hook(o)])
     eureka = example.pop(("Secret", "eureka-credentials"))
     assert eureka["stringData"]["service-urls"], "the example shows the Secret the chart expects"
     assert example == rendered
@@ -310,8 +393,10 @@ def test_the_examples_are_what_the_chart_renders(
 def test_helm_lint_finds_nothing_with_any_value_set() -> None:
     for name, values in CHART_VALUES.items():
         done = _run(
-            [_tool("helm"), "lint", "--strict", CHART, "--values", "-"], input=json.dumps(values)
-        )
+            [_tool("helm"), "lint", "--strict", CHART, "--values", "-", "--kube-version",
+             KUBE_VERSION],
+            input=json.dumps(values),
+        )  # fmt: skip
         assert done.returncode == 0 and "0 chart(s) failed" in done.stdout, name + done.stdout
 
 
@@ -349,7 +434,15 @@ def test_the_chart_ships_the_monitoring_pack_unchanged(
     [
         (
             {"token": {"existingSecret": {"name": "my-token"}}},
-            "token.existingSecret: no key \"token\" in Secret default/my-token",
+            "token.existingSecret needs token.value too",
+        ),
+        (
+            {"agent": {"appHealthPath": ""}},
+            "agent.appHealthPath is empty, so the agent's /ready would not follow the app's health",
+        ),
+        (
+            {"registry": {"eureka": {"ca": {"secret": "a", "configMap": "b"}}}},
+            "set registry.eureka.ca.secret or registry.eureka.ca.configMap, not both",
         ),
         ({"appContainer": "web"}, 'no container named "web"'),
         ({"layout": "sidecar"}, "at '/layout': value must be one of 'native', 'classic'"),
@@ -367,14 +460,17 @@ def test_the_chart_ships_the_monitoring_pack_unchanged(
             'container "app" already has a preStop hook',
         ),
     ],
-    ids=["existing-secret", "no-app-container", "layout", "mode", "typo", "grace", "prestop"],
+    ids=["existing-secret", "no-health", "ca", "no-app-container", "layout", "mode", "typo",
+         "grace", "prestop"],
 )  # fmt: skip
 def test_a_wrong_value_fails_the_render_with_a_message_naming_it(
     values: Object, message: str
 ) -> None:
     done = _run(
-        [_tool("helm"), "template", "orders", CHART, "--values", "-"], input=json.dumps(values)
-    )
+        [_tool("helm"), "template", "orders", CHART, "--values", "-", "--kube-version",
+         KUBE_VERSION],
+        input=json.dumps(values),
+    )  # fmt: skip
     assert done.returncode != 0
     assert message in done.stderr, done.stderr
 
@@ -383,7 +479,7 @@ def test_a_parent_chart_adds_the_agent_to_its_own_deployment(tmp_path: Path) -> 
     """The helper route: a chart of the user's own, with prestop-agent as a dependency."""
     parent = tmp_path / "orders"
     (parent / "templates").mkdir(parents=True)
-    shutil.copytree(CHART, parent / "charts" / "prestop-agent", symlinks=False)
+    shutil.copytree(CHART, parent / "charts" / "prestop-agent", symlinks=True)
     (parent / "Chart.yaml").write_text(
         "apiVersion: v2\nname: orders\nversion: 1.0.0\n"
         "dependencies:\n- {name: prestop-agent, version: 0.1.0}\n"
@@ -420,6 +516,11 @@ spec:
     objects = helm_template({}, chart=parent)
     assert sorted(o["kind"] for o in objects) == ["Deployment", "PodDisruptionBudget", "Secret"]
     assert check_agent_deployment(objects)["PRESTOP_TOKEN"] == TOKEN
+    # The subchart's PodDisruptionBudget covers the parent's pods.
+    (budget,) = [o for o in objects if o["kind"] == "PodDisruptionBudget"]
+    (deployment,) = [o for o in objects if o["kind"] == "Deployment"]
+    selector = budget["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
 
 
 # --- schema validation and the security linter, over everything ----------------------------------
@@ -508,6 +609,11 @@ def test_checkov_finds_nothing_that_is_not_waived_with_a_reason(
     checkov = _tool("checkov")
     by_source: dict[str, list[Object]] = {}
     for where, obj in _every_manifest(chart_renders, kustomize_builds):
+        if _is_hook(obj):
+            # The helm test pod runs one command and exits: liveness and readiness probes do not
+            # apply. It takes the agent container's image, security context and resources, which
+            # checkov does see in the Deployments.
+            continue
         by_source.setdefault(where, []).append(obj)
     for index, (where, objects) in enumerate(by_source.items()):
         name = "".join(c if c.isalnum() else "-" for c in where)

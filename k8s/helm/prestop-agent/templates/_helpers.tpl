@@ -15,15 +15,22 @@ chart's values as .Values, plus .Release.
 {{- default .Release.Name .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
 
+{{/* Helm's label conventions: name is the chart's (not the release's, which fullnameOverride
+could change under an immutable selector), instance the release's. */}}
+{{- define "prestop-agent.name" -}}
+{{- default "prestop-agent" .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
 {{- define "prestop-agent.selectorLabels" -}}
-app.kubernetes.io/name: {{ include "prestop-agent.fullname" . }}
+app.kubernetes.io/name: {{ include "prestop-agent.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 
 {{- define "prestop-agent.labels" -}}
 {{ include "prestop-agent.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
-helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
 {{- end -}}
 
 {{- define "prestop-agent.podLabels" -}}
@@ -39,21 +46,14 @@ prestop-agent/release: {{ .Release.Name }}
 {{- end -}}
 {{- end -}}
 
-{{/* The token's value, for the hook's header (Kubernetes cannot take a header from a Secret). */}}
+{{/* The token's value, for the hook's header (Kubernetes cannot take a header from a Secret).
+Never read from the cluster (no lookup): helm template and Argo CD must render what install does. */}}
 {{- define "prestop-agent.token" -}}
 {{- $token := .Values.token -}}
-{{- if and $token.value $token.existingSecret.name -}}
-{{- fail "prestop-agent: set token.value or token.existingSecret.name, not both" -}}
-{{- else if $token.value -}}
+{{- if and $token.existingSecret.name (not $token.value) -}}
+{{- fail "prestop-agent: token.existingSecret needs token.value too, with the same token: the hook's X-Prestop-Token header is a literal in the pod spec (Kubernetes cannot read it from a Secret) and the chart does not read the cluster (helm lookup is empty under helm template and Argo CD)" -}}
+{{- end -}}
 {{- $token.value -}}
-{{- else if $token.existingSecret.name -}}
-{{- $secret := lookup "v1" "Secret" .Release.Namespace $token.existingSecret.name -}}
-{{- $data := dig "data" $token.existingSecret.key "" $secret -}}
-{{- if not $data -}}
-{{- fail (printf "prestop-agent: token.existingSecret: no key %q in Secret %s/%s (read at install time, because the hook's X-Prestop-Token header cannot come from a Secret; helm template has no cluster to read it from: use token.value there)" $token.existingSecret.key .Release.Namespace $token.existingSecret.name) -}}
-{{- end -}}
-{{- b64dec $data -}}
-{{- end -}}
 {{- end -}}
 
 {{/* The agent's environment: only the variables that apply to the chosen modes (the agent refuses
@@ -63,6 +63,9 @@ a drain setting of the other drain mode, rather than ignore it). */}}
 {{- $a := $v.agent -}}
 {{- $d := $a.drain -}}
 - {name: PRESTOP_PORT, value: {{ $v.port | quote }}}
+{{- if not (kindIs "invalid" $a.host) }}
+- {name: PRESTOP_HOST, value: {{ $a.host | quote }}}
+{{- end }}
 - {name: PRESTOP_GRACE_PERIOD_SECONDS, value: {{ $v.gracePeriodSeconds | quote }}}
 - {name: PRESTOP_APP_SHUTDOWN_SECONDS, value: {{ $a.appShutdownSeconds | quote }}}
 - {name: PRESTOP_MARGIN_SECONDS, value: {{ $a.marginSeconds | quote }}}
@@ -87,11 +90,12 @@ a drain setting of the other drain mode, rather than ignore it). */}}
 {{- with $d.ignoreCidrs }}
 - {name: PRESTOP_DRAIN_IGNORE_CIDRS, value: {{ join "," . | quote }}}
 {{- end }}
+- {name: PRESTOP_DRAIN_COUNT_ACCEPTS, value: {{ $a.countAccepts | quote }}}
 {{- end }}
 {{- with $a.allowCidrs }}
 - {name: PRESTOP_ALLOW_CIDRS, value: {{ join "," . | quote }}}
 {{- end }}
-{{- if or $v.token.value $v.token.existingSecret.name }}
+{{- if $v.token.value }}
 - name: PRESTOP_TOKEN
   valueFrom:
     secretKeyRef:
@@ -104,6 +108,13 @@ a drain setting of the other drain mode, rather than ignore it). */}}
 - {name: PRESTOP_REGISTRY, value: {{ $r.type | quote }}}
 {{- if ne $r.type "none" }}
 - {name: PRESTOP_REGISTRY_TIMEOUT_SECONDS, value: {{ $r.timeoutSeconds | quote }}}
+- {name: PRESTOP_REGISTRY_CHECK_SECONDS, value: {{ $r.checkSeconds | quote }}}
+{{- if not (kindIs "invalid" $r.eureka.clientRefreshSeconds) }}
+- {name: PRESTOP_EUREKA_CLIENT_REFRESH_SECONDS, value: {{ $r.eureka.clientRefreshSeconds | quote }}}
+{{- end }}
+{{- if not (kindIs "invalid" $r.eureka.serverCacheSeconds) }}
+- {name: PRESTOP_EUREKA_SERVER_CACHE_SECONDS, value: {{ $r.eureka.serverCacheSeconds | quote }}}
+{{- end }}
 {{- end }}
 {{- if has $r.type (list "eureka" "register") }}
 {{- $e := $r.eureka }}
@@ -118,8 +129,10 @@ a drain setting of the other drain mode, rather than ignore it). */}}
 {{- end }}
 - {name: PRESTOP_EUREKA_STATUS, value: {{ $e.status | quote }}}
 - {name: PRESTOP_EUREKA_KEEP_OVERRIDE, value: {{ $e.keepOverride | quote }}}
-{{- with $e.caFile }}
-- {name: PRESTOP_EUREKA_CA_FILE, value: {{ . | quote }}}
+{{- if include "prestop-agent.caSource" . }}
+- {name: PRESTOP_EUREKA_CA_FILE, value: {{ printf "%s/%s" (include "prestop-agent.caDirectory" .) $e.ca.key | quote }}}
+{{- else if $e.caFile }}
+- {name: PRESTOP_EUREKA_CA_FILE, value: {{ $e.caFile | quote }}}
 {{- end }}
 {{- if eq $r.type "register" }}
 - {name: PRESTOP_EUREKA_RENEWAL_SECONDS, value: {{ $e.renewalSeconds | quote }}}
@@ -140,6 +153,20 @@ a drain setting of the other drain mode, rather than ignore it). */}}
 {{ toYaml . }}
 {{- end }}
 {{- end -}}
+
+{{/* The private CA's volume source (a Secret or a ConfigMap), "" when none is configured. */}}
+{{- define "prestop-agent.caSource" -}}
+{{- $ca := .Values.registry.eureka.ca -}}
+{{- if and $ca.secret $ca.configMap -}}
+{{- fail "prestop-agent: set registry.eureka.ca.secret or registry.eureka.ca.configMap, not both" -}}
+{{- else if $ca.secret -}}
+{{- toYaml (dict "secret" (dict "secretName" $ca.secret)) -}}
+{{- else if $ca.configMap -}}
+{{- toYaml (dict "configMap" (dict "name" $ca.configMap)) -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "prestop-agent.caDirectory" -}}/etc/prestop-agent/eureka-ca{{- end -}}
 
 {{- define "prestop-agent.container" -}}
 {{- $v := .Values -}}
@@ -169,10 +196,21 @@ securityContext:
   allowPrivilegeEscalation: false
   readOnlyRootFilesystem: true
   capabilities: {drop: [ALL]}
+{{- $mounts := $v.agent.extraVolumeMounts }}
+{{- if include "prestop-agent.caSource" . }}
+{{- $mounts = append $mounts (dict "name" "prestop-agent-eureka-ca" "mountPath" (include "prestop-agent.caDirectory" .) "readOnly" true) }}
+{{- end }}
+{{- with $mounts }}
+volumeMounts:
+{{ toYaml . }}
+{{- end }}
 {{- end -}}
 
 {{- define "prestop-agent.podSpec" -}}
 {{- $v := .Values -}}
+{{- if and (eq $v.layout "native") .Capabilities (not (semverCompare ">=1.29.0-0" .Capabilities.KubeVersion.Version)) -}}
+{{- fail (printf "prestop-agent: layout native needs Kubernetes 1.29 or later (an init container with restartPolicy: Always), this cluster is %s: set layout=classic" .Capabilities.KubeVersion.Version) -}}
+{{- end -}}
 {{- $pod := deepCopy .pod -}}
 {{- if hasKey $pod "terminationGracePeriodSeconds" -}}
 {{- fail "prestop-agent: set gracePeriodSeconds, not the pod's terminationGracePeriodSeconds: the chart gives the same value to the pod and to the agent" -}}
@@ -188,7 +226,11 @@ securityContext:
 {{- if $token -}}
 {{- $_ := set $hook "httpHeaders" (list (dict "name" "X-Prestop-Token" "value" $token)) -}}
 {{- end -}}
-{{- $probe := merge (dict "httpGet" (dict "path" "/ready" "port" (int $v.port))) (deepCopy $v.readinessProbe) -}}
+{{- $replaceProbe := $v.readinessProbe.replace -}}
+{{- if and $replaceProbe (not $v.agent.appHealthPath) -}}
+{{- fail "prestop-agent: agent.appHealthPath is empty, so the agent's /ready would not follow the app's health and the pod would go Ready before the app listens: set agent.appHealthPath (e.g. /actuator/health/readiness), or readinessProbe.replace=false to keep the app's own readiness probe" -}}
+{{- end -}}
+{{- $probe := omit (merge (dict "httpGet" (dict "path" "/ready" "port" (int $v.port))) (deepCopy $v.readinessProbe)) "replace" -}}
 {{- $containers := list -}}
 {{- $found := false -}}
 {{- range $container := $pod.containers -}}
@@ -201,7 +243,9 @@ securityContext:
 {{- end -}}
 {{- $_ := set $lifecycle "preStop" (dict "httpGet" $hook) -}}
 {{- $_ := set $container "lifecycle" $lifecycle -}}
+{{- if $replaceProbe -}}
 {{- $_ := set $container "readinessProbe" $probe -}}
+{{- end -}}
 {{- end -}}
 {{- $containers = append $containers $container -}}
 {{- end -}}
@@ -215,5 +259,9 @@ securityContext:
 {{- $containers = append $containers $agent -}}
 {{- end -}}
 {{- $_ := set $pod "containers" $containers -}}
+{{- with include "prestop-agent.caSource" . -}}
+{{- $volume := merge (dict "name" "prestop-agent-eureka-ca") (fromYaml .) -}}
+{{- $_ := set $pod "volumes" (append (default (list) $pod.volumes) $volume) -}}
+{{- end -}}
 {{- toYaml $pod -}}
 {{- end -}}
