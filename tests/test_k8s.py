@@ -16,6 +16,7 @@ import copy
 import glob
 import json
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -642,3 +643,309 @@ def test_checkov_finds_nothing_that_is_not_waived_with_a_reason(
     print(
         f"checkov: {passed} checks passed, {len(failed)} findings, all under {len(waivers)} waivers"
     )
+
+
+# --- the shipped defaults keep the promise ------------------------------------------------------
+
+# How much longer the client bound may grow (a margin on Spring Cloud's 30 s + 35 s) before the
+# shipped grace period stops holding the floor: the defaults must not sit on the edge.
+FLOOR_HEADROOM_SECONDS = 10.0
+
+
+def _default_configs(tmp_path: Path) -> dict[str, Any]:
+    """The agent's Config as the chart with default values, and the kustomize example, give it."""
+    configs = {}
+    for name, objects in (
+        ("helm default values", helm_template({})),
+        ("kustomize example", kustomize_build(_kustomize_example(tmp_path, "native"))),
+    ):
+        configs[name] = load(check_agent_deployment(objects))
+    return configs
+
+
+def test_the_shipped_defaults_hold_the_propagation_floor_with_room_to_spare(
+    tmp_path: Path,
+) -> None:
+    """Computed from the agent's own Config defaults (not a copied 95): a longer client bound in
+    the code shows up here."""
+    for name, config in _default_configs(tmp_path).items():
+        assert config.registry == "eureka", name
+        assert config.floor_warning() is None, f"{name}: {config.floor_warning()}"
+        room = config.drain_limit - config.worst_case_floor()
+        assert room >= FLOOR_HEADROOM_SECONDS, f"{name}: only {room:g}s above the floor"
+
+
+def test_the_shipped_defaults_do_not_fire_the_floor_alert(tmp_path: Path) -> None:
+    """promtool, on the gauges a default pod exports at start-up (agent/main.py
+    _announce_floor), with the pack's own rules: PrestopDrainFloorAboveMax stays silent."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        skip_or_fail("promtool is not installed (apt-get install prometheus)")
+    rules = yaml.safe_load((K8S / "monitoring" / "prometheusrule.yaml").read_text())["spec"]
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump({"groups": rules["groups"]}))
+    series = []
+    for index, config in enumerate(_default_configs(tmp_path).values()):
+        pod = f'namespace="shop", pod="orders-{index}"'
+        series += [
+            {"series": f"prestop_drain_floor_seconds{{{pod}}}",
+             "values": f"{config.worst_case_floor():g}x40"},
+            {"series": f"prestop_drain_max_seconds{{{pod}}}",
+             "values": f"{config.drain_limit:g}x40"},
+        ]  # fmt: skip
+    # The same pods with the old defaults (grace 60): the alert does fire, so silence above means
+    # the defaults, not a rule that cannot fire.
+    old = load({**check_agent_deployment(helm_template({"gracePeriodSeconds": 60}))})
+    series += [
+        {"series": 'prestop_drain_floor_seconds{namespace="old", pod="orders-0"}',
+         "values": f"{old.worst_case_floor():g}x40"},
+        {"series": 'prestop_drain_max_seconds{namespace="old", pod="orders-0"}',
+         "values": f"{old.drain_limit:g}x40"},
+    ]  # fmt: skip
+    tests = {
+        "rule_files": ["rules.yaml"],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": series,
+                # Only the old-defaults pod fires; the default chart and kustomize pods do not.
+                "promql_expr_test": [
+                    {
+                        "expr": 'ALERTS{alertname="PrestopDrainFloorAboveMax"}',
+                        "eval_time": "30m",
+                        "exp_samples": [
+                            {
+                                "labels": 'ALERTS{alertname="PrestopDrainFloorAboveMax",'
+                                ' alertstate="firing", namespace="old", pod="orders-0",'
+                                ' severity="warning"}',
+                                "value": 1,
+                            }
+                        ],
+                    }
+                ],
+            }
+        ],
+    }  # fmt: skip
+    (tmp_path / "test.yaml").write_text(yaml.safe_dump(tests))
+    done = _run([promtool, "test", "rules", "test.yaml"], cwd=tmp_path)
+    assert done.returncode == 0 and "SUCCESS" in done.stdout, done.stdout + done.stderr
+
+
+def test_the_tuned_worked_example_of_the_operations_guide_holds_its_floor() -> None:
+    text = (ROOT / "docs" / "operations.md").read_text()
+    section = text.split("### Worked example: tuned timings", 1)[1].split("\n### ", 1)[0]
+    block = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    pod = yaml.safe_load(block)
+    (agent,) = pod["spec"]["containers"]
+    environ = {e["name"]: e["value"] for e in agent["env"]}
+    environ |= {"PRESTOP_EUREKA_URLS": "http://eureka-0:8761/eureka/",
+                "PRESTOP_EUREKA_APP": "ORDERS", "POD_IP": "10.1.2.3"}  # fmt: skip
+    config = load(environ)
+    assert config.grace_period_seconds == pod["spec"]["terminationGracePeriodSeconds"]
+    assert config.floor_warning() is None, config.floor_warning()
+    assert config.budget().arithmetic() in section
+
+
+# --- GitOps: what a Git repository and Argo CD / Flux need ---------------------------------------
+
+
+def test_a_copied_chart_directory_renders_and_never_reads_the_cluster(tmp_path: Path) -> None:
+    links = [p for p in CHART.rglob("*") if p.is_symlink()]
+    assert not links, f"a vendored copy of the chart would lose these: {links}"
+    for template in (CHART / "templates").rglob("*"):
+        if template.is_file():
+            # helm's lookup function: empty under helm template, --dry-run and Argo CD.
+            calls = re.findall(r"\blookup\s+\"", template.read_text())
+            assert not calls, f"{template}: renders differ off-cluster"
+    copied = tmp_path / "vendor" / "prestop-agent"
+    shutil.copytree(CHART, copied, symlinks=True)
+    values = {"monitoring": {"prometheusRule": {"enabled": True}, "dashboard": {"enabled": True}}}
+    assert helm_template(values, chart=copied) == helm_template(values)
+    for file in (CHART / "files").iterdir():
+        shipped = K8S / "monitoring" / file.name
+        assert file.read_bytes() == shipped.read_bytes(), f"{file.name}: copy out of date"
+
+
+def test_an_existing_token_secret_renders_the_same_everywhere() -> None:
+    """token.existingSecret: the chart creates no Secret, the agent reads the user's, the hook's
+    header comes from token.value; no cluster read (what helm template shows is what installs)."""
+    objects = helm_template({"token": {"value": TOKEN, "existingSecret": {"name": "my-token"}}})
+    assert "Secret" not in {o["kind"] for o in objects}
+    assert check_agent_deployment(objects)["PRESTOP_TOKEN"] == TOKEN
+
+
+def test_the_users_pod_gets_nothing_of_the_example_pod() -> None:
+    pod = {"containers": [{"name": "app", "image": "shop/orders:2", "ports": [
+        {"name": "http", "containerPort": 8080}]}]}  # fmt: skip
+    (deployment,) = [
+        o for o in helm_template({"deployment": {"pod": pod}}) if o["kind"] == "Deployment"
+    ]
+    spec = deployment["spec"]["template"]["spec"]
+    assert "automountServiceAccountToken" not in spec
+    assert "volumes" not in spec
+    (app,) = spec["containers"]
+    assert set(app) == {"name", "image", "ports", "lifecycle", "readinessProbe"}
+
+
+def test_a_private_ca_is_mounted_where_the_agent_reads_it(
+    chart_renders: dict[str, list[Object]],
+) -> None:
+    environ = check_agent_deployment(chart_renders["private-ca"])  # checks the mount itself
+    assert environ["PRESTOP_EUREKA_CA_FILE"] == SYSTEM_CAS
+    (pod,) = [o for o in chart_renders["private-ca"] if o["kind"] == "Pod"]  # helm test: same
+    (check,) = pod["spec"]["containers"]
+    _check_ca_is_mounted("/etc/prestop-agent/eureka-ca/ca.pem", check, pod["spec"])
+
+
+def test_the_native_layout_needs_kubernetes_1_29_and_says_so() -> None:
+    old = ["template", "orders", CHART, "--kube-version", "1.28.0"]
+    done = _run([_tool("helm"), *old])
+    assert done.returncode != 0
+    assert "layout native needs Kubernetes 1.29 or later" in done.stderr, done.stderr
+    classic = _run([_tool("helm"), *old, "--set", "layout=classic"])
+    assert classic.returncode == 0, classic.stderr
+    too_old = _run([_tool("helm"), *old[:-1], "1.20.0", "--set", "layout=classic"])
+    assert "chart requires kubeVersion" in too_old.stderr, too_old.stderr
+
+
+def test_labels_follow_the_conventions_and_the_selector_survives_a_rename() -> None:
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    objects = helm_template({"token": {"value": TOKEN}})
+    renamed = helm_template({"token": {"value": TOKEN}, "fullnameOverride": "orders-v2"})
+    for obj in objects:
+        labels = obj["metadata"]["labels"]
+        assert labels["app.kubernetes.io/name"] == chart["name"], obj["kind"]
+        assert labels["app.kubernetes.io/instance"] == "orders"
+        assert labels["app.kubernetes.io/version"] == chart["appVersion"]
+        assert labels["helm.sh/chart"] == f"{chart['name']}-{chart['version']}".replace("+", "_")
+    (before,) = [o for o in objects if o["kind"] == "Deployment"]
+    (after,) = [o for o in renamed if o["kind"] == "Deployment"]
+    assert before["spec"]["selector"] == after["spec"]["selector"], "the selector is immutable"
+
+
+def test_the_monitoring_objects_shared_by_every_release_carry_no_release_name() -> None:
+    values = {"monitoring": {"podMonitor": {"enabled": True},
+                             "prometheusRule": {"enabled": True, "runbookBaseUrl":
+                                                "https://wiki.example.org/ops.md"},
+                             "dashboard": {"enabled": True}}}  # fmt: skip
+    names = {}
+    for release in ("orders", "payments"):
+        done = _run(
+            [_tool("helm"), "template", release, CHART, "--values", "-", "--kube-version",
+             KUBE_VERSION],
+            input=json.dumps(values),
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        names[release] = {o["kind"]: o for o in _documents(done.stdout)}
+    for kind in ("PrometheusRule", "ConfigMap"):  # one copy per namespace: a second one collides
+        assert (
+            names["orders"][kind]["metadata"]["name"] == names["payments"][kind]["metadata"]["name"]
+        )
+    assert (
+        names["orders"]["PodMonitor"]["metadata"]["name"]
+        != names["payments"]["PodMonitor"]["metadata"]["name"]
+    ), "each release scrapes its own pods"
+    rules = yaml.safe_dump(names["orders"]["PrometheusRule"])
+    assert "docs.example.com" not in rules and "https://wiki.example.org/ops.md#" in rules
+
+
+def test_helm_test_runs_check_with_the_agents_settings_and_fails_on_a_floor_above_max(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The helm test pod's command, run here with the environment the kubelet would give it:
+    default values pass; a grace period too short for the floor fails (exit 4)."""
+    from agent.cli import EXIT_FLOOR_ABOVE_MAX, main
+
+    for values, expected in (({}, 0), ({"gracePeriodSeconds": 60}, EXIT_FLOOR_ABOVE_MAX)):
+        objects = helm_template(values, hooks=True)
+        (pod,) = [o for o in objects if _is_hook(o)]
+        assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+        assert pod["spec"]["restartPolicy"] == "Never"
+        (check,) = pod["spec"]["containers"]
+        (deployment,) = [o for o in objects if o["kind"] == "Deployment"]
+        (agent,) = deployment["spec"]["template"]["spec"]["initContainers"]
+        assert (check["image"], check["env"]) == (agent["image"], agent["env"])
+        environ = _environment(check, objects + _secrets_from_outside(objects))
+        assert main(check["args"], environ) == expected, capsys.readouterr().out
+        out = capsys.readouterr().out
+        assert "Propagation floor, by stage" in out
+        assert ("WARNING: propagation floor" in out) == bool(expected)
+
+
+# --- kustomize: Secrets from anywhere, hooks kept, one port -------------------------------------
+
+
+def _overlay(tmp_path: Path, edit: dict[str, str], files: dict[str, str] | None = None) -> Path:
+    """The native example overlay with text replaced in its files (name -> (old, new))."""
+    overlay = _kustomize_example(tmp_path, "native")
+    for name, change in edit.items():
+        path = overlay / name
+        old, new = change
+        text = path.read_text()
+        assert old in text, (name, old)
+        path.write_text(text.replace(old, new))
+    for name, content in (files or {}).items():
+        (overlay / name).write_text(content)
+    return overlay
+
+
+def test_kustomize_takes_the_token_secret_from_outside_the_build(tmp_path: Path) -> None:
+    overlay = _overlay(tmp_path, {"kustomization.yaml": ("- secrets.yaml\n", "")})
+    objects = kustomize_build(overlay)
+    assert "Secret" not in {o["kind"] for o in objects}
+    assert check_agent_deployment(objects)["PRESTOP_TOKEN"] == TOKEN  # the out-of-band one
+
+
+def test_kustomize_takes_the_secrets_from_a_secret_generator(tmp_path: Path) -> None:
+    generator = (
+        "secretGenerator:\n"
+        f"- {{name: prestop-agent-token, literals: [token={TOKEN}]}}\n"
+        "- {name: eureka-credentials, literals: [service-urls=http://eureka-0:8761/eureka/]}\n"
+    )
+    overlay = _overlay(tmp_path, {"kustomization.yaml": ("- secrets.yaml\n", "")})
+    kustomization = overlay / "kustomization.yaml"
+    kustomization.write_text(kustomization.read_text() + generator)
+    objects = kustomize_build(overlay)
+    secrets = [o for o in objects if o["kind"] == "Secret"]
+    assert len(secrets) == 2 and all("data" in s for s in secrets)
+    environ = check_agent_deployment(objects)  # the hashed names, resolved from the build
+    assert environ["PRESTOP_TOKEN"] == TOKEN
+    assert environ["PRESTOP_EUREKA_URLS"] == "http://eureka-0:8761/eureka/"
+
+
+def test_kustomize_keeps_the_apps_other_lifecycle_hooks(tmp_path: Path) -> None:
+    post_start = "        lifecycle:\n          postStart: {exec: {command: [/bin/warm-up]}}\n"
+    overlay = _overlay(
+        tmp_path,
+        {"deployment.yaml": ("        ports:\n", post_start + "        ports:\n")},
+    )
+    objects = kustomize_build(overlay)
+    check_agent_deployment(objects)
+    (deployment,) = [o for o in objects if o["kind"] == "Deployment"]
+    lifecycle = deployment["spec"]["template"]["spec"]["containers"][0]["lifecycle"]
+    assert lifecycle["postStart"] == {"exec": {"command": ["/bin/warm-up"]}}
+    assert lifecycle["preStop"]["httpGet"]["path"] == "/prestop"
+
+
+def test_kustomize_carries_prestop_port_to_the_hook_and_the_probes(tmp_path: Path) -> None:
+    overlay = _overlay(tmp_path, {"kustomization.yaml": ("PRESTOP_PORT=8099", "PRESTOP_PORT=9000")})
+    objects = kustomize_build(overlay)
+    environ = check_agent_deployment(objects)  # hook and readiness probe on config.port
+    assert environ["PRESTOP_PORT"] == "9000"
+    (deployment,) = [o for o in objects if o["kind"] == "Deployment"]
+    (agent,) = deployment["spec"]["template"]["spec"]["initContainers"]
+    ports = {agent["ports"][0]["containerPort"], agent["livenessProbe"]["httpGet"]["port"],
+             agent["readinessProbe"]["httpGet"]["port"]}  # fmt: skip
+    assert ports == {9000}
+    assert "8099" not in yaml.safe_dump(deployment)
+
+
+def test_kustomize_refuses_a_readiness_probe_without_the_apps_health(tmp_path: Path) -> None:
+    overlay = _overlay(
+        tmp_path,
+        {"kustomization.yaml": (
+            "  - PRESTOP_APP_HEALTH_URL=http://127.0.0.1:8080/actuator/health/readiness\n", "")},
+    )  # fmt: skip
+    done = _run([_tool("kustomize"), "build", overlay])
+    assert done.returncode != 0
+    assert "data.PRESTOP_APP_HEALTH_URL` is missing" in done.stderr, done.stderr

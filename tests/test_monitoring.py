@@ -100,6 +100,54 @@ def test_every_alert_has_a_unit_test_that_fires_it_and_one_that_does_not() -> No
     assert silent == alerts, f"alerts never shown silent: {alerts - silent}"
 
 
+RUNBOOK = "https://docs.example.com/prestop-agent/operations.md#"
+OPERATIONS = Path(__file__).resolve().parent.parent / "docs" / "operations.md"
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor of a Markdown heading: lower case, punctuation but - and _ dropped."""
+    kept = "".join(c for c in heading.strip().lower() if c.isalnum() or c in " -_")
+    return kept.replace(" ", "-")
+
+
+def _sections() -> dict[str, str]:
+    """docs/operations.md's text under each heading, by the heading's anchor."""
+    sections: dict[str, str] = {}
+    anchor = ""
+    for line in OPERATIONS.read_text().splitlines():
+        if line.startswith("#"):
+            anchor = _anchor(line.lstrip("#"))
+            sections[anchor] = ""
+        elif anchor:
+            sections[anchor] += line + "\n"
+    return sections
+
+
+def test_every_alert_links_its_runbook_a_heading_of_the_operations_guide() -> None:
+    sections = _sections()
+    alerts = [rule for group in _rule_groups() for rule in group["rules"] if "alert" in rule]
+    assert len(alerts) >= 7
+    for alert in alerts:
+        url = alert["annotations"].get("runbook_url", "")
+        assert url.startswith(RUNBOOK), f"{alert['alert']}: runbook_url {url!r}"
+        anchor = url.removeprefix(RUNBOOK)
+        assert anchor in sections, f"{alert['alert']}: no heading for {url}"
+        # The section names the alert: on-call knows they landed in the right place.
+        assert alert["alert"] in sections[anchor], f"{alert['alert']} not named in #{anchor}"
+
+
+def test_the_recording_rules_keep_the_metric_name_and_the_dashboard_uses_them() -> None:
+    records = [rule["record"] for group in _rule_groups() for rule in group["rules"]
+               if "record" in rule]  # fmt: skip
+    queries = " ".join(expr for _, expr in _panel_queries())
+    for record in records:
+        level, metric, operations = record.split(":")
+        assert metric.startswith("prestop_") and level and operations, record
+        rule = next(r for g in _rule_groups() for r in g["rules"] if r.get("record") == record)
+        assert metric in rule["expr"], f"{record}: its name must lead back to {metric}"
+        assert record in queries, f"{record}: recorded but no panel uses it"
+
+
 # --- the dashboard, against a real Prometheus --------------------------------------------------
 
 
