@@ -949,3 +949,14 @@ def test_kustomize_refuses_a_readiness_probe_without_the_apps_health(tmp_path: P
     done = _run([_tool("kustomize"), "build", overlay])
     assert done.returncode != 0
     assert "data.PRESTOP_APP_HEALTH_URL` is missing" in done.stderr, done.stderr
+
+
+def test_the_readmes_pod_snippet_keeps_readiness_on_the_apps_health() -> None:
+    text = (ROOT / "README.md").read_text()
+    block = text.split("## How a pod uses it", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    pod = yaml.safe_load(block)["spec"]
+    (app,) = [c for c in pod["containers"] if c["name"] == "app"]
+    (agent,) = [c for c in pod["containers"] if c["name"] == "prestop-agent"]
+    config = load({e["name"]: e.get("value", "10.1.2.3") for e in agent["env"]})
+    assert app["readinessProbe"]["httpGet"] == {"port": config.port, "path": "/ready"}
+    assert config.app_health_url, "a readiness probe on /ready needs PRESTOP_APP_HEALTH_URL"
