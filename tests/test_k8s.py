@@ -483,7 +483,7 @@ def test_a_parent_chart_adds_the_agent_to_its_own_deployment(tmp_path: Path) -> 
     shutil.copytree(CHART, parent / "charts" / "prestop-agent", symlinks=True)
     (parent / "Chart.yaml").write_text(
         "apiVersion: v2\nname: orders\nversion: 1.0.0\n"
-        "dependencies:\n- {name: prestop-agent, version: 0.1.0}\n"
+        "dependencies:\n- {name: prestop-agent, version: " + __version__ + "}\n"
     )
     (parent / "values.yaml").write_text(
         yaml.safe_dump(

@@ -218,3 +218,24 @@ def test_make_run_installs_the_package_and_make_test_its_test_tools(tmp_path: Pa
     test = _make_dry_run("test", tmp_path)
     assert "pip install --quiet -e '.[test]'" in test
     assert "-m pytest" in test
+
+
+def test_one_version_names_the_release_everywhere() -> None:
+    """The package's version is the newest release in the CHANGELOG, dated, and the version of
+    the image, the chart (version and appVersion), its image tag, the kustomize component's image
+    and the README's pod snippet."""
+    root = Path(__file__).resolve().parent.parent
+    releases = re.findall(r"^## \[(\d+\.\d+\.\d+)\] - (\d{4}-\d\d-\d\d)$", (
+        root / "CHANGELOG.md").read_text(), re.MULTILINE)  # fmt: skip
+    assert releases and releases[0][0] == __version__, releases
+    headings = re.findall(r"^## \[([^\]]+)\]", (root / "CHANGELOG.md").read_text(), re.MULTILINE)
+    released = [h for h in headings if h != "Unreleased"]
+    assert len(released) == len(releases), f"every release heading carries its date: {headings}"
+    chart = root / "k8s" / "helm" / "prestop-agent"
+    meta = (chart / "Chart.yaml").read_text()
+    assert re.search(rf"^version: {re.escape(__version__)}$", meta, re.MULTILINE)
+    assert re.search(rf'^appVersion: "{re.escape(__version__)}"$', meta, re.MULTILINE)
+    assert f'tag: "{__version__}"' in (chart / "values.yaml").read_text()
+    image = f"prestop-agent:{__version__}"
+    assert f"image: {image}" in (root / "k8s" / "kustomize" / "common" / "pod.yaml").read_text()
+    assert f"image: {image}" in (root / "README.md").read_text()
