@@ -18,9 +18,12 @@ TOOLS             := $(HOME)/.cache/prestop-agent/tools
 HELM_VERSION      := v3.22.0
 KUSTOMIZE_VERSION := v5.8.2
 CHECKOV_VERSION   := 3.3.30
+# CNCF distribution: the OCI registry the release test pushes the image and the chart to.
+REGISTRY_VERSION  := v3.1.2
 HELM              := $(TOOLS)/helm-$(HELM_VERSION)/helm
 KUSTOMIZE         := $(TOOLS)/kustomize-$(KUSTOMIZE_VERSION)/kustomize
 CHECKOV           := $(TOOLS)/checkov-$(CHECKOV_VERSION)/bin/checkov
+REGISTRY          := $(TOOLS)/registry-$(REGISTRY_VERSION)/registry
 
 $(PYTHON):
 	python3 -m venv $(VENV)
@@ -57,9 +60,10 @@ kube-prepare:
 	@if [ "$$(id -u)" = 0 ]; then bash tests/kube/prepare.sh >/dev/null; \
 	else echo "not root: no kubelet node; the kube tests skip (fail under CI=true)"; fi
 
-## helm, kustomize (Go module proxy) and checkov (PyPI), each cached under its version. A lock
+## helm, kustomize, the OCI registry (Go module proxy) and checkov (PyPI), each cached under its
+## version. A lock
 ## keeps two checkouts on one machine from filling the same cache at once.
-k8s-tools: $(HELM) $(KUSTOMIZE) $(CHECKOV)
+k8s-tools: $(HELM) $(KUSTOMIZE) $(CHECKOV) $(REGISTRY)
 
 $(HELM):
 	flock /tmp/prestop-tools.lock env GOBIN=$(@D) $(GO) install helm.sh/helm/v3/cmd/helm@$(HELM_VERSION)
@@ -67,6 +71,10 @@ $(HELM):
 $(KUSTOMIZE):
 	flock /tmp/prestop-tools.lock env GOBIN=$(@D) $(GO) install \
 		sigs.k8s.io/kustomize/kustomize/v5@$(KUSTOMIZE_VERSION)
+
+$(REGISTRY):
+	flock /tmp/prestop-tools.lock env GOBIN=$(@D) $(GO) install \
+		github.com/distribution/distribution/v3/cmd/registry@$(REGISTRY_VERSION)
 
 $(CHECKOV):
 	flock /tmp/prestop-tools.lock sh -c 'python3 -m venv $(TOOLS)/checkov-$(CHECKOV_VERSION) \

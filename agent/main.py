@@ -195,12 +195,9 @@ class Agent:
                         if ":" in address
                         else f"{address}:{self.config.port}"
                     )
-                self.metrics.describe(
-                    drain_mode=self.config.drain_mode,
-                    registry=registry.name,
-                    pod=self.config.pod_name,
-                    namespace=self.config.pod_namespace,
-                )
+                # No pod or namespace label: the scrape's target labels carry them, and the
+                # same names exported here would collide (exported_pod, exported_namespace).
+                self.metrics.describe(drain_mode=self.config.drain_mode, registry=registry.name)
                 self.metrics.registry_backend(registry.name)
                 if self.config.drain_mode == "traffic":
                     from agent.drain.traffic import probe_source

@@ -148,6 +148,17 @@ def test_the_recording_rules_keep_the_metric_name_and_the_dashboard_uses_them() 
         assert record in queries, f"{record}: recorded but no panel uses it"
 
 
+def test_the_info_metric_leaves_pod_and_namespace_to_the_target_labels(
+    new_agent: Callable[..., AgentProcess],
+) -> None:
+    agent = new_agent({"POD_NAME": "orders-7f9c", "POD_NAMESPACE": "shop"}).run()
+    with urllib.request.urlopen(f"{agent.url}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    (info,) = [line for line in text.splitlines() if line.startswith("prestop_info{")]
+    assert 'version="' in info
+    assert "pod=" not in info and "namespace=" not in info, info
+
+
 # --- the dashboard, against a real Prometheus --------------------------------------------------
 
 

@@ -1,0 +1,206 @@
+"""The release as a user's CI and cluster take it: through a real OCI registry (CNCF distribution,
+built from the Go module proxy by ``make k8s-tools``, on loopback):
+
+* the chart, packaged and pushed with ``helm push``, renders from ``oci://`` exactly as from the
+  repository;
+* the agent image (docker/Dockerfile, built by tests/kube/prepare.sh) is pushed with buildah and
+  pulled by containerd through a ``hosts.toml`` (not ``ctr import``), then run: its version is the
+  release's, and the chart's ``helm test`` command (``check --config-only`` with the environment
+  the default values give it) passes in it: no floor warning.
+
+The in-cluster ``helm install`` from ``oci://`` and ``helm test`` need an API server (the control
+plane of tests/kube/ in progress); the pieces they use are the ones checked here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agent import __version__
+from tests.support import free_port, skip_or_fail
+from tests.test_k8s import (
+    CHART,
+    KUBE_VERSION,
+    _documents,
+    _environment,
+    _is_hook,
+    _secrets_from_outside,
+    _tool,
+    helm_template,
+)
+
+pytestmark = pytest.mark.root
+
+CHART_VALUES = {"token": {"value": "a-release-token"}}
+
+
+def _run(*command: str | Path, timeout: float = 300, **kwargs: object) -> str:
+    done = subprocess.run(
+        [str(c) for c in command], capture_output=True, text=True, timeout=timeout, **kwargs
+    )  # type: ignore[call-overload]
+    assert done.returncode == 0, f"{' '.join(map(str, command))}:\n{done.stdout}{done.stderr}"
+    return done.stdout + done.stderr
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A CNCF distribution registry on a free loopback port (plain HTTP); its host:port."""
+    binary = _tool("registry")
+    folder = tmp_path_factory.mktemp("registry")
+    address = f"127.0.0.1:{free_port()}"
+    config = folder / "config.yml"
+    config.write_text(
+        "version: 0.1\n"
+        "log: {level: warn}\n"
+        f"storage: {{filesystem: {{rootdirectory: {folder / 'data'}}}}}\n"
+        f"http: {{addr: {address}}}\n"
+    )
+    log = (folder / "registry.log").open("wb")
+    process = subprocess.Popen([binary, "serve", config], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://{address}/v2/", timeout=2) as answer:
+                    assert answer.status == 200
+                    break
+            except OSError:
+                assert process.poll() is None, (folder / "registry.log").read_text()
+                assert time.monotonic() < deadline, "the registry did not answer /v2/"
+                time.sleep(0.2)
+        yield address
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+        log.close()
+
+
+def _catalog(address: str) -> list[str]:
+    with urllib.request.urlopen(f"http://{address}/v2/_catalog", timeout=5) as answer:
+        return json.loads(answer.read())["repositories"]
+
+
+def test_the_chart_pushed_with_helm_push_renders_from_oci(registry: str, tmp_path: Path) -> None:
+    helm = _tool("helm")
+    env = {**os.environ, "HELM_REGISTRY_CONFIG": str(tmp_path / "registry.json"),
+           "HELM_CACHE_HOME": str(tmp_path / "cache")}  # fmt: skip
+    _run(helm, "package", CHART, "--destination", tmp_path, env=env)
+    package = tmp_path / f"prestop-agent-{__version__}.tgz"
+    assert package.exists(), list(tmp_path.iterdir())
+    pushed = _run(helm, "push", package, f"oci://{registry}/charts", "--plain-http", env=env)
+    assert f"{registry}/charts/prestop-agent:{__version__}" in pushed, pushed
+    assert "charts/prestop-agent" in _catalog(registry)
+
+    reference = f"oci://{registry}/charts/prestop-agent"
+    done = subprocess.run(
+        [helm, "template", "orders", reference, "--version", __version__, "--plain-http",
+         "--kube-version", KUBE_VERSION, "--values", "-"],
+        input=json.dumps(CHART_VALUES), capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    from_registry = [o for o in _documents(done.stdout) if not _is_hook(o)]
+    assert from_registry == helm_template(CHART_VALUES)
+    print(f"chart: helm push {package.name} -> {reference}, rendered from there as from k8s/")
+
+
+# --- the image ---------------------------------------------------------------------------------
+
+
+def _containerd(folder: Path) -> tuple[subprocess.Popen[bytes], Path]:
+    """A containerd of the test's own (its root, state and socket under ``folder``); no CRI."""
+    socket = folder / "containerd.sock"
+    config = folder / "containerd.toml"
+    config.write_text(
+        "version = 2\n"
+        f'root = "{folder}/root"\n'
+        f'state = "{folder}/state"\n'
+        'disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.btrfs",'
+        ' "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.aufs",'
+        ' "io.containerd.snapshotter.v1.devmapper"]\n'
+        f'[grpc]\n  address = "{socket}"\n'
+        f'[ttrpc]\n  address = "{socket}.ttrpc"\n'
+        f'[plugins."io.containerd.internal.v1.opt"]\n  path = "{folder}/opt"\n'
+    )
+    log = (folder / "containerd.log").open("wb")
+    process = subprocess.Popen(
+        ["containerd", "--config", str(config)], stdout=log, stderr=subprocess.STDOUT
+    )
+    deadline = time.monotonic() + 30
+    while subprocess.run(["ctr", "--address", str(socket), "version"], capture_output=True,
+                         timeout=10).returncode != 0:  # fmt: skip
+        assert process.poll() is None, (folder / "containerd.log").read_text()
+        assert time.monotonic() < deadline, "containerd did not answer"
+        time.sleep(0.2)
+    return process, socket
+
+
+def test_the_image_pushed_with_buildah_is_pulled_by_containerd_and_runs(
+    registry: str, tmp_path: Path
+) -> None:
+    if os.geteuid() != 0:
+        skip_or_fail("buildah and containerd need root here")
+    for tool in ("buildah", "containerd", "ctr"):
+        if shutil.which(tool) is None:
+            skip_or_fail(f"{tool} is not installed (make kube-prepare installs it)")
+    from tests.kube.node import NodeError, prepare
+
+    try:
+        prepared = prepare()
+    except NodeError as err:
+        pytest.fail(str(err))
+    (archive,) = [a for a in prepared.archives if a.name.startswith("agent-")]
+    image = f"{registry}/prestop-agent:{__version__}"
+
+    # CI: buildah, with storage of its own, pushes the built image to the registry.
+    buildah = ["buildah", "--root", str(tmp_path / "buildah"), "--runroot",
+               str(tmp_path / "buildah-run"), "--storage-driver", "vfs"]  # fmt: skip
+    _run(*buildah, "pull", "--quiet", f"docker-archive:{archive}")
+    _run(*buildah, "push", "--quiet", "--tls-verify=false", prepared.agent_image,
+         f"docker://{image}")  # fmt: skip
+    assert "prestop-agent" in _catalog(registry)
+
+    # The cluster: containerd pulls it through its registry host configuration (hosts.toml).
+    hosts = tmp_path / "certs.d" / registry
+    hosts.mkdir(parents=True)
+    (hosts / "hosts.toml").write_text(
+        f'server = "http://{registry}"\n'
+        f'[host."http://{registry}"]\n  capabilities = ["pull", "resolve"]\n'
+    )
+    process, socket = _containerd(tmp_path / "containerd")
+    ctr = ["ctr", "--address", str(socket), "--namespace", "release"]
+    try:
+        pulled = _run(*ctr, "images", "pull", "--hosts-dir", tmp_path / "certs.d", image)
+        assert "done" in pulled or "unpacking" in pulled, pulled
+        listed = _run(*ctr, "images", "list", "--quiet")
+        assert image in listed.split(), listed
+
+        version = _run(*ctr, "run", "--rm", image, "release-version", "prestop-agent",
+                       "--version")  # fmt: skip
+        assert version.strip() == f"prestop-agent {__version__}"
+
+        # The chart's helm test command, with the environment its pod gets from default values.
+        objects = helm_template(CHART_VALUES, hooks=True)
+        (pod,) = [o for o in objects if _is_hook(o)]
+        (check,) = pod["spec"]["containers"]
+        environ = _environment(check, objects + _secrets_from_outside(objects))
+        env_flags = [f"--env={name}={value}" for name, value in environ.items()]
+        done = subprocess.run(
+            [*ctr, "run", "--rm", *env_flags, image, "release-check", "prestop-agent",
+             *check["args"]],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "configuration is valid" in done.stdout and "WARNING" not in done.stdout
+        print(f"image: buildah push -> {image} -> containerd pull (hosts.toml) -> runs {version}")
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
