@@ -1,14 +1,16 @@
 {{/*
 The helpers that add the agent to a pod spec. The chart's own Deployment uses them, and so can a
 parent chart that lists this chart as a dependency (see README.md): pass a context that holds this
-chart's values as .Values, plus .Release.
+chart's values as .Values, plus .Release (and .Capabilities, for the native layout's Kubernetes
+version check).
 
   prestop-agent.podSpec   (dict "pod" <your pod spec> "Values" <these values> "Release" .Release)
                           -> your pod spec with the agent, the app's preStop hook and readiness
                              probe, terminationGracePeriodSeconds and a RuntimeDefault seccomp
                              profile (unless the spec sets its own).
-  prestop-agent.podLabels -> the labels the PodMonitor selects on (the release's own pods only:
-                             two releases in a namespace must not scrape each other's twice).
+  prestop-agent.podLabels -> the labels the PodMonitor and the PodDisruptionBudget select on
+                             (the release's own pods only: two releases in a namespace must not
+                             scrape or budget each other's).
 */}}
 
 {{- define "prestop-agent.fullname" -}}
