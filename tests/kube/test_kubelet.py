@@ -239,7 +239,14 @@ def test_the_k8s_examples_run(
             kube.prepared,
             demo_app_jar,
             name=name,
-            env_overrides={"PRESTOP_EUREKA_URLS": eureka_pod},
+            # The examples' grace period holds Spring Cloud's 95 s floor; the only Eureka
+            # client here is the demo app itself (1 s fetches, no LoadBalancer cache), so the
+            # client bound is told as it is, keeping each termination well inside the deletion
+            # timeout.
+            env_overrides={
+                "PRESTOP_EUREKA_URLS": eureka_pod,
+                "PRESTOP_EUREKA_CLIENT_REFRESH_SECONDS": "2",
+            },
             secrets=secret_values(documents),
             eureka_url=eureka_pod,
         )
