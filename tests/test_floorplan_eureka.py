@@ -13,20 +13,19 @@ proxy on loopback in front of the server.
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 import socket
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from agent import floorplan
-from tests.javaapps import DemoApp, EurekaServer, StartDemoApp, eureka_set_status, http_get
+from tests.javaapps import EurekaServer, StartDemoApp, eureka_set_status
 from tests.support import free_port, wait_for
+from tests.test_spring_caller import _records
 
 TARGET_SECONDS = 9.0
 PROPOSALS = floorplan.proposals(floorplan.stages_of(30, 65), TARGET_SECONDS)
@@ -105,12 +104,6 @@ def proposed_server(
         yield proposal, server
     finally:
         server.stop()
-
-
-def _records(caller: DemoApp, since_ms: int) -> list[dict[str, Any]]:
-    status, body = http_get(f"{caller.url}caller/records?since={since_ms}", timeout=5)
-    assert status == 200, body
-    return json.loads(body)
 
 
 def test_the_proposed_settings_give_the_floor_and_the_cost_check_predicts(
