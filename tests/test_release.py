@@ -117,6 +117,7 @@ def test_the_chart_pushed_with_helm_push_renders_from_oci(registry: str, tmp_pat
 
 def _containerd(folder: Path) -> tuple[subprocess.Popen[bytes], Path]:
     """A containerd of the test's own (its root, state and socket under ``folder``); no CRI."""
+    folder.mkdir(parents=True, exist_ok=True)
     socket = folder / "containerd.sock"
     config = folder / "containerd.toml"
     config.write_text(
