@@ -14,6 +14,7 @@ plane of tests/kube/ in progress); the pieces they use are the ones checked here
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -51,11 +52,11 @@ def _run(*command: str | Path, timeout: float = 300, **kwargs: object) -> str:
     return done.stdout + done.stderr
 
 
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A CNCF distribution registry on a free loopback port (plain HTTP); its host:port."""
+@contextlib.contextmanager
+def serve_registry(folder: Path) -> Iterator[str]:
+    """A CNCF distribution registry on a free loopback port (plain HTTP), storing in
+    ``folder``; its host:port."""
     binary = _tool("registry")
-    folder = tmp_path_factory.mktemp("registry")
     address = f"127.0.0.1:{free_port()}"
     config = folder / "config.yml"
     config.write_text(
@@ -84,35 +85,76 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         log.close()
 
 
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with serve_registry(tmp_path_factory.mktemp("registry")) as address:
+        yield address
+
+
 def _catalog(address: str) -> list[str]:
     with urllib.request.urlopen(f"http://{address}/v2/_catalog", timeout=5) as answer:
         return json.loads(answer.read())["repositories"]
 
 
-def test_the_chart_pushed_with_helm_push_renders_from_oci(registry: str, tmp_path: Path) -> None:
-    helm = _tool("helm")
-    env = {**os.environ, "HELM_REGISTRY_CONFIG": str(tmp_path / "registry.json"),
-           "HELM_CACHE_HOME": str(tmp_path / "cache")}  # fmt: skip
-    _run(helm, "package", CHART, "--destination", tmp_path, env=env)
-    package = tmp_path / f"prestop-agent-{__version__}.tgz"
-    assert package.exists(), list(tmp_path.iterdir())
+def _helm_env(folder: Path) -> dict[str, str]:
+    """helm's registry login and cache in ``folder``, not the user's."""
+    return {**os.environ, "HELM_REGISTRY_CONFIG": str(folder / "registry.json"),
+            "HELM_CACHE_HOME": str(folder / "helm-cache")}  # fmt: skip
+
+
+def push_chart(registry: str, folder: Path) -> str:
+    """``helm package`` the chart and ``helm push`` it; its oci:// reference."""
+    helm, env = _tool("helm"), _helm_env(folder)
+    _run(helm, "package", CHART, "--destination", folder, env=env)
+    package = folder / f"prestop-agent-{__version__}.tgz"
+    assert package.exists(), list(folder.iterdir())
     pushed = _run(helm, "push", package, f"oci://{registry}/charts", "--plain-http", env=env)
     assert f"{registry}/charts/prestop-agent:{__version__}" in pushed, pushed
     assert "charts/prestop-agent" in _catalog(registry)
+    return f"oci://{registry}/charts/prestop-agent"
 
-    reference = f"oci://{registry}/charts/prestop-agent"
+
+def template_from(reference: str, values: dict[str, object], folder: Path) -> list[dict]:
+    """``helm template`` of the pushed chart, pulled from the registry; hooks included."""
     done = subprocess.run(
-        [helm, "template", "orders", reference, "--version", __version__, "--plain-http",
-         "--kube-version", KUBE_VERSION, "--values", "-"],
-        input=json.dumps(CHART_VALUES), capture_output=True, text=True, timeout=300, env=env,
+        [_tool("helm"), "template", "orders", reference, "--version", __version__,
+         "--plain-http", "--kube-version", KUBE_VERSION, "--values", "-"],
+        input=json.dumps(values), capture_output=True, text=True, timeout=300,
+        env=_helm_env(folder),
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
-    from_registry = [o for o in _documents(done.stdout) if not _is_hook(o)]
-    assert from_registry == helm_template(CHART_VALUES)
-    print(f"chart: helm push {package.name} -> {reference}, rendered from there as from k8s/")
+    return _documents(done.stdout)
+
+
+def test_the_chart_pushed_with_helm_push_renders_from_oci(registry: str, tmp_path: Path) -> None:
+    reference = push_chart(registry, tmp_path)
+    from_registry = template_from(reference, CHART_VALUES, tmp_path)
+    assert from_registry == helm_template(CHART_VALUES, hooks=True)
+    print(f"chart: helm push -> {reference}, rendered from there as from k8s/")
 
 
 # --- the image ---------------------------------------------------------------------------------
+
+
+def push_image(registry: str, archives: tuple[Path, ...], name: str, folder: Path) -> str:
+    """CI's step: buildah, with storage of its own in ``folder``, pushes the agent image built
+    by tests/kube/prepare.sh (``name`` in its archive) to the registry; the image reference."""
+    (archive,) = [a for a in archives if a.name.startswith("agent-")]
+    image = f"{registry}/prestop-agent:{__version__}"
+    buildah = ["buildah", "--root", str(folder / "buildah"), "--runroot",
+               str(folder / "buildah-run"), "--storage-driver", "vfs"]  # fmt: skip
+    _run(*buildah, "pull", "--quiet", f"docker-archive:{archive}")
+    _run(*buildah, "push", "--quiet", "--tls-verify=false", name, f"docker://{image}")
+    assert "prestop-agent" in _catalog(registry)
+    return image
+
+
+def hosts_toml(registry: str) -> str:
+    """containerd's registry host configuration for the plain-HTTP loopback registry."""
+    return (
+        f'server = "http://{registry}"\n'
+        f'[host."http://{registry}"]\n  capabilities = ["pull", "resolve"]\n'
+    )
 
 
 def _containerd(folder: Path) -> tuple[subprocess.Popen[bytes], Path]:
@@ -158,24 +200,12 @@ def test_the_image_pushed_with_buildah_is_pulled_by_containerd_and_runs(
         prepared = prepare()
     except NodeError as err:
         pytest.fail(str(err))
-    (archive,) = [a for a in prepared.archives if a.name.startswith("agent-")]
-    image = f"{registry}/prestop-agent:{__version__}"
-
-    # CI: buildah, with storage of its own, pushes the built image to the registry.
-    buildah = ["buildah", "--root", str(tmp_path / "buildah"), "--runroot",
-               str(tmp_path / "buildah-run"), "--storage-driver", "vfs"]  # fmt: skip
-    _run(*buildah, "pull", "--quiet", f"docker-archive:{archive}")
-    _run(*buildah, "push", "--quiet", "--tls-verify=false", prepared.agent_image,
-         f"docker://{image}")  # fmt: skip
-    assert "prestop-agent" in _catalog(registry)
+    image = push_image(registry, prepared.archives, prepared.agent_image, tmp_path)
 
     # The cluster: containerd pulls it through its registry host configuration (hosts.toml).
     hosts = tmp_path / "certs.d" / registry
     hosts.mkdir(parents=True)
-    (hosts / "hosts.toml").write_text(
-        f'server = "http://{registry}"\n'
-        f'[host."http://{registry}"]\n  capabilities = ["pull", "resolve"]\n'
-    )
+    (hosts / "hosts.toml").write_text(hosts_toml(registry))
     process, socket = _containerd(tmp_path / "containerd")
     ctr = ["ctr", "--address", str(socket), "--namespace", "release"]
     try:

@@ -353,6 +353,9 @@ class KubeNode:
         self.host_ip = str(next(self.subnet.hosts()))
         """The node's own address on the pod bridge (pods reach the host only there)."""
         self.manifests = state / "manifests"
+        self.registry_hosts = state / "certs.d"
+        """containerd's registry host configuration (``config_path``): a registry's settings go
+        in ``registry_hosts / "HOST:PORT" / "hosts.toml"``, read at each pull."""
         self.pod_logs = state / "logs" / "pods"
         self.containerd_log = state / "logs" / "containerd.log"
         self.kubelet_log = state / "logs" / "kubelet.log"
@@ -371,7 +374,8 @@ class KubeNode:
         started = time.monotonic()
         self._take_machine_lock(lock_timeout)
         clean_host(self.state, str(self.subnet))
-        for folder in (self.manifests, self.pod_logs, self.state / "cni", self.state / "logs"):
+        for folder in (self.manifests, self.pod_logs, self.state / "cni", self.state / "logs",
+                       self.registry_hosts):  # fmt: skip
             folder.mkdir(parents=True, exist_ok=True)
         self._make_bridge()
         self._start_containerd()
@@ -479,6 +483,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "{CNI_BIN}"
     conf_dir = "{state}/cni"
+  [plugins."io.containerd.grpc.v1.cri".registry]
+    config_path = "{self.registry_hosts}"
 """
         (state / "containerd.toml").write_text(config)
         with self.containerd_log.open("ab") as log:
