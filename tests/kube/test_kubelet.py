@@ -233,35 +233,73 @@ def test_the_k8s_examples_run(
     deployments = [d for d in documents if d["kind"] == "Deployment"]
     assert deployments, f"{example} has no Deployment"
     for index, deployment in enumerate(deployments):
-        name = f"example-{example.stem}-{index}"
-        pod = pod_from_deployment(
-            deployment,
-            kube.prepared,
-            demo_app_jar,
-            name=name,
-            # The examples' grace period holds Spring Cloud's 95 s floor; the only Eureka
-            # client here is the demo app itself (1 s fetches, no LoadBalancer cache), so the
-            # client bound is told as it is, keeping each termination well inside the deletion
-            # timeout.
-            env_overrides={
-                "PRESTOP_EUREKA_URLS": eureka_pod,
-                "PRESTOP_EUREKA_CLIENT_REFRESH_SECONDS": "2",
-            },
-            secrets=secret_values(documents),
-            eureka_url=eureka_pod,
-        )
-        kube.apply(pod)
-        kube.wait_ready(name, START_TIMEOUT)
-        _, timeline = terminate(kube, name)
-        agent = agent_log(kube, name)
-        logged(agent, event="shutdown_complete")
-        answered = logged(agent, event="http_request", path="/prestop")[1]
-        assert answered["status"] == 200
-        assert first(timeline, "hook_completed", "app")
-        assert not [e for e in timeline if e.what in ("hook_failed", "event:FailedPreStopHook")]
-        codes = kube.exit_codes(name)
-        # The agent exits 0; the JVM exits 143 after its SIGTERM (137 would be a SIGKILL).
-        assert codes.pop("prestop-agent") == 0 and set(codes.values()) <= {0, 143}, codes
+        _run_and_terminate(
+            kube, deployment, f"example-{example.stem}-{index}", demo_app_jar, eureka_pod,
+            secret_values(documents),
+        )  # fmt: skip
+
+
+def _run_and_terminate(
+    kube: KubeNode,
+    deployment: dict[str, Any],
+    name: str,
+    demo_app_jar: Path,
+    eureka_pod: str,
+    secrets: dict[tuple[str, str], str],
+) -> None:
+    """The Deployment as a static pod: it becomes Ready, and its termination drains through
+    the agent (the hook answered 200, so the token matched) and ends cleanly."""
+    pod = pod_from_deployment(
+        deployment,
+        kube.prepared,
+        demo_app_jar,
+        name=name,
+        # The examples' grace period holds Spring Cloud's 95 s floor; the only Eureka client
+        # here is the demo app itself (1 s fetches, no LoadBalancer cache), so the client bound
+        # is told as it is, keeping each termination well inside the deletion timeout.
+        env_overrides={
+            "PRESTOP_EUREKA_URLS": eureka_pod,
+            "PRESTOP_EUREKA_CLIENT_REFRESH_SECONDS": "2",
+        },
+        secrets=secrets,
+        eureka_url=eureka_pod,
+    )
+    kube.apply(pod)
+    kube.wait_ready(name, START_TIMEOUT)
+    _, timeline = terminate(kube, name)
+    agent = agent_log(kube, name)
+    logged(agent, event="shutdown_complete")
+    answered = logged(agent, event="http_request", path="/prestop")[1]
+    assert answered["status"] == 200
+    assert first(timeline, "hook_completed", "app")
+    assert not [e for e in timeline if e.what in ("hook_failed", "event:FailedPreStopHook")]
+    codes = kube.exit_codes(name)
+    # The agent exits 0; the JVM exits 143 after its SIGTERM (137 would be a SIGKILL).
+    assert codes.pop("prestop-agent") == 0 and set(codes.values()) <= {0, 143}, codes
+
+
+def test_the_kustomize_example_runs_with_the_token_from_an_out_of_band_secret(
+    kube: KubeNode, demo_app_jar: Path, eureka_pod: str, tmp_path: Path
+) -> None:
+    """``kustomize build`` of the example without its secrets.yaml (the Secrets created out of
+    band), as a static pod: the hook's header (from the build) matches the agent's token (from
+    the out-of-band Secret). A static pod reads no ConfigMap or Secret, so the agent's
+    environment is written in as the kubelet would build it."""
+    from tests.test_k8s import _environment, _overlay, _secrets_from_outside, kustomize_build
+
+    overlay = _overlay(tmp_path, {"kustomization.yaml": ("- secrets.yaml\n", "")})
+    objects = kustomize_build(overlay)
+    assert "Secret" not in {o["kind"] for o in objects}
+    (deployment,) = [o for o in objects if o["kind"] == "Deployment"]
+    (agent,) = deployment["spec"]["template"]["spec"]["initContainers"]
+    environ = _environment(agent, objects + _secrets_from_outside(objects))
+    downward = [e for e in agent["env"] if "fieldRef" in e.get("valueFrom", {})]
+    named = {e["name"] for e in downward}
+    agent.pop("envFrom")
+    agent["env"] = downward + [
+        {"name": k, "value": v} for k, v in environ.items() if k not in named
+    ]
+    _run_and_terminate(kube, deployment, "kustomize-example", demo_app_jar, eureka_pod, {})
 
 
 def test_eureka_marks_the_instance_down_before_the_app_sigterm(
