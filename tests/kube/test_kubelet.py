@@ -271,7 +271,8 @@ def _run_and_terminate(
     logged(agent, event="shutdown_complete")
     answered = logged(agent, event="http_request", path="/prestop")[1]
     assert answered["status"] == 200
-    assert first(timeline, "hook_completed", "app")
+    app = deployment["spec"]["template"]["spec"]["containers"][0]["name"]
+    assert first(timeline, "hook_completed", app)
     assert not [e for e in timeline if e.what in ("hook_failed", "event:FailedPreStopHook")]
     codes = kube.exit_codes(name)
     # The agent exits 0; the JVM exits 143 after its SIGTERM (137 would be a SIGKILL).
