@@ -210,18 +210,13 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     if stopped:
         print(f"prestop-agent: {signal.Signals(stopped[0]).name} received, check not run")
         return 128 + stopped[0]
-    stages = floorplan.stages_of(
-        config.eureka_server_cache_seconds,
-        config.eureka_client_refresh_seconds,
-        args.client_fetch_seconds,
-        args.loadbalancer_ttl_seconds,
-    )
     return check(
         config,
         warnings,
         config_only=args.config_only,
-        stages=stages,
         floor_target=args.floor_target,
+        client_fetch_seconds=args.client_fetch_seconds,
+        loadbalancer_ttl_seconds=args.loadbalancer_ttl_seconds,
     )
 
 
@@ -230,11 +225,12 @@ def check(
     warnings: Sequence[str] = (),
     *,
     config_only: bool = False,
-    stages: floorplan.Stages | None = None,
     floor_target: float | None = None,
+    client_fetch_seconds: float = floorplan.DEFAULT_CLIENT_FETCH_SECONDS,
+    loadbalancer_ttl_seconds: float = floorplan.DEFAULT_LOADBALANCER_TTL_SECONDS,
 ) -> int:
-    """Print the effective settings and the shutdown plan, reach the registry (unless
-    ``config_only``); 0 if all is well."""
+    """Print the effective settings, the shutdown plan and the propagation floor by stage, reach
+    the registry (unless ``config_only``); 0 if all is well."""
     budget = config.budget()
     print(f"prestop-agent {__version__}: configuration is valid")
     for warning in warnings:
@@ -289,10 +285,12 @@ def check(
     print("     sidecar), first wait for one /metrics scrape, the app's exit or the grace period")
     print(f"\nTime budget: {budget.arithmetic()}")
     if config.registry != "none":
-        if stages is None:
-            stages = floorplan.stages_of(
-                config.eureka_server_cache_seconds, config.eureka_client_refresh_seconds
-            )
+        stages = floorplan.stages_of(
+            config.eureka_server_cache_seconds,
+            config.eureka_client_refresh_seconds,
+            client_fetch_seconds,
+            loadbalancer_ttl_seconds,
+        )
         # By default the floor plus QUIET fits the drain maximum: a drain can still end quiet
         # after the floor instead of at its maximum.
         quiet = config.drain_quiet_seconds if config.drain_mode == "traffic" else 0.0
