@@ -143,11 +143,15 @@ def _documents(text: str) -> list[Object]:
 
 
 def helm_template(
-    values: Object, *extra: str, chart: Path = CHART, hooks: bool = False
+    values: Object,
+    *extra: str,
+    chart: Path = CHART,
+    hooks: bool = False,
+    release: str = "orders",
 ) -> list[Object]:
     """The chart's objects; its hooks (the helm test pod) only with ``hooks``."""
     done = _run(
-        [_tool("helm"), "template", "orders", chart, "--values", "-", "--kube-version",
+        [_tool("helm"), "template", release, chart, "--values", "-", "--kube-version",
          KUBE_VERSION, *extra],
         input=json.dumps(values),
     )  # fmt: skip
@@ -828,15 +832,10 @@ def test_the_monitoring_objects_shared_by_every_release_carry_no_release_name() 
                              "prometheusRule": {"enabled": True, "runbookBaseUrl":
                                                 "https://wiki.example.org/ops.md"},
                              "dashboard": {"enabled": True}}}  # fmt: skip
-    names = {}
-    for release in ("orders", "payments"):
-        done = _run(
-            [_tool("helm"), "template", release, CHART, "--values", "-", "--kube-version",
-             KUBE_VERSION],
-            input=json.dumps(values),
-        )  # fmt: skip
-        assert done.returncode == 0, done.stderr
-        names[release] = {o["kind"]: o for o in _documents(done.stdout)}
+    names = {
+        release: {o["kind"]: o for o in helm_template(values, release=release)}
+        for release in ("orders", "payments")
+    }
     for kind in ("PrometheusRule", "ConfigMap"):  # one copy per namespace: a second one collides
         assert (
             names["orders"][kind]["metadata"]["name"] == names["payments"][kind]["metadata"]["name"]
