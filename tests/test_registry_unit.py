@@ -68,6 +68,7 @@ class FakeEureka:
         self.requests: list[web.Request] = []
         self.statuses: list[int] = []  # answer these codes first, in order, then behave
         self.delay = 0.0
+        self.registered: list[dict[str, Any]] = []
         app = web.Application(middlewares=[self._record])
         app.router.add_get("/eureka/apps/{app}", self._app)
         app.router.add_get("/eureka/apps/{app}/{id}", self._instance)
@@ -112,6 +113,7 @@ class FakeEureka:
 
     async def _register(self, request: web.Request) -> web.Response:
         registered = (await request.json())["instance"]
+        self.registered.append(registered)
         self.instances[registered["instanceId"]] = registered
         return web.Response(status=204)
 
@@ -451,6 +453,42 @@ async def test_register_registers_renews_marks_and_cancels(
     await asyncio.sleep(0.25)  # no renewal after the cancel would register it again
     assert f"{POD_IP}:py-app:9000" not in fake.instances
     await registry.close()
+
+
+async def test_register_publishes_the_pod_address_and_paths_never_secrets(
+    serve: Serve, session: aiohttp.ClientSession
+) -> None:
+    """Issue 21 item 1: every Eureka client, the dashboard and Spring Boot Admin read the
+    registration; it carries what a Spring Boot instance publishes, never the agent's private
+    health URL (its password, its query token, its loopback host)."""
+    fake, url = await serve([])
+    cfg = load(
+        {
+            "PRESTOP_REGISTRY": "register",
+            "PRESTOP_EUREKA_URLS": url,
+            "PRESTOP_EUREKA_APP": "py-app",
+            "POD_IP": "fd00:77::5",
+            "PRESTOP_APP_PORT": "9000",
+            "PRESTOP_APP_HEALTH_URL": "http://probe:pa55word@127.0.0.1:9001/manage/health?token=t0k3n",
+            "PRESTOP_EUREKA_RENEWAL_SECONDS": "0.1",
+        }
+    )
+    registry = open_registry(cfg, session)
+    task = asyncio.create_task(registry.run())
+    try:
+        await asyncio.sleep(0.3)
+    finally:
+        await registry.finalize()
+        await asyncio.wait_for(task, 2)
+    registrations = [r for r in fake.requests if r.method == "POST"]
+    assert registrations
+    registered = fake.registered[-1]
+    published = json.dumps(registered)
+    for secret in ("pa55word", "t0k3n", "probe", "127.0.0.1", "?"):
+        assert secret not in published, published
+    assert registered["healthCheckUrl"] == "http://[fd00:77::5]:9001/manage/health"
+    assert registered["statusPageUrl"] == "http://[fd00:77::5]:9001/actuator/info"
+    assert registered["homePageUrl"] == "http://[fd00:77::5]:9000/"
 
 
 # ------------------------------------------------------------------------------------- health

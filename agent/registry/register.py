@@ -36,13 +36,13 @@ import contextvars
 import time
 from typing import TYPE_CHECKING, Any
 from urllib.error import HTTPError, URLError
+from urllib.parse import urlsplit
 
 import aiohttp
 import structlog
 from py_eureka_client import eureka_basic
 from py_eureka_client import http_client as eureka_http
 
-from agent.config import redact_url
 from agent.registry import HealthState, RegistryError, RegistryHealth
 from agent.registry._http import (
     MARK_SHARE,
@@ -157,6 +157,31 @@ def _retriable(exc: BaseException) -> bool:
     return not isinstance(exc, HTTPError) or exc.code >= 500
 
 
+# What a Spring Boot app's own Eureka client publishes (Spring Cloud Netflix's
+# EurekaInstanceConfigBean): the actuator's paths on the instance's own address.
+STATUS_PAGE_PATH = "/actuator/info"
+HEALTH_CHECK_PATH = "/actuator/health"
+
+
+def published_urls(config: Config) -> tuple[str, str, str]:
+    """(homePageUrl, statusPageUrl, healthCheckUrl) as every Eureka client, the dashboard and
+    Spring Boot Admin will read them: the pod IP (``127.0.0.1`` means nothing outside the pod),
+    the app's port (or the health URL's own port, a separate management port), and paths only.
+
+    ``PRESTOP_APP_HEALTH_URL`` is the agent's private way to the app: its userinfo and query
+    string (a password, a token) are never published, and neither is its host.
+    """
+    ip = config.pod_ip
+    host = f"[{ip}]" if ":" in ip else ip
+    home = f"http://{host}:{config.app_port}/"
+    if not config.app_health_url:
+        base = home.rstrip("/")
+        return home, base + STATUS_PAGE_PATH, base + HEALTH_CHECK_PATH
+    parts = urlsplit(config.app_health_url)
+    base = f"{parts.scheme}://{host}:{parts.port or config.app_port}"
+    return home, base + STATUS_PAGE_PATH, base + (parts.path or HEALTH_CHECK_PATH)
+
+
 class RegisterRegistry:
     """Be the Eureka client of an app that has none."""
 
@@ -192,8 +217,7 @@ class RegisterRegistry:
     @staticmethod
     def _build_instance(config: Config) -> eureka_basic.Instance:
         ip, port = config.pod_ip, config.app_port
-        host = f"[{ip}]" if ":" in ip else ip
-        home = f"http://{host}:{port}/"
+        home, status_page, health_check = published_urls(config)
         app = config.eureka_app.upper()
         # Spring's default instance id is host:app:port; the pod IP stands in for the host.
         instance_id = config.eureka_instance_id or f"{ip}:{config.eureka_app.lower()}:{port}"
@@ -211,8 +235,8 @@ class RegisterRegistry:
             port=eureka_basic.PortWrapper(port=port, enabled=True),
             securePort=eureka_basic.PortWrapper(port=443, enabled=False),
             homePageUrl=home,
-            statusPageUrl=config.app_health_url or home,
-            healthCheckUrl=config.app_health_url or "",
+            statusPageUrl=status_page,
+            healthCheckUrl=health_check,
             vipAddress=config.eureka_app.lower(),
             secureVipAddress=config.eureka_app.lower(),
             dataCenterInfo=eureka_basic.DataCenterInfo(
@@ -465,7 +489,8 @@ class RegisterRegistry:
             "instance_id": self.instance_id,
             "ipAddr": i.ipAddr,
             "port": i.port.port,
-            "healthCheckUrl": redact_url(i.healthCheckUrl) if i.healthCheckUrl else None,
+            "healthCheckUrl": i.healthCheckUrl,
+            "statusPageUrl": i.statusPageUrl,
             "app_health_now": health,
             "renewal_seconds": i.leaseInfo.renewalIntervalInSecs,
             "lease_seconds": i.leaseInfo.durationInSecs,
