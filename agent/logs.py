@@ -7,8 +7,14 @@ import time; :func:`configure` decides where it goes. Tests use ``structlog.test
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import queue
 import sys
+import threading
+import time
+from collections.abc import Callable
 from typing import Any, TextIO
 
 import structlog
@@ -22,10 +28,114 @@ QUIET_PATHS = frozenset({"/ready", "/live", "/metrics"})
 
 access_log = structlog.get_logger("prestop.access")
 
+# Lines waiting for a slow reader of the log stream. Beyond this many, new lines are dropped (and
+# counted): memory stays bounded and the event loop never waits for a reader.
+MAX_PENDING_LINES = 10_000
+
+
+class LogOutput:
+    """The log stream as the agent writes to it: never blocking, never raising.
+
+    A log line must never be able to affect the shutdown. Writing straight to stderr does both:
+    a pipe whose reader exited raises ``BrokenPipeError`` inside whatever logged (a phase
+    listener in the middle of the trigger, say), and a pipe nobody reads blocks the event loop
+    once its 64 KiB buffer is full (probes then go unanswered). So the agent's threads only put
+    lines in a bounded queue, and one daemon thread writes them to the stream's file descriptor.
+    A line that finds the queue full, or a stream that is closed or broken, is dropped and
+    counted (``prestop_log_lines_dropped_total``).
+    """
+
+    def __init__(self, stream: TextIO | None, max_pending: int = MAX_PENDING_LINES) -> None:
+        self._fd: int | None = None
+        self._tty = False
+        try:
+            if stream is not None:
+                self._fd = stream.fileno()
+                self._tty = stream.isatty()
+        except (OSError, ValueError):  # closed (2>&-), or not a real file
+            self._fd = None
+        self._pending: queue.Queue[str] = queue.Queue(maxsize=max_pending)
+        self.dropped = 0
+        self.on_drop: Callable[[], None] | None = None
+        """Called once per dropped line (the agent counts them in its metrics)."""
+        self.broken: str | None = None
+        """Why the stream can no longer be written to (its reader is gone), once it is."""
+        self._writer = threading.Thread(target=self._write_lines, name="log-writer", daemon=True)
+        if self._fd is not None:
+            self._writer.start()
+
+    def isatty(self) -> bool:
+        return self._tty
+
+    def write(self, text: str) -> int:
+        if self._fd is None or self.broken is not None:
+            self._drop()
+            return len(text)
+        try:
+            self._pending.put_nowait(text)
+        except queue.Full:
+            self._drop()
+        return len(text)
+
+    def flush(self) -> None:
+        """Nothing to do here: the writer thread writes each line as it comes."""
+
+    def drain(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the pending lines to be written (at exit); True
+        when they were."""
+        deadline = time.monotonic() + timeout
+        while self._pending.unfinished_tasks and self.broken is None and self._fd is not None:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)
+        return True
+
+    def _drop(self) -> None:
+        self.dropped += 1
+        if self.on_drop is not None:
+            # A counter that fails must not fail the caller.
+            with contextlib.suppress(Exception):
+                self.on_drop()
+
+    def _write_lines(self) -> None:
+        assert self._fd is not None
+        while True:
+            text = self._pending.get()
+            try:
+                if self.broken is not None:
+                    self._drop()
+                    continue
+                data = text.encode("utf-8", "backslashreplace")
+                while data:
+                    written = os.write(self._fd, data)
+                    data = data[written:]
+            except OSError as exc:  # EPIPE (the reader exited), EBADF, ENOSPC...
+                self.broken = f"{type(exc).__name__}: {exc.strerror or exc}"
+                self._drop()
+            finally:
+                self._pending.task_done()
+
+
+_output: LogOutput | None = None
+
+
+def output() -> LogOutput | None:
+    """The log output :func:`configure` set up (None before it ran)."""
+    return _output
+
+
+def write_pending(timeout: float) -> None:
+    """Before the process exits: give the queued lines up to ``timeout`` seconds to be written."""
+    if _output is not None:
+        _output.drain(timeout)
+
 
 def configure(log_format: str = "auto", level: str = "info", stream: TextIO | None = None) -> None:
-    """Route structlog and the stdlib loggers (aiohttp's) to ``stream`` in one format."""
-    stream = stream if stream is not None else sys.stderr
+    """Route structlog and the stdlib loggers (aiohttp's) to ``stream`` (stderr by default; a
+    closed stderr discards the lines) in one format, through a :class:`LogOutput`."""
+    global _output
+    stream = LogOutput(stream if stream is not None else sys.stderr)
+    _output = stream
     as_json = log_format == "json" or (log_format == "auto" and not stream.isatty())
     numeric_level = logging.getLevelNamesMapping()[level.upper()]
     shared: list[Any] = [
@@ -43,11 +153,11 @@ def configure(log_format: str = "auto", level: str = "info", stream: TextIO | No
     structlog.configure(
         processors=[*shared, structlog.processors.StackInfoRenderer(), *exceptions, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(numeric_level),
-        logger_factory=structlog.PrintLoggerFactory(stream),
+        logger_factory=structlog.WriteLoggerFactory(stream),  # type: ignore[arg-type]
         cache_logger_on_first_use=True,
     )
 
-    handler = logging.StreamHandler(stream)
+    handler = logging.StreamHandler(stream)  # type: ignore[arg-type]
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name, *exceptions],

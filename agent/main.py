@@ -20,7 +20,7 @@ import aiohttp
 import structlog
 from aiohttp import web
 
-from agent import __version__
+from agent import __version__, logs
 from agent.config import Config
 from agent.drain import DrainOutcome, run_drain
 from agent.lifecycle import Lifecycle, Phase, Propagation, Trigger
@@ -45,6 +45,8 @@ SERVER_CLOSE_SECONDS = 1.0
 APP_EXIT_POLL_SECONDS = 0.25
 # The exit status of a forced exit (second Ctrl-C), as a shell reports death by SIGINT.
 FORCED_EXIT_STATUS = 128 + signal.SIGINT
+# The forced exit still leaves its log line (when the log stream takes it this soon).
+FORCED_EXIT_LOG_SECONDS = 0.2
 # A connection that sends no complete request for this long is closed (aiohttp's keep-alive
 # timer runs from the connection's start): idle or slowloris connections cannot pile up until
 # the agent runs out of file descriptors and the kubelet's probes go unanswered. Probes open a
@@ -114,6 +116,10 @@ class Agent:
         self._health: HealthWatch | None = None
         self.metrics.track(self.lifecycle)
         self.lifecycle.subscribe(self._log_phase)
+        output = logs.output()
+        if output is not None:  # the CLI configured logging: count what it has to drop
+            self.metrics.log_lines_dropped.inc(output.dropped)
+            output.on_drop = self.metrics.log_lines_dropped.inc
 
     # --- signals: record, nothing else --------------------------------------------------------
 
@@ -123,6 +129,7 @@ class Agent:
         if self.exit_requested.is_set() and trigger is Trigger.SIGINT:
             # A person pressing Ctrl-C twice wants out now, drain or not.
             log.warning("forced_exit", signal=str(trigger), phase=str(self.lifecycle.phase))
+            logs.write_pending(FORCED_EXIT_LOG_SECONDS)
             os._exit(FORCED_EXIT_STATUS)
         self.exit_requested.set()
         if self.lifecycle.start(trigger):

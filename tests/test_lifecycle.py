@@ -166,3 +166,21 @@ def test_the_pending_task_check_fails_a_leaky_test(pytester: pytest.Pytester) ->
     # The leaky test's body passes; its teardown is the error.
     result.assert_outcomes(passed=2, errors=1)
     result.stdout.fnmatch_lines(["*left 1 asyncio task(s) pending: forgotten-sleeper*"])
+
+
+async def test_a_listener_that_raises_cannot_stop_the_trigger() -> None:
+    # Issue 21 item 2: a BrokenPipeError from the phase-log listener escaped start() before the
+    # trigger was released; the hook answered 500 and nothing was drained.
+    lifecycle = Lifecycle()
+
+    def broken_log(phase: Phase, _: Lifecycle) -> None:
+        if phase is Phase.DRAINING:
+            raise BrokenPipeError(32, "Broken pipe")
+
+    seen: list[Phase] = []
+    lifecycle.subscribe(broken_log)
+    lifecycle.subscribe(lambda phase, _: seen.append(phase))
+    assert lifecycle.start(Trigger.SIGTERM)
+    await asyncio.wait_for(lifecycle.wait_triggered(), 1)
+    assert lifecycle.phase is Phase.DRAINING and seen[-1] is Phase.DRAINING
+    assert lifecycle.listener_failures == ["BrokenPipeError: [Errno 32] Broken pipe"]

@@ -8,10 +8,16 @@ drain + 1 s of the trigger (classic) or within 1 s of its SIGTERM (native).
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import re
 import signal
 import socket
+import subprocess
+import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import aiohttp
@@ -371,3 +377,97 @@ async def test_a_misspelt_variable_is_warned_about_at_start_up(new_agent) -> Non
     assert "did you mean PRESTOP_TOKEN?" in warned[1]["warning"]
     assert all(e["level"] == "warning" for e in warned)
     assert "s3cret" not in agent.log_text()
+
+
+# --------------------------------------------------------------------------------------------
+# Issue 21: the log stream is the agent's least trusted output; nothing it does may reach the drain.
+
+
+def _start_with_stderr(agent: AgentProcess, stderr: int | None, *, closed: bool = False) -> None:
+    """Start the agent with its stderr (its only log stream) on ``stderr``, or closed."""
+    agent.proc = subprocess.Popen(
+        [sys.executable, "-m", "agent.cli"],
+        env=agent._env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=stderr,
+        preexec_fn=(lambda: os.close(2)) if closed else None,
+    )
+
+
+def _get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+async def _hook_then_exit(agent: AgentProcess) -> dict:
+    """The kubelet's hook, the /metrics scrape and SIGTERM; the hook's answer."""
+    status, body = await asyncio.to_thread(_get, f"{agent.url}/prestop", 15)
+    answer = json.loads(body)
+    assert status == 200, answer
+    assert [s["outcome"] for s in answer["steps"]] == ["skipped", "fixed"], answer
+    _, page = await asyncio.to_thread(_get, f"{agent.url}/metrics")
+    agent.signal(signal.SIGTERM)
+    assert (await _wait_exit(agent, limit=10))[0] == 0
+    answer["metrics"] = page.decode()
+    return answer
+
+
+async def test_a_log_reader_that_exits_does_not_stop_the_shutdown(new_agent) -> None:
+    # `prestop-agent 2>&1 | head -1`: the reader takes one line and exits; every later write to
+    # the pipe is EPIPE. Before: /prestop answered 500 at once, nothing drained, SIGTERM ignored.
+    agent = new_agent({"PRESTOP_DRAIN_MODE": "fixed", "PRESTOP_DRAIN_SECONDS": "0.5"})
+    read_end, write_end = os.pipe()
+    _start_with_stderr(agent, write_end)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as reader:
+        first = await asyncio.to_thread(reader.readline)
+    assert first.startswith(b"{")  # the reader has its line and is gone
+    await asyncio.to_thread(agent.wait_ready)
+    answer = await _hook_then_exit(agent)
+    dropped = re.search(r"^prestop_log_lines_dropped_total (\S+)$", answer["metrics"], re.M)
+    assert dropped and float(dropped.group(1)) >= 1, answer["metrics"]
+
+
+async def test_a_closed_stderr_is_no_reason_to_fail(new_agent) -> None:
+    # `prestop-agent 2>&-`: before, exit 1 without a word (the format, auto, asked the closed
+    # stream whether it is a terminal).
+    agent = new_agent(
+        {
+            "PRESTOP_DRAIN_MODE": "fixed",
+            "PRESTOP_DRAIN_SECONDS": "0.2",
+            "PRESTOP_LOG_FORMAT": "auto",
+        }
+    )
+    _start_with_stderr(agent, None, closed=True)
+    await asyncio.to_thread(agent.wait_ready)
+    await _hook_then_exit(agent)
+
+
+async def test_a_log_stream_nobody_reads_does_not_freeze_the_probes(new_agent) -> None:
+    # A pipe whose reader stalls: once its 64 KiB buffer was full, the event loop blocked in a
+    # write and /live and /ready stopped answering (the kubelet would kill the agent mid-drain).
+    agent = new_agent(
+        {
+            "PRESTOP_DRAIN_MODE": "fixed",
+            "PRESTOP_DRAIN_SECONDS": "0.2",
+            "PRESTOP_LOG_LEVEL": "debug",  # one access line per probe: ~250 bytes each
+        }
+    )
+    read_end, write_end = os.pipe()
+    try:
+        _start_with_stderr(agent, write_end)
+        await asyncio.to_thread(agent.wait_ready)
+        for probe in range(800):  # ~200 KB of log lines, three times the pipe's buffer
+            try:
+                await asyncio.to_thread(_get, f"{agent.url}/live", 3)
+            except OSError as exc:
+                pytest.fail(f"/live went unanswered after {probe} probes: {exc}")
+        assert (await asyncio.to_thread(_get, f"{agent.url}/ready", 3))[0] == 200
+        await _hook_then_exit(agent)
+    finally:
+        os.close(read_end)
+        os.close(write_end)
