@@ -293,6 +293,17 @@ def redact_url(url: str) -> str:
     return f"{scheme}{sep}{rest}"
 
 
+# A URL inside free text (an HTTP client's error message quotes the request's URL): from its
+# scheme to the first space, quote or bracket.
+_URL_IN_TEXT = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>]+")
+
+
+def redact_urls_in(text: str) -> str:
+    """``text`` with every URL in it passed through :func:`redact_url`: for any message built
+    from an HTTP client's error, which may carry the request's query token."""
+    return _URL_IN_TEXT.sub(lambda match: redact_url(match.group(0)), text)
+
+
 # --------------------------------------------------------------------------------------------
 # Parsing. Each parser takes the raw string and raises ValueError with what is allowed.
 

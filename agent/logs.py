@@ -22,6 +22,8 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.http_exceptions import HttpProcessingError
 
+from agent.config import redact_urls_in
+
 # Kubelet probes and Prometheus scrapes arrive every few seconds; at info level they would drown
 # the few lines that matter during a termination.
 QUIET_PATHS = frozenset({"/ready", "/live", "/metrics"})
@@ -151,7 +153,13 @@ def configure(log_format: str = "auto", level: str = "info", stream: TextIO | No
     # In JSON, an exception becomes one string field of the event: never a raw multi-line dump.
     exceptions = [structlog.processors.format_exc_info] if as_json else []
     structlog.configure(
-        processors=[*shared, structlog.processors.StackInfoRenderer(), *exceptions, renderer],
+        processors=[
+            *shared,
+            structlog.processors.StackInfoRenderer(),
+            *exceptions,
+            _redact_urls,
+            renderer,
+        ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric_level),
         logger_factory=structlog.WriteLoggerFactory(stream),  # type: ignore[arg-type]
         cache_logger_on_first_use=True,
@@ -161,13 +169,26 @@ def configure(log_format: str = "auto", level: str = "info", stream: TextIO | No
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name, *exceptions],
-            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                _redact_urls,
+                renderer,
+            ],
         )
     )
     handler.addFilter(_quiet_bad_requests)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(numeric_level)
+
+
+def _redact_urls(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    """Last line of defence: a URL in any text field (an exception's message quoting a request's
+    URL, say) loses its password and query string before the line is written."""
+    for key, value in event_dict.items():
+        if isinstance(value, str) and "://" in value:
+            event_dict[key] = redact_urls_in(value)
+    return event_dict
 
 
 def _quiet_bad_requests(record: logging.LogRecord) -> bool:

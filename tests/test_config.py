@@ -499,3 +499,12 @@ def test_a_real_process_with_bad_config_exits_2_without_traceback() -> None:
         "prestop-agent: configuration error: PRESTOP_DRAIN_MODE='sleepy':"
         " must be one of fixed, traffic"
     ]
+
+
+def test_urls_inside_messages_lose_password_and_query() -> None:
+    from agent.config import redact_urls_in
+
+    text = "400, message='x', url='https://u:pw@h:1/p?token=t0k' and http://h2/q?a=b done"
+    assert redact_urls_in(text) == (
+        "400, message='x', url='https://u:***@h:1/p?***' and http://h2/q?*** done"
+    )

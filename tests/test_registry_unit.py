@@ -734,3 +734,43 @@ async def test_the_view_showing_the_status_is_recorded_per_server(
     assert seen.servers[lagging] is not None and seen.servers[lagging] >= 0.3
     assert seen.visible_to_clients == seen.servers[lagging]
     assert seen.floor(elapsed=5.0) == pytest.approx(seen.servers[lagging] + 6.5)
+
+
+@pytest_asyncio.fixture
+async def garbage_server() -> AsyncIterator[str]:
+    """A server that answers every request with a malformed HTTP head (aiohttp's client then
+    raises ClientResponseError, whose text quotes the request's full URL)."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: nope\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    yield f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    server.close()
+    await server.wait_closed()
+
+
+async def test_client_errors_never_show_the_query_token(
+    garbage_server: str, session: aiohttp.ClientSession
+) -> None:
+    # Issue 21 item 4: the token reached /ready, /status, the 500, the logs and check.
+    health = AppHealth(f"http://{garbage_server}/actuator/health?token=t0k3n-q", session)
+    healthy, reason = await health.check()
+    assert not healthy and "ClientResponseError" in reason, reason
+    assert "t0k3n-q" not in reason and "health?***" in reason, reason
+    cfg = load(
+        {
+            "PRESTOP_REGISTRY": "actuator",
+            "PRESTOP_ACTUATOR_URL": f"http://{garbage_server}/actuator/serviceregistry?k=t0k3n-q",
+            "PRESTOP_REGISTRY_TIMEOUT_SECONDS": "0.5",
+        }
+    )
+    registry = open_registry(cfg, session)
+    with pytest.raises(RegistryError) as error:
+        await registry.mark_down()
+    assert "t0k3n-q" not in str(error.value), error.value
+    health_now = await registry.check_health()
+    assert "t0k3n-q" not in health_now.reason, health_now.reason

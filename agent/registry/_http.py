@@ -24,7 +24,7 @@ import aiohttp
 import structlog
 import yarl
 
-from agent.config import Config, ascii_host, redact_url
+from agent.config import Config, ascii_host, redact_url, redact_urls_in
 from agent.registry import RegistryError
 
 log = structlog.get_logger()
@@ -213,9 +213,11 @@ async def read_bounded(response: aiohttp.ClientResponse, limit: int = MAX_ANSWER
 
 
 def _reason(exc: BaseException) -> str:
-    """An exception as a short reason. aiohttp's messages name host and port only (the request
-    URL has no userinfo), so they are safe to show."""
+    """An exception as a short reason. The request URL has no userinfo, but aiohttp's
+    ``ClientResponseError`` quotes it whole, query string (a token) included: every URL in the
+    text is redacted."""
     text = " ".join(str(exc).split()) or type(exc).__name__  # one line, whatever it quotes
+    text = redact_urls_in(text)
     if len(text) > MAX_REASON:  # a message may quote the hostile answer itself
         text = text[:MAX_REASON] + "..."
     return f"{type(exc).__name__}: {text}"

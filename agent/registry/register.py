@@ -43,6 +43,7 @@ import structlog
 from py_eureka_client import eureka_basic
 from py_eureka_client import http_client as eureka_http
 
+from agent.config import redact_urls_in
 from agent.registry import HealthState, RegistryError, RegistryHealth
 from agent.registry._http import (
     MARK_SHARE,
@@ -150,7 +151,7 @@ def _failure(exc: BaseException) -> str:
         return f"HTTP {exc.code}"
     if isinstance(exc, URLError):
         return str(exc.reason)
-    return f"{type(exc).__name__}: {exc}"
+    return redact_urls_in(f"{type(exc).__name__}: {exc}")
 
 
 def _retriable(exc: BaseException) -> bool:
