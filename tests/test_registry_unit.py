@@ -47,12 +47,14 @@ PORT = 8080
 SECRET = "p@ss:w/rd%+$"
 
 
-def instance(instance_id: str, ip: str = POD_IP, port: int = PORT, **extra: Any) -> dict[str, Any]:
+def instance(
+    instance_id: str, ip: str = POD_IP, port: int | dict[str, Any] = PORT, **extra: Any
+) -> dict[str, Any]:
     return {
         "instanceId": instance_id,
         "app": APP,
         "ipAddr": ip,
-        "port": {"$": port, "@enabled": "true"},
+        "port": port if isinstance(port, dict) else {"$": port, "@enabled": "true"},
         "status": "UP",
         "overriddenStatus": "UNKNOWN",
         "lastDirtyTimestamp": "1700000000123",
@@ -195,15 +197,63 @@ async def test_discovers_the_instance_by_ip_and_port(
 
 
 async def test_no_instance_matches(serve: Serve, session: aiohttp.ClientSession) -> None:
-    _, url = await serve([instance("other", ip="10.9.9.9")])
+    # Issue 21 item 24: the reason reaches /status, which answers anyone: other pods' ids and
+    # addresses are counted, not listed; what sits at this pod's own address is shown.
+    _, url = await serve(
+        [instance("other", ip="10.9.9.9"), instance("other-2", ip="10.9.9.8"), instance("mine")]
+    )
+    registry = EurekaRegistry(config([url], PRESTOP_APP_PORT="9000"), session)
     with pytest.raises(
         RegistryError,
         match=re.escape(
-            "no instance of DEMO-APP has ipAddr 10.1.2.3 and port 8080"
-            " (listed: other (10.9.9.9:8080))"
+            "no instance of DEMO-APP has ipAddr 10.1.2.3 and port 9000"
+            " (listed: 2 at other addresses; at 10.1.2.3: mine (port 8080, securePort None))"
         ),
     ):
-        await EurekaRegistry(config([url]), session).mark_down()
+        await registry.mark_down()
+    health = await registry.check_health()
+    assert health.state is HealthState.NOT_FOUND
+    assert "10.9.9" not in health.reason and "other" not in health.reason.replace(
+        "other addresses", ""
+    ), health.reason
+
+
+async def test_addresses_are_compared_as_addresses_not_text(
+    serve: Serve, session: aiohttp.ClientSession
+) -> None:
+    # Issue 21 item 5: the downward API writes fd00:77::5, Java's Eureka client fd00:77:0:0:0:0:0:5.
+    listed = instance("v6", ip="fd00:77:0:0:0:0:0:5")
+    fake, url = await serve([listed, instance("v4")])
+    cfg = config([url], POD_IP="fd00:77::5")
+    said = await EurekaRegistry(cfg, session).mark_down()
+    assert said[url]["result"] == "ok" and fake.instances["v6"]["status"] == "DOWN"
+    assert ClientView(cfg, session)._is_ours(listed)
+
+
+async def test_an_instance_id_of_any_length_is_marked_whole(
+    serve: Serve, session: aiohttp.ClientSession
+) -> None:
+    # Issue 21 item 14: an id over 200 characters was adopted cut short ("...") and never marked.
+    long_id = "pod-" + "x" * 250
+    fake, url = await serve([instance(long_id)])
+    said = await EurekaRegistry(config([url]), session).mark_down()
+    assert said[url]["result"] == "ok" and fake.instances[long_id]["status"] == "DOWN"
+
+
+async def test_an_https_only_instance_is_found_by_its_secure_port(
+    serve: Serve, session: aiohttp.ClientSession
+) -> None:
+    # Issue 21 item 15: port disabled, securePort enabled (server.ssl on, non-secure port off).
+    tls = instance(
+        "tls",
+        port={"$": 8080, "@enabled": "false"},
+        securePort={"$": 8443, "@enabled": "true"},
+    )
+    fake, url = await serve([tls])
+    cfg = config([url], PRESTOP_APP_PORT="8443")
+    said = await EurekaRegistry(cfg, session).mark_down()
+    assert said[url]["result"] == "ok" and fake.instances["tls"]["status"] == "DOWN"
+    assert ClientView(cfg, session)._is_ours(tls)
 
 
 async def test_several_instances_match(serve: Serve, session: aiohttp.ClientSession) -> None:

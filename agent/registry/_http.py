@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import ipaddress
 import json
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
@@ -305,6 +306,29 @@ def port_of(instance: Mapping[str, Any]) -> int | None:
         return int(value) if value is not None else None
     except (TypeError, ValueError):
         return None
+
+
+def secure_port_of(instance: Mapping[str, Any]) -> int | None:
+    return port_of({"port": instance.get("securePort")})
+
+
+def serves_on(instance: Mapping[str, Any], port: int) -> bool:
+    """Whether the instance is registered with ``port``: as its plain port, or as its secure one
+    (an HTTPS-only app registers ``port`` disabled and ``securePort`` enabled)."""
+    return port in (port_of(instance), secure_port_of(instance))
+
+
+def same_address(listed: Any, address: str) -> bool:
+    """Whether an ``ipAddr`` a server listed is ``address``, compared as addresses: the
+    downward API writes ``fd00:77::5`` where Java writes ``fd00:77:0:0:0:0:0:5``."""
+    if not isinstance(listed, str) or not address:
+        return False
+    if listed == address:
+        return True
+    try:
+        return ipaddress.ip_address(listed.split("%", 1)[0]) == ipaddress.ip_address(address)
+    except ValueError:
+        return False
 
 
 def text_of(value: Any) -> str | None:

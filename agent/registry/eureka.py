@@ -45,7 +45,10 @@ from agent.registry._http import (
     request_timeout,
     require_one_marked,
     retrying,
+    same_address,
+    secure_port_of,
     segment,
+    serves_on,
     ssl_context,
     summary,
     text_of,
@@ -319,11 +322,15 @@ class EurekaRegistry:
             if isinstance(a, str)
         ]
         instances = [i for a in answers if isinstance(a, list) for i in a]
+        # The id as listed, whole: it is what the mark-down puts in the URL (text_of would cut
+        # a long one short, and the PUT would then name an instance that does not exist).
         matching = sorted(
             {
-                str(text_of(i.get("instanceId")))
+                i["instanceId"]
                 for i in instances
-                if i.get("ipAddr") == ip and port_of(i) == port
+                if isinstance(i.get("instanceId"), str)
+                and same_address(i.get("ipAddr"), ip)
+                and serves_on(i, port)
             }
         )
         return matching, instances, errors
@@ -340,23 +347,33 @@ class EurekaRegistry:
         return instance_id
 
     def _several(self, matching: list[str]) -> str:
+        shown = ", ".join(str(text_of(m)) for m in matching[:MAX_LISTED])
         return (
             f"several instances of {self._app} have ipAddr {self._config.pod_ip} and port"
-            f" {self._config.app_port}: {', '.join(matching)}; set PRESTOP_EUREKA_INSTANCE_ID"
+            f" {self._config.app_port}: {shown}; set PRESTOP_EUREKA_INSTANCE_ID"
         )
 
     def _none_matches(self, instances: list[dict[str, Any]], errors: list[str]) -> str:
-        seen = sorted(
+        """Why nothing matched. The reason reaches /status, which answers anyone: other pods'
+        instance ids and addresses are counted, never listed; only those at this pod's own
+        address (registered with another port, say) are shown."""
+        ip = self._config.pod_ip
+        here = sorted(
             {
-                f"{text_of(i.get('instanceId'))} ({text_of(i.get('ipAddr'))}:{port_of(i)})"
+                f"{text_of(i.get('instanceId'))} (port {port_of(i)}, securePort"
+                f" {secure_port_of(i)})"
                 for i in instances
+                if same_address(i.get("ipAddr"), ip)
             }
         )
-        listing = ", ".join(seen[:MAX_LISTED]) + (" ..." if len(seen) > MAX_LISTED else "")
+        others = len({text_of(i.get("instanceId")) for i in instances}) - len(here)
+        listing = f"{others} at other addresses"
+        if here:
+            listing += f"; at {ip}: " + ", ".join(here[:MAX_LISTED])
         unreachable = f"; unreachable: {'; '.join(errors)}" if errors else ""
         return (
-            f"no instance of {self._app} has ipAddr {self._config.pod_ip} and port"
-            f" {self._config.app_port} (listed: {listing or 'none'}){unreachable}"
+            f"no instance of {self._app} has ipAddr {ip} and port {self._config.app_port}"
+            f" (listed: {listing}){unreachable}"
         )
 
     async def _discover(self, until: float, *, quiet: bool) -> str | None:
