@@ -71,6 +71,7 @@ class FakeEureka:
         self.statuses: list[int] = []  # answer these codes first, in order, then behave
         self.delay = 0.0
         self.registered: list[dict[str, Any]] = []
+        self.delete_delay = 0.0  # a slow registry: applies a DELETE this long after it came
         app = web.Application(middlewares=[self._record])
         app.router.add_get("/eureka/apps/{app}", self._app)
         app.router.add_get("/eureka/apps/{app}/{id}", self._instance)
@@ -110,7 +111,17 @@ class FakeEureka:
 
     async def _delete_status(self, request: web.Request) -> web.Response:
         found = self.instances[request.match_info["id"]]
-        found["status"], found["overriddenStatus"] = "UNKNOWN", "UNKNOWN"
+
+        def apply() -> None:
+            found["status"], found["overriddenStatus"] = "UNKNOWN", "UNKNOWN"
+
+        if not self.delete_delay:
+            apply()
+            return web.Response(status=200)
+        # Applied after the delay even when the caller has given up and hung up (as a servlet
+        # container does: the request is already being processed).
+        asyncio.get_running_loop().call_later(self.delete_delay, apply)
+        await asyncio.sleep(self.delete_delay)
         return web.Response(status=200)
 
     async def _register(self, request: web.Request) -> web.Response:
@@ -436,6 +447,31 @@ async def test_startup_never_clears_the_override_of_a_started_shutdown(
 
 
 # ------------------------------------------------------------------------------ actuator, register
+
+
+async def test_a_late_cleanup_delete_never_outlives_the_mark_down(
+    serve: Serve, session: aiohttp.ClientSession
+) -> None:
+    # Issue 21 item 6: a stale override and a slow registry: the clean-up's DELETEs, retried
+    # after client-side timeouts, landed after the hook's PUT; the hook said ok while the
+    # instance ended UNKNOWN (back in service at the app's next renewal).
+    stale = instance("pod-1", status="DOWN", overriddenStatus="DOWN")
+    fake, url = await serve([stale])
+    fake.delete_delay = 0.8  # > one request's timeout (1.5 s / 3): every DELETE "times out"
+    registry = EurekaRegistry(config([url]), session)
+    cleanup = asyncio.create_task(registry.run())
+    try:
+        await asyncio.sleep(0.2)  # the clean-up's first DELETE is on its way
+        assert any(r.method == "DELETE" for r in fake.requests)
+        await registry.mark_down()
+        said = await registry.verify()
+        assert said[url] == "DOWN", said
+        await asyncio.sleep(1.5)  # every DELETE sent has been applied by now
+        assert fake.instances["pod-1"]["overriddenStatus"] == "DOWN", said
+        assert fake.instances["pod-1"]["status"] == "DOWN"
+    finally:
+        cleanup.cancel()
+        await asyncio.gather(cleanup, return_exceptions=True)
 
 
 async def test_actuator_unreachable_names_the_endpoint_without_credentials(

@@ -68,6 +68,8 @@ OVERRIDES = ("DOWN", "OUT_OF_SERVICE")
 FIND_INTERVAL_SECONDS = 1.0
 FIND_INTERVAL_MAX_SECONDS = 30.0
 MAX_LISTED = 10
+# How often verify() reads a server back while a start-up clean-up DELETE may still land there.
+CLEANUP_FENCE_POLL_SECONDS = 0.1
 
 
 class EurekaRegistry:
@@ -84,10 +86,14 @@ class EurekaRegistry:
         self._app = config.eureka_app.upper()  # Eureka stores application names upper-cased
         self._instance_id: str | None = config.eureka_instance_id or None
         self._status = config.eureka_status
-        # Held while run() deletes a stale override and while mark_down() starts, so that the
-        # start-up clean-up can never remove the override the shutdown just set.
-        self._lock = asyncio.Lock()
+        # The start-up clean-up must never remove the override the shutdown sets. The trigger
+        # cancels it (no DELETE is sent or retried after _marking), and a DELETE already sent
+        # whose answer never came (it timed out, or was cancelled) may still be applied by a
+        # slow server later: its server is "unsettled", and verify() then watches it and marks
+        # it again until its deadline (read back after the last write).
         self._marking = False
+        self._clearing: asyncio.Task[list[str]] | None = None
+        self._unsettled: set[Server] = set()
         self._reachable: tuple[Server, ...] = self._servers
         self._verify_until = 0.0
 
@@ -135,12 +141,20 @@ class EurekaRegistry:
                 reason="PRESTOP_EUREKA_KEEP_OVERRIDE=true",
             )
             return
-        async with self._lock:
-            if self._marking:
-                return  # the shutdown began meanwhile: that override is ours now
-            results = await asyncio.gather(
+        if self._marking:
+            return  # the shutdown began meanwhile: that override is ours now
+        self._clearing = asyncio.ensure_future(
+            asyncio.gather(
                 *(self._delete_override(s, instance_id, i, until) for s, i in stale.items())
             )
+        )
+        try:
+            results = await self._clearing
+        except asyncio.CancelledError:
+            if not self._marking:
+                raise  # the agent is stopping, not the clean-up
+            log.info("eureka_stale_override_cleanup_cancelled", reason="the shutdown began")
+            return
         log.info(
             "eureka_stale_override_cleared",
             app=self._app,
@@ -158,11 +172,15 @@ class EurekaRegistry:
             path += f"?lastDirtyTimestamp={dirty}"
 
         async def attempt() -> None:
+            if self._marking:
+                raise RequestFailed("the shutdown began", retriable=False)
+            self._unsettled.add(server)
             status, body = await self._http.request(server, "DELETE", path, until=until)
+            self._unsettled.discard(server)  # answered: applied or refused, nothing pending
             check_status(status, body)
 
         try:
-            await retrying(attempt, until=until)
+            await retrying(attempt, until=until, give_up=lambda: self._marking)
         except RequestFailed as exc:
             return f"failed: {exc.reason}"
         return "cleared"
@@ -171,8 +189,10 @@ class EurekaRegistry:
 
     async def mark_down(self) -> dict[str, Any]:
         """PUT the override on every server at once; succeed when at least one took it."""
-        async with self._lock:
-            self._marking = True
+        self._marking = True
+        if self._clearing is not None and not self._clearing.done():
+            self._clearing.cancel()  # no clean-up DELETE from now on
+            await asyncio.gather(self._clearing, return_exceptions=True)
         loop = asyncio.get_running_loop()
         started = loop.time()
         timeout = self._config.registry_timeout_seconds
@@ -238,7 +258,7 @@ class EurekaRegistry:
         if instance_id is None:
             raise RegistryError("no instance was marked: mark_down did not find it")
         try:
-            return await read_back(
+            said = await read_back(
                 self._http,
                 self._reachable or self._servers,
                 self._app,
@@ -248,6 +268,52 @@ class EurekaRegistry:
             )
         except RequestFailed as exc:
             raise RegistryError(f"{self._app}/{instance_id}: {exc.reason}") from None
+        if self._unsettled:
+            said = await self._outlast_cleanup(instance_id, said)
+        return said
+
+    async def _outlast_cleanup(self, instance_id: str, said: dict[str, Any]) -> dict[str, Any]:
+        """A clean-up DELETE sent before the trigger got no answer: a slow server may apply it
+        after our PUT (the override gone, the instance back in service at the app's next
+        renewal). Until the verify deadline, read those servers again and put the override
+        back wherever it went; the answer is the last read, after the last write."""
+        loop = asyncio.get_running_loop()
+        servers = tuple(self._unsettled)
+        remarked: dict[str, int] = {}
+        while True:
+            for server in servers:
+                try:
+                    found = await get_instance(
+                        self._http, server, self._app, instance_id, until=self._verify_until
+                    )
+                except RequestFailed:
+                    continue  # what it last showed stands
+                if found is not None and override_of(found) != self._status:
+                    # The late DELETE landed: mark it again.
+                    result = await self._put_status(
+                        server, instance_id, self._verify_until, asyncio.Event()
+                    )
+                    remarked[server.shown] = remarked.get(server.shown, 0) + 1
+                    log.warning(
+                        "eureka_override_restored",
+                        server=server.shown,
+                        reason="a start-up clean-up DELETE was applied after the mark-down",
+                        result=result["result"],
+                    )
+                    said[server.shown] = f"restored: {result['result']}"
+                    continue  # read back on the next pass, after this write
+                said[server.shown] = "not listed" if found is None else text_of(found.get("status"))
+            if self._verify_until - loop.time() < 2 * CLEANUP_FENCE_POLL_SECONDS:
+                break
+            await asyncio.sleep(CLEANUP_FENCE_POLL_SECONDS)
+        if self._status not in said.values():
+            shown = "; ".join(f"{url}: {answer}" for url, answer in said.items())
+            raise RegistryError(
+                f"{self._app}/{instance_id}: no server shows {self._status}: {shown}"
+            )
+        if remarked:
+            said["restored_after_late_cleanup"] = remarked
+        return said
 
     async def finalize(self) -> None:
         # Deliberately nothing: the app's own client still renews; see the module docstring.
