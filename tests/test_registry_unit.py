@@ -12,6 +12,7 @@ import dataclasses
 import json
 import re
 import ssl
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -430,6 +431,46 @@ async def test_startup_clears_a_stale_override_once(
     ]
     [cleared] = [e for e in logs if e["event"] == "eureka_stale_override_cleared"]
     assert cleared["overrides"] == {url: "DOWN"} and cleared["results"] == {url: "cleared"}
+
+
+async def test_a_restarted_agent_keeps_its_own_pods_override(
+    serve: Serve, session: aiohttp.ClientSession
+) -> None:
+    # Issue 21 item 7: SIGKILL mid-drain and a restart; the agent cleared its own pod's DOWN
+    # override as if a previous pod had left it, putting the terminating pod back in service.
+    now = int(time.time() * 1000)
+    ours = instance(
+        "ours",
+        status="DOWN",
+        overriddenStatus="DOWN",
+        lastUpdatedTimestamp=str(now - 8_000),  # the override, 8 s into this termination
+        leaseInfo={"registrationTimestamp": now - 3_600_000},  # the app registered an hour ago
+    )
+    fake, url = await serve([ours])
+    with capture_logs() as logs:
+        await asyncio.wait_for(
+            EurekaRegistry(config([url], PRESTOP_EUREKA_INSTANCE_ID="ours"), session).run(), 5
+        )
+    assert not [r for r in fake.requests if r.method == "DELETE"]
+    assert fake.instances["ours"]["overriddenStatus"] == "DOWN"
+    assert [e["event"] for e in logs if e["event"].startswith("eureka_")] == [
+        "eureka_own_override_kept"
+    ]
+
+    # A previous pod's override, carried into this pod's new registration (both stamped at
+    # once), or one set long ago, is stale: cleared as before.
+    for stamps in ((now - 2_000, now - 2_000), (now - 3_600_000, now - 7_200_000)):
+        updated, registered = stamps
+        fake.instances["ours"].update(
+            status="DOWN",
+            overriddenStatus="DOWN",
+            lastUpdatedTimestamp=updated,
+            leaseInfo={"registrationTimestamp": registered},
+        )
+        await asyncio.wait_for(
+            EurekaRegistry(config([url], PRESTOP_EUREKA_INSTANCE_ID="ours"), session).run(), 5
+        )
+        assert fake.instances["ours"]["overriddenStatus"] == "UNKNOWN", stamps
 
 
 async def test_startup_never_clears_the_override_of_a_started_shutdown(

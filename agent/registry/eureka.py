@@ -24,6 +24,7 @@ What Eureka's server does with the requests (``InstanceResource`` in Netflix/eur
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -68,8 +69,24 @@ OVERRIDES = ("DOWN", "OUT_OF_SERVICE")
 FIND_INTERVAL_SECONDS = 1.0
 FIND_INTERVAL_MAX_SECONDS = 30.0
 MAX_LISTED = 10
+# Eureka stamps a registration's lease and the instance's lastUpdatedTimestamp within the same
+# request, a few milliseconds apart at most; an override applied later is further apart.
+REGISTRATION_STAMP_MS = 1000
+# How far the Eureka server's clock may be from the pod's (NTP keeps nodes well within this).
+CLOCK_SKEW_MS = 5000
 # How often verify() reads a server back while a start-up clean-up DELETE may still land there.
 CLEANUP_FENCE_POLL_SECONDS = 0.1
+
+
+def _millis(value: Any) -> int | None:
+    """A Eureka timestamp (milliseconds, a number or a string of digits), or None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 20:
+        return int(value)
+    return None
 
 
 class EurekaRegistry:
@@ -123,13 +140,28 @@ class EurekaRegistry:
     async def _clear_stale_override(
         self, instance_id: str, found: dict[Server, dict[str, Any] | str | None], until: float
     ) -> None:
-        stale = {
+        overridden = {
             server: instance
             for server, instance in found.items()
             if isinstance(instance, dict) and override_of(instance) in OVERRIDES
         }
+        own = {s: i for s, i in overridden.items() if self._set_during_this_registration(i)}
+        if own:
+            # The agent restarted in the middle of this pod's termination (killed mid-drain):
+            # that override is this pod's own mark-down, and clearing it would put a pod that
+            # is going away back in service.
+            log.warning(
+                "eureka_own_override_kept",
+                app=self._app,
+                instance_id=instance_id,
+                overrides={server.shown: override_of(i) for server, i in own.items()},
+                reason="set after the app's current registration, within one grace period:"
+                " this pod's own mark-down (the agent restarted while it terminates)",
+            )
+        stale = {s: i for s, i in overridden.items() if s not in own}
         if not stale:
-            log.info("eureka_instance_found", app=self._app, instance_id=instance_id)
+            if not own:
+                log.info("eureka_instance_found", app=self._app, instance_id=instance_id)
             return
         overrides = {server.shown: override_of(i) for server, i in stale.items()}
         if self._config.eureka_keep_override:
@@ -162,6 +194,29 @@ class EurekaRegistry:
             overrides=overrides,
             results=dict(zip((s.shown for s in stale), results, strict=True)),
         )
+
+    def _set_during_this_registration(self, instance: dict[str, Any]) -> bool:
+        """Whether the instance's override is this pod's own, set by a previous run of this
+        agent in the same pod (the app container kept running, the agent restarted).
+
+        Eureka's server stamps ``lastUpdatedTimestamp`` when it applies a status override and
+        when it accepts a registration (which opens a new lease, ``registrationTimestamp``). A
+        previous pod's override is carried into the next registration of the same id, so there
+        both stamps fall together; this pod's own override came after the app's registration,
+        and, being part of a termination, within one grace period from now. The pod's deletion
+        timestamp from the Kubernetes API would say it directly; the agent has no API client
+        yet. Missing or odd timestamps: not recognised, the override counts as stale.
+        """
+        updated = _millis(instance.get("lastUpdatedTimestamp"))
+        lease = instance.get("leaseInfo")
+        registered = (
+            _millis(lease.get("registrationTimestamp")) if isinstance(lease, dict) else None
+        )
+        if updated is None or registered is None:
+            return False
+        age = time.time() * 1000 - updated
+        recent = -CLOCK_SKEW_MS <= age <= self._config.grace_period_seconds * 1000 + CLOCK_SKEW_MS
+        return recent and updated - registered > REGISTRATION_STAMP_MS
 
     async def _delete_override(
         self, server: Server, instance_id: str, instance: dict[str, Any], until: float
