@@ -181,3 +181,31 @@ async def test_callers_that_hang_up_mid_hook_do_not_hold_the_exit(new_agent) -> 
     log = agent.log_text()
     assert "Traceback" not in log
     assert "prestop_answers_pending" not in log  # no hung-up caller was waited for
+
+
+async def _raw_request(port: int, request: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request)
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.read(65536), timeout=5)
+    writer.close()
+    return answer
+
+
+async def test_a_token_header_that_is_not_utf8_is_a_401_not_a_500(new_agent) -> None:
+    # Issue 21 item 11: a 500 and a logged traceback.
+    agent: AgentProcess = new_agent(
+        {"PRESTOP_DRAIN_MODE": "fixed", "PRESTOP_DRAIN_SECONDS": "0.1", "PRESTOP_TOKEN": "s3cret"}
+    )
+    agent.run()
+    for token in (b"\xff\xfe\xc3(", b"s3cret\x80", "s\u00e9cret".encode("latin-1")):
+        answer = await _raw_request(
+            agent.port,
+            b"GET /prestop HTTP/1.1\r\nHost: x\r\nX-Prestop-Token: " + token + b"\r\n\r\n",
+        )
+        assert answer.split(b" ", 2)[1] == b"401", answer
+    assert agent.proc is not None and agent.proc.poll() is None
+    await asyncio.to_thread(agent.wait_ready)  # nothing was triggered
+    assert "Traceback" not in agent.log_text()
+    agent.signal(signal.SIGTERM)
+    assert await asyncio.to_thread(agent.proc.wait, 10) == 0

@@ -182,6 +182,11 @@ async def test_classic_stays_up_not_ready_until_metrics_are_scraped(new_agent) -
         async with aiohttp.ClientSession() as session:
             async with session.get(f"{agent.url}/ready") as response:
                 assert response.status == 503
+            # Issue 21 item 17: a HEAD carries no figures; it counted as the final scrape.
+            async with session.head(f"{agent.url}/metrics") as response:
+                assert response.status == 200
+            await asyncio.sleep(0.6)  # > APP_EXIT_POLL_SECONDS: it would have exited by now
+            assert agent.proc.poll() is None, "a HEAD /metrics ended the wait for the scrape"
             scraped = time.monotonic()
             async with session.get(f"{agent.url}/metrics") as response:
                 page = await response.text()

@@ -40,7 +40,7 @@ REPLICATION_HEADER = "x-netflix-discovery-replication"
 # capped so that a few attempts still fit a registry deadline of a few seconds.
 FIRST_BACKOFF = 0.05
 MAX_BACKOFF = 1.0
-MIN_REQUEST_TIMEOUT = 0.05
+MIN_REQUEST_TIMEOUT = 0.05  # agent.config.MIN_REGISTRY_TIMEOUT_SECONDS counts on it
 # Shares of PRESTOP_REGISTRY_TIMEOUT_SECONDS, counted from the start of the step: the status
 # change (retries included) may use MARK_SHARE, reading it back runs until VERIFY_SHARE. Ending
 # before the whole timeout means our own error, naming each server, beats main's bare timeout.
