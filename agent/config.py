@@ -82,7 +82,8 @@ class Config:
     # --- the agent's own listener -------------------------------------------------------------
     host: str | None = None
     """PRESTOP_HOST: address to listen on. Unset: every IPv4 address, and every IPv6 address
-    too when the host has IPv6 (an IPv6-only or dual-stack pod gets its hook). The kubelet sends
+    too when the host has IPv6 (an IPv6-only or dual-stack pod gets its hook); ``::`` means
+    both as well. The kubelet sends
     the httpGet hook to the pod IP, so a loopback-only address cannot receive it."""
     port: int = 8099
     """PRESTOP_PORT: port of /prestop, /ready, /live, /status and /metrics."""

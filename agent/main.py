@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import resource
 import signal
@@ -74,9 +75,11 @@ def listen_addresses(host: str | None) -> list[str]:
     """Where the agent listens: PRESTOP_HOST when set; else every IPv4 address and, when the host
     has IPv6, every IPv6 address too (asyncio makes the ``::`` socket IPv6-only, so the two
     sockets share the port)."""
-    if host is not None:
+    if host is not None and host.strip("[]") != "::":
         return [host]
-    return ["0.0.0.0", "::"] if host_has_ipv6() else ["0.0.0.0"]
+    # "::" alone would be IPv6-only (asyncio sets IPV6_V6ONLY): the operator who wrote it means
+    # "every address", as unset does.
+    return ["0.0.0.0", "::"] if host_has_ipv6() or host is not None else ["0.0.0.0"]
 
 
 class Agent:
@@ -196,7 +199,10 @@ class Agent:
                 resources.push_async_callback(runner.cleanup)
                 self._count_accepts(runner)
                 for address in listen_addresses(self.config.host):
-                    await web.TCPSite(runner, address, self.config.port).start()
+                    try:
+                        await web.TCPSite(runner, address, self.config.port).start()
+                    except OSError as exc:
+                        raise ListenError(self.config, address, exc) from None
                     self._listening.append(
                         f"[{address}]:{self.config.port}"
                         if ":" in address
@@ -498,14 +504,45 @@ def raise_open_files_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+class ListenError(Exception):
+    """The listener could not be opened. ``status``: 2 when the address is not this host's (a
+    configuration error, as the CLI's), 1 otherwise (the port is taken, say)."""
+
+    def __init__(self, config: Config, address: str, error: OSError) -> None:
+        reason = error.strerror or str(error)
+        where = f"[{address}]:{config.port}" if ":" in address else f"{address}:{config.port}"
+        unusable_host = isinstance(error, socket.gaierror) or error.errno in (
+            errno.EADDRNOTAVAIL,
+            errno.EAFNOSUPPORT,
+        )
+        if unusable_host and config.host is not None:
+            message = (
+                f"configuration error: PRESTOP_HOST={config.host!r}: cannot listen on {where}:"
+                f" {reason}; set an address of this pod, or unset it for every address"
+            )
+            self.status = 2
+        else:
+            message = f"cannot listen on {where} (PRESTOP_PORT={config.port}): {reason}"
+            self.status = 1
+        super().__init__(message)
+
+
 def run(config: Config, early_signals: Sequence[int] = ()) -> int:
     """Run the agent in a fresh event loop until it exits; return the process exit status.
     ``early_signals``: SIGTERM/SIGINT/SIGHUP received before, in order."""
     raise_open_files_limit()
     try:
         return asyncio.run(Agent(config, early_signals=early_signals).run())
+    except ListenError as exc:
+        # One line, no traceback, straight to stderr (the log queue may never be written).
+        _say(f"prestop-agent: {exc}")
+        return exc.status
     except OSError as exc:
-        # The usual cause: the port is taken. One line, no traceback.
-        log.error("agent_failed", error=str(exc))
-        print(f"prestop-agent: {exc}", file=sys.stderr)
+        _say(f"prestop-agent: {exc}")
         return 1
+
+
+def _say(line: str) -> None:
+    """One line to stderr, when there is one that takes it."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        print(line, file=sys.stderr, flush=True)

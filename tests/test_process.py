@@ -476,3 +476,30 @@ async def test_a_log_stream_nobody_reads_does_not_freeze_the_probes(new_agent) -
     finally:
         os.close(read_end)
         os.close(write_end)
+
+
+async def test_a_host_that_cannot_be_bound_is_one_line_naming_it_and_exit_2(new_agent) -> None:
+    # Issue 21 item 20: exit 1 and two lines (a log event and a bare OSError text).
+    agent = new_agent({"PRESTOP_DRAIN_MODE": "fixed", "PRESTOP_HOST": "192.0.2.1"})
+    agent.start()
+    status, _ = await _wait_exit(agent, limit=10)
+    assert status == 2
+    lines = agent.log_text().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("prestop-agent: configuration error: PRESTOP_HOST='192.0.2.1':")
+    assert f"cannot listen on 192.0.2.1:{agent.port}" in lines[0]
+
+
+async def test_the_ipv6_any_address_listens_on_ipv4_too(new_agent) -> None:
+    # Issue 21 item 21: PRESTOP_HOST=:: listened on IPv6 only; IPv4 callers were refused.
+    agent = new_agent(
+        {"PRESTOP_DRAIN_MODE": "fixed", "PRESTOP_DRAIN_SECONDS": "0.1", "PRESTOP_HOST": "::"}
+    )
+    agent.run()  # waits for /ready over IPv4
+    if socket.has_ipv6 and Path("/proc/net/if_inet6").read_text().strip():
+        status, _ = await asyncio.to_thread(_get, f"http://[::1]:{agent.port}/live")
+        assert status == 200
+    status_page = json.loads((await asyncio.to_thread(_get, f"{agent.url}/status"))[1])
+    assert status_page["listening"] == [f"0.0.0.0:{agent.port}", f"[::]:{agent.port}"]
+    agent.signal(signal.SIGTERM)
+    assert (await _wait_exit(agent, limit=10))[0] == 0
