@@ -23,6 +23,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from agent.main import host_has_ipv6
 from tests.support import AgentProcess
 
 DRAIN = 2.0
@@ -496,7 +497,7 @@ async def test_the_ipv6_any_address_listens_on_ipv4_too(new_agent) -> None:
         {"PRESTOP_DRAIN_MODE": "fixed", "PRESTOP_DRAIN_SECONDS": "0.1", "PRESTOP_HOST": "::"}
     )
     agent.run()  # waits for /ready over IPv4
-    if socket.has_ipv6 and Path("/proc/net/if_inet6").read_text().strip():
+    if host_has_ipv6():
         status, _ = await asyncio.to_thread(_get, f"http://[::1]:{agent.port}/live")
         assert status == 200
     status_page = json.loads((await asyncio.to_thread(_get, f"{agent.url}/status"))[1])
