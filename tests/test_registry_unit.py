@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 import pytest
@@ -901,3 +902,55 @@ async def test_client_errors_never_show_the_query_token(
     assert "t0k3n-q" not in str(error.value), error.value
     health_now = await registry.check_health()
     assert "t0k3n-q" not in health_now.reason, health_now.reason
+
+
+@pytest_asyncio.fixture
+async def echo_server() -> AsyncIterator[tuple[str, list[int]]]:
+    """A server that answers every request with ``statuses[0]`` and the request's own head as
+    the body (some proxies and frameworks echo the request in their error pages)."""
+    statuses = [401]
+
+    async def echo(request: web.Request) -> web.Response:
+        head = f"{request.method} {request.path_qs}\n" + "".join(
+            f"{k}: {v}\n" for k, v in request.headers.items()
+        )
+        return web.Response(status=statuses[0], text=head)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", echo)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    yield f"127.0.0.1:{server.port}", statuses
+    await server.close()
+
+
+@pytest.mark.parametrize("status", [401, 500])
+async def test_an_error_answer_echoing_the_request_never_shows_its_credentials(
+    echo_server: tuple[str, list[int]], session: aiohttp.ClientSession, status: int
+) -> None:
+    # Issue 21 item 8: 120 bytes of the body were quoted; a registry echoing the request in a
+    # 401 gave away most of the Basic header (and the query token of an actuator URL).
+    where, statuses = echo_server
+    statuses[0] = status
+    basic = base64.b64encode(b"admin:" + SECRET.encode()).decode()
+    env = {"PRESTOP_EUREKA_INSTANCE_ID": "i-1", "PRESTOP_REGISTRY_TIMEOUT_SECONDS": "0.5"}
+    password = quote(SECRET, safe="")
+    eureka = EurekaRegistry(config([f"http://admin:{password}@{where}/eureka/"], **env), session)
+    actuator = open_registry(
+        load(
+            {
+                "PRESTOP_REGISTRY": "actuator",
+                "PRESTOP_ACTUATOR_URL": f"http://admin:{password}@{where}/sr?token=t0k3n-q",
+                "PRESTOP_REGISTRY_TIMEOUT_SECONDS": "0.5",
+            }
+        ),
+        session,
+    )
+    for registry in (eureka, actuator):
+        with pytest.raises(RegistryError) as error:
+            await registry.mark_down()
+        health = await registry.check_health()
+        for text in (str(error.value), health.reason):
+            assert f"HTTP {status}" in text, text
+            for secret in (basic[:8], basic[-8:], "t0k3n-q", SECRET, password):
+                assert secret not in text, text

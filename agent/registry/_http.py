@@ -15,6 +15,7 @@ import asyncio
 import base64
 import ipaddress
 import json
+import re
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -235,12 +236,35 @@ def require_one_marked(
     raise RegistryError(f"could not mark {app}/{instance_id} {status} on any server: {reasons}")
 
 
+# Answers about credentials: their body is about what the agent sent, never quoted.
+CREDENTIAL_STATUSES = (401, 407)
+MAX_SNIPPET = 120
+# What an error page echoing the request could show of it: an Authorization value, a query.
+_CREDENTIAL_IN_TEXT = re.compile(r"(?i)\b(basic|bearer|digest|negotiate|token)\b\s*[:=]?\s*\S+")
+_QUERY_IN_TEXT = re.compile(r"\?[^\s\"'<>]*")
+
+
+def error_snippet(body: bytes) -> str:
+    """The start of an error answer, for a reason: one line, at most MAX_SNIPPET characters,
+    with anything that could be what the agent sent (an echoed Authorization header, a query
+    string, a URL's userinfo) redacted."""
+    text = body[: MAX_SNIPPET * 4].decode("utf-8", "replace")
+    text = " ".join(text.split())
+    text = redact_urls_in(text)
+    text = _CREDENTIAL_IN_TEXT.sub(lambda m: f"{m.group(1)} ***", text)
+    text = _QUERY_IN_TEXT.sub("?***", text)
+    return text if len(text) <= MAX_SNIPPET else text[:MAX_SNIPPET] + "..."
+
+
 def check_status(status: int, body: bytes, ok: tuple[int, ...] = (200, 204)) -> None:
     """Turn an unwanted HTTP status into :class:`RequestFailed`: 5xx is worth a retry."""
     if status in ok:
         return
-    snippet = body[:120].decode("utf-8", "replace").strip()
-    reason = f"HTTP {status}" + (f": {snippet}" if snippet else "")
+    if status in CREDENTIAL_STATUSES:
+        reason = f"HTTP {status}: the credentials were refused"
+    else:
+        snippet = error_snippet(body)
+        reason = f"HTTP {status}" + (f": {snippet}" if snippet else "")
     raise RequestFailed(reason, retriable=status >= 500, status=status)
 
 

@@ -116,7 +116,8 @@ class _Transport:
             raise URLError(exc.reason) from None
         if status >= 400:
             # What its own client raises, so that its functions behave as they were written.
-            raise HTTPError(server.shown, status, answer[:120].decode("utf-8", "replace"), {}, None)  # type: ignore[arg-type]
+            # Its message is the status alone: an error body may echo what we sent.
+            raise HTTPError(server.shown, status, f"HTTP {status}", {}, None)  # type: ignore[arg-type]
         response = eureka_http.HttpResponse()
         response.body_text = answer.decode("utf-8", "replace")
         return response
