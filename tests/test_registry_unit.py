@@ -954,3 +954,48 @@ async def test_an_error_answer_echoing_the_request_never_shows_its_credentials(
             assert f"HTTP {status}" in text, text
             for secret in (basic[:8], basic[-8:], "t0k3n-q", SECRET, password):
                 assert secret not in text, text
+
+
+ANSWERS = {
+    "401": (401, "text/plain", b"Unauthorized"),
+    "302": (302, "text/html", b"<a href='/login'>moved</a>"),
+    "xml": (200, "application/xml", b"<application><name>DEMO-APP</name></application>"),
+}
+
+
+@pytest.mark.parametrize("answer", ANSWERS)
+def test_check_names_what_a_server_answered_instead_of_calling_it_unreachable(
+    answer: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Issue 21 item 12: a server that answered 401, a 3xx or XML was "NOT reachable" (exit 1).
+    import http.server
+    import threading
+
+    from agent import cli
+
+    status, content_type, body = ANSWERS[answer]
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Location", "/login")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/eureka/"
+    try:
+        for env in ({}, {"PRESTOP_EUREKA_INSTANCE_ID": "i-1"}):  # found by address, or by id
+            code = cli.check(config([url], **env))
+            out = capsys.readouterr().out
+            assert code == cli.EXIT_INSTANCE_NOT_FOUND, out
+            assert "NOT reachable" not in out and "server reachable" in out, out
+            assert f"answered: HTTP {status}" in out or "answered: the answer is not JSON" in out
+    finally:
+        server.shutdown()

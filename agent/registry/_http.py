@@ -60,11 +60,16 @@ class RequestFailed(Exception):
     """One request got no usable answer. ``retriable``: worth another attempt (timeouts,
     connection errors, 5xx); a 4xx or a certificate error will not get better by retrying."""
 
-    def __init__(self, reason: str, *, retriable: bool, status: int | None = None) -> None:
+    def __init__(
+        self, reason: str, *, retriable: bool, status: int | None = None, answered: bool = False
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.retriable = retriable
         self.status = status
+        self.answered = answered or status is not None
+        """The server gave an HTTP answer (an error status, XML, a body of the wrong shape): it
+        is reachable, and what it answered is the problem, not the network."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -319,7 +324,7 @@ def instance_of(document: Any) -> dict[str, Any]:
     """The instance of ``GET apps/{APP}/{id}`` (``{"instance": {...}}``)."""
     instance = document.get("instance") if isinstance(document, dict) else None
     if not isinstance(instance, dict):
-        raise RequestFailed("the answer holds no instance", retriable=False)
+        raise RequestFailed("the answer holds no instance", retriable=False, answered=True)
     return instance
 
 
@@ -404,12 +409,26 @@ def parse_json(body: bytes) -> Any:
     try:
         return json.loads(body)
     except UnicodeDecodeError:
-        raise RequestFailed("the answer is not JSON: not UTF-8 text", retriable=False) from None
+        raise RequestFailed(
+            "the answer is not JSON: not UTF-8 text", retriable=False, answered=True
+        ) from None
     except ValueError as exc:
         reason = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
-        raise RequestFailed(f"the answer is not JSON: {reason}", retriable=False) from None
+        raise RequestFailed(
+            f"the answer is not JSON: {reason}", retriable=False, answered=True
+        ) from None
     except RecursionError:
-        raise RequestFailed("the answer is not JSON: nested too deeply", retriable=False) from None
+        raise RequestFailed(
+            "the answer is not JSON: nested too deeply", retriable=False, answered=True
+        ) from None
+
+
+def failure_text(exc: BaseException) -> str:
+    """One server's failed exchange as shown per server: ``answered: ...`` when it gave an
+    HTTP answer that was not the one wanted (it is reachable), ``error: ...`` when it gave
+    none."""
+    answered = isinstance(exc, RequestFailed) and exc.answered
+    return f"{'answered' if answered else 'error'}: {failure_reason(exc)}"
 
 
 def failure_reason(exc: BaseException) -> str:
@@ -470,7 +489,7 @@ async def read_back(
             try:
                 instance = await get_instance(http, server, app, instance_id, until=until)
             except Exception as exc:  # one server's bad answer must not hide another's
-                return f"error: {failure_reason(exc)}"
+                return failure_text(exc)
             return "not listed" if instance is None else str(text_of(instance.get("status")))
 
         answers = await asyncio.gather(*(read(s) for s in servers))

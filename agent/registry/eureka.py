@@ -38,6 +38,7 @@ from agent.registry._http import (
     Server,
     check_status,
     dirty_timestamp_of,
+    failure_text,
     get_application,
     get_instance,
     override_of,
@@ -415,7 +416,7 @@ class EurekaRegistry:
                     until=until,
                 )
             except RequestFailed as exc:
-                return f"error: {exc.reason}"
+                return failure_text(exc)
             return found
 
         results = await asyncio.gather(*(read(s) for s in self._servers))
@@ -433,7 +434,7 @@ class EurekaRegistry:
                     until=until,
                 )
             except RequestFailed as exc:
-                return f"error: {exc.reason}"
+                return failure_text(exc)
             return instances
 
         answers = await asyncio.gather(*(listed(s) for s in self._servers))
@@ -455,6 +456,10 @@ class EurekaRegistry:
             }
         )
         return matching, instances, errors
+
+    def _nobody_answered(self, errors: list[str]) -> bool:
+        """Every server failed without an HTTP answer (a 401 or an XML page is an answer)."""
+        return len(errors) == len(self._servers) and not any(": answered: " in e for e in errors)
 
     def _adopt(self, instance_id: str) -> str:
         self._instance_id = instance_id
@@ -511,7 +516,8 @@ class EurekaRegistry:
         if quiet:
             return None
         if len(errors) == len(self._servers):
-            raise RegistryError(f"no server answered GET apps/{self._app}: {'; '.join(errors)}")
+            nobody = "no server answered" if self._nobody_answered(errors) else "no server listed"
+            raise RegistryError(f"{nobody} GET apps/{self._app}: {'; '.join(errors)}")
         raise RegistryError(self._none_matches(instances, errors))
 
     # --- health -------------------------------------------------------------------------------
@@ -523,10 +529,15 @@ class EurekaRegistry:
         instance_id = self._instance_id
         if instance_id is None:
             matching, instances, errors = await self._match(until)
-            if len(errors) == len(self._servers):
+            if self._nobody_answered(errors):
                 return RegistryHealth(
                     HealthState.UNREACHABLE,
                     f"no server answered GET apps/{self._app}: {'; '.join(errors)}",
+                )
+            if len(errors) == len(self._servers):
+                return RegistryHealth(
+                    HealthState.NOT_FOUND,
+                    f"no server listed GET apps/{self._app}: {'; '.join(errors)}",
                 )
             if len(matching) != 1:
                 reason = (
@@ -546,7 +557,7 @@ class EurekaRegistry:
                 f"{self._app}/{instance_id} listed by {len(listed)} of {len(found)}"
                 f" server(s): {shown}",
             )
-        if all(isinstance(i, str) for i in found.values()):
+        if all(isinstance(i, str) and i.startswith("error: ") for i in found.values()):
             return RegistryHealth(HealthState.UNREACHABLE, f"no server answered: {shown}")
         return RegistryHealth(
             HealthState.NOT_FOUND, f"{self._app}/{instance_id} is not listed: {shown}"

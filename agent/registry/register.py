@@ -51,6 +51,7 @@ from agent.registry._http import (
     Http,
     RequestFailed,
     Server,
+    failure_text,
     get_instance,
     read_back,
     request_timeout,
@@ -511,7 +512,7 @@ class RegisterRegistry:
                     self._http, server, self._app, self.instance_id, until=until
                 )
             except RequestFailed as exc:
-                return f"error: {exc.reason}"
+                return failure_text(exc)
             return "not listed" if instance is None else str(instance.get("status"))
 
         answers = await asyncio.gather(*(read(s) for s in self._servers))
