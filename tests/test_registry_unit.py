@@ -74,6 +74,7 @@ class FakeEureka:
         self.delay = 0.0
         self.registered: list[dict[str, Any]] = []
         self.delete_delay = 0.0  # a slow registry: applies a DELETE this long after it came
+        self.put_answer_delay = 0.0  # applies a status PUT at once, answers this much later
         app = web.Application(middlewares=[self._record])
         app.router.add_get("/eureka/apps/{app}", self._app)
         app.router.add_get("/eureka/apps/{app}/{id}", self._instance)
@@ -109,6 +110,7 @@ class FakeEureka:
         if found is None:
             return web.Response(status=404)
         found["status"] = found["overriddenStatus"] = request.query["value"]
+        await asyncio.sleep(self.put_answer_delay)
         return web.Response(status=200)
 
     async def _delete_status(self, request: web.Request) -> web.Response:
@@ -999,3 +1001,16 @@ def test_check_names_what_a_server_answered_instead_of_calling_it_unreachable(
             assert f"answered: HTTP {status}" in out or "answered: the answer is not JSON" in out
     finally:
         server.shutdown()
+
+
+async def test_a_put_that_timed_out_but_was_applied_is_read_back_not_reported_failed(
+    serve: Serve, session: aiohttp.ClientSession
+) -> None:
+    # Issue 21 item 13: "could not mark" although the registry showed DOWN.
+    fake, url = await serve([instance("a")])
+    fake.put_answer_delay = 5.0  # applied at once, answered after every client timeout
+    registry = EurekaRegistry(config([url], PRESTOP_EUREKA_INSTANCE_ID="a"), session)
+    said = await registry.mark_down()
+    assert said[url]["result"] == "ok" and said[url]["confirmed_by"] == "read_back", said
+    assert "no answer within" in said[url]["error"]  # what happened is still said
+    assert (await registry.verify()) == {url: "DOWN"}

@@ -230,6 +230,34 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"
 
 
+async def confirm_applied(
+    http: Http,
+    servers: tuple[Server, ...],
+    said: dict[str, dict[str, Any]],
+    app: str,
+    instance_id: str,
+    status: str,
+    *,
+    until: float,
+) -> None:
+    """When no server confirmed the status change: read the instance back before reporting the
+    failure. A PUT that timed out on our side may still have been applied (a slow server), and
+    then the instance is marked: its server's result becomes ``ok`` (``confirmed_by:
+    read_back``). Only servers whose last status request got no answer (``unanswered``) are
+    asked: a refusal (4xx) was not applied."""
+    unanswered = tuple(s for s in servers if said[s.shown].pop("unanswered", False))
+    if not unanswered or any(answer["result"] == "ok" for answer in said.values()):
+        return
+    servers = unanswered
+    try:
+        shown = await read_back(http, servers, app, instance_id, status, until=until)
+    except RequestFailed:
+        return  # nobody shows it: the failure stands as reported
+    for server in servers:
+        if shown.get(server.shown) == status:
+            said[server.shown] = {**said[server.shown], "result": "ok", "confirmed_by": "read_back"}
+
+
 def require_one_marked(
     said: Mapping[str, Mapping[str, Any]], app: str, instance_id: str, status: str
 ) -> None:

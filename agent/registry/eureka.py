@@ -37,6 +37,7 @@ from agent.registry._http import (
     RequestFailed,
     Server,
     check_status,
+    confirm_applied,
     dirty_timestamp_of,
     failure_text,
     get_application,
@@ -265,6 +266,15 @@ class EurekaRegistry:
         self._reachable = tuple(
             s for s, r in zip(self._servers, results, strict=True) if "http_status" in r
         )
+        await confirm_applied(
+            self._http,
+            self._servers,
+            said,
+            self._app,
+            instance_id,
+            self._status,
+            until=self._verify_until,
+        )
         require_one_marked(said, self._app, instance_id, self._status)
         log.info(
             "eureka_marked",
@@ -294,7 +304,9 @@ class EurekaRegistry:
             path = f"{base}/status?value={self._status}"
             if dirty:
                 path += f"&lastDirtyTimestamp={dirty}"
+            result["unanswered"] = True  # until an answer comes: it may be applied regardless
             status, body = await self._http.request(server, "PUT", path, until=until)
+            result["unanswered"] = False
             result["http_status"] = status
             check_status(status, body, ok=(200,))
             result["lastDirtyTimestamp"] = dirty
@@ -306,6 +318,7 @@ class EurekaRegistry:
                 result["http_status"] = exc.status
             return {"result": "failed", "error": exc.reason, **result}
         done.set()
+        result.pop("unanswered", None)
         return {"result": "ok", "attempts": attempts, **result}
 
     async def verify(self) -> dict[str, Any]:

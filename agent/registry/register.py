@@ -51,6 +51,7 @@ from agent.registry._http import (
     Http,
     RequestFailed,
     Server,
+    confirm_applied,
     failure_text,
     get_instance,
     read_back,
@@ -365,6 +366,7 @@ class RegisterRegistry:
             self._instance.status = target
             self._instance.lastDirtyTimestamp = _now_ms()
         done = asyncio.Event()
+        unanswered: dict[Server, bool] = {}
 
         async def put(server: Server) -> dict[str, Any]:
             async def attempt() -> None:
@@ -379,17 +381,32 @@ class RegisterRegistry:
                         status=target,
                     )
                 except (HTTPError, URLError) as exc:
+                    # No HTTP answer (a timeout, a reset): the server may have applied it.
+                    unanswered[server] = not isinstance(exc, HTTPError)
                     raise RequestFailed(_failure(exc), retriable=_retriable(exc)) from None
 
             try:
                 _, attempts = await retrying(attempt, until=until, give_up=done.is_set)
             except RequestFailed as exc:
-                return {"result": "failed", "error": exc.reason}
+                return {
+                    "result": "failed",
+                    "error": exc.reason,
+                    "unanswered": unanswered.get(server, False),
+                }
             done.set()
             return {"result": "ok", "attempts": attempts}
 
         results = await asyncio.gather(*(put(s) for s in self._servers))
         said = {s.shown: r for s, r in zip(self._servers, results, strict=True)}
+        await confirm_applied(
+            self._http,
+            self._servers,
+            said,
+            self._app,
+            self.instance_id,
+            target,
+            until=self._verify_until,
+        )
         require_one_marked(said, self._app, self.instance_id, target)
         log.info(
             "eureka_marked",
