@@ -118,6 +118,68 @@ class LogOutput:
                 self._pending.task_done()
 
 
+# The same line this many times within REPEAT_WINDOW_SECONDS is enough; later ones are counted
+# and the count is carried by the first line of that kind let through once the window is over.
+# Under descriptor exhaustion asyncio logs "socket.accept() out of system resource" for every
+# pending connection: thousands of lines (megabytes) a second, burying the termination's own.
+REPEAT_WINDOW_SECONDS = 10.0
+REPEATS_SHOWN = 20
+
+
+class RepeatLimit:
+    """Per kind of line (event name, or a stdlib message's first line): at most REPEATS_SHOWN
+    per window; the rest are dropped and counted, and the count is summarised."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._windows: dict[str, tuple[float, int, int]] = {}
+        """key -> (window start, lines shown in it, lines suppressed in it)"""
+
+    def admit(self, key: str) -> tuple[bool, int]:
+        """(show this line?, how many of its kind were suppressed in the window before)."""
+        now = self._clock()
+        with self._lock:
+            start, shown, suppressed = self._windows.get(key, (now, 0, 0))
+            if now - start >= REPEAT_WINDOW_SECONDS:
+                self._windows[key] = (now, 1, 0)
+                return True, suppressed
+            if shown < REPEATS_SHOWN:
+                self._windows[key] = (start, shown + 1, suppressed)
+                return True, 0
+            self._windows[key] = (start, shown, suppressed + 1)
+            if len(self._windows) > 10_000:  # bounded, whatever the keys
+                self._windows.clear()
+            return False, 0
+
+
+_repeats = RepeatLimit()
+
+
+def _limit_repeats(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    """structlog's side of :class:`RepeatLimit`."""
+    # An access line's kind is its path and status too: one noisy path cannot hide another.
+    kind = (event_dict.get("event"), event_dict.get("path"), event_dict.get("status"))
+    key = " ".join(str(part) for part in kind if part is not None)[:200]
+    show, suppressed = _repeats.admit(key)
+    if not show:
+        raise structlog.DropEvent
+    if suppressed:
+        event_dict["repeats_suppressed"] = suppressed
+    return event_dict
+
+
+def _limit_stdlib_repeats(record: logging.LogRecord) -> bool:
+    """The stdlib's side (asyncio's and aiohttp's lines)."""
+    key = f"{record.name}: {str(record.msg).splitlines()[0] if record.msg else ''}"[:200]
+    show, suppressed = _repeats.admit(key)
+    if show and suppressed:
+        record.msg = (
+            f"{record.msg} ({suppressed} more like this in the last {REPEAT_WINDOW_SECONDS:g}s)"
+        )
+    return show
+
+
 _output: LogOutput | None = None
 
 
@@ -154,6 +216,7 @@ def configure(log_format: str = "auto", level: str = "info", stream: TextIO | No
     exceptions = [structlog.processors.format_exc_info] if as_json else []
     structlog.configure(
         processors=[
+            _limit_repeats,
             *shared,
             structlog.processors.StackInfoRenderer(),
             *exceptions,
@@ -177,6 +240,7 @@ def configure(log_format: str = "auto", level: str = "info", stream: TextIO | No
         )
     )
     handler.addFilter(_quiet_bad_requests)
+    handler.addFilter(_limit_stdlib_repeats)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(numeric_level)

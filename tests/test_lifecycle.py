@@ -184,3 +184,17 @@ async def test_a_listener_that_raises_cannot_stop_the_trigger() -> None:
     await asyncio.wait_for(lifecycle.wait_triggered(), 1)
     assert lifecycle.phase is Phase.DRAINING and seen[-1] is Phase.DRAINING
     assert lifecycle.listener_failures == ["BrokenPipeError: [Errno 32] Broken pipe"]
+
+
+def test_repeated_log_lines_are_limited_and_then_counted() -> None:
+    # Issue 21 item 18: the summary of what a flood's repeats were.
+    from agent.logs import REPEAT_WINDOW_SECONDS, REPEATS_SHOWN, RepeatLimit
+
+    clock = FakeClock()
+    limit = RepeatLimit(clock)
+    shown = [limit.admit("accept failed") for _ in range(REPEATS_SHOWN + 100)]
+    assert shown[:REPEATS_SHOWN] == [(True, 0)] * REPEATS_SHOWN
+    assert not any(show for show, _ in shown[REPEATS_SHOWN:])
+    assert limit.admit("another kind") == (True, 0)  # one kind never hides another
+    clock.advance(REPEAT_WINDOW_SECONDS)
+    assert limit.admit("accept failed") == (True, 100)  # the next one carries the count
