@@ -63,8 +63,14 @@ class LogOutput:
         self.broken: str | None = None
         """Why the stream can no longer be written to (its reader is gone), once it is."""
         self._writer = threading.Thread(target=self._write_lines, name="log-writer", daemon=True)
+        self._direct = False
+        """No writer thread (none could start: memory or thread limits): each line is written
+        by its caller, errors still caught; only a stalled reader can then slow the agent."""
         if self._fd is not None:
-            self._writer.start()
+            try:
+                self._writer.start()
+            except RuntimeError:
+                self._direct = True
 
     def isatty(self) -> bool:
         return self._tty
@@ -72,6 +78,9 @@ class LogOutput:
     def write(self, text: str) -> int:
         if self._fd is None or self.broken is not None:
             self._drop()
+            return len(text)
+        if self._direct:
+            self._write(text)
             return len(text)
         try:
             self._pending.put_nowait(text)
@@ -100,22 +109,25 @@ class LogOutput:
                 self.on_drop()
 
     def _write_lines(self) -> None:
-        assert self._fd is not None
         while True:
             text = self._pending.get()
             try:
-                if self.broken is not None:
-                    self._drop()
-                    continue
-                data = text.encode("utf-8", "backslashreplace")
-                while data:
-                    written = os.write(self._fd, data)
-                    data = data[written:]
-            except OSError as exc:  # EPIPE (the reader exited), EBADF, ENOSPC...
-                self.broken = f"{type(exc).__name__}: {exc.strerror or exc}"
-                self._drop()
+                self._write(text)
             finally:
                 self._pending.task_done()
+
+    def _write(self, text: str) -> None:
+        if self.broken is not None or self._fd is None:
+            self._drop()
+            return
+        data = text.encode("utf-8", "backslashreplace")
+        try:
+            while data:
+                written = os.write(self._fd, data)
+                data = data[written:]
+        except OSError as exc:  # EPIPE (the reader exited), EBADF, ENOSPC...
+            self.broken = f"{type(exc).__name__}: {exc.strerror or exc}"
+            self._drop()
 
 
 # The same line this many times within REPEAT_WINDOW_SECONDS is enough; later ones are counted

@@ -14,8 +14,8 @@ import resource
 import signal
 import socket
 import sys
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiohttp
 import structlog
@@ -36,6 +36,8 @@ if TYPE_CHECKING:
     from agent.registry.view import ClientView
 
 log = structlog.get_logger()
+
+T = TypeVar("T")
 
 # How long the last /prestop answers may take to leave once the drain is over. They are written
 # in one go on a local connection, so anything slower is a caller that stopped reading.
@@ -360,7 +362,7 @@ class Agent:
                 outcome = "scraped"
                 break
             try:
-                if watch_app and not await asyncio.to_thread(app_is_up, ports):
+                if watch_app and not await _off_the_loop(app_is_up, ports):
                     outcome = "app_exited"
                     break
             except OSError as exc:
@@ -527,12 +529,36 @@ class ListenError(Exception):
         super().__init__(message)
 
 
+async def _off_the_loop(function: Callable[..., T], *args: Any) -> T:
+    """``function(*args)`` in a worker thread, or right here when no thread can start (memory
+    or thread limits exhausted): a short blocking read beats losing the step."""
+    try:
+        return await asyncio.to_thread(function, *args)
+    except RuntimeError as exc:
+        if "thread" not in str(exc):
+            raise
+        return function(*args)
+
+
+def _run_loop(agent: Agent) -> int:
+    """``asyncio.run``, except that a worker thread that cannot start at the end (closing the
+    default executor starts one) is said in one line, not a traceback: the drain is over."""
+    runner = asyncio.Runner()
+    try:
+        return runner.run(agent.run())
+    finally:
+        try:
+            runner.close()
+        except RuntimeError as exc:
+            log.warning("event_loop_close_incomplete", error=str(exc))
+
+
 def run(config: Config, early_signals: Sequence[int] = ()) -> int:
     """Run the agent in a fresh event loop until it exits; return the process exit status.
     ``early_signals``: SIGTERM/SIGINT/SIGHUP received before, in order."""
     raise_open_files_limit()
     try:
-        return asyncio.run(Agent(config, early_signals=early_signals).run())
+        return _run_loop(Agent(config, early_signals=early_signals))
     except ListenError as exc:
         # One line, no traceback, straight to stderr (the log queue may never be written).
         _say(f"prestop-agent: {exc}")

@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import re
+import resource
 import signal
 import socket
 import subprocess
@@ -506,3 +507,36 @@ async def test_the_ipv6_any_address_listens_on_ipv4_too(new_agent) -> None:
     assert status_page["listening"] == [f"0.0.0.0:{agent.port}", f"[::]:{agent.port}"]
     agent.signal(signal.SIGTERM)
     assert (await _wait_exit(agent, limit=10))[0] == 0
+
+
+def _start_unable_to_start_threads(agent: AgentProcess) -> None:
+    """Start the agent where no thread can start, as under memory exhaustion: every new
+    thread's stack (the stack limit, 8 GiB) is more address space than the process may have."""
+
+    def no_room_for_threads() -> None:
+        resource.setrlimit(resource.RLIMIT_STACK, (8 << 30, 8 << 30))
+        resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+
+    with agent.log_path.open("wb") as log:
+        agent.proc = subprocess.Popen(
+            [sys.executable, "-m", "agent.cli"],
+            env=agent._env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=no_room_for_threads,
+        )
+
+
+async def test_no_thread_can_start_and_the_termination_still_ends_cleanly(new_agent) -> None:
+    # Issue 21 item 19: after the drain, exit 1 with a raw traceback ("can't start new thread":
+    # the final scrape's look at the app's sockets, and closing the loop's executor).
+    agent = new_agent({"PRESTOP_DRAIN_MODE": "fixed", "PRESTOP_DRAIN_SECONDS": "0.3"})
+    _start_unable_to_start_threads(agent)
+    await asyncio.to_thread(agent.wait_ready)
+    agent.signal(signal.SIGTERM)
+    assert (await _wait_exit(agent, limit=15))[0] == 0, agent.log_text()[-3000:]
+    text = agent.log_text()
+    assert "Traceback" not in text
+    events = agent.log_events()
+    final = next(e for e in events if e["event"] == "shutdown_complete")
+    assert final["steps"][-1]["name"] == "final_scrape" and final["ok"]

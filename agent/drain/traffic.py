@@ -216,7 +216,12 @@ async def traffic_drain(
     propagation = lifecycle.propagation
     try:
         while True:
-            poll = await asyncio.to_thread(watcher.poll)
+            try:
+                poll = await asyncio.to_thread(watcher.poll)
+            except RuntimeError as exc:  # no thread can start (memory, thread limits)
+                if "thread" not in str(exc):
+                    raise
+                poll = watcher.poll()  # one short read on the loop beats losing the drain
             verdict.observe(poll)
             now = clock()
             if propagation is not None:
