@@ -50,12 +50,17 @@ class LogOutput:
     def __init__(self, stream: TextIO | None, max_pending: int = MAX_PENDING_LINES) -> None:
         self._fd: int | None = None
         self._tty = False
+        self._in_memory: TextIO | None = None
+        """A stream without a file descriptor (a test's capture, a StringIO): written to
+        directly, it cannot block."""
         try:
             if stream is not None:
-                self._fd = stream.fileno()
                 self._tty = stream.isatty()
+                self._fd = stream.fileno()
         except (OSError, ValueError):  # closed (2>&-), or not a real file
             self._fd = None
+            if stream is not None and not getattr(stream, "closed", False):
+                self._in_memory = stream
         self._pending: queue.Queue[str] = queue.Queue(maxsize=max_pending)
         self.dropped = 0
         self.on_drop: Callable[[], None] | None = None
@@ -76,6 +81,12 @@ class LogOutput:
         return self._tty
 
     def write(self, text: str) -> int:
+        if self._in_memory is not None:
+            try:
+                self._in_memory.write(text)
+            except (OSError, ValueError):  # closed meanwhile
+                self._drop()
+            return len(text)
         if self._fd is None or self.broken is not None:
             self._drop()
             return len(text)
