@@ -461,7 +461,9 @@ def test_register_on_behalf_up_down_and_gone(
                 "POD_IP": "127.0.0.1",
                 "POD_NAME": "py-app-0",
                 "PRESTOP_APP_PORT": str(server.port),
-                "PRESTOP_APP_HEALTH_URL": f"{server.url}/health",
+                # The agent's private way to the app: credentials and a token (issue 21 item 1).
+                "PRESTOP_APP_HEALTH_URL": f"http://probe:pa55@127.0.0.1:{server.port}/health"
+                "?token=t0k3n",
                 "PRESTOP_EUREKA_RENEWAL_SECONDS": "0.5",
                 "PRESTOP_EUREKA_LEASE_SECONDS": "5",
                 "PRESTOP_DRAIN_SECONDS": "1.5",
@@ -480,7 +482,10 @@ def test_register_on_behalf_up_down_and_gone(
         ]
         assert instance["ipAddr"] == "127.0.0.1"
         assert instance["port"]["$"] == server.port
+        # What every Eureka client, the dashboard and Spring Boot Admin read: no secret of it.
         assert instance["healthCheckUrl"] == f"{server.url}/health"
+        assert instance["statusPageUrl"] == f"{server.url}/actuator/info"
+        assert not {"pa55", "t0k3n", "probe"} & set(re.findall(r"\w+", json.dumps(instance)))
         assert instance["metadata"]["pod"] == "py-app-0"
 
         wait_for("health: found", lambda: agent_status(agent)["registry"]["state"] == "found", 5)
