@@ -14,8 +14,8 @@ import resource
 import signal
 import socket
 import sys
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import structlog
@@ -23,7 +23,7 @@ from aiohttp import web
 
 from agent import __version__, logs
 from agent.config import Config
-from agent.drain import DrainOutcome, run_drain
+from agent.drain import DrainOutcome, off_the_loop, run_drain
 from agent.lifecycle import Lifecycle, Phase, Propagation, Trigger
 from agent.logs import AccessLogger
 from agent.metrics import Metrics
@@ -36,8 +36,6 @@ if TYPE_CHECKING:
     from agent.registry.view import ClientView
 
 log = structlog.get_logger()
-
-T = TypeVar("T")
 
 # How long the last /prestop answers may take to leave once the drain is over. They are written
 # in one go on a local connection, so anything slower is a caller that stopped reading.
@@ -362,7 +360,7 @@ class Agent:
                 outcome = "scraped"
                 break
             try:
-                if watch_app and not await _off_the_loop(app_is_up, ports):
+                if watch_app and not await off_the_loop(app_is_up, ports):
                     outcome = "app_exited"
                     break
             except OSError as exc:
@@ -527,17 +525,6 @@ class ListenError(Exception):
             message = f"cannot listen on {where} (PRESTOP_PORT={config.port}): {reason}"
             self.status = 1
         super().__init__(message)
-
-
-async def _off_the_loop(function: Callable[..., T], *args: Any) -> T:
-    """``function(*args)`` in a worker thread, or right here when no thread can start (memory
-    or thread limits exhausted): a short blocking read beats losing the step."""
-    try:
-        return await asyncio.to_thread(function, *args)
-    except RuntimeError as exc:
-        if "thread" not in str(exc):
-            raise
-        return function(*args)
 
 
 def _run_loop(agent: Agent) -> int:

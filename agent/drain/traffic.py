@@ -28,7 +28,7 @@ from ipaddress import IPv4Address, IPv6Address
 import structlog
 
 from agent.config import Config, Network
-from agent.drain import DrainOutcome
+from agent.drain import DrainOutcome, off_the_loop
 from agent.drain.sockdiag import Poll, SocketSample, SocketWatcher, open_watcher
 from agent.lifecycle import Lifecycle
 from agent.metrics import Metrics
@@ -216,12 +216,7 @@ async def traffic_drain(
     propagation = lifecycle.propagation
     try:
         while True:
-            try:
-                poll = await asyncio.to_thread(watcher.poll)
-            except RuntimeError as exc:  # no thread can start (memory, thread limits)
-                if "thread" not in str(exc):
-                    raise
-                poll = watcher.poll()  # one short read on the loop beats losing the drain
+            poll = await off_the_loop(watcher.poll)
             verdict.observe(poll)
             now = clock()
             if propagation is not None:

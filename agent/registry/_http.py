@@ -356,8 +356,9 @@ def instance_of(document: Any) -> dict[str, Any]:
     return instance
 
 
-def port_of(instance: Mapping[str, Any]) -> int | None:
-    port = instance.get("port")
+def port_of(instance: Mapping[str, Any], field: str = "port") -> int | None:
+    """The instance's ``port`` (or ``securePort``): ``{"$": 8080, "@enabled": "true"}``."""
+    port = instance.get(field)
     value = port.get("$") if isinstance(port, dict) else port
     try:
         return int(value) if value is not None else None
@@ -366,7 +367,7 @@ def port_of(instance: Mapping[str, Any]) -> int | None:
 
 
 def secure_port_of(instance: Mapping[str, Any]) -> int | None:
-    return port_of({"port": instance.get("securePort")})
+    return port_of(instance, "securePort")
 
 
 def serves_on(instance: Mapping[str, Any], port: int) -> bool:
