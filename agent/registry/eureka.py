@@ -231,9 +231,13 @@ class EurekaRegistry:
         async def attempt() -> None:
             if self._marking:
                 raise RequestFailed("the shutdown began", retriable=False)
-            self._unsettled.add(server)
-            status, body = await self._http.request(server, "DELETE", path, until=until)
-            self._unsettled.discard(server)  # answered: applied or refused, nothing pending
+            try:
+                status, body = await self._http.request(server, "DELETE", path, until=until)
+            except (RequestFailed, asyncio.CancelledError):
+                # No answer (a timeout, a reset, the trigger's cancel): the server may apply it
+                # later, even after a later attempt was answered.
+                self._unsettled.add(server)
+                raise
             check_status(status, body)
 
         try:
