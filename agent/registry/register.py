@@ -116,8 +116,9 @@ class _Transport:
             )
         except RequestFailed as exc:
             raise URLError(exc.reason) from None
-        if status >= 400:
-            # What its own client raises, so that its functions behave as they were written.
+        if status >= 300:
+            # What its own client raises, so that its functions behave as they were written
+            # (a redirect is not followed, so it is no success either).
             # Its message is the status alone: an error body may echo what we sent.
             raise HTTPError(server.shown, status, f"HTTP {status}", {}, None)  # type: ignore[arg-type]
         response = eureka_http.HttpResponse()
