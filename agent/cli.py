@@ -204,20 +204,37 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
 
             for warning in warnings:
                 log.warning("unknown_variable", warning=warning)
-            return run(config, early_signals)
+            try:
+                return run(config, early_signals)
+            finally:
+                _write_pending_logs()
         stopped = [s for s in early_signals if s in (signal.SIGTERM, signal.SIGINT)]
     # ``check`` is a person's command, not the sidecar: Ctrl-C interrupts it as usual.
     if stopped:
         print(f"prestop-agent: {signal.Signals(stopped[0]).name} received, check not run")
         return 128 + stopped[0]
-    return check(
-        config,
-        warnings,
-        config_only=args.config_only,
-        floor_target=args.floor_target,
-        client_fetch_seconds=args.client_fetch_seconds,
-        loadbalancer_ttl_seconds=args.loadbalancer_ttl_seconds,
-    )
+    try:
+        return check(
+            config,
+            warnings,
+            config_only=args.config_only,
+            floor_target=args.floor_target,
+            client_fetch_seconds=args.client_fetch_seconds,
+            loadbalancer_ttl_seconds=args.loadbalancer_ttl_seconds,
+        )
+    finally:
+        _write_pending_logs()
+
+
+# At exit, how long the last log lines may take to reach a slow reader: the drain is over by
+# then, and a reader that is stuck must not keep the pod from going.
+PENDING_LOGS_SECONDS = 1.0
+
+
+def _write_pending_logs() -> None:
+    from agent import logs
+
+    logs.write_pending(PENDING_LOGS_SECONDS)
 
 
 def check(

@@ -17,7 +17,7 @@ import ipaddress
 import math
 import re
 import ssl
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -34,6 +34,10 @@ REDACTED = "***"
 ALL_ADDRESSES = "*"
 """How an unset PRESTOP_HOST is shown: every IPv4 address, and every IPv6 one when there is IPv6."""
 DEFAULT_APP_PORT = 8080  # Spring Boot's server.port default
+# The mark-down gets 60 % of PRESTOP_REGISTRY_TIMEOUT_SECONDS for at least two requests (read the
+# instance, PUT its status) of at least 0.05 s each (agent.registry._http): below this, it could
+# never succeed.
+MIN_REGISTRY_TIMEOUT_SECONDS = 0.25
 
 
 class ConfigError(ValueError):
@@ -78,7 +82,8 @@ class Config:
     # --- the agent's own listener -------------------------------------------------------------
     host: str | None = None
     """PRESTOP_HOST: address to listen on. Unset: every IPv4 address, and every IPv6 address
-    too when the host has IPv6 (an IPv6-only or dual-stack pod gets its hook). The kubelet sends
+    too when the host has IPv6 (an IPv6-only or dual-stack pod gets its hook); ``::`` means
+    both as well. The kubelet sends
     the httpGet hook to the pod IP, so a loopback-only address cannot receive it."""
     port: int = 8099
     """PRESTOP_PORT: port of /prestop, /ready, /live, /status and /metrics."""
@@ -293,6 +298,17 @@ def redact_url(url: str) -> str:
     return f"{scheme}{sep}{rest}"
 
 
+# A URL inside free text (an HTTP client's error message quotes the request's URL): from its
+# scheme to the first space, quote or bracket.
+_URL_IN_TEXT = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>]+")
+
+
+def redact_urls_in(text: str) -> str:
+    """``text`` with every URL in it passed through :func:`redact_url`: for any message built
+    from an HTTP client's error, which may carry the request's query token."""
+    return _URL_IN_TEXT.sub(lambda match: redact_url(match.group(0)), text)
+
+
 # --------------------------------------------------------------------------------------------
 # Parsing. Each parser takes the raw string and raises ValueError with what is allowed.
 
@@ -316,7 +332,7 @@ def _seconds(*, minimum: float = 0.0, allow_zero: bool = True) -> Callable[[str]
         if not math.isfinite(value) or value < minimum or (value == 0 and not allow_zero):
             bound = f"> {minimum:g}" if not allow_zero else f">= {minimum:g}"
             raise ValueError(f"must be a finite number of seconds {bound}")
-        return value
+        return value + 0.0  # -0 is 0 (shown "0s", not "-0s")
 
     return parse
 
@@ -331,14 +347,37 @@ def _port(raw: str) -> int:
     return value
 
 
+# The traffic drain's netlink filter tests each run of consecutive ports once; this many runs
+# keep its program inside the kernel's 16-bit attribute length, far beyond any real app.
+MAX_PORT_RANGES = 1024
+
+
+def port_ranges(ports: Iterable[int]) -> list[tuple[int, int]]:
+    """Consecutive ports merged into ``(low, high)`` ranges, in order (what the drain's socket
+    filter tests, and what the limit above counts)."""
+    ranges: list[tuple[int, int]] = []
+    for port in sorted(set(ports)):
+        if ranges and ranges[-1][1] == port - 1:
+            ranges[-1] = (ranges[-1][0], port)
+        else:
+            ranges.append((port, port))
+    return ranges
+
+
 def _ports(raw: str) -> tuple[int, ...]:
     items = [item.strip() for item in raw.split(",") if item.strip()]
     if not items:
         raise ValueError("must be a comma-separated list of TCP ports 1-65535")
     try:
-        return tuple(dict.fromkeys(_port(item) for item in items))
+        ports = tuple(dict.fromkeys(_port(item) for item in items))
     except ValueError:
         raise ValueError("must be a comma-separated list of TCP ports 1-65535") from None
+    runs = len(port_ranges(ports))
+    if runs > MAX_PORT_RANGES:
+        raise ValueError(
+            f"has {runs} runs of consecutive ports; at most {MAX_PORT_RANGES} can be watched"
+        )
+    return ports
 
 
 def _cidrs(raw: str) -> tuple[Network, ...]:
@@ -415,6 +454,7 @@ def check_host(host: str) -> None:
 
 def _http_url(raw: str) -> str:
     url = raw.strip()
+    _check_userinfo(url)
     try:
         parts = urlsplit(url)
     except ValueError:  # an unclosed or invalid [IPv6] literal
@@ -431,6 +471,21 @@ def _http_url(raw: str) -> str:
         raise ValueError("must not contain spaces or control characters")
     check_host(parts.hostname)
     return url
+
+
+def _check_userinfo(url: str) -> None:
+    """Refuse credentials whose password holds an unencoded ``#``, ``/`` or ``?``: the URL then
+    ends its host part there (``http://user:123#x@eureka:8761/`` is host ``user``, port 123),
+    requests go to that host, and errors print what should have been the password."""
+    rest = url.partition("://")[2]
+    userinfo, at, _ = rest.rpartition("@")
+    if not at:
+        return
+    if any(c in userinfo for c in "#/?"):
+        raise ValueError(
+            "the part before '@' holds '#', '/' or '?', which end a URL's host part: encode"
+            " them in a password as %23, %2F and %3F (and '@' in a path as %40)"
+        )
 
 
 def _http_urls(raw: str) -> tuple[str, ...]:
@@ -475,6 +530,21 @@ def _optional_text(raw: str) -> str | None:
     return raw.strip() or None
 
 
+# aiohttp refuses a header line longer than 8190 bytes with 400: a longer token could never be
+# sent to /prestop at all. Half that leaves room for the header's name and any proxy's limits.
+MAX_TOKEN_BYTES = 4096
+
+
+def _token(raw: str) -> str | None:
+    token = raw.strip()
+    if len(token.encode("utf-8", "surrogateescape")) > MAX_TOKEN_BYTES:
+        raise ValueError(
+            f"is longer than {MAX_TOKEN_BYTES} bytes: the X-Prestop-Token header would exceed"
+            " the HTTP parser's line limit and every hook would get 400"
+        )
+    return token or None
+
+
 def _optional_url(raw: str) -> str | None:
     return _http_url(raw) if raw.strip() else None
 
@@ -504,7 +574,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "PRESTOP_APP_SHUTDOWN_SECONDS": ("app_shutdown_seconds", _seconds()),
     "PRESTOP_MARGIN_SECONDS": ("margin_seconds", _seconds()),
     "PRESTOP_APP_HEALTH_URL": ("app_health_url", _optional_url),
-    "PRESTOP_TOKEN": ("token", _optional_text),
+    "PRESTOP_TOKEN": ("token", _token),
     "PRESTOP_ALLOW_CIDRS": ("allow_cidrs", _cidrs),
     "PRESTOP_LOG_FORMAT": ("log_format", _choice(LOG_FORMATS)),
     "PRESTOP_LOG_LEVEL": ("log_level", _log_level),
@@ -512,7 +582,10 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "POD_NAMESPACE": ("pod_namespace", _text),
     "POD_IP": ("pod_ip", _ip),
     "PRESTOP_REGISTRY": ("registry", _choice(REGISTRIES)),
-    "PRESTOP_REGISTRY_TIMEOUT_SECONDS": ("registry_timeout_seconds", _seconds(allow_zero=False)),
+    "PRESTOP_REGISTRY_TIMEOUT_SECONDS": (
+        "registry_timeout_seconds",
+        _seconds(minimum=MIN_REGISTRY_TIMEOUT_SECONDS),
+    ),
     "PRESTOP_REGISTRY_CHECK_SECONDS": ("registry_check_seconds", _seconds(minimum=0.1)),
     "PRESTOP_EUREKA_URLS": ("eureka_urls", _http_urls),
     "PRESTOP_EUREKA_CA_FILE": ("eureka_ca_file", _optional_text),
@@ -648,6 +721,13 @@ def _check_mode_settings(config: Config, environ: Mapping[str, str]) -> None:
 def _check_together(config: Config, environ: Mapping[str, str]) -> None:
     """Rules that involve more than one setting."""
     _check_budget(config, environ)
+    if config.port in config.app_ports:
+        name = "PRESTOP_APP_PORTS" if "PRESTOP_APP_PORTS" in environ else "PRESTOP_APP_PORT"
+        raise ConfigError(
+            f"{name}={config.port}: is the agent's own port (PRESTOP_PORT): the hook's own"
+            " connection would count as the app's traffic and every drain would run to its"
+            " maximum; set the app's serving port"
+        )
     if config.drain_mode == "traffic" and config.drain_poll_seconds > config.drain_quiet_seconds:
         raise ConfigError(
             f"PRESTOP_DRAIN_POLL_SECONDS={config.drain_poll_seconds:g}: must not exceed"

@@ -180,6 +180,8 @@ class Lifecycle:
         self.finished_at: float | None = None
         self.propagation: Propagation | None = None
         """How far the mark-down has reached the registry's clients (None: no registry)."""
+        self.listener_failures: list[str] = []
+        """Phase listeners that raised (their failure does not stop the phase change)."""
 
     # --- observing ------------------------------------------------------------------------------
 
@@ -209,8 +211,9 @@ class Lifecycle:
         self.trigger = trigger
         self.triggered_at = self._clock()
         self.triggered_wall = self._wall_clock()
-        self._set_phase(Phase.DRAINING)
+        # Released before the listeners run: whatever they do, the shutdown sequence starts.
         self._triggered.set()
+        self._set_phase(Phase.DRAINING)
         return True
 
     def begin(self, name: str) -> Step:
@@ -244,7 +247,12 @@ class Lifecycle:
     def _set_phase(self, phase: Phase) -> None:
         self.phase = phase
         for listener in self._listeners:
-            listener(phase, self)
+            # Observers (metrics, logs) must not be able to stop the termination they observe:
+            # a failing one is counted, and the others still run.
+            try:
+                listener(phase, self)
+            except Exception as exc:
+                self.listener_failures.append(f"{type(exc).__name__}: {exc}")
 
     # --- waiting --------------------------------------------------------------------------------
 

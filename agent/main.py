@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import resource
 import signal
@@ -20,9 +21,9 @@ import aiohttp
 import structlog
 from aiohttp import web
 
-from agent import __version__
+from agent import __version__, logs
 from agent.config import Config
-from agent.drain import DrainOutcome, run_drain
+from agent.drain import DrainOutcome, off_the_loop, run_drain
 from agent.lifecycle import Lifecycle, Phase, Propagation, Trigger
 from agent.logs import AccessLogger
 from agent.metrics import Metrics
@@ -45,6 +46,8 @@ SERVER_CLOSE_SECONDS = 1.0
 APP_EXIT_POLL_SECONDS = 0.25
 # The exit status of a forced exit (second Ctrl-C), as a shell reports death by SIGINT.
 FORCED_EXIT_STATUS = 128 + signal.SIGINT
+# The forced exit still leaves its log line (when the log stream takes it this soon).
+FORCED_EXIT_LOG_SECONDS = 0.2
 # A connection that sends no complete request for this long is closed (aiohttp's keep-alive
 # timer runs from the connection's start): idle or slowloris connections cannot pile up until
 # the agent runs out of file descriptors and the kubelet's probes go unanswered. Probes open a
@@ -72,9 +75,11 @@ def listen_addresses(host: str | None) -> list[str]:
     """Where the agent listens: PRESTOP_HOST when set; else every IPv4 address and, when the host
     has IPv6, every IPv6 address too (asyncio makes the ``::`` socket IPv6-only, so the two
     sockets share the port)."""
-    if host is not None:
+    if host is not None and host.strip("[]") != "::":
         return [host]
-    return ["0.0.0.0", "::"] if host_has_ipv6() else ["0.0.0.0"]
+    # "::" alone would be IPv6-only (asyncio sets IPV6_V6ONLY): the operator who wrote it means
+    # "every address", as unset does.
+    return ["0.0.0.0", "::"] if host_has_ipv6() or host is not None else ["0.0.0.0"]
 
 
 class Agent:
@@ -114,6 +119,10 @@ class Agent:
         self._health: HealthWatch | None = None
         self.metrics.track(self.lifecycle)
         self.lifecycle.subscribe(self._log_phase)
+        output = logs.output()
+        if output is not None:  # the CLI configured logging: count what it has to drop
+            self.metrics.log_lines_dropped.inc(output.dropped)
+            output.on_drop = self.metrics.log_lines_dropped.inc
 
     # --- signals: record, nothing else --------------------------------------------------------
 
@@ -123,6 +132,7 @@ class Agent:
         if self.exit_requested.is_set() and trigger is Trigger.SIGINT:
             # A person pressing Ctrl-C twice wants out now, drain or not.
             log.warning("forced_exit", signal=str(trigger), phase=str(self.lifecycle.phase))
+            logs.write_pending(FORCED_EXIT_LOG_SECONDS)
             os._exit(FORCED_EXIT_STATUS)
         self.exit_requested.set()
         if self.lifecycle.start(trigger):
@@ -189,7 +199,10 @@ class Agent:
                 resources.push_async_callback(runner.cleanup)
                 self._count_accepts(runner)
                 for address in listen_addresses(self.config.host):
-                    await web.TCPSite(runner, address, self.config.port).start()
+                    try:
+                        await web.TCPSite(runner, address, self.config.port).start()
+                    except OSError as exc:
+                        raise ListenError(self.config, address, exc) from None
                     self._listening.append(
                         f"[{address}]:{self.config.port}"
                         if ":" in address
@@ -344,7 +357,7 @@ class Agent:
                 outcome = "scraped"
                 break
             try:
-                if watch_app and not await asyncio.to_thread(app_is_up, ports):
+                if watch_app and not await off_the_loop(app_is_up, ports):
                     outcome = "app_exited"
                     break
             except OSError as exc:
@@ -488,14 +501,58 @@ def raise_open_files_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+class ListenError(Exception):
+    """The listener could not be opened. ``status``: 2 when the address is not this host's (a
+    configuration error, as the CLI's), 1 otherwise (the port is taken, say)."""
+
+    def __init__(self, config: Config, address: str, error: OSError) -> None:
+        reason = error.strerror or str(error)
+        where = f"[{address}]:{config.port}" if ":" in address else f"{address}:{config.port}"
+        unusable_host = isinstance(error, socket.gaierror) or error.errno in (
+            errno.EADDRNOTAVAIL,
+            errno.EAFNOSUPPORT,
+        )
+        if unusable_host and config.host is not None:
+            message = (
+                f"configuration error: PRESTOP_HOST={config.host!r}: cannot listen on {where}:"
+                f" {reason}; set an address of this pod, or unset it for every address"
+            )
+            self.status = 2
+        else:
+            message = f"cannot listen on {where} (PRESTOP_PORT={config.port}): {reason}"
+            self.status = 1
+        super().__init__(message)
+
+
+def _run_loop(agent: Agent) -> int:
+    """``asyncio.run``, except that a worker thread that cannot start at the end (closing the
+    default executor starts one) is said in one line, not a traceback: the drain is over."""
+    runner = asyncio.Runner()
+    try:
+        return runner.run(agent.run())
+    finally:
+        try:
+            runner.close()
+        except RuntimeError as exc:
+            log.warning("event_loop_close_incomplete", error=str(exc))
+
+
 def run(config: Config, early_signals: Sequence[int] = ()) -> int:
     """Run the agent in a fresh event loop until it exits; return the process exit status.
     ``early_signals``: SIGTERM/SIGINT/SIGHUP received before, in order."""
     raise_open_files_limit()
     try:
-        return asyncio.run(Agent(config, early_signals=early_signals).run())
+        return _run_loop(Agent(config, early_signals=early_signals))
+    except ListenError as exc:
+        # One line, no traceback, straight to stderr (the log queue may never be written).
+        _say(f"prestop-agent: {exc}")
+        return exc.status
     except OSError as exc:
-        # The usual cause: the port is taken. One line, no traceback.
-        log.error("agent_failed", error=str(exc))
-        print(f"prestop-agent: {exc}", file=sys.stderr)
+        _say(f"prestop-agent: {exc}")
         return 1
+
+
+def _say(line: str) -> None:
+    """One line to stderr, when there is one that takes it."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        print(line, file=sys.stderr, flush=True)

@@ -141,6 +141,13 @@ class Metrics:
             "The drain's effective maximum, seconds: it ends then whatever callers do.",
             registry=r,
         )
+        self.log_lines_dropped = Counter(
+            "prestop_log_lines_dropped",
+            "Log lines not written: the log stream's reader fell behind by more than the"
+            " agent's queue holds, or the stream is closed or broken. Logging never blocks or"
+            " stops the agent.",
+            registry=r,
+        )
         # Every series an alert or dashboard counts with increase() exists at 0 from start-up: a
         # pod terminates once, and a counter born at 1 shows no increase at all.
         for phase in Phase:

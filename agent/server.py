@@ -156,7 +156,10 @@ def make_app(
                 return 403, "forbidden", f"source address {request.remote} is not allowed"
         if config.token is not None:
             given = request.headers.get(TOKEN_HEADER, "")
-            if not hmac.compare_digest(given.encode(), config.token.encode()):
+            # A header's bytes that are not UTF-8 arrive as surrogate escapes: compared as the
+            # bytes they were (a wrong token, 401), never an encoding error (500).
+            expected = config.token.encode("utf-8", "surrogateescape")
+            if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected):
                 return 401, "unauthorized", f"missing or wrong {TOKEN_HEADER} header"
         return None
 
@@ -202,7 +205,8 @@ def make_app(
         return _json(body)
 
     async def metrics_page(request: web.Request) -> web.Response:
-        final = lifecycle.phase is Phase.DRAINED
+        # A HEAD (a monitor checking the endpoint) gets no figures: only a GET is the scrape.
+        final = lifecycle.phase is Phase.DRAINED and request.method == "GET"
         response = web.Response(body=metrics.exposition())
         response.headers["Content-Type"] = CONTENT_TYPE
         if final and on_final_scrape is not None:

@@ -101,7 +101,8 @@ BAD_VALUES = [
     ("PRESTOP_LOG_LEVEL", "loud", "debug, info, warning, error"),
     ("POD_IP", "10.0.0", "IPv4 or IPv6"),
     ("PRESTOP_REGISTRY", "consul", "none, eureka, actuator, register"),
-    ("PRESTOP_REGISTRY_TIMEOUT_SECONDS", "0", "> 0"),
+    ("PRESTOP_REGISTRY_TIMEOUT_SECONDS", "0", ">= 0.25"),
+    ("PRESTOP_REGISTRY_TIMEOUT_SECONDS", "0.1", ">= 0.25"),
     ("PRESTOP_EUREKA_URLS", "eureka:8761", "http:// or https://"),
     ("PRESTOP_EUREKA_STATUS", "STARTING", "DOWN, OUT_OF_SERVICE"),
     ("PRESTOP_EUREKA_KEEP_OVERRIDE", "maybe", "true or false"),
@@ -499,3 +500,70 @@ def test_a_real_process_with_bad_config_exits_2_without_traceback() -> None:
         "prestop-agent: configuration error: PRESTOP_DRAIN_MODE='sleepy':"
         " must be one of fixed, traffic"
     ]
+
+
+def test_urls_inside_messages_lose_password_and_query() -> None:
+    from agent.config import redact_urls_in
+
+    text = "400, message='x', url='https://u:pw@h:1/p?token=t0k' and http://h2/q?a=b done"
+    assert redact_urls_in(text) == (
+        "400, message='x', url='https://u:***@h:1/p?***' and http://h2/q?*** done"
+    )
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        # Issue 21 item 9: requests went to host "user", port 123, and errors printed the digits.
+        (
+            {
+                "PRESTOP_REGISTRY": "eureka",
+                "PRESTOP_EUREKA_URLS": "http://user:123#4/5@eureka-0:8761/eureka/",
+                "PRESTOP_EUREKA_APP": "orders",
+                "POD_IP": "10.1.2.3",
+            },
+            "PRESTOP_EUREKA_URLS='http://user:***@eureka-0:8761/eureka/': the part before '@'"
+            " holds '#', '/' or '?', which end a URL's host part: encode them in a password as"
+            " %23, %2F and %3F",
+        ),
+        (
+            {"PRESTOP_APP_HEALTH_URL": "http://probe:9/x@127.0.0.1:8080/actuator/health"},
+            "PRESTOP_APP_HEALTH_URL='http://probe:***@127.0.0.1:8080/actuator/health': the part",
+        ),
+        # Item 10: check passed, the agent crashed at start-up with a traceback.
+        (
+            {"PRESTOP_APP_PORTS": ",".join(str(p) for p in range(2000, 6100, 2))},
+            "has 2050 runs of consecutive ports; at most 1024 can be watched",
+        ),
+        # Item 16: accepted, and every hook then got 400 from the HTTP parser.
+        ({"PRESTOP_TOKEN": "t" * 9000}, "PRESTOP_TOKEN='***': is longer than 4096 bytes"),
+        # Item 22: the hook's own connection was the app's traffic: every drain ran to its max.
+        ({"PRESTOP_APP_PORT": "8099"}, "PRESTOP_APP_PORT=8099: is the agent's own port"),
+        (
+            {"PRESTOP_PORT": "9000", "PRESTOP_APP_PORTS": "8080,9000"},
+            "PRESTOP_APP_PORTS=9000: is the agent's own port",
+        ),
+        # Item 23: accepted, and the mark-down always failed (no time for one request).
+        (
+            {"PRESTOP_REGISTRY": "actuator", "PRESTOP_REGISTRY_TIMEOUT_SECONDS": "0.06"},
+            "PRESTOP_REGISTRY_TIMEOUT_SECONDS='0.06': must be a finite number of seconds >= 0.25",
+        ),
+    ],
+)
+def test_settings_that_could_never_work_are_refused_at_start_up(
+    environ: dict[str, str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["check"], environ) == cli.EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("prestop-agent: configuration error: ")
+    assert message in err, err
+    assert "123" not in err and "t" * 100 not in err
+
+
+def test_minus_zero_seconds_is_shown_as_zero(capsys: pytest.CaptureFixture[str]) -> None:
+    # Issue 21 item 25: "-0s" in check's plan and /status.
+    config = load({"PRESTOP_DRAIN_MIN_SECONDS": "-0", "PRESTOP_MARGIN_SECONDS": "-0.0"})
+    assert cli.check(config) == 0
+    out = capsys.readouterr().out
+    assert "-0" not in out, out
+    assert config.redacted()["drain_min_seconds"] == 0 and "-0" not in repr(config)

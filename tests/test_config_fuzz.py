@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import string
 
 import yarl
@@ -21,7 +22,16 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from agent import cli
-from agent.config import VARIABLES, ConfigError, ascii_host, load
+from agent.config import (
+    MAX_PORT_RANGES,
+    MIN_REGISTRY_TIMEOUT_SECONDS,
+    VARIABLES,
+    Config,
+    ConfigError,
+    ascii_host,
+    load,
+    port_ranges,
+)
 from agent.main import listen_addresses
 from agent.registry._http import Server
 
@@ -34,23 +44,37 @@ any_text = st.text(st.characters(exclude_characters="\x00"), max_size=40)
 numbers = st.one_of(
     st.integers(-10, 100_000).map(str),
     st.floats(allow_nan=True, allow_infinity=True).map(repr),
-    st.sampled_from(["0", "0.0", "1e400", "-0", "nan", "inf", "30.5", " 7 ", "1_0", "0x10", ""]),
+    st.sampled_from(
+        ["0", "0.0", "1e400", "-0", "-0.0", "nan", "inf", "30.5", " 7 ", "1_0", "0x10", "0.06", ""]
+    ),
 )
 label = st.text(string.ascii_lowercase + string.digits + "-_", min_size=0, max_size=70)
 hosts = st.one_of(
     st.lists(label, min_size=1, max_size=5).map(".".join),
     st.sampled_from(
-        ["127.0.0.1", "[::1]", "[fd00::1%eth0]", "bücher.example", "\u2ff0.x", ".lead", "a..b"]
+        [
+            "127.0.0.1",
+            "[::1]",
+            "[fd00::1%eth0]",
+            "[fd00:77:0:0:0:0:0:5]",
+            "[::ffff:10.0.0.1]",
+            "[FD00:77::5]",
+            "bücher.example",
+            "\u2ff0.x",
+            ".lead",
+            "a..b",
+        ]
     ),
     any_text,
 )
 urls = st.builds(
     lambda scheme, creds, host, port, path: f"{scheme}://{creds}{host}{port}{path}",
     st.sampled_from(["http", "https", "ftp", "HTTP", ""]),
-    st.sampled_from(["", "user:p%40ss@", "u:@", "@", "a:b:c@"]),
+    # Issue 21: passwords with an unencoded '#', '/' or '?' (after digits: a "port").
+    st.sampled_from(["", "user:p%40ss@", "u:@", "@", "a:b:c@", "u:123#x@", "u:9/x@", "u:1?t=@"]),
     hosts,
     st.one_of(st.just(""), numbers.map(lambda n: f":{n}")),
-    st.sampled_from(["/", "/eureka/", "", "/a?b=c", "/%zz", "/ x"]),
+    st.sampled_from(["/", "/eureka/", "", "/a?b=c", "/%zz", "/ x", "/h?token=t0k#frag"]),
 )
 plausible = st.one_of(
     numbers,
@@ -80,6 +104,9 @@ plausible = st.one_of(
             "10.0.0.0/33",
             "8080,8081",
             "8080,",
+            "8099",
+            ",".join(str(p) for p in range(2000, 4100, 2)),  # more runs than the filter takes
+            "t" * 5000,  # a token longer than the HTTP parser's line limit allows
             "70000",
             "10.1.2.3",
             "fe80::1",
@@ -123,20 +150,30 @@ environments = st.one_of(
 )
 
 
-def _usable(config: object) -> None:
-    """What the rest of the agent does with a Config must not raise."""
-    assert config.budget().fits  # type: ignore[attr-defined]
-    json.dumps(config.redacted())  # type: ignore[attr-defined]
-    listen_addresses(config.host)  # type: ignore[attr-defined]
-    endpoints = [config.actuator_url, config.app_health_url]  # type: ignore[attr-defined]
-    for url in [*config.eureka_urls, *filter(None, endpoints)]:  # type: ignore[attr-defined]
+def _usable(config: Config) -> None:
+    """What the rest of the agent does with a Config must not raise, and nothing it accepts
+    can never work (issue 21)."""
+    assert config.budget().fits
+    assert config.port not in config.app_ports  # the hook's own traffic would hold every drain
+    assert len(port_ranges(config.app_ports)) <= MAX_PORT_RANGES
+    assert config.token is None or len(config.token.encode("utf-8", "surrogateescape")) <= 4096
+    assert config.registry_timeout_seconds >= MIN_REGISTRY_TIMEOUT_SECONDS
+    for value in config.redacted().values():
+        assert not (isinstance(value, float) and math.copysign(1, value) < 0), value
+    for url in [*config.eureka_urls, config.actuator_url, config.app_health_url or ""]:
+        # No password can end the host part early: requests go where the URL says.
+        assert not any(c in url.partition("://")[2].rpartition("@")[0] for c in "#/?"), url
+    json.dumps(config.redacted())
+    listen_addresses(config.host)
+    endpoints = [config.actuator_url, config.app_health_url]
+    for url in [*config.eureka_urls, *filter(None, endpoints)]:
         for server in (Server.parse(url), Server.endpoint(url)):
             parsed = yarl.URL(server.base, encoded=True)
             assert parsed.host, url
             ascii_host(parsed.host.strip("[]")).encode("idna")
-    if config.registry == "none":  # type: ignore[attr-defined]
+    if config.registry == "none":
         with contextlib.redirect_stdout(io.StringIO()) as out:
-            assert cli.check(config) == 0  # type: ignore[arg-type]
+            assert cli.check(config) == 0
         assert "Time budget" in out.getvalue()
 
 

@@ -17,10 +17,13 @@ import resource
 import signal
 import socket
 import statistics
+import subprocess
+import sys
 import time
 
 import pytest
 
+from agent.logs import REPEATS_SHOWN
 from agent.main import IDLE_CONNECTION_SECONDS
 from tests.support import AgentProcess
 
@@ -181,3 +184,70 @@ async def test_callers_that_hang_up_mid_hook_do_not_hold_the_exit(new_agent) -> 
     log = agent.log_text()
     assert "Traceback" not in log
     assert "prestop_answers_pending" not in log  # no hung-up caller was waited for
+
+
+async def _raw_request(port: int, request: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request)
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.read(65536), timeout=5)
+    writer.close()
+    return answer
+
+
+async def test_a_token_header_that_is_not_utf8_is_a_401_not_a_500(new_agent) -> None:
+    # Issue 21 item 11: a 500 and a logged traceback.
+    agent: AgentProcess = new_agent(
+        {"PRESTOP_DRAIN_MODE": "fixed", "PRESTOP_DRAIN_SECONDS": "0.1", "PRESTOP_TOKEN": "s3cret"}
+    )
+    agent.run()
+    for token in (b"\xff\xfe\xc3(", b"s3cret\x80", "s\u00e9cret".encode("latin-1")):
+        answer = await _raw_request(
+            agent.port,
+            b"GET /prestop HTTP/1.1\r\nHost: x\r\nX-Prestop-Token: " + token + b"\r\n\r\n",
+        )
+        assert answer.split(b" ", 2)[1] == b"401", answer
+    assert agent.proc is not None and agent.proc.poll() is None
+    await asyncio.to_thread(agent.wait_ready)  # nothing was triggered
+    assert "Traceback" not in agent.log_text()
+    agent.signal(signal.SIGTERM)
+    assert await asyncio.to_thread(agent.proc.wait, 10) == 0
+
+
+def _start_with_few_descriptors(agent: AgentProcess, limit: int) -> None:
+    def few_descriptors() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))  # hard too: no raising it
+
+    with agent.log_path.open("wb") as log:
+        agent.proc = subprocess.Popen(
+            [sys.executable, "-m", "agent.cli"],
+            env=agent._env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=few_descriptors,
+        )
+
+
+async def test_descriptor_exhaustion_is_summarised_not_flooded(new_agent) -> None:
+    # Issue 21 item 18: asyncio logs "socket.accept() out of system resource" for every pending
+    # connection: 8,668 traceback lines (4.5 MB) in 8 s. Now REPEATS_SHOWN per window, then a
+    # count.
+    agent: AgentProcess = new_agent({"PRESTOP_DRAIN_MODE": "fixed", "PRESTOP_DRAIN_SECONDS": "0.2"})
+
+    _start_with_few_descriptors(agent, 40)
+    await asyncio.to_thread(agent.wait_ready)
+    flood = []
+    for _ in range(80):  # twice what the agent may hold
+        with contextlib.suppress(OSError):
+            flood.append(socket.create_connection(("127.0.0.1", agent.port), timeout=1))
+    await asyncio.sleep(3)
+    for sock in flood:
+        sock.close()
+    await asyncio.sleep(IDLE_CONNECTION_SECONDS + 1.5)  # the agent has its descriptors back
+    await asyncio.to_thread(agent.wait_ready)
+    agent.signal(signal.SIGTERM)
+    assert await asyncio.to_thread(agent.proc.wait, 10) == 0
+    text = agent.log_text()
+    exhausted = [line for line in text.splitlines() if "out of system resource" in line]
+    assert 1 <= len(exhausted) <= REPEATS_SHOWN, len(exhausted)
+    assert len(text) < 100_000, len(text)

@@ -166,3 +166,35 @@ def test_the_pending_task_check_fails_a_leaky_test(pytester: pytest.Pytester) ->
     # The leaky test's body passes; its teardown is the error.
     result.assert_outcomes(passed=2, errors=1)
     result.stdout.fnmatch_lines(["*left 1 asyncio task(s) pending: forgotten-sleeper*"])
+
+
+async def test_a_listener_that_raises_cannot_stop_the_trigger() -> None:
+    # Issue 21 item 2: a BrokenPipeError from the phase-log listener escaped start() before the
+    # trigger was released; the hook answered 500 and nothing was drained.
+    lifecycle = Lifecycle()
+
+    def broken_log(phase: Phase, _: Lifecycle) -> None:
+        if phase is Phase.DRAINING:
+            raise BrokenPipeError(32, "Broken pipe")
+
+    seen: list[Phase] = []
+    lifecycle.subscribe(broken_log)
+    lifecycle.subscribe(lambda phase, _: seen.append(phase))
+    assert lifecycle.start(Trigger.SIGTERM)
+    await asyncio.wait_for(lifecycle.wait_triggered(), 1)
+    assert lifecycle.phase is Phase.DRAINING and seen[-1] is Phase.DRAINING
+    assert lifecycle.listener_failures == ["BrokenPipeError: [Errno 32] Broken pipe"]
+
+
+def test_repeated_log_lines_are_limited_and_then_counted() -> None:
+    # Issue 21 item 18: the summary of what a flood's repeats were.
+    from agent.logs import REPEAT_WINDOW_SECONDS, REPEATS_SHOWN, RepeatLimit
+
+    clock = FakeClock()
+    limit = RepeatLimit(clock)
+    shown = [limit.admit("accept failed") for _ in range(REPEATS_SHOWN + 100)]
+    assert shown[:REPEATS_SHOWN] == [(True, 0)] * REPEATS_SHOWN
+    assert not any(show for show, _ in shown[REPEATS_SHOWN:])
+    assert limit.admit("another kind") == (True, 0)  # one kind never hides another
+    clock.advance(REPEAT_WINDOW_SECONDS)
+    assert limit.admit("accept failed") == (True, 100)  # the next one carries the count

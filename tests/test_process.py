@@ -8,15 +8,23 @@ drain + 1 s of the trigger (classic) or within 1 s of its SIGTERM (native).
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import re
+import resource
 import signal
 import socket
+import subprocess
+import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import aiohttp
 import pytest
 
+from agent.main import host_has_ipv6
 from tests.support import AgentProcess
 
 DRAIN = 2.0
@@ -176,6 +184,11 @@ async def test_classic_stays_up_not_ready_until_metrics_are_scraped(new_agent) -
         async with aiohttp.ClientSession() as session:
             async with session.get(f"{agent.url}/ready") as response:
                 assert response.status == 503
+            # Issue 21 item 17: a HEAD carries no figures; it counted as the final scrape.
+            async with session.head(f"{agent.url}/metrics") as response:
+                assert response.status == 200
+            await asyncio.sleep(0.6)  # > APP_EXIT_POLL_SECONDS: it would have exited by now
+            assert agent.proc.poll() is None, "a HEAD /metrics ended the wait for the scrape"
             scraped = time.monotonic()
             async with session.get(f"{agent.url}/metrics") as response:
                 page = await response.text()
@@ -371,3 +384,159 @@ async def test_a_misspelt_variable_is_warned_about_at_start_up(new_agent) -> Non
     assert "did you mean PRESTOP_TOKEN?" in warned[1]["warning"]
     assert all(e["level"] == "warning" for e in warned)
     assert "s3cret" not in agent.log_text()
+
+
+# --------------------------------------------------------------------------------------------
+# Issue 21: the log stream is the agent's least trusted output; nothing it does may reach the drain.
+
+
+def _start_with_stderr(agent: AgentProcess, stderr: int | None, *, closed: bool = False) -> None:
+    """Start the agent with its stderr (its only log stream) on ``stderr``, or closed."""
+    agent.proc = subprocess.Popen(
+        [sys.executable, "-m", "agent.cli"],
+        env=agent._env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=stderr,
+        preexec_fn=(lambda: os.close(2)) if closed else None,
+    )
+
+
+def _get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+async def _hook_then_exit(agent: AgentProcess) -> dict:
+    """The kubelet's hook, the /metrics scrape and SIGTERM; the hook's answer."""
+    status, body = await asyncio.to_thread(_get, f"{agent.url}/prestop", 15)
+    answer = json.loads(body)
+    assert status == 200, answer
+    assert [s["outcome"] for s in answer["steps"]] == ["skipped", "fixed"], answer
+    _, page = await asyncio.to_thread(_get, f"{agent.url}/metrics")
+    agent.signal(signal.SIGTERM)
+    assert (await _wait_exit(agent, limit=10))[0] == 0
+    answer["metrics"] = page.decode()
+    return answer
+
+
+async def test_a_log_reader_that_exits_does_not_stop_the_shutdown(new_agent) -> None:
+    # `prestop-agent 2>&1 | head -1`: the reader takes one line and exits; every later write to
+    # the pipe is EPIPE. Before: /prestop answered 500 at once, nothing drained, SIGTERM ignored.
+    agent = new_agent({"PRESTOP_DRAIN_MODE": "fixed", "PRESTOP_DRAIN_SECONDS": "0.5"})
+    read_end, write_end = os.pipe()
+    _start_with_stderr(agent, write_end)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as reader:
+        first = await asyncio.to_thread(reader.readline)
+    assert first.startswith(b"{")  # the reader has its line and is gone
+    await asyncio.to_thread(agent.wait_ready)
+    answer = await _hook_then_exit(agent)
+    dropped = re.search(r"^prestop_log_lines_dropped_total (\S+)$", answer["metrics"], re.M)
+    assert dropped and float(dropped.group(1)) >= 1, answer["metrics"]
+
+
+async def test_a_closed_stderr_is_no_reason_to_fail(new_agent) -> None:
+    # `prestop-agent 2>&-`: before, exit 1 without a word (the format, auto, asked the closed
+    # stream whether it is a terminal).
+    agent = new_agent(
+        {
+            "PRESTOP_DRAIN_MODE": "fixed",
+            "PRESTOP_DRAIN_SECONDS": "0.2",
+            "PRESTOP_LOG_FORMAT": "auto",
+        }
+    )
+    _start_with_stderr(agent, None, closed=True)
+    await asyncio.to_thread(agent.wait_ready)
+    await _hook_then_exit(agent)
+
+
+async def test_a_log_stream_nobody_reads_does_not_freeze_the_probes(new_agent) -> None:
+    # A pipe whose reader stalls: once its 64 KiB buffer was full, the event loop blocked in a
+    # write and /live and /ready stopped answering (the kubelet would kill the agent mid-drain).
+    agent = new_agent(
+        {
+            "PRESTOP_DRAIN_MODE": "fixed",
+            "PRESTOP_DRAIN_SECONDS": "0.2",
+        }
+    )
+    read_end, write_end = os.pipe()
+    try:
+        _start_with_stderr(agent, write_end)
+        await asyncio.to_thread(agent.wait_ready)
+        for probe in range(800):  # ~200 KB of log lines, three times the pipe's buffer
+            try:
+                # One access line each (a 404 is logged at info; distinct paths, so that no
+                # repeat limit holds them back), then the liveness probe.
+                await asyncio.to_thread(_get, f"{agent.url}/no-such-page-{probe}", 3)
+                await asyncio.to_thread(_get, f"{agent.url}/live", 3)
+            except OSError as exc:
+                pytest.fail(f"the agent went unanswered after {probe} requests: {exc}")
+        assert (await asyncio.to_thread(_get, f"{agent.url}/ready", 3))[0] == 200
+        await _hook_then_exit(agent)
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
+async def test_a_host_that_cannot_be_bound_is_one_line_naming_it_and_exit_2(new_agent) -> None:
+    # Issue 21 item 20: exit 1 and two lines (a log event and a bare OSError text).
+    agent = new_agent({"PRESTOP_DRAIN_MODE": "fixed", "PRESTOP_HOST": "192.0.2.1"})
+    agent.start()
+    status, _ = await _wait_exit(agent, limit=10)
+    assert status == 2
+    lines = agent.log_text().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("prestop-agent: configuration error: PRESTOP_HOST='192.0.2.1':")
+    assert f"cannot listen on 192.0.2.1:{agent.port}" in lines[0]
+
+
+async def test_the_ipv6_any_address_listens_on_ipv4_too(new_agent) -> None:
+    # Issue 21 item 21: PRESTOP_HOST=:: listened on IPv6 only; IPv4 callers were refused.
+    agent = new_agent(
+        {"PRESTOP_DRAIN_MODE": "fixed", "PRESTOP_DRAIN_SECONDS": "0.1", "PRESTOP_HOST": "::"}
+    )
+    agent.run()  # waits for /ready over IPv4
+    if host_has_ipv6():
+        status, _ = await asyncio.to_thread(_get, f"http://[::1]:{agent.port}/live")
+        assert status == 200
+    status_page = json.loads((await asyncio.to_thread(_get, f"{agent.url}/status"))[1])
+    assert status_page["listening"] == [f"0.0.0.0:{agent.port}", f"[::]:{agent.port}"]
+    agent.signal(signal.SIGTERM)
+    assert (await _wait_exit(agent, limit=10))[0] == 0
+
+
+def _start_unable_to_start_threads(agent: AgentProcess) -> None:
+    """Start the agent where no thread can start, as under memory exhaustion: every new
+    thread's stack (the stack limit, 8 GiB) is more address space than the process may have."""
+
+    def no_room_for_threads() -> None:
+        resource.setrlimit(resource.RLIMIT_STACK, (8 << 30, 8 << 30))
+        resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+
+    with agent.log_path.open("wb") as log:
+        agent.proc = subprocess.Popen(
+            [sys.executable, "-m", "agent.cli"],
+            env=agent._env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=no_room_for_threads,
+        )
+
+
+async def test_no_thread_can_start_and_the_termination_still_ends_cleanly(new_agent) -> None:
+    # Issue 21 item 19: after the drain, exit 1 with a raw traceback ("can't start new thread":
+    # the final scrape's look at the app's sockets, and closing the loop's executor).
+    agent = new_agent({"PRESTOP_DRAIN_MODE": "fixed", "PRESTOP_DRAIN_SECONDS": "0.3"})
+    _start_unable_to_start_threads(agent)
+    await asyncio.to_thread(agent.wait_ready)
+    agent.signal(signal.SIGTERM)
+    assert (await _wait_exit(agent, limit=15))[0] == 0, agent.log_text()[-3000:]
+    text = agent.log_text()
+    assert "Traceback" not in text
+    events = agent.log_events()
+    final = next(e for e in events if e["event"] == "shutdown_complete")
+    assert final["steps"][-1]["name"] == "final_scrape" and final["ok"]

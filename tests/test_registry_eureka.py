@@ -30,6 +30,7 @@ from tests.javaapps import (
     eureka_set_status,
     eureka_status,
     http_get,
+    http_request,
 )
 from tests.support import AgentProcess, free_port, wait_for
 
@@ -169,11 +170,12 @@ def test_check_tells_server_down_from_instance_not_registered_from_found(
     assert "s3cret" not in found.stdout + found.stderr
 
     # The server answers, but nothing is registered at this port (the app is not up yet, or
-    # PRESTOP_APP_PORT / POD_IP are wrong): exit 3, and what is listed instead.
+    # PRESTOP_APP_PORT / POD_IP are wrong): exit 3, and what is listed at the pod's address
+    # instead (other pods' instances only counted: the reason is in the open /status too).
     absent = run_check(eureka_env(app, [url], PRESTOP_APP_PORT=str(free_port())))
     assert absent.returncode == 3, absent.stdout + absent.stderr
     assert "Registry eureka: server reachable, but the instance is NOT found" in absent.stdout
-    assert f"listed: {app.instance_id}" in absent.stdout
+    assert f": {app.instance_id} (port {app.port}" in absent.stdout
     by_id = run_check(eureka_env(app, [url], PRESTOP_EUREKA_INSTANCE_ID="no-such-id"))
     assert by_id.returncode == 3
     assert f"{app.app_name}/no-such-id is not listed" in by_id.stdout
@@ -340,6 +342,29 @@ def test_eureka_all_servers_unreachable_still_drains_and_answers_500(
     assert drain["duration_seconds"] >= 0.95
 
 
+def register_again(eureka_url: str, app: DemoApp) -> None:
+    """Register the app's instance again, as the next pod's app with the same instance id does
+    at its start: the server carries an existing override into the new registration."""
+    status, body = http_get(f"{eureka_url}apps/{app.app_name}/{app.instance_id}")
+    assert status == 200, body
+    answer = http_request(
+        "POST",
+        f"{eureka_url}apps/{app.app_name}",
+        body=body.encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    assert answer[0] == 204, answer
+
+
+def previous_pods_override(eureka_url: str, app: DemoApp) -> None:
+    """A previous pod with the same instance id was marked DOWN and then SIGKILLed; this pod's
+    app registered after that."""
+    assert eureka_set_status(eureka_url, app.app_name, app.instance_id, "DOWN") == 200
+    time.sleep(1.5)  # the new registration comes later than the override (lastUpdatedTimestamp)
+    register_again(eureka_url, app)
+    assert eureka_status(eureka_url, app.app_name, app.instance_id) == "DOWN"
+
+
 @pytest.mark.java
 @pytest.mark.usefixtures("need_java", "jvm_logs_on_failure")
 def test_eureka_clears_a_stale_override_at_start_up(
@@ -348,9 +373,7 @@ def test_eureka_clears_a_stale_override_at_start_up(
     start_agent: Callable[..., AgentProcess],
 ) -> None:
     app = start_demo_app(eureka_server, app_name="STALE-APP")
-    # A previous pod with the same instance id was marked DOWN and then SIGKILLed.
-    assert eureka_set_status(eureka_server.url, app.app_name, app.instance_id, "DOWN") == 200
-    assert eureka_status(eureka_server.url, app.app_name, app.instance_id) == "DOWN"
+    previous_pods_override(eureka_server.url, app)
 
     agent = start_agent(eureka_env(app, [eureka_server.url]))
 
@@ -368,13 +391,34 @@ def test_eureka_keeps_a_stale_override_when_told(
     start_agent: Callable[..., AgentProcess],
 ) -> None:
     app = start_demo_app(eureka_server, app_name="KEEP-APP")
-    assert eureka_set_status(eureka_server.url, app.app_name, app.instance_id, "DOWN") == 200
+    previous_pods_override(eureka_server.url, app)
     agent = start_agent(eureka_env(app, [eureka_server.url], PRESTOP_EUREKA_KEEP_OVERRIDE="true"))
     wait_for(
         "the kept override is logged", lambda: bool(events(agent, "eureka_stale_override_kept")), 10
     )
     time.sleep(2 * RENEWAL_SECONDS)
     assert eureka_status(eureka_server.url, app.app_name, app.instance_id) == "DOWN"
+
+
+@pytest.mark.java
+@pytest.mark.usefixtures("need_java", "jvm_logs_on_failure")
+def test_a_restarted_agent_keeps_its_own_pods_override(
+    eureka_server: EurekaServer,
+    start_demo_app: StartDemoApp,
+    start_agent: Callable[..., AgentProcess],
+) -> None:
+    # Issue 21 item 7: the agent was SIGKILLed mid-drain and restarted in the terminating pod;
+    # it cleared its own DOWN override as if a previous pod had left it.
+    app = start_demo_app(eureka_server, app_name="OWN-APP")
+    time.sleep(1.5)  # this pod's mark-down comes well after its app registered
+    assert eureka_set_status(eureka_server.url, app.app_name, app.instance_id, "DOWN") == 200
+    agent = start_agent(eureka_env(app, [eureka_server.url]))
+    wait_for(
+        "the own override is kept", lambda: bool(events(agent, "eureka_own_override_kept")), 10
+    )
+    time.sleep(2 * RENEWAL_SECONDS)
+    assert eureka_status(eureka_server.url, app.app_name, app.instance_id) == "DOWN"
+    assert not events(agent, "eureka_stale_override_cleared")
 
 
 # ------------------------------------------------------------------------------------- actuator
@@ -460,7 +504,9 @@ def test_register_on_behalf_up_down_and_gone(
                 "POD_IP": "127.0.0.1",
                 "POD_NAME": "py-app-0",
                 "PRESTOP_APP_PORT": str(server.port),
-                "PRESTOP_APP_HEALTH_URL": f"{server.url}/health",
+                # The agent's private way to the app: credentials and a token (issue 21 item 1).
+                "PRESTOP_APP_HEALTH_URL": f"http://probe:pa55@127.0.0.1:{server.port}/health"
+                "?token=t0k3n",
                 "PRESTOP_EUREKA_RENEWAL_SECONDS": "0.5",
                 "PRESTOP_EUREKA_LEASE_SECONDS": "5",
                 "PRESTOP_DRAIN_SECONDS": "1.5",
@@ -479,7 +525,10 @@ def test_register_on_behalf_up_down_and_gone(
         ]
         assert instance["ipAddr"] == "127.0.0.1"
         assert instance["port"]["$"] == server.port
+        # What every Eureka client, the dashboard and Spring Boot Admin read: no secret of it.
         assert instance["healthCheckUrl"] == f"{server.url}/health"
+        assert instance["statusPageUrl"] == f"{server.url}/actuator/info"
+        assert not {"pa55", "t0k3n", "probe"} & set(re.findall(r"\w+", json.dumps(instance)))
         assert instance["metadata"]["pod"] == "py-app-0"
 
         wait_for("health: found", lambda: agent_status(agent)["registry"]["state"] == "found", 5)

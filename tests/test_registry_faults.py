@@ -18,6 +18,7 @@ checks one case. ``test_fault_table`` prints the table the issue's closing note 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import re
 import socket
@@ -33,9 +34,13 @@ from typing import Any
 
 import pytest
 
+from agent.config import redact_url
 from tests.support import AgentProcess, free_port
 
 SECRET = "s3cret-pw"
+# The actuator URL carries a query token too; it must never be shown either.
+QUERY_SECRET = "q-t0ken-5ecret"
+BASIC = base64.b64encode(f"admin:{SECRET}".encode()).decode()
 APP = "FAULTY"
 REGISTRY_TIMEOUT = 2.0
 DRAIN = 0.5
@@ -58,7 +63,11 @@ class FaultServer:
     state: dict[str, str] = field(default_factory=lambda: {"status": "UP"})
 
     def url(self, backend: str, host: str = "127.0.0.1") -> str:
-        path = "/actuator/serviceregistry" if backend == "actuator" else "/eureka/"
+        path = (
+            f"/actuator/serviceregistry?token={QUERY_SECRET}"
+            if backend == "actuator"
+            else "/eureka/"
+        )
         return f"{self.scheme}://admin:{SECRET}@{host}:{self.port}{path}"
 
 
@@ -90,16 +99,16 @@ def _eureka_like(server: FaultServer, method: str, path: str) -> bytes:
     return _response(200, json.dumps({"instance": instance}).encode())
 
 
-async def _read_request(reader: asyncio.StreamReader) -> tuple[str, str]:
+async def _read_request(reader: asyncio.StreamReader) -> tuple[str, str, bytes]:
     first = await reader.readexactly(1)
     if first == b"\x16":  # a TLS ClientHello sent to this plain HTTP server
-        return "TLS", ""
+        return "TLS", "", b""
     head = first + await reader.readuntil(b"\r\n\r\n")
     method, path, _ = head.split(b"\r\n", 1)[0].decode().split(" ", 2)
     length = re.search(rb"(?i)content-length:\s*(\d+)", head)
     if length:
         await reader.readexactly(int(length.group(1)))
-    return method, path
+    return method, path, head
 
 
 async def _serve_fault(
@@ -107,7 +116,7 @@ async def _serve_fault(
 ) -> None:
     try:
         while True:
-            method, path = await _read_request(reader)
+            method, path, head = await _read_request(reader)
             server.requests += 1
             fault = server.name
             if method == "TLS":  # what a plain HTTP server answers to a TLS handshake
@@ -167,6 +176,14 @@ async def _serve_fault(
                 while True:
                     writer.write(chunk)
                     await writer.drain()
+            elif fault == "echo_401":
+                # Some proxies and frameworks echo the request in their error pages.
+                writer.write(_response(401, head, "Unauthorized"))
+            elif fault == "redirect":
+                writer.write(b"HTTP/1.1 302 Found\r\nLocation: /login\r\nContent-Length: 0\r\n\r\n")
+            elif fault == "xml":
+                body = b"<application><name>FAULTY</name><instance/></application>"
+                writer.write(_response(200, body).replace(b"application/json", b"application/xml"))
             elif fault in ("tls_untrusted", "tls_to_plain"):
                 writer.write(_eureka_like(server, method, path))
             await writer.drain()
@@ -238,6 +255,11 @@ FAULTS: dict[str, str] = {
     "tls_untrusted": r"TLS: .*CERTIFICATE_VERIFY_FAILED|certificate verify failed",
     "tls_to_plain": r"SSL|TLS|WRONG_VERSION_NUMBER|wrong version number|record layer",
     "dns_failure": r"Cannot connect|Name or service not known|not known|no answer within|DNS",
+    # Issue 21: an error page echoing the request (its Authorization header, its query), a
+    # redirect (never followed), an XML answer: named for what they are.
+    "echo_401": r"HTTP 401",
+    "redirect": r"HTTP 302",
+    "xml": r"not JSON|not DOWN in time",
 }
 BACKENDS = ("eureka", "actuator", "register")
 
@@ -318,8 +340,8 @@ def outcomes(
                 else f"http://admin:{SECRET}@eureka-0.prestop-fault.invalid:8761/eureka/"
             )
             if backend == "actuator" and not server:
-                url = url.replace("/eureka/", "/actuator/serviceregistry")
-            shown = url.replace(SECRET, "***")
+                url = url.replace("/eureka/", f"/actuator/serviceregistry?token={QUERY_SECRET}")
+            shown = redact_url(url)
             jobs.append((f"{backend}-{fault}", backend, [url], shown))
     eureka = _real_eureka(request)
     if eureka is not None:
@@ -386,6 +408,8 @@ def _common_checks(outcome: Outcome) -> None:
     for text in (outcome.log, json.dumps(outcome.answer)):
         assert "Traceback" not in text, f"{outcome.case}: traceback\n{text[-3000:]}"
         assert SECRET not in text, f"{outcome.case}: the password leaked"
+        assert BASIC[:12] not in text, f"{outcome.case}: the Authorization header leaked"
+        assert QUERY_SECRET not in text, f"{outcome.case}: the query token leaked"
     # The drain ran in full whatever the registry did.
     drain = [s for s in outcome.answer["steps"] if s["name"] == "drain"]
     assert drain and drain[0]["outcome"] == "fixed", outcome.answer

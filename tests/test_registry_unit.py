@@ -12,9 +12,11 @@ import dataclasses
 import json
 import re
 import ssl
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 import pytest
@@ -47,12 +49,14 @@ PORT = 8080
 SECRET = "p@ss:w/rd%+$"
 
 
-def instance(instance_id: str, ip: str = POD_IP, port: int = PORT, **extra: Any) -> dict[str, Any]:
+def instance(
+    instance_id: str, ip: str = POD_IP, port: int | dict[str, Any] = PORT, **extra: Any
+) -> dict[str, Any]:
     return {
         "instanceId": instance_id,
         "app": APP,
         "ipAddr": ip,
-        "port": {"$": port, "@enabled": "true"},
+        "port": port if isinstance(port, dict) else {"$": port, "@enabled": "true"},
         "status": "UP",
         "overriddenStatus": "UNKNOWN",
         "lastDirtyTimestamp": "1700000000123",
@@ -68,6 +72,9 @@ class FakeEureka:
         self.requests: list[web.Request] = []
         self.statuses: list[int] = []  # answer these codes first, in order, then behave
         self.delay = 0.0
+        self.registered: list[dict[str, Any]] = []
+        self.delete_delay = 0.0  # a slow registry: applies a DELETE this long after it came
+        self.put_answer_delay = 0.0  # applies a status PUT at once, answers this much later
         app = web.Application(middlewares=[self._record])
         app.router.add_get("/eureka/apps/{app}", self._app)
         app.router.add_get("/eureka/apps/{app}/{id}", self._instance)
@@ -103,15 +110,27 @@ class FakeEureka:
         if found is None:
             return web.Response(status=404)
         found["status"] = found["overriddenStatus"] = request.query["value"]
+        await asyncio.sleep(self.put_answer_delay)
         return web.Response(status=200)
 
     async def _delete_status(self, request: web.Request) -> web.Response:
         found = self.instances[request.match_info["id"]]
-        found["status"], found["overriddenStatus"] = "UNKNOWN", "UNKNOWN"
+
+        def apply() -> None:
+            found["status"], found["overriddenStatus"] = "UNKNOWN", "UNKNOWN"
+
+        if not self.delete_delay:
+            apply()
+            return web.Response(status=200)
+        # Applied after the delay even when the caller has given up and hung up (as a servlet
+        # container does: the request is already being processed).
+        asyncio.get_running_loop().call_later(self.delete_delay, apply)
+        await asyncio.sleep(self.delete_delay)
         return web.Response(status=200)
 
     async def _register(self, request: web.Request) -> web.Response:
         registered = (await request.json())["instance"]
+        self.registered.append(registered)
         self.instances[registered["instanceId"]] = registered
         return web.Response(status=204)
 
@@ -193,15 +212,63 @@ async def test_discovers_the_instance_by_ip_and_port(
 
 
 async def test_no_instance_matches(serve: Serve, session: aiohttp.ClientSession) -> None:
-    _, url = await serve([instance("other", ip="10.9.9.9")])
+    # Issue 21 item 24: the reason reaches /status, which answers anyone: other pods' ids and
+    # addresses are counted, not listed; what sits at this pod's own address is shown.
+    _, url = await serve(
+        [instance("other", ip="10.9.9.9"), instance("other-2", ip="10.9.9.8"), instance("mine")]
+    )
+    registry = EurekaRegistry(config([url], PRESTOP_APP_PORT="9000"), session)
     with pytest.raises(
         RegistryError,
         match=re.escape(
-            "no instance of DEMO-APP has ipAddr 10.1.2.3 and port 8080"
-            " (listed: other (10.9.9.9:8080))"
+            "no instance of DEMO-APP has ipAddr 10.1.2.3 and port 9000"
+            " (listed: 2 at other addresses; at 10.1.2.3: mine (port 8080, securePort None))"
         ),
     ):
-        await EurekaRegistry(config([url]), session).mark_down()
+        await registry.mark_down()
+    health = await registry.check_health()
+    assert health.state is HealthState.NOT_FOUND
+    assert "10.9.9" not in health.reason and "other" not in health.reason.replace(
+        "other addresses", ""
+    ), health.reason
+
+
+async def test_addresses_are_compared_as_addresses_not_text(
+    serve: Serve, session: aiohttp.ClientSession
+) -> None:
+    # Issue 21 item 5: the downward API writes fd00:77::5, Java's Eureka client fd00:77:0:0:0:0:0:5.
+    listed = instance("v6", ip="fd00:77:0:0:0:0:0:5")
+    fake, url = await serve([listed, instance("v4")])
+    cfg = config([url], POD_IP="fd00:77::5")
+    said = await EurekaRegistry(cfg, session).mark_down()
+    assert said[url]["result"] == "ok" and fake.instances["v6"]["status"] == "DOWN"
+    assert ClientView(cfg, session)._is_ours(listed)
+
+
+async def test_an_instance_id_of_any_length_is_marked_whole(
+    serve: Serve, session: aiohttp.ClientSession
+) -> None:
+    # Issue 21 item 14: an id over 200 characters was adopted cut short ("...") and never marked.
+    long_id = "pod-" + "x" * 250
+    fake, url = await serve([instance(long_id)])
+    said = await EurekaRegistry(config([url]), session).mark_down()
+    assert said[url]["result"] == "ok" and fake.instances[long_id]["status"] == "DOWN"
+
+
+async def test_an_https_only_instance_is_found_by_its_secure_port(
+    serve: Serve, session: aiohttp.ClientSession
+) -> None:
+    # Issue 21 item 15: port disabled, securePort enabled (server.ssl on, non-secure port off).
+    tls = instance(
+        "tls",
+        port={"$": 8080, "@enabled": "false"},
+        securePort={"$": 8443, "@enabled": "true"},
+    )
+    fake, url = await serve([tls])
+    cfg = config([url], PRESTOP_APP_PORT="8443")
+    said = await EurekaRegistry(cfg, session).mark_down()
+    assert said[url]["result"] == "ok" and fake.instances["tls"]["status"] == "DOWN"
+    assert ClientView(cfg, session)._is_ours(tls)
 
 
 async def test_several_instances_match(serve: Serve, session: aiohttp.ClientSession) -> None:
@@ -369,6 +436,46 @@ async def test_startup_clears_a_stale_override_once(
     assert cleared["overrides"] == {url: "DOWN"} and cleared["results"] == {url: "cleared"}
 
 
+async def test_a_restarted_agent_keeps_its_own_pods_override(
+    serve: Serve, session: aiohttp.ClientSession
+) -> None:
+    # Issue 21 item 7: SIGKILL mid-drain and a restart; the agent cleared its own pod's DOWN
+    # override as if a previous pod had left it, putting the terminating pod back in service.
+    now = int(time.time() * 1000)
+    ours = instance(
+        "ours",
+        status="DOWN",
+        overriddenStatus="DOWN",
+        lastUpdatedTimestamp=str(now - 8_000),  # the override, 8 s into this termination
+        leaseInfo={"registrationTimestamp": now - 3_600_000},  # the app registered an hour ago
+    )
+    fake, url = await serve([ours])
+    with capture_logs() as logs:
+        await asyncio.wait_for(
+            EurekaRegistry(config([url], PRESTOP_EUREKA_INSTANCE_ID="ours"), session).run(), 5
+        )
+    assert not [r for r in fake.requests if r.method == "DELETE"]
+    assert fake.instances["ours"]["overriddenStatus"] == "DOWN"
+    assert [e["event"] for e in logs if e["event"].startswith("eureka_")] == [
+        "eureka_own_override_kept"
+    ]
+
+    # A previous pod's override, carried into this pod's new registration (both stamped at
+    # once), or one set long ago, is stale: cleared as before.
+    for stamps in ((now - 2_000, now - 2_000), (now - 3_600_000, now - 7_200_000)):
+        updated, registered = stamps
+        fake.instances["ours"].update(
+            status="DOWN",
+            overriddenStatus="DOWN",
+            lastUpdatedTimestamp=updated,
+            leaseInfo={"registrationTimestamp": registered},
+        )
+        await asyncio.wait_for(
+            EurekaRegistry(config([url], PRESTOP_EUREKA_INSTANCE_ID="ours"), session).run(), 5
+        )
+        assert fake.instances["ours"]["overriddenStatus"] == "UNKNOWN", stamps
+
+
 async def test_startup_never_clears_the_override_of_a_started_shutdown(
     serve: Serve, session: aiohttp.ClientSession
 ) -> None:
@@ -384,6 +491,31 @@ async def test_startup_never_clears_the_override_of_a_started_shutdown(
 
 
 # ------------------------------------------------------------------------------ actuator, register
+
+
+async def test_a_late_cleanup_delete_never_outlives_the_mark_down(
+    serve: Serve, session: aiohttp.ClientSession
+) -> None:
+    # Issue 21 item 6: a stale override and a slow registry: the clean-up's DELETEs, retried
+    # after client-side timeouts, landed after the hook's PUT; the hook said ok while the
+    # instance ended UNKNOWN (back in service at the app's next renewal).
+    stale = instance("pod-1", status="DOWN", overriddenStatus="DOWN")
+    fake, url = await serve([stale])
+    fake.delete_delay = 0.8  # > one request's timeout (1.5 s / 3): every DELETE "times out"
+    registry = EurekaRegistry(config([url]), session)
+    cleanup = asyncio.create_task(registry.run())
+    try:
+        await asyncio.sleep(0.2)  # the clean-up's first DELETE is on its way
+        assert any(r.method == "DELETE" for r in fake.requests)
+        await registry.mark_down()
+        said = await registry.verify()
+        assert said[url] == "DOWN", said
+        await asyncio.sleep(1.5)  # every DELETE sent has been applied by now
+        assert fake.instances["pod-1"]["overriddenStatus"] == "DOWN", said
+        assert fake.instances["pod-1"]["status"] == "DOWN"
+    finally:
+        cleanup.cancel()
+        await asyncio.gather(cleanup, return_exceptions=True)
 
 
 async def test_actuator_unreachable_names_the_endpoint_without_credentials(
@@ -451,6 +583,42 @@ async def test_register_registers_renews_marks_and_cancels(
     await asyncio.sleep(0.25)  # no renewal after the cancel would register it again
     assert f"{POD_IP}:py-app:9000" not in fake.instances
     await registry.close()
+
+
+async def test_register_publishes_the_pod_address_and_paths_never_secrets(
+    serve: Serve, session: aiohttp.ClientSession
+) -> None:
+    """Issue 21 item 1: every Eureka client, the dashboard and Spring Boot Admin read the
+    registration; it carries what a Spring Boot instance publishes, never the agent's private
+    health URL (its password, its query token, its loopback host)."""
+    fake, url = await serve([])
+    cfg = load(
+        {
+            "PRESTOP_REGISTRY": "register",
+            "PRESTOP_EUREKA_URLS": url,
+            "PRESTOP_EUREKA_APP": "py-app",
+            "POD_IP": "fd00:77::5",
+            "PRESTOP_APP_PORT": "9000",
+            "PRESTOP_APP_HEALTH_URL": "http://probe:pa55word@127.0.0.1:9001/manage/health?token=t0k3n",
+            "PRESTOP_EUREKA_RENEWAL_SECONDS": "0.1",
+        }
+    )
+    registry = open_registry(cfg, session)
+    task = asyncio.create_task(registry.run())
+    try:
+        await asyncio.sleep(0.3)
+    finally:
+        await registry.finalize()
+        await asyncio.wait_for(task, 2)
+    registrations = [r for r in fake.requests if r.method == "POST"]
+    assert registrations
+    registered = fake.registered[-1]
+    published = json.dumps(registered)
+    for secret in ("pa55word", "t0k3n", "probe", "127.0.0.1", "?"):
+        assert secret not in published, published
+    assert registered["healthCheckUrl"] == "http://[fd00:77::5]:9001/manage/health"
+    assert registered["statusPageUrl"] == "http://[fd00:77::5]:9001/actuator/info"
+    assert registered["homePageUrl"] == "http://[fd00:77::5]:9000/"
 
 
 # ------------------------------------------------------------------------------------- health
@@ -696,3 +864,153 @@ async def test_the_view_showing_the_status_is_recorded_per_server(
     assert seen.servers[lagging] is not None and seen.servers[lagging] >= 0.3
     assert seen.visible_to_clients == seen.servers[lagging]
     assert seen.floor(elapsed=5.0) == pytest.approx(seen.servers[lagging] + 6.5)
+
+
+@pytest_asyncio.fixture
+async def garbage_server() -> AsyncIterator[str]:
+    """A server that answers every request with a malformed HTTP head (aiohttp's client then
+    raises ClientResponseError, whose text quotes the request's full URL)."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: nope\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    yield f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    server.close()
+    await server.wait_closed()
+
+
+async def test_client_errors_never_show_the_query_token(
+    garbage_server: str, session: aiohttp.ClientSession
+) -> None:
+    # Issue 21 item 4: the token reached /ready, /status, the 500, the logs and check.
+    health = AppHealth(f"http://{garbage_server}/actuator/health?token=t0k3n-q", session)
+    healthy, reason = await health.check()
+    assert not healthy and "ClientResponseError" in reason, reason
+    assert "t0k3n-q" not in reason and "health?***" in reason, reason
+    cfg = load(
+        {
+            "PRESTOP_REGISTRY": "actuator",
+            "PRESTOP_ACTUATOR_URL": f"http://{garbage_server}/actuator/serviceregistry?k=t0k3n-q",
+            "PRESTOP_REGISTRY_TIMEOUT_SECONDS": "0.5",
+        }
+    )
+    registry = open_registry(cfg, session)
+    with pytest.raises(RegistryError) as error:
+        await registry.mark_down()
+    assert "t0k3n-q" not in str(error.value), error.value
+    health_now = await registry.check_health()
+    assert "t0k3n-q" not in health_now.reason, health_now.reason
+
+
+@pytest_asyncio.fixture
+async def echo_server() -> AsyncIterator[tuple[str, list[int]]]:
+    """A server that answers every request with ``statuses[0]`` and the request's own head as
+    the body (some proxies and frameworks echo the request in their error pages)."""
+    statuses = [401]
+
+    async def echo(request: web.Request) -> web.Response:
+        head = f"{request.method} {request.path_qs}\n" + "".join(
+            f"{k}: {v}\n" for k, v in request.headers.items()
+        )
+        return web.Response(status=statuses[0], text=head)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", echo)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    yield f"127.0.0.1:{server.port}", statuses
+    await server.close()
+
+
+@pytest.mark.parametrize("status", [401, 500])
+async def test_an_error_answer_echoing_the_request_never_shows_its_credentials(
+    echo_server: tuple[str, list[int]], session: aiohttp.ClientSession, status: int
+) -> None:
+    # Issue 21 item 8: 120 bytes of the body were quoted; a registry echoing the request in a
+    # 401 gave away most of the Basic header (and the query token of an actuator URL).
+    where, statuses = echo_server
+    statuses[0] = status
+    basic = base64.b64encode(b"admin:" + SECRET.encode()).decode()
+    env = {"PRESTOP_EUREKA_INSTANCE_ID": "i-1", "PRESTOP_REGISTRY_TIMEOUT_SECONDS": "0.5"}
+    password = quote(SECRET, safe="")
+    eureka = EurekaRegistry(config([f"http://admin:{password}@{where}/eureka/"], **env), session)
+    actuator = open_registry(
+        load(
+            {
+                "PRESTOP_REGISTRY": "actuator",
+                "PRESTOP_ACTUATOR_URL": f"http://admin:{password}@{where}/sr?token=t0k3n-q",
+                "PRESTOP_REGISTRY_TIMEOUT_SECONDS": "0.5",
+            }
+        ),
+        session,
+    )
+    for registry in (eureka, actuator):
+        with pytest.raises(RegistryError) as error:
+            await registry.mark_down()
+        health = await registry.check_health()
+        for text in (str(error.value), health.reason):
+            assert f"HTTP {status}" in text, text
+            for secret in (basic[:8], basic[-8:], "t0k3n-q", SECRET, password):
+                assert secret not in text, text
+
+
+ANSWERS = {
+    "401": (401, "text/plain", b"Unauthorized"),
+    "302": (302, "text/html", b"<a href='/login'>moved</a>"),
+    "xml": (200, "application/xml", b"<application><name>DEMO-APP</name></application>"),
+}
+
+
+@pytest.mark.parametrize("answer", ANSWERS)
+def test_check_names_what_a_server_answered_instead_of_calling_it_unreachable(
+    answer: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Issue 21 item 12: a server that answered 401, a 3xx or XML was "NOT reachable" (exit 1).
+    import http.server
+    import threading
+
+    from agent import cli
+
+    status, content_type, body = ANSWERS[answer]
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Location", "/login")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/eureka/"
+    try:
+        for env in ({}, {"PRESTOP_EUREKA_INSTANCE_ID": "i-1"}):  # found by address, or by id
+            code = cli.check(config([url], **env))
+            out = capsys.readouterr().out
+            assert code == cli.EXIT_INSTANCE_NOT_FOUND, out
+            assert "NOT reachable" not in out and "server reachable" in out, out
+            assert f"answered: HTTP {status}" in out or "answered: the answer is not JSON" in out
+    finally:
+        server.shutdown()
+
+
+async def test_a_put_that_timed_out_but_was_applied_is_read_back_not_reported_failed(
+    serve: Serve, session: aiohttp.ClientSession
+) -> None:
+    # Issue 21 item 13: "could not mark" although the registry showed DOWN.
+    fake, url = await serve([instance("a")])
+    fake.put_answer_delay = 5.0  # applied at once, answered after every client timeout
+    registry = EurekaRegistry(config([url], PRESTOP_EUREKA_INSTANCE_ID="a"), session)
+    said = await registry.mark_down()
+    assert said[url]["result"] == "ok" and said[url]["confirmed_by"] == "read_back", said
+    assert "no answer within" in said[url]["error"]  # what happened is still said
+    assert (await registry.verify()) == {url: "DOWN"}

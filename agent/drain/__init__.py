@@ -10,11 +10,25 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from agent.config import Config
 from agent.lifecycle import Lifecycle
 from agent.metrics import Metrics
+
+T = TypeVar("T")
+
+
+async def off_the_loop(function: Callable[..., T], *args: Any) -> T:
+    """``function(*args)`` (a short blocking read of the app's sockets) in a worker thread, or
+    right here when no thread can start (memory or thread limits exhausted): a short blocking
+    read on the loop beats losing the drain or the final scrape."""
+    try:
+        return await asyncio.to_thread(function, *args)
+    except RuntimeError as exc:
+        if "thread" not in str(exc):
+            raise
+        return function(*args)
 
 
 @dataclass(frozen=True, slots=True)

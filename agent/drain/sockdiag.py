@@ -48,6 +48,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol, Self, runtime_checkable
 
+from agent.config import MAX_PORT_RANGES, port_ranges
+
 __all__ = [
     "NetlinkWatcher",
     "Poll",
@@ -198,8 +200,8 @@ INET_DIAG_BC_S_LE = 3
 # JMP-to-accept after each range but the last.
 BC_RANGE_BYTES = 16
 BC_JMP_BYTES = 4
-# Keeps the program well inside the 16-bit attribute length; far beyond any real app.
-MAX_PORT_RANGES = 1024
+# MAX_PORT_RANGES keeps the program well inside the 16-bit attribute length; the configuration
+# refuses more at start-up (agent.config), with this module's own merging of ports into ranges.
 
 # One datagram of a dump reply is at most 32 KiB (net/netlink/af_netlink.c caps the dump skb at
 # SZ_32K, sized from the largest buffer the reader ever offered). 64 KiB always holds one, so a
@@ -327,13 +329,7 @@ def _normalise_ports(ports: Iterable[int]) -> frozenset[int]:
 
 def _port_ranges(ports: frozenset[int]) -> list[tuple[int, int]]:
     """Merge consecutive ports into ranges: one bytecode test per range instead of per port."""
-    ranges: list[tuple[int, int]] = []
-    for port in sorted(ports):
-        if ranges and ranges[-1][1] == port - 1:
-            ranges[-1] = (ranges[-1][0], port)
-        else:
-            ranges.append((port, port))
-    return ranges
+    return port_ranges(ports)
 
 
 def _build_port_filter(ports: frozenset[int]) -> bytes:

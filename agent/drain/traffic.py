@@ -28,7 +28,7 @@ from ipaddress import IPv4Address, IPv6Address
 import structlog
 
 from agent.config import Config, Network
-from agent.drain import DrainOutcome
+from agent.drain import DrainOutcome, off_the_loop
 from agent.drain.sockdiag import Poll, SocketSample, SocketWatcher, open_watcher
 from agent.lifecycle import Lifecycle
 from agent.metrics import Metrics
@@ -216,7 +216,7 @@ async def traffic_drain(
     propagation = lifecycle.propagation
     try:
         while True:
-            poll = await asyncio.to_thread(watcher.poll)
+            poll = await off_the_loop(watcher.poll)
             verdict.observe(poll)
             now = clock()
             if propagation is not None:

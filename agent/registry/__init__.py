@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
+from agent.config import redact_urls_in
 from agent.lifecycle import iso_time
 
 if TYPE_CHECKING:
@@ -186,9 +187,8 @@ class HealthWatch:
         except TimeoutError:
             health = RegistryHealth(HealthState.UNREACHABLE, f"no answer within {self._timeout:g}s")
         except Exception as exc:  # check_health must not raise; if it does, say so once
-            health = RegistryHealth(
-                HealthState.UNREACHABLE, f"health check failed: {type(exc).__name__}: {exc}"
-            )
+            reason = redact_urls_in(f"{type(exc).__name__}: {exc}")
+            health = RegistryHealth(HealthState.UNREACHABLE, f"health check failed: {reason}")
         self.record(health)
         return health
 

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import ipaddress
 import json
+import re
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -24,7 +26,7 @@ import aiohttp
 import structlog
 import yarl
 
-from agent.config import Config, ascii_host, redact_url
+from agent.config import Config, ascii_host, redact_url, redact_urls_in
 from agent.registry import RegistryError
 
 log = structlog.get_logger()
@@ -39,7 +41,7 @@ REPLICATION_HEADER = "x-netflix-discovery-replication"
 # capped so that a few attempts still fit a registry deadline of a few seconds.
 FIRST_BACKOFF = 0.05
 MAX_BACKOFF = 1.0
-MIN_REQUEST_TIMEOUT = 0.05
+MIN_REQUEST_TIMEOUT = 0.05  # agent.config.MIN_REGISTRY_TIMEOUT_SECONDS counts on it
 # Shares of PRESTOP_REGISTRY_TIMEOUT_SECONDS, counted from the start of the step: the status
 # change (retries included) may use MARK_SHARE, reading it back runs until VERIFY_SHARE. Ending
 # before the whole timeout means our own error, naming each server, beats main's bare timeout.
@@ -58,11 +60,16 @@ class RequestFailed(Exception):
     """One request got no usable answer. ``retriable``: worth another attempt (timeouts,
     connection errors, 5xx); a 4xx or a certificate error will not get better by retrying."""
 
-    def __init__(self, reason: str, *, retriable: bool, status: int | None = None) -> None:
+    def __init__(
+        self, reason: str, *, retriable: bool, status: int | None = None, answered: bool = False
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.retriable = retriable
         self.status = status
+        self.answered = answered or status is not None
+        """The server gave an HTTP answer (an error status, XML, a body of the wrong shape): it
+        is reachable, and what it answered is the problem, not the network."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,12 +220,42 @@ async def read_bounded(response: aiohttp.ClientResponse, limit: int = MAX_ANSWER
 
 
 def _reason(exc: BaseException) -> str:
-    """An exception as a short reason. aiohttp's messages name host and port only (the request
-    URL has no userinfo), so they are safe to show."""
+    """An exception as a short reason. The request URL has no userinfo, but aiohttp's
+    ``ClientResponseError`` quotes it whole, query string (a token) included: every URL in the
+    text is redacted."""
     text = " ".join(str(exc).split()) or type(exc).__name__  # one line, whatever it quotes
+    text = redact_urls_in(text)
     if len(text) > MAX_REASON:  # a message may quote the hostile answer itself
         text = text[:MAX_REASON] + "..."
     return f"{type(exc).__name__}: {text}"
+
+
+async def confirm_applied(
+    http: Http,
+    servers: tuple[Server, ...],
+    said: dict[str, dict[str, Any]],
+    app: str,
+    instance_id: str,
+    status: str,
+    *,
+    until: float,
+) -> None:
+    """When no server confirmed the status change: read the instance back before reporting the
+    failure. A PUT that timed out on our side may still have been applied (a slow server), and
+    then the instance is marked: its server's result becomes ``ok`` (``confirmed_by:
+    read_back``). Only servers whose last status request got no answer (``unanswered``) are
+    asked: a refusal (4xx) was not applied."""
+    unanswered = tuple(s for s in servers if said[s.shown].pop("unanswered", False))
+    if not unanswered or any(answer["result"] == "ok" for answer in said.values()):
+        return
+    servers = unanswered
+    try:
+        shown = await read_back(http, servers, app, instance_id, status, until=until)
+    except RequestFailed:
+        return  # nobody shows it: the failure stands as reported
+    for server in servers:
+        if shown.get(server.shown) == status:
+            said[server.shown] = {**said[server.shown], "result": "ok", "confirmed_by": "read_back"}
 
 
 def require_one_marked(
@@ -232,12 +269,35 @@ def require_one_marked(
     raise RegistryError(f"could not mark {app}/{instance_id} {status} on any server: {reasons}")
 
 
+# Answers about credentials: their body is about what the agent sent, never quoted.
+CREDENTIAL_STATUSES = (401, 407)
+MAX_SNIPPET = 120
+# What an error page echoing the request could show of it: an Authorization value, a query.
+_CREDENTIAL_IN_TEXT = re.compile(r"(?i)\b(basic|bearer|digest|negotiate|token)\b\s*[:=]?\s*\S+")
+_QUERY_IN_TEXT = re.compile(r"\?[^\s\"'<>]*")
+
+
+def error_snippet(body: bytes) -> str:
+    """The start of an error answer, for a reason: one line, at most MAX_SNIPPET characters,
+    with anything that could be what the agent sent (an echoed Authorization header, a query
+    string, a URL's userinfo) redacted."""
+    text = body[: MAX_SNIPPET * 4].decode("utf-8", "replace")
+    text = " ".join(text.split())
+    text = redact_urls_in(text)
+    text = _CREDENTIAL_IN_TEXT.sub(lambda m: f"{m.group(1)} ***", text)
+    text = _QUERY_IN_TEXT.sub("?***", text)
+    return text if len(text) <= MAX_SNIPPET else text[:MAX_SNIPPET] + "..."
+
+
 def check_status(status: int, body: bytes, ok: tuple[int, ...] = (200, 204)) -> None:
     """Turn an unwanted HTTP status into :class:`RequestFailed`: 5xx is worth a retry."""
     if status in ok:
         return
-    snippet = body[:120].decode("utf-8", "replace").strip()
-    reason = f"HTTP {status}" + (f": {snippet}" if snippet else "")
+    if status in CREDENTIAL_STATUSES:
+        reason = f"HTTP {status}: the credentials were refused"
+    else:
+        snippet = error_snippet(body)
+        reason = f"HTTP {status}" + (f": {snippet}" if snippet else "")
     raise RequestFailed(reason, retriable=status >= 500, status=status)
 
 
@@ -292,17 +352,41 @@ def instance_of(document: Any) -> dict[str, Any]:
     """The instance of ``GET apps/{APP}/{id}`` (``{"instance": {...}}``)."""
     instance = document.get("instance") if isinstance(document, dict) else None
     if not isinstance(instance, dict):
-        raise RequestFailed("the answer holds no instance", retriable=False)
+        raise RequestFailed("the answer holds no instance", retriable=False, answered=True)
     return instance
 
 
-def port_of(instance: Mapping[str, Any]) -> int | None:
-    port = instance.get("port")
+def port_of(instance: Mapping[str, Any], field: str = "port") -> int | None:
+    """The instance's ``port`` (or ``securePort``): ``{"$": 8080, "@enabled": "true"}``."""
+    port = instance.get(field)
     value = port.get("$") if isinstance(port, dict) else port
     try:
         return int(value) if value is not None else None
     except (TypeError, ValueError):
         return None
+
+
+def secure_port_of(instance: Mapping[str, Any]) -> int | None:
+    return port_of(instance, "securePort")
+
+
+def serves_on(instance: Mapping[str, Any], port: int) -> bool:
+    """Whether the instance is registered with ``port``: as its plain port, or as its secure one
+    (an HTTPS-only app registers ``port`` disabled and ``securePort`` enabled)."""
+    return port in (port_of(instance), secure_port_of(instance))
+
+
+def same_address(listed: Any, address: str) -> bool:
+    """Whether an ``ipAddr`` a server listed is ``address``, compared as addresses: the
+    downward API writes ``fd00:77::5`` where Java writes ``fd00:77:0:0:0:0:0:5``."""
+    if not isinstance(listed, str) or not address:
+        return False
+    if listed == address:
+        return True
+    try:
+        return ipaddress.ip_address(listed.split("%", 1)[0]) == ipaddress.ip_address(address)
+    except ValueError:
+        return False
 
 
 def text_of(value: Any) -> str | None:
@@ -354,12 +438,26 @@ def parse_json(body: bytes) -> Any:
     try:
         return json.loads(body)
     except UnicodeDecodeError:
-        raise RequestFailed("the answer is not JSON: not UTF-8 text", retriable=False) from None
+        raise RequestFailed(
+            "the answer is not JSON: not UTF-8 text", retriable=False, answered=True
+        ) from None
     except ValueError as exc:
         reason = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
-        raise RequestFailed(f"the answer is not JSON: {reason}", retriable=False) from None
+        raise RequestFailed(
+            f"the answer is not JSON: {reason}", retriable=False, answered=True
+        ) from None
     except RecursionError:
-        raise RequestFailed("the answer is not JSON: nested too deeply", retriable=False) from None
+        raise RequestFailed(
+            "the answer is not JSON: nested too deeply", retriable=False, answered=True
+        ) from None
+
+
+def failure_text(exc: BaseException) -> str:
+    """One server's failed exchange as shown per server: ``answered: ...`` when it gave an
+    HTTP answer that was not the one wanted (it is reachable), ``error: ...`` when it gave
+    none."""
+    answered = isinstance(exc, RequestFailed) and exc.answered
+    return f"{'answered' if answered else 'error'}: {failure_reason(exc)}"
 
 
 def failure_reason(exc: BaseException) -> str:
@@ -420,7 +518,7 @@ async def read_back(
             try:
                 instance = await get_instance(http, server, app, instance_id, until=until)
             except Exception as exc:  # one server's bad answer must not hide another's
-                return f"error: {failure_reason(exc)}"
+                return failure_text(exc)
             return "not listed" if instance is None else str(text_of(instance.get("status")))
 
         answers = await asyncio.gather(*(read(s) for s in servers))

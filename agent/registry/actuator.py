@@ -178,6 +178,6 @@ class ActuatorRegistry:
         try:
             reported = await self._read(until)
         except RequestFailed as exc:
-            state = HealthState.UNREACHABLE if exc.status is None else HealthState.NOT_FOUND
+            state = HealthState.NOT_FOUND if exc.answered else HealthState.UNREACHABLE
             return RegistryHealth(state, f"GET {self._endpoint.shown}: {exc.reason}")
         return RegistryHealth(HealthState.FOUND, f"GET {self._endpoint.shown}: {reported}")

@@ -24,6 +24,7 @@ What Eureka's server does with the requests (``InstanceResource`` in Netflix/eur
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -36,7 +37,9 @@ from agent.registry._http import (
     RequestFailed,
     Server,
     check_status,
+    confirm_applied,
     dirty_timestamp_of,
+    failure_text,
     get_application,
     get_instance,
     override_of,
@@ -45,7 +48,10 @@ from agent.registry._http import (
     request_timeout,
     require_one_marked,
     retrying,
+    same_address,
+    secure_port_of,
     segment,
+    serves_on,
     ssl_context,
     summary,
     text_of,
@@ -65,6 +71,24 @@ OVERRIDES = ("DOWN", "OUT_OF_SERVICE")
 FIND_INTERVAL_SECONDS = 1.0
 FIND_INTERVAL_MAX_SECONDS = 30.0
 MAX_LISTED = 10
+# Eureka stamps a registration's lease and the instance's lastUpdatedTimestamp within the same
+# request, a few milliseconds apart at most; an override applied later is further apart.
+REGISTRATION_STAMP_MS = 1000
+# How far the Eureka server's clock may be from the pod's (NTP keeps nodes well within this).
+CLOCK_SKEW_MS = 5000
+# How often verify() reads a server back while a start-up clean-up DELETE may still land there.
+CLEANUP_FENCE_POLL_SECONDS = 0.1
+
+
+def _millis(value: Any) -> int | None:
+    """A Eureka timestamp (milliseconds, a number or a string of digits), or None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 20:
+        return int(value)
+    return None
 
 
 class EurekaRegistry:
@@ -81,10 +105,14 @@ class EurekaRegistry:
         self._app = config.eureka_app.upper()  # Eureka stores application names upper-cased
         self._instance_id: str | None = config.eureka_instance_id or None
         self._status = config.eureka_status
-        # Held while run() deletes a stale override and while mark_down() starts, so that the
-        # start-up clean-up can never remove the override the shutdown just set.
-        self._lock = asyncio.Lock()
+        # The start-up clean-up must never remove the override the shutdown sets. The trigger
+        # cancels it (no DELETE is sent or retried after _marking), and a DELETE already sent
+        # whose answer never came (it timed out, or was cancelled) may still be applied by a
+        # slow server later: its server is "unsettled", and verify() then watches it and marks
+        # it again until its deadline (read back after the last write).
         self._marking = False
+        self._clearing: asyncio.Task[list[str]] | None = None
+        self._unsettled: set[Server] = set()
         self._reachable: tuple[Server, ...] = self._servers
         self._verify_until = 0.0
 
@@ -114,13 +142,28 @@ class EurekaRegistry:
     async def _clear_stale_override(
         self, instance_id: str, found: dict[Server, dict[str, Any] | str | None], until: float
     ) -> None:
-        stale = {
+        overridden = {
             server: instance
             for server, instance in found.items()
             if isinstance(instance, dict) and override_of(instance) in OVERRIDES
         }
+        own = {s: i for s, i in overridden.items() if self._set_during_this_registration(i)}
+        if own:
+            # The agent restarted in the middle of this pod's termination (killed mid-drain):
+            # that override is this pod's own mark-down, and clearing it would put a pod that
+            # is going away back in service.
+            log.warning(
+                "eureka_own_override_kept",
+                app=self._app,
+                instance_id=instance_id,
+                overrides={server.shown: override_of(i) for server, i in own.items()},
+                reason="set after the app's current registration, within one grace period:"
+                " this pod's own mark-down (the agent restarted while it terminates)",
+            )
+        stale = {s: i for s, i in overridden.items() if s not in own}
         if not stale:
-            log.info("eureka_instance_found", app=self._app, instance_id=instance_id)
+            if not own:
+                log.info("eureka_instance_found", app=self._app, instance_id=instance_id)
             return
         overrides = {server.shown: override_of(i) for server, i in stale.items()}
         if self._config.eureka_keep_override:
@@ -132,12 +175,20 @@ class EurekaRegistry:
                 reason="PRESTOP_EUREKA_KEEP_OVERRIDE=true",
             )
             return
-        async with self._lock:
-            if self._marking:
-                return  # the shutdown began meanwhile: that override is ours now
-            results = await asyncio.gather(
+        if self._marking:
+            return  # the shutdown began meanwhile: that override is ours now
+        self._clearing = asyncio.ensure_future(
+            asyncio.gather(
                 *(self._delete_override(s, instance_id, i, until) for s, i in stale.items())
             )
+        )
+        try:
+            results = await self._clearing
+        except asyncio.CancelledError:
+            if not self._marking:
+                raise  # the agent is stopping, not the clean-up
+            log.info("eureka_stale_override_cleanup_cancelled", reason="the shutdown began")
+            return
         log.info(
             "eureka_stale_override_cleared",
             app=self._app,
@@ -145,6 +196,29 @@ class EurekaRegistry:
             overrides=overrides,
             results=dict(zip((s.shown for s in stale), results, strict=True)),
         )
+
+    def _set_during_this_registration(self, instance: dict[str, Any]) -> bool:
+        """Whether the instance's override is this pod's own, set by a previous run of this
+        agent in the same pod (the app container kept running, the agent restarted).
+
+        Eureka's server stamps ``lastUpdatedTimestamp`` when it applies a status override and
+        when it accepts a registration (which opens a new lease, ``registrationTimestamp``). A
+        previous pod's override is carried into the next registration of the same id, so there
+        both stamps fall together; this pod's own override came after the app's registration,
+        and, being part of a termination, within one grace period from now. The pod's deletion
+        timestamp from the Kubernetes API would say it directly; the agent has no API client
+        yet. Missing or odd timestamps: not recognised, the override counts as stale.
+        """
+        updated = _millis(instance.get("lastUpdatedTimestamp"))
+        lease = instance.get("leaseInfo")
+        registered = (
+            _millis(lease.get("registrationTimestamp")) if isinstance(lease, dict) else None
+        )
+        if updated is None or registered is None:
+            return False
+        age = time.time() * 1000 - updated
+        recent = -CLOCK_SKEW_MS <= age <= self._config.grace_period_seconds * 1000 + CLOCK_SKEW_MS
+        return recent and updated - registered > REGISTRATION_STAMP_MS
 
     async def _delete_override(
         self, server: Server, instance_id: str, instance: dict[str, Any], until: float
@@ -155,11 +229,19 @@ class EurekaRegistry:
             path += f"?lastDirtyTimestamp={dirty}"
 
         async def attempt() -> None:
-            status, body = await self._http.request(server, "DELETE", path, until=until)
+            if self._marking:
+                raise RequestFailed("the shutdown began", retriable=False)
+            try:
+                status, body = await self._http.request(server, "DELETE", path, until=until)
+            except (RequestFailed, asyncio.CancelledError):
+                # No answer (a timeout, a reset, the trigger's cancel): the server may apply it
+                # later, even after a later attempt was answered.
+                self._unsettled.add(server)
+                raise
             check_status(status, body)
 
         try:
-            await retrying(attempt, until=until)
+            await retrying(attempt, until=until, give_up=lambda: self._marking)
         except RequestFailed as exc:
             return f"failed: {exc.reason}"
         return "cleared"
@@ -168,8 +250,10 @@ class EurekaRegistry:
 
     async def mark_down(self) -> dict[str, Any]:
         """PUT the override on every server at once; succeed when at least one took it."""
-        async with self._lock:
-            self._marking = True
+        self._marking = True
+        if self._clearing is not None and not self._clearing.done():
+            self._clearing.cancel()  # no clean-up DELETE from now on
+            await asyncio.gather(self._clearing, return_exceptions=True)
         loop = asyncio.get_running_loop()
         started = loop.time()
         timeout = self._config.registry_timeout_seconds
@@ -185,6 +269,15 @@ class EurekaRegistry:
         # Verify asks only the servers that answered: a dead peer would just burn the deadline.
         self._reachable = tuple(
             s for s, r in zip(self._servers, results, strict=True) if "http_status" in r
+        )
+        await confirm_applied(
+            self._http,
+            self._servers,
+            said,
+            self._app,
+            instance_id,
+            self._status,
+            until=self._verify_until,
         )
         require_one_marked(said, self._app, instance_id, self._status)
         log.info(
@@ -215,7 +308,9 @@ class EurekaRegistry:
             path = f"{base}/status?value={self._status}"
             if dirty:
                 path += f"&lastDirtyTimestamp={dirty}"
+            result["unanswered"] = True  # until an answer comes: it may be applied regardless
             status, body = await self._http.request(server, "PUT", path, until=until)
+            result["unanswered"] = False
             result["http_status"] = status
             check_status(status, body, ok=(200,))
             result["lastDirtyTimestamp"] = dirty
@@ -227,6 +322,7 @@ class EurekaRegistry:
                 result["http_status"] = exc.status
             return {"result": "failed", "error": exc.reason, **result}
         done.set()
+        result.pop("unanswered", None)
         return {"result": "ok", "attempts": attempts, **result}
 
     async def verify(self) -> dict[str, Any]:
@@ -235,7 +331,7 @@ class EurekaRegistry:
         if instance_id is None:
             raise RegistryError("no instance was marked: mark_down did not find it")
         try:
-            return await read_back(
+            said = await read_back(
                 self._http,
                 self._reachable or self._servers,
                 self._app,
@@ -245,6 +341,52 @@ class EurekaRegistry:
             )
         except RequestFailed as exc:
             raise RegistryError(f"{self._app}/{instance_id}: {exc.reason}") from None
+        if self._unsettled:
+            said = await self._outlast_cleanup(instance_id, said)
+        return said
+
+    async def _outlast_cleanup(self, instance_id: str, said: dict[str, Any]) -> dict[str, Any]:
+        """A clean-up DELETE sent before the trigger got no answer: a slow server may apply it
+        after our PUT (the override gone, the instance back in service at the app's next
+        renewal). Until the verify deadline, read those servers again and put the override
+        back wherever it went; the answer is the last read, after the last write."""
+        loop = asyncio.get_running_loop()
+        servers = tuple(self._unsettled)
+        remarked: dict[str, int] = {}
+        while True:
+            for server in servers:
+                try:
+                    found = await get_instance(
+                        self._http, server, self._app, instance_id, until=self._verify_until
+                    )
+                except RequestFailed:
+                    continue  # what it last showed stands
+                if found is not None and override_of(found) != self._status:
+                    # The late DELETE landed: mark it again.
+                    result = await self._put_status(
+                        server, instance_id, self._verify_until, asyncio.Event()
+                    )
+                    remarked[server.shown] = remarked.get(server.shown, 0) + 1
+                    log.warning(
+                        "eureka_override_restored",
+                        server=server.shown,
+                        reason="a start-up clean-up DELETE was applied after the mark-down",
+                        result=result["result"],
+                    )
+                    said[server.shown] = f"restored: {result['result']}"
+                    continue  # read back on the next pass, after this write
+                said[server.shown] = "not listed" if found is None else text_of(found.get("status"))
+            if self._verify_until - loop.time() < 2 * CLEANUP_FENCE_POLL_SECONDS:
+                break
+            await asyncio.sleep(CLEANUP_FENCE_POLL_SECONDS)
+        if self._status not in said.values():
+            shown = "; ".join(f"{url}: {answer}" for url, answer in said.items())
+            raise RegistryError(
+                f"{self._app}/{instance_id}: no server shows {self._status}: {shown}"
+            )
+        if remarked:
+            said["restored_after_late_cleanup"] = remarked
+        return said
 
     async def finalize(self) -> None:
         # Deliberately nothing: the app's own client still renews; see the module docstring.
@@ -291,7 +433,7 @@ class EurekaRegistry:
                     until=until,
                 )
             except RequestFailed as exc:
-                return f"error: {exc.reason}"
+                return failure_text(exc)
             return found
 
         results = await asyncio.gather(*(read(s) for s in self._servers))
@@ -309,7 +451,7 @@ class EurekaRegistry:
                     until=until,
                 )
             except RequestFailed as exc:
-                return f"error: {exc.reason}"
+                return failure_text(exc)
             return instances
 
         answers = await asyncio.gather(*(listed(s) for s in self._servers))
@@ -319,14 +461,22 @@ class EurekaRegistry:
             if isinstance(a, str)
         ]
         instances = [i for a in answers if isinstance(a, list) for i in a]
+        # The id as listed, whole: it is what the mark-down puts in the URL (text_of would cut
+        # a long one short, and the PUT would then name an instance that does not exist).
         matching = sorted(
             {
-                str(text_of(i.get("instanceId")))
+                i["instanceId"]
                 for i in instances
-                if i.get("ipAddr") == ip and port_of(i) == port
+                if isinstance(i.get("instanceId"), str)
+                and same_address(i.get("ipAddr"), ip)
+                and serves_on(i, port)
             }
         )
         return matching, instances, errors
+
+    def _nobody_answered(self, errors: list[str]) -> bool:
+        """Every server failed without an HTTP answer (a 401 or an XML page is an answer)."""
+        return len(errors) == len(self._servers) and not any(": answered: " in e for e in errors)
 
     def _adopt(self, instance_id: str) -> str:
         self._instance_id = instance_id
@@ -340,23 +490,33 @@ class EurekaRegistry:
         return instance_id
 
     def _several(self, matching: list[str]) -> str:
+        shown = ", ".join(str(text_of(m)) for m in matching[:MAX_LISTED])
         return (
             f"several instances of {self._app} have ipAddr {self._config.pod_ip} and port"
-            f" {self._config.app_port}: {', '.join(matching)}; set PRESTOP_EUREKA_INSTANCE_ID"
+            f" {self._config.app_port}: {shown}; set PRESTOP_EUREKA_INSTANCE_ID"
         )
 
     def _none_matches(self, instances: list[dict[str, Any]], errors: list[str]) -> str:
-        seen = sorted(
+        """Why nothing matched. The reason reaches /status, which answers anyone: other pods'
+        instance ids and addresses are counted, never listed; only those at this pod's own
+        address (registered with another port, say) are shown."""
+        ip = self._config.pod_ip
+        here = sorted(
             {
-                f"{text_of(i.get('instanceId'))} ({text_of(i.get('ipAddr'))}:{port_of(i)})"
+                f"{text_of(i.get('instanceId'))} (port {port_of(i)}, securePort"
+                f" {secure_port_of(i)})"
                 for i in instances
+                if same_address(i.get("ipAddr"), ip)
             }
         )
-        listing = ", ".join(seen[:MAX_LISTED]) + (" ..." if len(seen) > MAX_LISTED else "")
+        others = len({text_of(i.get("instanceId")) for i in instances}) - len(here)
+        listing = f"{others} at other addresses"
+        if here:
+            listing += f"; at {ip}: " + ", ".join(here[:MAX_LISTED])
         unreachable = f"; unreachable: {'; '.join(errors)}" if errors else ""
         return (
-            f"no instance of {self._app} has ipAddr {self._config.pod_ip} and port"
-            f" {self._config.app_port} (listed: {listing or 'none'}){unreachable}"
+            f"no instance of {self._app} has ipAddr {ip} and port {self._config.app_port}"
+            f" (listed: {listing}){unreachable}"
         )
 
     async def _discover(self, until: float, *, quiet: bool) -> str | None:
@@ -373,7 +533,8 @@ class EurekaRegistry:
         if quiet:
             return None
         if len(errors) == len(self._servers):
-            raise RegistryError(f"no server answered GET apps/{self._app}: {'; '.join(errors)}")
+            nobody = "no server answered" if self._nobody_answered(errors) else "no server listed"
+            raise RegistryError(f"{nobody} GET apps/{self._app}: {'; '.join(errors)}")
         raise RegistryError(self._none_matches(instances, errors))
 
     # --- health -------------------------------------------------------------------------------
@@ -385,10 +546,15 @@ class EurekaRegistry:
         instance_id = self._instance_id
         if instance_id is None:
             matching, instances, errors = await self._match(until)
-            if len(errors) == len(self._servers):
+            if self._nobody_answered(errors):
                 return RegistryHealth(
                     HealthState.UNREACHABLE,
                     f"no server answered GET apps/{self._app}: {'; '.join(errors)}",
+                )
+            if len(errors) == len(self._servers):
+                return RegistryHealth(
+                    HealthState.NOT_FOUND,
+                    f"no server listed GET apps/{self._app}: {'; '.join(errors)}",
                 )
             if len(matching) != 1:
                 reason = (
@@ -408,7 +574,7 @@ class EurekaRegistry:
                 f"{self._app}/{instance_id} listed by {len(listed)} of {len(found)}"
                 f" server(s): {shown}",
             )
-        if all(isinstance(i, str) for i in found.values()):
+        if all(isinstance(i, str) and i.startswith("error: ") for i in found.values()):
             return RegistryHealth(HealthState.UNREACHABLE, f"no server answered: {shown}")
         return RegistryHealth(
             HealthState.NOT_FOUND, f"{self._app}/{instance_id} is not listed: {shown}"

@@ -36,13 +36,14 @@ import contextvars
 import time
 from typing import TYPE_CHECKING, Any
 from urllib.error import HTTPError, URLError
+from urllib.parse import urlsplit
 
 import aiohttp
 import structlog
 from py_eureka_client import eureka_basic
 from py_eureka_client import http_client as eureka_http
 
-from agent.config import redact_url
+from agent.config import redact_urls_in
 from agent.registry import HealthState, RegistryError, RegistryHealth
 from agent.registry._http import (
     MARK_SHARE,
@@ -50,6 +51,8 @@ from agent.registry._http import (
     Http,
     RequestFailed,
     Server,
+    confirm_applied,
+    failure_text,
     get_instance,
     read_back,
     request_timeout,
@@ -113,9 +116,11 @@ class _Transport:
             )
         except RequestFailed as exc:
             raise URLError(exc.reason) from None
-        if status >= 400:
-            # What its own client raises, so that its functions behave as they were written.
-            raise HTTPError(server.shown, status, answer[:120].decode("utf-8", "replace"), {}, None)  # type: ignore[arg-type]
+        if status >= 300:
+            # What its own client raises, so that its functions behave as they were written
+            # (a redirect is not followed, so it is no success either).
+            # Its message is the status alone: an error body may echo what we sent.
+            raise HTTPError(server.shown, status, f"HTTP {status}", {}, None)  # type: ignore[arg-type]
         response = eureka_http.HttpResponse()
         response.body_text = answer.decode("utf-8", "replace")
         return response
@@ -150,11 +155,36 @@ def _failure(exc: BaseException) -> str:
         return f"HTTP {exc.code}"
     if isinstance(exc, URLError):
         return str(exc.reason)
-    return f"{type(exc).__name__}: {exc}"
+    return redact_urls_in(f"{type(exc).__name__}: {exc}")
 
 
 def _retriable(exc: BaseException) -> bool:
     return not isinstance(exc, HTTPError) or exc.code >= 500
+
+
+# What a Spring Boot app's own Eureka client publishes (Spring Cloud Netflix's
+# EurekaInstanceConfigBean): the actuator's paths on the instance's own address.
+STATUS_PAGE_PATH = "/actuator/info"
+HEALTH_CHECK_PATH = "/actuator/health"
+
+
+def published_urls(config: Config) -> tuple[str, str, str]:
+    """(homePageUrl, statusPageUrl, healthCheckUrl) as every Eureka client, the dashboard and
+    Spring Boot Admin will read them: the pod IP (``127.0.0.1`` means nothing outside the pod),
+    the app's port (or the health URL's own port, a separate management port), and paths only.
+
+    ``PRESTOP_APP_HEALTH_URL`` is the agent's private way to the app: its userinfo and query
+    string (a password, a token) are never published, and neither is its host.
+    """
+    ip = config.pod_ip
+    host = f"[{ip}]" if ":" in ip else ip
+    home = f"http://{host}:{config.app_port}/"
+    if not config.app_health_url:
+        base = home.rstrip("/")
+        return home, base + STATUS_PAGE_PATH, base + HEALTH_CHECK_PATH
+    parts = urlsplit(config.app_health_url)
+    base = f"{parts.scheme}://{host}:{parts.port or config.app_port}"
+    return home, base + STATUS_PAGE_PATH, base + (parts.path or HEALTH_CHECK_PATH)
 
 
 class RegisterRegistry:
@@ -192,8 +222,7 @@ class RegisterRegistry:
     @staticmethod
     def _build_instance(config: Config) -> eureka_basic.Instance:
         ip, port = config.pod_ip, config.app_port
-        host = f"[{ip}]" if ":" in ip else ip
-        home = f"http://{host}:{port}/"
+        home, status_page, health_check = published_urls(config)
         app = config.eureka_app.upper()
         # Spring's default instance id is host:app:port; the pod IP stands in for the host.
         instance_id = config.eureka_instance_id or f"{ip}:{config.eureka_app.lower()}:{port}"
@@ -211,8 +240,8 @@ class RegisterRegistry:
             port=eureka_basic.PortWrapper(port=port, enabled=True),
             securePort=eureka_basic.PortWrapper(port=443, enabled=False),
             homePageUrl=home,
-            statusPageUrl=config.app_health_url or home,
-            healthCheckUrl=config.app_health_url or "",
+            statusPageUrl=status_page,
+            healthCheckUrl=health_check,
             vipAddress=config.eureka_app.lower(),
             secureVipAddress=config.eureka_app.lower(),
             dataCenterInfo=eureka_basic.DataCenterInfo(
@@ -338,6 +367,7 @@ class RegisterRegistry:
             self._instance.status = target
             self._instance.lastDirtyTimestamp = _now_ms()
         done = asyncio.Event()
+        unanswered: dict[Server, bool] = {}
 
         async def put(server: Server) -> dict[str, Any]:
             async def attempt() -> None:
@@ -352,17 +382,32 @@ class RegisterRegistry:
                         status=target,
                     )
                 except (HTTPError, URLError) as exc:
+                    # No HTTP answer (a timeout, a reset): the server may have applied it.
+                    unanswered[server] = not isinstance(exc, HTTPError)
                     raise RequestFailed(_failure(exc), retriable=_retriable(exc)) from None
 
             try:
                 _, attempts = await retrying(attempt, until=until, give_up=done.is_set)
             except RequestFailed as exc:
-                return {"result": "failed", "error": exc.reason}
+                return {
+                    "result": "failed",
+                    "error": exc.reason,
+                    "unanswered": unanswered.get(server, False),
+                }
             done.set()
             return {"result": "ok", "attempts": attempts}
 
         results = await asyncio.gather(*(put(s) for s in self._servers))
         said = {s.shown: r for s, r in zip(self._servers, results, strict=True)}
+        await confirm_applied(
+            self._http,
+            self._servers,
+            said,
+            self._app,
+            self.instance_id,
+            target,
+            until=self._verify_until,
+        )
         require_one_marked(said, self._app, self.instance_id, target)
         log.info(
             "eureka_marked",
@@ -465,7 +510,8 @@ class RegisterRegistry:
             "instance_id": self.instance_id,
             "ipAddr": i.ipAddr,
             "port": i.port.port,
-            "healthCheckUrl": redact_url(i.healthCheckUrl) if i.healthCheckUrl else None,
+            "healthCheckUrl": i.healthCheckUrl,
+            "statusPageUrl": i.statusPageUrl,
             "app_health_now": health,
             "renewal_seconds": i.leaseInfo.renewalIntervalInSecs,
             "lease_seconds": i.leaseInfo.durationInSecs,
@@ -484,7 +530,7 @@ class RegisterRegistry:
                     self._http, server, self._app, self.instance_id, until=until
                 )
             except RequestFailed as exc:
-                return f"error: {exc.reason}"
+                return failure_text(exc)
             return "not listed" if instance is None else str(instance.get("status"))
 
         answers = await asyncio.gather(*(read(s) for s in self._servers))

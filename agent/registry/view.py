@@ -31,8 +31,9 @@ from agent.registry._http import (
     RequestFailed,
     Server,
     get_application,
-    port_of,
     request_timeout,
+    same_address,
+    serves_on,
     ssl_context,
 )
 
@@ -71,7 +72,7 @@ class ClientView:
     def _is_ours(self, instance: Mapping[str, Any]) -> bool:
         if self._instance_id:
             return instance.get("instanceId") == self._instance_id
-        return instance.get("ipAddr") == self._ip and port_of(instance) == self._port
+        return same_address(instance.get("ipAddr"), self._ip) and serves_on(instance, self._port)
 
     async def _read(self, server: Server) -> str | None:
         """The status clients get from ``server`` for the instance; None when not listed."""
