@@ -229,6 +229,23 @@ class EurekaRegistry:
         done.set()
         return {"result": "ok", "attempts": attempts, **result}
 
+    async def remark(self, server: Server) -> str:
+        """PUT the override on one server again, during the drain: it came back after the view
+        lost it, or the first PUT did not reach it. A peer that missed the change keeps listing
+        the pod UP with no time limit: the replicated status update expires after 30 s, and
+        heartbeats carry the override only when the dirty timestamps differ. Never raises."""
+        instance_id = self._instance_id
+        if instance_id is None:
+            return "failed: no instance was marked"
+        until = asyncio.get_running_loop().time() + (
+            self._config.registry_timeout_seconds * MARK_SHARE
+        )
+        try:
+            result = await self._put_status(server, instance_id, until, asyncio.Event())
+        except Exception as exc:  # the drain goes on whatever this one server does
+            return f"failed: unexpected {type(exc).__name__}"
+        return "ok" if result["result"] == "ok" else f"failed: {result.get('error')}"
+
     async def verify(self) -> dict[str, Any]:
         """Read the instance back from the servers that answered; one showing it is enough."""
         instance_id = self._instance_id
