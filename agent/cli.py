@@ -32,6 +32,7 @@ import contextlib
 import json
 import os
 from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -49,6 +50,9 @@ from agent.config import (
     unknown_variables,
 )
 from agent.reference import settings
+
+if TYPE_CHECKING:
+    import aiohttp
 
 log = structlog.get_logger()
 
@@ -274,6 +278,7 @@ async def _check_registry(config: Config) -> int:
                 )
                 return EXIT_INSTANCE_NOT_FOUND
             print(f"\nRegistry {config.registry}: instance found: {health.reason}")
+            await _check_client_view(config, session)
             try:
                 async with asyncio.timeout(timeout):
                     described = await registry.describe()
@@ -285,6 +290,23 @@ async def _check_registry(config: Config) -> int:
     print("The instance it would mark down:")
     print(json.dumps(described, indent=2, default=str))
     return 0
+
+
+async def _check_client_view(config: Config, session: aiohttp.ClientSession) -> None:
+    """How the propagation floor will count each Eureka URL: measured, or assumed because
+    several peers answer behind it."""
+    if not config.watches_client_view:
+        return
+    from agent.registry.view import ClientView
+
+    try:
+        async with asyncio.timeout(config.registry_timeout_seconds):
+            said = await ClientView(config, session).describe_peers()
+    except TimeoutError:
+        said = {"(all)": "not known: no answer in time"}
+    print("Propagation floor, per Eureka URL:")
+    for url, basis in said.items():
+        print(f"  {url}: {basis}")
 
 
 if __name__ == "__main__":

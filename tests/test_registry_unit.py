@@ -19,11 +19,13 @@ from typing import Any
 import aiohttp
 import pytest
 import pytest_asyncio
+import yarl
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
+from agent.cli import _check_client_view
 from agent.config import load
 from agent.lifecycle import Propagation
 from agent.metrics import Metrics
@@ -40,6 +42,7 @@ from agent.registry.eureka import EurekaRegistry
 from agent.registry.register import RegisterRegistry
 from agent.registry.view import KEEP_HOT_WARN_AFTER, ClientView
 from agent.server import AppHealth
+from tests.tcpproxy import SpreadingProxy
 
 APP = "DEMO-APP"
 POD_IP = "10.1.2.3"
@@ -797,3 +800,53 @@ async def test_the_view_showing_the_status_is_recorded_per_server(
     assert seen.servers[lagging] is not None and seen.servers[lagging] >= 0.3
     assert seen.visible_to_clients == seen.servers[lagging]
     assert seen.floor(elapsed=5.0) == pytest.approx(seen.servers[lagging] + 6.5)
+
+
+async def test_one_url_in_front_of_several_peers_falls_back_to_the_assumed_bound(
+    serve: Serve, session: aiohttp.ClientSession
+) -> None:
+    # Two peers behind one address: each stamps its own copy of the registration.
+    early, early_url = await serve([instance("pod-1", leaseInfo={"registrationTimestamp": 100})])
+    late, late_url = await serve([instance("pod-1", leaseInfo={"registrationTimestamp": 350})])
+    targets = [("127.0.0.1", yarl.URL(u).port or 0) for u in (early_url, late_url)]
+    with SpreadingProxy(targets) as proxy:
+        view = ClientView(config([proxy.url()], PRESTOP_DRAIN_POLL_SECONDS="0.01"), session)
+        with capture_logs() as logs:
+            await view._keep_one(Server.parse(proxy.url()))
+        assert len(set(proxy.connections)) == 2  # fresh connections reached both peers
+        assert view.report()[proxy.url()]["peers"] == "several"
+        assert view.report()[proxy.url()]["floor"].startswith("assumed: several Eureka peers")
+        [said] = [e for e in logs if e["event"] == "eureka_view_peers"]
+        assert said["log_level"] == "warning"
+        early.instances["pod-1"]["status"] = late.instances["pod-1"]["status"] = "DOWN"
+        seen = await _watch([proxy.url()], session, view=view)
+    assert seen.servers[proxy.url()] is not None  # the peer it reached showed the change...
+    assert seen.floor(elapsed=1.0) == 3.0 + 6.5  # ...but the other may be slower: assumed
+    assert seen.visible_to_clients is None and seen.censored() == "unobservable"
+
+
+async def test_one_server_at_its_url_is_measured(
+    serve: Serve, session: aiohttp.ClientSession
+) -> None:
+    fake, url = await serve([instance("pod-1", leaseInfo={"registrationTimestamp": 100})])
+    with SpreadingProxy([("127.0.0.1", yarl.URL(url).port or 0)]) as proxy:
+        view = ClientView(config([proxy.url()], PRESTOP_DRAIN_POLL_SECONDS="0.01"), session)
+        await view._keep_one(Server.parse(proxy.url()))
+        assert len(proxy.connections) > 1  # fresh connections, one server
+        assert view.report()[proxy.url()]["peers"] == "one"
+        fake.instances["pod-1"]["status"] = "DOWN"
+        seen = await _watch([proxy.url()], session, view=view)
+    assert seen.floor(elapsed=1.0) == pytest.approx(seen.servers[proxy.url()] + 6.5)
+
+
+async def test_check_says_how_the_floor_counts_each_url(
+    serve: Serve, session: aiohttp.ClientSession, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, one = await serve([instance("pod-1", leaseInfo={"registrationTimestamp": 100})])
+    _, other = await serve([instance("pod-1", leaseInfo={"registrationTimestamp": 350})])
+    ports = [("127.0.0.1", yarl.URL(u).port or 0) for u in (one, other)]
+    with SpreadingProxy(ports) as proxy:
+        await _check_client_view(config([one, proxy.url()]), session)
+    printed = capsys.readouterr().out
+    assert f"{one}: measured: one Eureka server answers at this URL" in printed
+    assert f"{proxy.url()}: assumed: several Eureka peers answer at this URL" in printed

@@ -32,9 +32,13 @@ from agent.registry._http import (
     Http,
     RequestFailed,
     Server,
+    check_status,
     get_application,
+    instances_of,
+    parse_json,
     port_of,
     request_timeout,
+    segment,
     ssl_context,
 )
 
@@ -61,6 +65,17 @@ LOST_POLL_SECONDS = 1.0
 # server's read-only cache before the change, so that the next cache tick is the real flip.
 WARM_SECONDS = 1.0
 
+# Reads of a URL's view over fresh connections per keep-hot pass, to find out whether several
+# peers answer behind it (a Kubernetes Service in front of the Eureka servers spreads
+# connections, while the watch's pooled connection sticks to one): with two peers behind a
+# random balancer, six reads all land on the same one 3 % of the time, and every pass tries
+# again. Each read also warms the key on whichever peer it reached.
+PEER_PROBES = 6
+# What the agent knows of the peers behind one URL.
+ONE_PEER = "one"
+SEVERAL_PEERS = "several"
+UNKNOWN_PEERS = "unknown"
+
 Remark = Callable[[Server], Awaitable[str]]
 """Puts the status change on one server again (a peer that came back still showing the old
 status may have missed it); returns what it did, for the log."""
@@ -75,10 +90,22 @@ class KeyHealth:
     last_ok: float | None = None
     """Wall-clock time of the last successful read."""
     last_error: str | None = None
+    peers: str = UNKNOWN_PEERS
+    """Whether one peer or several answer at this URL (``one``, ``several``, ``unknown``)."""
+    registrations: frozenset[str] = frozenset()
+    """The instance's registration timestamps seen through this URL in one pass: each Eureka
+    peer stamps its own copy of a registration (replicated ones too), so two of them mean two
+    peers."""
 
     @property
     def cold(self) -> bool:
         return self.failures >= KEEP_HOT_WARN_AFTER
+
+    @property
+    def assumed(self) -> bool:
+        """Whether this URL's answers cannot stand for every client: several peers answer at it,
+        so the one the watch reads is not necessarily the slowest."""
+        return self.peers == SEVERAL_PEERS
 
 
 class ClientView:
@@ -148,6 +175,11 @@ class ClientView:
             if key.cold:
                 log.info("eureka_view_key_warm", server=server.shown, after_failures=key.failures)
             key.failures, key.last_ok, key.last_error = 0, self._wall_clock(), None
+            try:
+                await self.probe_peers(server)
+            except Exception as exc:  # the next pass tries again; the key itself is warm
+                reason = exc.reason if isinstance(exc, RequestFailed) else type(exc).__name__
+                log.debug("eureka_view_peers_unknown", server=server.shown, error=reason)
 
     def _key_failed(self, server: Server, reason: str) -> None:
         key = self._keys[server]
@@ -165,14 +197,78 @@ class ClientView:
         else:
             log.debug("eureka_view_unreachable", server=server.shown, error=reason)
 
+    async def probe_peers(self, server: Server) -> str:
+        """Read the URL's view ``PEER_PROBES`` times, each over a fresh connection, and tell from
+        the instance's registration timestamps whether several peers answer there (then its
+        answers cannot stand for every client: the floor assumes the server cache's bound for
+        it). ``several`` is kept once seen. Raises RequestFailed when a read fails."""
+        key = self._keys[server]
+        path = f"apps/{segment(self._app)}"
+        stamps: set[str] = set()
+        for _ in range(PEER_PROBES):
+            until = asyncio.get_running_loop().time() + self._http.timeout
+            status, body = await self._http.request(
+                server, "GET", path, headers={"Connection": "close"}, until=until
+            )
+            if status == 404:
+                continue
+            check_status(status, body, ok=(200,))
+            for instance in instances_of(parse_json(body)):
+                if self._is_ours(instance) and (stamp := _registered_at(instance)) is not None:
+                    stamps.add(stamp)
+        before = key.peers
+        key.registrations = frozenset(stamps)
+        if len(stamps) > 1:
+            key.peers = SEVERAL_PEERS
+        elif stamps and key.peers == UNKNOWN_PEERS:
+            key.peers = ONE_PEER
+        if key.peers != before:
+            announce = log.warning if key.assumed else log.info
+            announce(
+                "eureka_view_peers",
+                server=server.shown,
+                peers=key.peers,
+                floor=self.floor_basis(server),
+                registrations=sorted(stamps),
+            )
+        return key.peers
+
+    async def describe_peers(self) -> dict[str, str]:
+        """For ``check``: per URL, whether one peer or several answer there, and so how the
+        floor counts it. Never raises."""
+        said: dict[str, str] = {}
+        for server in self._servers:
+            try:
+                await self.probe_peers(server)
+            except Exception as exc:
+                reason = exc.reason if isinstance(exc, RequestFailed) else type(exc).__name__
+                said[server.shown] = f"{self.floor_basis(server)} ({reason})"
+                continue
+            said[server.shown] = self.floor_basis(server)
+        return said
+
+    def floor_basis(self, server: Server) -> str:
+        """How the floor counts this URL's stage: measured, or the assumed server-cache bound."""
+        if self._keys[server].assumed:
+            return (
+                "assumed: several Eureka peers answer at this URL and the watch reads one of"
+                " them, so the server cache's bound (PRESTOP_EUREKA_SERVER_CACHE_SECONDS) is"
+                " assumed; list each peer's own URL in PRESTOP_EUREKA_URLS to measure them"
+            )
+        if self._keys[server].peers == ONE_PEER:
+            return "measured: one Eureka server answers at this URL"
+        return "measured: the peers behind this URL are not known yet (the instance not listed)"
+
     def report(self) -> dict[str, Any]:
-        """For /status: per server, how keeping its key hot goes."""
+        """For /status: per server, how keeping its key hot goes and how its stage counts."""
         return {
             server.shown: {
                 "key": "cold" if key.cold else "warm" if key.last_ok is not None else "unknown",
                 "failures_in_a_row": key.failures,
                 "last_ok": iso_time(key.last_ok),
                 "last_error": key.last_error,
+                "peers": key.peers,
+                "floor": self.floor_basis(server),
             }
             for server, key in self._keys.items()
         }
@@ -214,7 +310,9 @@ class ClientView:
         (``unmarked``, by shown URL), gets the change again (``remark``). Ends
         when every server has shown it; cancelled with the drain otherwise. Never raises."""
         for server in self._servers:
-            propagation.watch(server.shown)
+            key = self._keys[server]
+            assumed = self.floor_basis(server) if key.assumed else None
+            propagation.watch(server.shown, assumed=assumed)
             if server in self._unread:
                 propagation.lost(server.shown, self._unread[server])
         return asyncio.create_task(
@@ -293,3 +391,12 @@ class ClientView:
                     return
             lost = name in propagation.unobservable
             await asyncio.sleep(max(self._poll, LOST_POLL_SECONDS) if lost else self._poll)
+
+
+def _registered_at(instance: Mapping[str, Any]) -> str | None:
+    """The instance's ``leaseInfo.registrationTimestamp`` as a peer stamped it, as text."""
+    lease = instance.get("leaseInfo")
+    stamp = lease.get("registrationTimestamp") if isinstance(lease, dict) else None
+    if isinstance(stamp, bool) or not isinstance(stamp, int | str):
+        return None
+    return str(stamp)
