@@ -202,6 +202,8 @@ def test_a_peer_lost_while_it_still_served_up_keeps_the_floor(
         )
     ).run()
     wait_for("the agent's key is hot", lambda: _key(agent, cached) == "warm", 10)
+    # A client's key (XML), in the read-only cache before the change like the agent's.
+    assert _listed_status(cached, app, "application/xml") == "UP"
     _just_after_a_tick()
     answer: list[tuple[int, dict[str, Any]]] = []
     hook = threading.Thread(target=lambda: answer.append(prestop(agent)))
