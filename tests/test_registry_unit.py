@@ -797,7 +797,8 @@ async def test_the_view_showing_the_status_is_recorded_per_server(
     slow.instances["pod-1"]["status"] = "DOWN"
     seen = await watching
     assert seen.servers[prompt] is not None and seen.servers[prompt] < 0.2
-    assert seen.servers[lagging] is not None and seen.servers[lagging] >= 0.3
+    # changed 0.3 s after the test began waiting; the watch's clock started a little later
+    assert seen.servers[lagging] is not None and seen.servers[lagging] >= 0.25
     assert seen.visible_to_clients == seen.servers[lagging]
     assert seen.floor(elapsed=5.0) == pytest.approx(seen.servers[lagging] + 6.5)
 
