@@ -4,6 +4,7 @@ floor can outlast the drain's maximum."""
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 import time
@@ -15,11 +16,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
+from structlog.testing import capture_logs
 
 from agent.config import ConfigError, load
 from agent.drain.sockdiag import Poll
 from agent.drain.traffic import traffic_drain
 from agent.lifecycle import Lifecycle, Propagation, Trigger
+from agent.main import Agent
 from agent.metrics import Metrics
 from tests.support import AgentProcess, free_port
 from tests.test_traffic import sample, verdict
@@ -366,3 +369,50 @@ def test_start_up_warns_once_and_exports_the_floor_and_the_maximum(
     assert drain["floor_warning"] == warnings[0]["detail"]
     [view] = status["registry"]["client_view"].values()  # the closed port's view, per URL
     assert view["peers"] == "unknown" and view["floor"].startswith("measured: ")
+
+
+# --- the shutdown sequence: where the floor's inputs come from ---------------------------------
+
+
+class _SlowRegistry:
+    """A registry whose PUT phase takes 0.3 s and whose read-back 0.2 s more."""
+
+    name = "actuator"
+
+    async def mark_down(self) -> dict[str, object]:
+        await asyncio.sleep(0.3)
+        return {}
+
+    async def verify(self) -> dict[str, object]:
+        await asyncio.sleep(0.2)
+        return {}
+
+    async def finalize(self) -> None:
+        return None
+
+
+async def test_the_assumed_bound_counts_from_the_put_and_a_fixed_drain_says_it_ended_early() -> (
+    None
+):
+    config = load(
+        {
+            "PRESTOP_REGISTRY": "actuator",  # no Eureka URLs: nothing watched, all assumed
+            "PRESTOP_DRAIN_MODE": "fixed",
+            "PRESTOP_DRAIN_SECONDS": "0.2",
+            "PRESTOP_EUREKA_SERVER_CACHE_SECONDS": "1",
+            "PRESTOP_EUREKA_CLIENT_REFRESH_SECONDS": "1",
+        }
+    )
+    agent = Agent(config, metrics=Metrics(CollectorRegistry()))
+    agent.lifecycle.start(Trigger.PRESTOP)
+    with capture_logs() as logs:
+        await agent.shutdown(_SlowRegistry())  # type: ignore[arg-type]
+    propagation = agent.lifecycle.propagation
+    assert propagation is not None
+    # the end of the PUT (0.3 s), before the read-back: not the trigger, not the step's end
+    assert 0.3 <= propagation.assumed_from < 0.45
+    drain = agent.lifecycle.report()["steps"][-1]
+    assert drain["floor_seconds"] == pytest.approx(propagation.assumed_from + 2.0, abs=1e-3)
+    assert (drain["outcome"], drain["floor_reached"]) == ("fixed", False)
+    [warning] = [e for e in logs if e["event"] == "drain_ended_before_floor"]
+    assert warning["log_level"] == "warning"
