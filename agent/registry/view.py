@@ -61,9 +61,12 @@ KEEP_HOT_WARN_AFTER = 3
 # A lost server is still read, less often: it may come back still showing the old status (and
 # then needs the change again), and its stage must follow it.
 LOST_POLL_SECONDS = 1.0
-# The reads just before the PUT wait at most this long: they put the agent's key in every
-# server's read-only cache before the change, so that the next cache tick is the real flip.
+# The reads just before the PUT wait at most this long (and at most this share of the registry
+# deadline, which they spend): they put the agent's key in every server's read-only cache before
+# the change, so that the next cache tick is the real flip. A server slower than that counts as
+# assumed for this drain.
 WARM_SECONDS = 1.0
+WARM_SHARE = 0.1
 
 # Reads of a URL's view over fresh connections per keep-hot pass, to find out whether several
 # peers answer behind it (a Kubernetes Service in front of the Eureka servers spreads
@@ -128,6 +131,7 @@ class ClientView:
         self._instance_id = config.eureka_instance_id
         self._ip, self._port = config.pod_ip, config.app_port
         self._wall_clock = wall_clock
+        self._warm_seconds = min(WARM_SECONDS, WARM_SHARE * config.registry_timeout_seconds)
         self._listed: set[Server] = set()
         """Servers whose view has listed the instance: only there does its absence mean that
         clients dropped it (elsewhere it may just not match)."""
@@ -279,9 +283,10 @@ class ClientView:
         """Just before the PUT: read every server's view once, in parallel, so that the agent's
         key is in each read-only cache before the change whatever happened since the last
         keep-hot pass (a restarted or added server); the next tick is then the real flip.
-        Bounded by ``WARM_SECONDS``; never raises. A server not read is remembered: what it
-        shows first cannot be told from a cold key."""
-        until = asyncio.get_running_loop().time() + min(WARM_SECONDS, self._http.timeout)
+        Bounded by ``WARM_SECONDS`` (and ``WARM_SHARE`` of the registry deadline); never
+        raises. A server not read is remembered: what it shows first cannot be told from a cold
+        key."""
+        until = asyncio.get_running_loop().time() + self._warm_seconds
 
         async def one(server: Server) -> None:
             try:
