@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from tests.javaapps import DemoApp, EurekaServer, StartDemoApp, eureka_status, http_get
+from tests.javaapps import DemoApp, EurekaServer, StartDemoApp, http_get
 from tests.support import AgentProcess, free_port, wait_for
 from tests.tcpproxy import SpreadingProxy
 from tests.test_registry_eureka import prestop
@@ -137,6 +137,8 @@ class ClientWatch:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
+        # The change reaches this key at the server's next tick, whenever the hook answered.
+        self._thread.join(timeout=CACHE_SECONDS + 2)
         self._stop.set()
         self._thread.join(timeout=10)
 
@@ -310,4 +312,7 @@ def _lost(agent: AgentProcess) -> bool:
 
 
 def _listed(server: EurekaServer, app: DemoApp) -> bool:
-    return eureka_status(server.url, app.app_name, app.instance_id) == "UP"
+    """Whether the server's registry lists the app UP, read on the instance endpoint: never
+    ``apps/{APP}`` in JSON, the agent's own cache key, which a read here would warm."""
+    code, body = http_get(f"{server.url}apps/{app.app_name}/{app.instance_id}")
+    return code == 200 and json.loads(body)["instance"]["status"] == "UP"
