@@ -237,6 +237,40 @@ def test_a_peer_lost_while_it_still_served_up_keeps_the_floor(
     assert body["visible_to_clients_seconds"] is None or body["propagation"]["servers"]
 
 
+def test_a_peer_that_missed_the_put_gets_it_again_when_it_answers(
+    peers: tuple[EurekaServer, EurekaServer],
+    start_demo_app: StartDemoApp,
+    new_agent: Callable[..., AgentProcess],
+) -> None:
+    prompt, cached = peers
+    app = start_demo_app([prompt, cached], app_name="FLOOR-REPUT")
+    agent = new_agent(_agent_env(app, [prompt.url, cached.url])).run()
+    wait_for("the agent's key is hot", lambda: _key(agent, cached) == "warm", 10)
+    assert cached.app.pid is not None
+    # Frozen from just before the trigger until 1.6 s after its tick: the agent's read before the
+    # PUT and its PUT to it time out (the other peer took the change, so it gives up on this
+    # one), and no cache tick falls in the freeze, so when it answers again its clients' view
+    # still shows UP.
+    _just_after_a_tick(0.05)
+    os.kill(cached.app.pid, signal.SIGSTOP)
+    answer: list[tuple[int, dict[str, Any]]] = []
+    hook = threading.Thread(target=lambda: answer.append(prestop(agent)))
+    try:
+        hook.start()
+        time.sleep(1.55)
+    finally:
+        os.kill(cached.app.pid, signal.SIGCONT)
+    hook.join(timeout=60)
+    [(code, body)] = answer
+    assert code == 200, body
+    mark = next(step for step in body["steps"] if step["name"] == "mark_down")
+    assert mark["servers"][cached.url]["result"] == "failed", mark
+    remarked = [e for e in agent.log_events() if e.get("event") == "eureka_remarked"]
+    print(f"missed PUT: {mark['servers'][cached.url]}; put again: {remarked}")
+    assert [(e["server"], e["result"]) for e in remarked] == [(cached.url, "ok")]
+    wait_for("the peer shows DOWN", lambda: not _listed(cached, app), 5)
+
+
 def test_two_peers_behind_one_address_fall_back_to_the_assumed_bound(
     peers: tuple[EurekaServer, EurekaServer],
     start_demo_app: StartDemoApp,
