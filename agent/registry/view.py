@@ -12,7 +12,15 @@ in it is loaded from the registry, fresh. A first ``GET apps/{APP}`` after the m
 therefore show DOWN at once although clients, whose keys have been in the cache all along, still
 see UP. Entries are never dropped from the read-only cache (only replaced by the timer), so
 :meth:`ClientView.keep_hot` fetches the agent's key from start-up on, always with the same format
-(JSON, ``application/json``), and again every ``KEEP_HOT_SECONDS`` in case a server restarted.
+(JSON, ``application/json``), and again every ``KEEP_HOT_SECONDS`` in case a server restarted;
+:meth:`ClientView.warm` reads it once more just before the PUT, so that a server restarted since
+then holds it before the change too.
+
+Two more ways one answer can stand for less than every client: a server that stops answering
+(it is assumed, still read, and given the change again if it comes back showing the old status),
+and one URL in front of several peers (told apart by the instance's registration timestamps over
+fresh connections; such a URL counts with the assumed bound). The rules that turn the answers
+into the floor are :class:`agent.lifecycle.Propagation`'s.
 
 A background upkeep task of its own, separate from the backends' ``run()``: it only reads.
 """
