@@ -221,9 +221,10 @@ def check(config: Config, warnings: Sequence[str] = ()) -> int:
                 f" {measured} + client refresh {config.eureka_client_refresh_seconds:g}s;"
                 f" at worst {config.worst_case_floor():g}s after the trigger"
             )
-        warning = config.floor_warning()
-        if warning is not None:
-            print(f"     WARNING: {warning}")
+    # Both modes: a fixed drain shorter than the floor leaves callers as stale as a cut one.
+    warning = config.floor_warning()
+    if warning is not None:
+        print(f"     WARNING: {warning}")
     print("  4. answer every /prestop caller: the kubelet then sends the app SIGTERM")
     print(f"     and the app has {config.app_shutdown_seconds:g}s to stop")
     print("  5. exit once a SIGTERM has arrived; if it came before the end of the drain (classic")

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
+from agent.cli import check
 from agent.config import ConfigError, load
 from agent.drain.sockdiag import Poll
 from agent.drain.traffic import traffic_drain
@@ -423,3 +424,22 @@ async def test_the_assumed_bound_counts_from_the_put_and_a_fixed_drain_says_it_e
     assert (drain["outcome"], drain["floor_reached"]) == ("fixed", False)
     [warning] = [e for e in logs if e["event"] == "drain_ended_before_floor"]
     assert warning["log_level"] == "warning"
+
+
+def test_check_warns_about_a_fixed_drain_shorter_than_the_floor(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    closed = free_port()
+    config = load(
+        {
+            **EUREKA,
+            "PRESTOP_EUREKA_URLS": f"http://127.0.0.1:{closed}/eureka/",
+            "PRESTOP_DRAIN_MODE": "fixed",
+            "PRESTOP_DRAIN_SECONDS": "10",
+            "PRESTOP_REGISTRY_TIMEOUT_SECONDS": "1",
+        }
+    )
+    check(config)  # the registry is unreachable here; the plan is printed first
+    printed = capsys.readouterr().out
+    assert "WARNING: propagation floor: " in printed
+    assert "= 100s > fixed drain 10s" in printed
