@@ -33,6 +33,7 @@ import json
 import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -50,6 +51,9 @@ from agent.config import (
     unknown_variables,
 )
 from agent.reference import settings
+
+if TYPE_CHECKING:
+    import aiohttp
 
 log = structlog.get_logger()
 
@@ -293,9 +297,10 @@ def check(
                 f" {measured} + client refresh {config.eureka_client_refresh_seconds:g}s;"
                 f" at worst {config.worst_case_floor():g}s after the trigger"
             )
-        warning = config.floor_warning()
-        if warning is not None:
-            print(f"     WARNING: {warning}")
+    # Both modes: a fixed drain shorter than the floor leaves callers as stale as a cut one.
+    warning = config.floor_warning()
+    if warning is not None:
+        print(f"     WARNING: {warning}")
     print("  4. answer every /prestop caller: the kubelet then sends the app SIGTERM")
     print(f"     and the app has {config.app_shutdown_seconds:g}s to stop")
     print("  5. exit once a SIGTERM has arrived; if it came before the end of the drain (classic")
@@ -369,6 +374,7 @@ async def _check_registry(config: Config) -> int:
                 )
                 return EXIT_INSTANCE_NOT_FOUND
             print(f"\nRegistry {config.registry}: instance found: {health.reason}")
+            await _check_client_view(config, session)
             try:
                 async with asyncio.timeout(timeout):
                     described = await registry.describe()
@@ -380,6 +386,23 @@ async def _check_registry(config: Config) -> int:
     print("The instance it would mark down:")
     print(json.dumps(described, indent=2, default=str))
     return 0
+
+
+async def _check_client_view(config: Config, session: aiohttp.ClientSession) -> None:
+    """How the propagation floor will count each Eureka URL: measured, or assumed because
+    several peers answer behind it."""
+    if not config.watches_client_view:
+        return
+    from agent.registry.view import ClientView
+
+    try:
+        async with asyncio.timeout(config.registry_timeout_seconds):
+            said = await ClientView(config, session).describe_peers()
+    except TimeoutError:
+        said = {"(all)": "not known: no answer in time"}
+    print("Propagation floor, per Eureka URL:")
+    for url, basis in said.items():
+        print(f"  {url}: {basis}")
 
 
 if __name__ == "__main__":

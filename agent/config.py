@@ -178,10 +178,11 @@ class Config:
     """PRESTOP_EUREKA_LEASE_SECONDS: lease duration announced in ``register`` mode."""
     actuator_url: str = "http://127.0.0.1:8080/actuator/serviceregistry"
     """PRESTOP_ACTUATOR_URL: the app's service-registry actuator endpoint."""
-    eureka_client_refresh_seconds: float = 65.0
+    eureka_client_refresh_seconds: float = 70.0
     """PRESTOP_EUREKA_CLIENT_REFRESH_SECONDS: how long a Eureka client may keep routing to the
     instance after its server's client-facing view changed: the clients' registry fetch
-    interval plus their load balancer's cache TTL (Spring Cloud: 30 s + 35 s), seconds."""
+    interval plus their load balancer's cache TTL (Spring Cloud: 30 s + 35 s) plus a margin
+    (default 5 s) for the fetch's own duration, seconds."""
     eureka_server_cache_seconds: float = 30.0
     """PRESTOP_EUREKA_SERVER_CACHE_SECONDS: bound on the Eureka server's read-only response
     cache (``responseCacheUpdateIntervalMs``), assumed when its client-facing view cannot be
@@ -235,7 +236,7 @@ class Config:
     def floor_warning(self) -> str | None:
         """The arithmetic and the remedy when the propagation floor can outlast the drain's
         maximum (the drain then ends at its maximum while clients may still send); else None."""
-        if self.registry == "none" or self.drain_mode != "traffic":
+        if self.registry == "none":
             return None
         floor, limit = self.worst_case_floor(), self.drain_limit
         if floor <= limit + 1e-9:
@@ -243,12 +244,27 @@ class Config:
         grace = math.ceil(
             floor + self.registry_deadline + self.app_shutdown_seconds + self.margin_seconds
         )
-        raise_max = " and PRESTOP_DRAIN_MAX_SECONDS" if self.drain_max_seconds is not None else ""
-        return (
+        parts = (
             f"propagation floor: Eureka server cache {self.eureka_server_cache_seconds:g}s"
             f" + client refresh {self.eureka_client_refresh_seconds:g}s = {floor:g}s >"
-            f" drain maximum {limit:g}s ({self.budget().arithmetic()}); clients may still send"
-            f" when the drain ends at its maximum. Raise terminationGracePeriodSeconds and"
+        )
+        if self.drain_mode == "fixed":
+            # The fixed drain never waits for the floor: it is the operator's bound, so say
+            # what it leaves uncovered.
+            return (
+                f"{parts} fixed drain {limit:g}s (PRESTOP_DRAIN_SECONDS); the fixed drain does"
+                " not wait for the floor, so clients may still send after it ends. Use"
+                f" PRESTOP_DRAIN_MODE=traffic, or set PRESTOP_DRAIN_SECONDS to"
+                f" {math.ceil(floor)} and terminationGracePeriodSeconds and"
+                f" PRESTOP_GRACE_PERIOD_SECONDS to {grace}, or lower the clients'"
+                " eureka.client.registry-fetch-interval-seconds and"
+                " spring.cloud.loadbalancer.cache.ttl and set"
+                " PRESTOP_EUREKA_CLIENT_REFRESH_SECONDS to match"
+            )
+        raise_max = " and PRESTOP_DRAIN_MAX_SECONDS" if self.drain_max_seconds is not None else ""
+        return (
+            f"{parts} drain maximum {limit:g}s ({self.budget().arithmetic()}); clients may still"
+            f" send when the drain ends at its maximum. Raise terminationGracePeriodSeconds and"
             f" PRESTOP_GRACE_PERIOD_SECONDS to {grace}{raise_max}, or lower the clients'"
             " eureka.client.registry-fetch-interval-seconds and"
             " spring.cloud.loadbalancer.cache.ttl (and the server's"

@@ -65,10 +65,14 @@ class Propagation:
 
     Eureka clients route from caches: the server's read-only response cache (the client-facing
     view), then each client's registry fetch and its load balancer's cache. The agent can watch
-    the first stage (a registry backend records, per server, when its cached view first shows the
-    new status); the other two are bounded only by configuration (``client_refresh``). The drain
-    may not end before every client can have dropped the instance: ``floor()``. Times are seconds
-    after the trigger. Pure data: the registry backend writes it, the drain reads it.
+    the first stage (a registry backend reports, per server, every answer of its cached view);
+    the other two are bounded only by configuration (``client_refresh``). The drain may not end
+    before every client can have dropped the instance: ``floor()``. Times are seconds after the
+    trigger. Pure data and rules: the registry backend writes it, the drain reads it.
+
+    The floor never decreases as answers arrive: every rule below only takes the later of what
+    it knew and what it learns, so no answer, failure or recovery can make clients that could
+    still route a moment ago stop counting.
     """
 
     registry: bool
@@ -77,64 +81,144 @@ class Propagation:
     """PRESTOP_EUREKA_CLIENT_REFRESH_SECONDS: client fetch interval + load-balancer cache TTL."""
     server_cache: float
     """PRESTOP_EUREKA_SERVER_CACHE_SECONDS: assumed for a server whose view is not observed."""
+    assumed_from: float = 0.0
+    """When the change reached the servers (the end of the PUT phase): a server's cache tick can
+    come up to ``server_cache`` after that, so the assumed bound counts from here, not from the
+    trigger (mark-down retries and replication batching come first)."""
     servers: dict[str, float | None] = field(default_factory=dict)
     """Watched servers: when their client-facing view first showed the new status (None: not
     yet). Empty: the view is not observable, the server cache's bound is assumed."""
     unobservable: dict[str, str] = field(default_factory=dict)
-    """Servers whose view could not be read, and why: the bound is assumed for them."""
+    """Servers whose view cannot be read now, and why: the bound is assumed for them (they are
+    still polled and leave this list when they answer again)."""
+    assumed: dict[str, str] = field(default_factory=dict)
+    """Servers whose answers cannot stand for every client (one URL in front of several peers),
+    and why: their stage is never shorter than the assumed bound."""
+    held: dict[str, float] = field(default_factory=dict)
+    """Per server, the latest instant known to need covering: its last answer still showing the
+    instance as before, or when it was lost (with the bound then assumed). Never lowered."""
+    failures: dict[str, int] = field(default_factory=dict)
+    """Failed reads in a row, per server."""
+    max_failures: int = 3
+    """After this many failed reads in a row a server counts as lost (unobservable)."""
 
-    def watch(self, server: str) -> None:
-        """A server whose view is being watched."""
+    def watch(self, server: str, *, assumed: str | None = None) -> None:
+        """A server whose view is being watched; ``assumed``: why its answers cannot stand for
+        every client (its stage is then at least the assumed bound)."""
         self.servers.setdefault(server, None)
+        if assumed is not None:
+            self.assumed[server] = assumed
+
+    def still_up(self, server: str, after_trigger: float) -> bool:
+        """The server's view still showed the instance as before, ``after_trigger`` seconds in.
+        True when the server had been lost and is back (still showing the old status: it may
+        have missed the change and needs it again)."""
+        self._hold(server, after_trigger)
+        self.failures[server] = 0
+        return self.unobservable.pop(server, None) is not None
 
     def seen(self, server: str, after_trigger: float) -> None:
         """The server's client-facing view showed the new status ``after_trigger`` seconds in."""
         if self.servers.get(server) is None:
             self.servers[server] = max(0.0, after_trigger)
+        self.failures[server] = 0
         self.unobservable.pop(server, None)
 
-    def lost(self, server: str, reason: str) -> None:
-        """The server's view could not be read (any more); its stage is assumed, not measured."""
-        if self.servers.get(server) is None:
-            self.unobservable[server] = reason
+    def failed(self, server: str, reason: str, after_trigger: float) -> bool:
+        """A read of the server's view failed; True when that made it lost (``max_failures`` in
+        a row)."""
+        count = self.failures.get(server, 0) + 1
+        self.failures[server] = count
+        if count < self.max_failures or server in self.unobservable:
+            return False
+        self.lost(server, reason, after_trigger)
+        return True
+
+    def lost(self, server: str, reason: str, after_trigger: float | None = None) -> None:
+        """The server's view could not be read (any more) ``after_trigger`` seconds in (None:
+        from the start); its stage is assumed, and counts at least from then: it may have served
+        the old status to its clients until that instant."""
+        if self.servers.get(server) is not None:
+            return  # its change was already seen: nothing left to measure there
+        self.unobservable[server] = reason
+        # What the floor said for it a moment ago (the bound, or now while it still answered):
+        # whatever it answers next, it never counts for less.
+        self._hold(server, max(self.bound, after_trigger or 0.0))
+
+    def _hold(self, server: str, at: float) -> None:
+        self.held[server] = max(self.held.get(server, 0.0), at)
+
+    @property
+    def bound(self) -> float:
+        """Seconds after the trigger by which a server's cache has shown the change, assumed."""
+        return self.assumed_from + self.server_cache
+
+    def stage(self, server: str, elapsed: float) -> float:
+        """Seconds after the trigger until which ``server`` may still serve the old status to its
+        clients, as known at ``elapsed``."""
+        held = self.held.get(server, 0.0)
+        seen = self.servers.get(server)
+        if seen is not None:
+            # Seen after a loss: when it changed meanwhile is unknown (a restarted server's cold
+            # key shows the change at once), so what was held stands.
+            stage = max(seen, held)
+        elif server in self.unobservable:
+            stage = max(self.bound, held)
+        else:
+            # Still answering with the old status: it holds the floor open, following a cache
+            # slower than configured rather than assuming it away.
+            stage = max(elapsed, held)
+        if server in self.assumed:
+            stage = max(stage, self.bound)
+        return stage
 
     @property
     def visible_to_clients(self) -> float | None:
         """When the slowest watched server showed the status to clients; None until all have,
-        or when no server was observed."""
-        times = list(self.servers.values())
-        if not times or any(t is None for t in times) or self.unobservable:
+        or when some server was not observed (lost now, or its answers stand for one peer)."""
+        if not self.servers or self.unobservable or self.assumed:
             return None
-        return max(t for t in times if t is not None)
+        if any(seen is None for seen in self.servers.values()):
+            return None
+        return max(self.stage(server, 0.0) for server in self.servers)
+
+    def censored(self) -> str | None:
+        """Why the propagation cannot be recorded as measured (None when it can, or when there
+        was nothing to measure): ``unobservable`` (a server could not be read or stands for
+        several peers) or ``not_visible`` (a server still showed the old status)."""
+        if not self.registry or not self.servers or self.visible_to_clients is not None:
+            return None
+        if self.unobservable or self.assumed:
+            return "unobservable"
+        return "not_visible"
 
     def floor(self, elapsed: float) -> float:
         """Seconds after the trigger before which the drain may not end, as known at
         ``elapsed`` seconds after the trigger.
 
-        Measured: the slowest server's visibility + client refresh. A server not yet showing
-        the status (still answering) holds it open: at least its assumed bound, and never less
-        than now (a cache slower than configured is followed, not assumed away). A server not
-        observed at all: its assumed bound.
+        Per server: when its view showed the status (measured), or now while it still shows the
+        old one, or the assumed bound while it cannot be read; never earlier than the last
+        answer still showing the old status. The slowest server + client refresh. Nothing
+        watched: the assumed bound.
         """
         if not self.registry:
             return 0.0
         if not self.servers:
-            return self.server_cache + self.client_refresh
-        stages = []
-        for server, seen in self.servers.items():
-            if seen is not None:
-                stages.append(seen)
-            elif server in self.unobservable:
-                stages.append(self.server_cache)
-            else:
-                stages.append(max(self.server_cache, elapsed))
-        return max(stages) + self.client_refresh
+            return self.bound + self.client_refresh
+        return max(self.stage(server, elapsed) for server in self.servers) + self.client_refresh
+
+    def reached(self, elapsed: float) -> bool:
+        """Whether a drain ending at ``elapsed`` has held until the floor."""
+        return elapsed + 1e-9 >= self.floor(elapsed)
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "visible_to_clients_seconds": _rounded(self.visible_to_clients),
             "servers": {name: _rounded(seen) for name, seen in self.servers.items()},
             "unobservable": dict(self.unobservable),
+            "assumed": dict(self.assumed),
+            "last_old_status_seconds": {name: _rounded(at) for name, at in self.held.items()},
+            "assumed_from_seconds": round(self.assumed_from, 4),
             "client_refresh_seconds": self.client_refresh,
         }
 

@@ -299,10 +299,16 @@ class Agent:
         #    registry client can have dropped the instance: watch the servers' client-facing
         #    view meanwhile (without a marked instance there is nothing to watch, and the
         #    floor assumes the server cache's bound).
+        propagation = lifecycle.propagation
         watch: asyncio.Task[None] | None = None
         if marked and self._view is not None:
-            watch = asyncio.create_task(
-                self._view.watch(lifecycle.propagation, lifecycle.elapsed), name="registry-watch"
+            watch = self._view.watch(
+                propagation,
+                lifecycle.elapsed,
+                remark=getattr(registry, "remark", None),
+                unmarked=self._unmarked(
+                    next(s.detail for s in lifecycle.steps if s.name == "mark_down").get("servers")
+                ),
             )
         limit = min(config.drain_limit, answer_by - lifecycle.elapsed())
         step = lifecycle.begin("drain")
@@ -312,14 +318,15 @@ class Agent:
             if watch is not None:
                 watch.cancel()
                 await asyncio.gather(watch, return_exceptions=True)
-        visible = lifecycle.propagation.visible_to_clients
-        if visible is not None:
-            self.metrics.registry_propagation.observe(visible)
+        reason = self._record_propagation(outcome.reason, propagation)
         detail = dict(outcome.detail)
         if outcome.last_data_seconds is not None:
             detail["last_data_seconds"] = round(outcome.last_data_seconds, 4)
-        lifecycle.end(step, outcome.reason, limit_seconds=round(limit, 4), **detail)
-        self.metrics.drains.labels(reason=outcome.reason).inc()
+        ended = lifecycle.elapsed()
+        detail["floor_seconds"] = round(propagation.floor(ended), 4)
+        detail["floor_reached"] = propagation.reached(ended)
+        lifecycle.end(step, reason, limit_seconds=round(limit, 4), **detail)
+        self.metrics.drains.labels(reason=reason).inc()
         self.metrics.drain_duration.observe(step.duration or 0.0)
         if outcome.last_data_seconds is not None:
             self.metrics.last_data_after_trigger.observe(outcome.last_data_seconds)
@@ -338,6 +345,43 @@ class Agent:
                 await registry.finalize()
         except TimeoutError:
             log.warning("registry_finalize_timeout", backend=registry.name)
+
+    def _record_propagation(self, reason: str, propagation: Propagation) -> str:
+        """At the drain's end: record how long the change took to reach the clients' view, or
+        that it could not be measured (censored: the slowest cases, which sizing needs most);
+        name a drain that its maximum cut before the floor (``max_before_floor``, not ``max``:
+        traffic may have stopped long ago, it is the callers' caches that were still stale).
+        Returns the drain's outcome."""
+        visible = propagation.visible_to_clients
+        if visible is not None:
+            self.metrics.registry_propagation.observe(visible)
+        censored = propagation.censored()
+        if censored is not None:
+            self.metrics.registry_propagation_censored.labels(reason=censored).inc()
+        elapsed = self.lifecycle.elapsed()
+        if propagation.reached(elapsed):
+            return reason
+        log.warning(
+            "drain_ended_before_floor",
+            reason=reason,
+            elapsed_seconds=round(elapsed, 4),
+            floor_seconds=round(propagation.floor(elapsed), 4),
+            propagation=propagation.as_dict(),
+            detail="callers that route from a Eureka cache may still send to this pod after"
+            " it stops; see docs/operations.md (sizing the drain)",
+        )
+        return "max_before_floor" if reason == "max" else reason
+
+    @staticmethod
+    def _unmarked(servers: Any) -> set[str]:
+        """The servers the mark-down's PUT did not reach, from its per-server answers."""
+        if not isinstance(servers, dict):
+            return set()
+        return {
+            shown
+            for shown, said in servers.items()
+            if isinstance(said, dict) and said.get("result") not in (None, "ok")
+        }
 
     async def _wait_for_final_scrape(self) -> None:
         """Stay up (not ready) until the first of: a /metrics scrape served after the drain, the
@@ -379,9 +423,19 @@ class Agent:
         timeout = self.config.registry_timeout_seconds
         error: str | None = None
         detail: dict[str, Any] = {}
+        propagation = lifecycle.propagation
+        started = asyncio.get_running_loop().time()
         try:
             async with asyncio.timeout(timeout):
-                detail["servers"] = await registry.mark_down()
+                if self._view is not None:
+                    # Every server's key into its read-only cache before the change, whatever
+                    # happened since the last keep-hot pass (agent.registry.view).
+                    await self._view.warm()
+                detail["servers"] = await registry.mark_down(started)
+                if propagation is not None:
+                    # The servers have the change from here: their assumed bound counts from
+                    # this instant, not from the trigger.
+                    propagation.assumed_from = lifecycle.elapsed()
                 detail["verified"] = await registry.verify()
         except TimeoutError:
             error = f"registry {registry.name}: not done within {timeout:g}s"
@@ -390,6 +444,8 @@ class Agent:
         except Exception as exc:  # a backend bug must not cost the pod its drain
             log.exception("registry_failed", backend=registry.name)
             error = f"registry {registry.name}: unexpected {type(exc).__name__}"
+        if propagation is not None and "servers" not in detail:
+            propagation.assumed_from = lifecycle.elapsed()  # whatever reached a server, by now
         lifecycle.end(step, "failed" if error else "ok", backend=registry.name, **detail)
         result = "failed" if error else "ok"
         metrics.registry_updates.labels(backend=registry.name, result=result).inc()
@@ -476,9 +532,14 @@ class Agent:
                 "max_seconds": self.config.drain_limit,
                 "floor_warning": self.config.floor_warning(),
             },
-            "registry": {"backend": self.config.registry}
-            if self._health is None
-            else self._health.report(),
+            "registry": {
+                **(
+                    {"backend": self.config.registry}
+                    if self._health is None
+                    else self._health.report()
+                ),
+                **({} if self._view is None else {"client_view": self._view.report()}),
+            },
         }
 
 

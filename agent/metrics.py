@@ -83,7 +83,9 @@ class Metrics:
         )
         self.drains = Counter(
             "prestop_drains",
-            "Drains by how they ended (quiet, max, fixed).",
+            "Drains by how they ended: quiet (traffic stopped after the floor), max (the"
+            " maximum, traffic still arriving), max_before_floor (the maximum, before the"
+            " propagation floor: callers' caches may still list the pod), fixed.",
             ["reason"],
             registry=r,
         )
@@ -129,6 +131,16 @@ class Metrics:
             buckets=DRAIN_BUCKETS,
             registry=r,
         )
+        self.registry_propagation_censored = Counter(
+            "prestop_registry_propagation_censored",
+            "Drains that ended before prestop_registry_propagation_seconds could be measured,"
+            " by why: not_visible (a server's client-facing view still showed the old status"
+            " when the drain ended: the propagation took longer than the drain) or"
+            " unobservable (a server could not be read, or one URL stands for several peers)."
+            " The slowest propagations are exactly these: size the drain with them counted.",
+            ["reason"],
+            registry=r,
+        )
         self.drain_floor = Gauge(
             "prestop_drain_floor_seconds",
             "Seconds after the trigger before which the drain may not end: registry"
@@ -154,8 +166,10 @@ class Metrics:
             self.phase.labels(phase=str(phase))
         for trigger in Trigger:
             self.shutdown_triggers.labels(trigger=str(trigger))
-        for reason in ("quiet", "max", "fixed"):
+        for reason in ("quiet", "max", "max_before_floor", "fixed"):
             self.drains.labels(reason=reason)
+        for reason in ("not_visible", "unobservable"):
+            self.registry_propagation_censored.labels(reason=reason)
         for result in ("ok", "failed", "unauthorized", "forbidden"):
             self.hook_calls.labels(result=result)
 

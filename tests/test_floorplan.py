@@ -85,10 +85,11 @@ def test_check_prints_the_stages_and_config_only_fails_on_a_floor_above_max(
     short = {**EUREKA, "PRESTOP_GRACE_PERIOD_SECONDS": "60", "PRESTOP_APP_SHUTDOWN_SECONDS": "30"}
     assert main(["check", "--config-only"], short) == EXIT_FLOOR_ABOVE_MAX
     out = capsys.readouterr().out
-    # Default target: the drain maximum (60 - 5 - 30 - 1 = 24) less QUIET (3).
-    assert "Propagation floor, by stage (worst case 95s; target 21s):" in out
-    assert "eureka.server.response-cache-update-interval-ms=7000" in out
-    assert "PRESTOP_EUREKA_CLIENT_REFRESH_SECONDS=14" in out
+    # Default target: the drain maximum (60 - 5 - 30 - 1 = 24) less QUIET (3). The client
+    # refresh's 5 s margin stays as it is, so the three stages share the other 16 s.
+    assert "Propagation floor, by stage (worst case 100s; target 21s):" in out
+    assert "eureka.server.response-cache-update-interval-ms=5000" in out
+    assert "PRESTOP_EUREKA_CLIENT_REFRESH_SECONDS=15" in out
     long = {**short, "PRESTOP_GRACE_PERIOD_SECONDS": "150"}
     assert main(["check", "--config-only", "--floor-target", "20"], long) == 0
     out = capsys.readouterr().out

@@ -58,8 +58,10 @@ def test_counters_the_alerts_count_exist_at_zero_from_start_up() -> None:
     metrics = Metrics(CollectorRegistry())
     metrics.registry_backend("eureka")
     value = metrics.registry.get_sample_value
-    for reason in ("quiet", "max", "fixed"):
+    for reason in ("quiet", "max", "max_before_floor", "fixed"):
         assert value("prestop_drains_total", {"reason": reason}) == 0
+    for reason in ("not_visible", "unobservable"):
+        assert value("prestop_registry_propagation_censored_total", {"reason": reason}) == 0
     for result in ("ok", "failed", "unauthorized", "forbidden"):
         assert value("prestop_hook_calls_total", {"result": result}) == 0
     for result in ("ok", "failed"):
@@ -89,7 +91,7 @@ def test_the_rules_pass_promtool_check_and_their_unit_tests(tmp_path: Path) -> N
 def test_every_alert_has_a_unit_test_that_fires_it_and_one_that_does_not() -> None:
     rules = [rule for group in _rule_groups() for rule in group["rules"]]
     alerts = {rule["alert"] for rule in rules if "alert" in rule}
-    assert len(alerts) == 7
+    assert len(alerts) == 8
     cases = [
         case for test in yaml.safe_load(RULES_TEST.read_text())["tests"]
         for case in test.get("alert_rule_test", [])
@@ -349,7 +351,7 @@ def test_every_dashboard_panel_returns_data_from_real_terminations(
             sample["metric"]["reason"]: float(sample["value"][1])
             for sample in server.query("sum by (reason) (prestop_drains_total)")
         }
-        assert by_reason == {"quiet": 1, "max": 1, "fixed": 1}
+        assert by_reason == {"quiet": 1, "max": 1, "fixed": 1, "max_before_floor": 0}
         ready = server.query("prestop_registry_ready")
         assert {
             (s["metric"]["pod"], s["metric"]["backend"], float(s["value"][1])) for s in ready

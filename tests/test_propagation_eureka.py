@@ -54,12 +54,14 @@ def _terminate(
             "PRESTOP_DRAIN_MIN_SECONDS": "0.5",
             "PRESTOP_DRAIN_QUIET_SECONDS": "0.5",
             "PRESTOP_DRAIN_COUNT_ACCEPTS": "false",  # the machine's namespace, see test_traffic
+            # The test's own /discovery polling is not a caller: ignored, it cannot hold the
+            # drain, so the drain's length shows the floor alone.
+            "PRESTOP_DRAIN_IGNORE_CIDRS": "127.0.0.0/8",
         }
     ).run()
     wait_for("the DiscoveryClient lists the app UP", lambda: not _client_sees_it_gone(app), 30)
     time.sleep(1.0)  # the agent has fetched its key at start-up; let a cache refresh go by
     client_gone_at: list[float] = []
-    called = time.monotonic()
     stop = threading.Event()
 
     def watch_client() -> None:
@@ -70,6 +72,11 @@ def _terminate(
             time.sleep(0.05)
 
     watcher = threading.Thread(target=watch_client)
+    # Just after a cache tick (the timer runs at wall-clock multiples of its interval, drifting
+    # a few ms per tick): the change then waits almost a whole interval in the server's cache,
+    # so a view read on a cold key (DOWN at once) differs from the clients' by seconds, every run.
+    time.sleep((0.15 - time.time()) % CACHE_SECONDS)
+    called = time.monotonic()
     watcher.start()
     try:
         code, body = prestop(agent)

@@ -21,11 +21,13 @@ from urllib.parse import quote
 import aiohttp
 import pytest
 import pytest_asyncio
+import yarl
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
+from agent.cli import _check_client_view
 from agent.config import load
 from agent.lifecycle import Propagation
 from agent.metrics import Metrics
@@ -40,8 +42,9 @@ from agent.registry._http import (
 )
 from agent.registry.eureka import EurekaRegistry
 from agent.registry.register import RegisterRegistry
-from agent.registry.view import ClientView
+from agent.registry.view import KEEP_HOT_WARN_AFTER, ClientView
 from agent.server import AppHealth
+from tests.tcpproxy import SpreadingProxy
 
 APP = "DEMO-APP"
 POD_IP = "10.1.2.3"
@@ -819,25 +822,126 @@ async def test_fields_of_the_wrong_type_are_shown_by_type_never_printed(
 # ------------------------------------------------------------- the client-facing view (error paths)
 
 
-async def _watch(url_list: list[str], session: aiohttp.ClientSession) -> Propagation:
-    view = ClientView(config(url_list, PRESTOP_DRAIN_POLL_SECONDS="0.01"), session)
+async def _watch(
+    url_list: list[str],
+    session: aiohttp.ClientSession,
+    *,
+    view: ClientView | None = None,
+    remark: Callable[[Server], Awaitable[str]] | None = None,
+    unmarked: tuple[str, ...] = (),
+    seconds: float = 5.0,
+) -> Propagation:
+    """Watch until every server showed the change, or for ``seconds`` (then cancelled)."""
+    view = view or ClientView(config(url_list, PRESTOP_DRAIN_POLL_SECONDS="0.01"), session)
     seen = Propagation(registry=True, client_refresh=6.5, server_cache=3.0)
     loop = asyncio.get_running_loop()
     started = loop.time()
-    async with asyncio.timeout(5):
-        await view.watch(seen, lambda: loop.time() - started)
+    task = view.watch(seen, lambda: loop.time() - started, remark=remark, unmarked=unmarked)
+    done, _ = await asyncio.wait({task}, timeout=seconds)
+    if not done:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
     return seen
 
 
-async def test_a_view_that_fails_three_times_is_assumed_not_measured(
+async def test_a_view_that_keeps_failing_is_assumed_and_still_read(
+    serve: Serve, session: aiohttp.ClientSession
+) -> None:
+    fake, url = await serve([instance("pod-1")])
+    fake.statuses = [503] * 1000
+    seen = await _watch([url], session, seconds=1.5)
+    assert seen.visible_to_clients is None
+    assert list(seen.unobservable) == [url]
+    # the server cache's bound (3 s from the PUT), not "now" (5 s)
+    assert seen.floor(elapsed=5.0) == 3.0 + 6.5
+    # lost after 3 reads at once, then read again about a second later: not given up on
+    assert 4 <= len(fake.requests) < 10
+
+
+async def test_a_server_back_from_a_loss_still_up_gets_the_change_again(
     serve: Serve, session: aiohttp.ClientSession
 ) -> None:
     fake, url = await serve([instance("pod-1")])
     fake.statuses = [503] * 3
-    seen = await _watch([url], session)
-    assert seen.visible_to_clients is None
-    assert list(seen.unobservable) == [url]
-    assert seen.floor(elapsed=1.0) == 3.0 + 6.5  # the server cache's bound, not "now"
+    remarked: list[Server] = []
+
+    async def remark(server: Server) -> str:
+        remarked.append(server)
+        fake.instances["pod-1"]["status"] = "DOWN"
+        return "ok"
+
+    with capture_logs() as logs:
+        seen = await _watch([url], session, remark=remark)
+    assert [s.shown for s in remarked] == [url]
+    assert seen.servers[url] is not None  # then seen DOWN: the watch ended
+    assert seen.unobservable == {}
+    # lost with the 3 s bound assumed: seeing it later does not lower that
+    assert seen.floor(elapsed=5.0) == 3.0 + 6.5
+    events = [e["event"] for e in logs]
+    assert "eureka_view_lost" in events and "eureka_remarked" in events
+
+
+async def test_a_server_the_put_did_not_reach_gets_it_on_its_first_up_answer(
+    serve: Serve, session: aiohttp.ClientSession
+) -> None:
+    fake, url = await serve([instance("pod-1")])
+    remarked: list[str] = []
+
+    async def remark(server: Server) -> str:
+        remarked.append(server.shown)
+        fake.instances["pod-1"]["status"] = "DOWN"
+        return "ok"
+
+    seen = await _watch([url], session, remark=remark, unmarked=(url,))
+    assert remarked == [url]
+    assert seen.visible_to_clients is not None
+
+
+async def test_the_registry_puts_the_change_again_on_one_server(
+    serve: Serve, session: aiohttp.ClientSession
+) -> None:
+    fake, url = await serve([instance("pod-1")])
+    registry = EurekaRegistry(config([url], PRESTOP_EUREKA_INSTANCE_ID="pod-1"), session)
+    assert await registry.remark(Server.parse(url)) == "ok"
+    assert fake.instances["pod-1"]["overriddenStatus"] == "DOWN"
+    fake.statuses = [404]
+    assert (await registry.remark(Server.parse(url))).startswith("failed: ")
+
+
+async def test_a_server_not_read_before_the_put_counts_as_assumed(
+    serve: Serve, session: aiohttp.ClientSession
+) -> None:
+    # Its key may be cold (a restarted peer): a change it shows first is not a measurement.
+    fake, url = await serve([instance("pod-1", status="DOWN")])
+    view = ClientView(config([url], PRESTOP_DRAIN_POLL_SECONDS="0.01"), session)
+    fake.statuses = [503]
+    await view.warm()
+    seen = await _watch([url], session, view=view)
+    assert seen.servers[url] is not None
+    assert seen.floor(elapsed=1.0) == 3.0 + 6.5  # not the 0.0 + 6.5 its answer alone gives
+    await view.warm()  # read this time: the next drain measures it
+    seen = await _watch([url], session, view=view)
+    assert seen.floor(elapsed=1.0) == pytest.approx(seen.servers[url] + 6.5)
+
+
+async def test_keep_hot_failures_warn_after_a_few_in_a_row_and_show_in_status(
+    serve: Serve, session: aiohttp.ClientSession
+) -> None:
+    fake, url = await serve([instance("pod-1")])
+    view = ClientView(config([url]), session)
+    fake.statuses = [503] * KEEP_HOT_WARN_AFTER
+    with capture_logs() as logs:
+        for _ in range(KEEP_HOT_WARN_AFTER - 1):
+            await view._keep_one(Server.parse(url))
+        assert [e for e in logs if e["log_level"] == "warning"] == []
+        await view._keep_one(Server.parse(url))
+        [warning] = [e for e in logs if e["log_level"] == "warning"]
+        assert warning["event"] == "eureka_view_key_cold" and "HTTP 503" in warning["error"]
+        assert view.report()[url]["key"] == "cold"
+        assert view.report()[url]["failures_in_a_row"] == KEEP_HOT_WARN_AFTER
+        await view._keep_one(Server.parse(url))
+    assert view.report()[url]["key"] == "warm"
+    assert logs[-1]["event"] == "eureka_view_key_warm"
 
 
 async def test_an_instance_the_view_never_listed_is_not_taken_as_gone(
@@ -861,7 +965,8 @@ async def test_the_view_showing_the_status_is_recorded_per_server(
     slow.instances["pod-1"]["status"] = "DOWN"
     seen = await watching
     assert seen.servers[prompt] is not None and seen.servers[prompt] < 0.2
-    assert seen.servers[lagging] is not None and seen.servers[lagging] >= 0.3
+    # changed 0.3 s after the test began waiting; the watch's clock started a little later
+    assert seen.servers[lagging] is not None and seen.servers[lagging] >= 0.25
     assert seen.visible_to_clients == seen.servers[lagging]
     assert seen.floor(elapsed=5.0) == pytest.approx(seen.servers[lagging] + 6.5)
 
@@ -1014,3 +1119,53 @@ async def test_a_put_that_timed_out_but_was_applied_is_read_back_not_reported_fa
     assert said[url]["result"] == "ok" and said[url]["confirmed_by"] == "read_back", said
     assert "no answer within" in said[url]["error"]  # what happened is still said
     assert (await registry.verify()) == {url: "DOWN"}
+
+
+async def test_one_url_in_front_of_several_peers_falls_back_to_the_assumed_bound(
+    serve: Serve, session: aiohttp.ClientSession
+) -> None:
+    # Two peers behind one address: each stamps its own copy of the registration.
+    early, early_url = await serve([instance("pod-1", leaseInfo={"registrationTimestamp": 100})])
+    late, late_url = await serve([instance("pod-1", leaseInfo={"registrationTimestamp": 350})])
+    targets = [("127.0.0.1", yarl.URL(u).port or 0) for u in (early_url, late_url)]
+    with SpreadingProxy(targets) as proxy:
+        view = ClientView(config([proxy.url()], PRESTOP_DRAIN_POLL_SECONDS="0.01"), session)
+        with capture_logs() as logs:
+            await view._keep_one(Server.parse(proxy.url()))
+        assert len(set(proxy.connections)) == 2  # fresh connections reached both peers
+        assert view.report()[proxy.url()]["peers"] == "several"
+        assert view.report()[proxy.url()]["floor"].startswith("assumed: several Eureka peers")
+        [said] = [e for e in logs if e["event"] == "eureka_view_peers"]
+        assert said["log_level"] == "warning"
+        early.instances["pod-1"]["status"] = late.instances["pod-1"]["status"] = "DOWN"
+        seen = await _watch([proxy.url()], session, view=view)
+    assert seen.servers[proxy.url()] is not None  # the peer it reached showed the change...
+    assert seen.floor(elapsed=1.0) == 3.0 + 6.5  # ...but the other may be slower: assumed
+    assert seen.visible_to_clients is None and seen.censored() == "unobservable"
+
+
+async def test_one_server_at_its_url_is_measured(
+    serve: Serve, session: aiohttp.ClientSession
+) -> None:
+    fake, url = await serve([instance("pod-1", leaseInfo={"registrationTimestamp": 100})])
+    with SpreadingProxy([("127.0.0.1", yarl.URL(url).port or 0)]) as proxy:
+        view = ClientView(config([proxy.url()], PRESTOP_DRAIN_POLL_SECONDS="0.01"), session)
+        await view._keep_one(Server.parse(proxy.url()))
+        assert len(proxy.connections) > 1  # fresh connections, one server
+        assert view.report()[proxy.url()]["peers"] == "one"
+        fake.instances["pod-1"]["status"] = "DOWN"
+        seen = await _watch([proxy.url()], session, view=view)
+    assert seen.floor(elapsed=1.0) == pytest.approx(seen.servers[proxy.url()] + 6.5)
+
+
+async def test_check_says_how_the_floor_counts_each_url(
+    serve: Serve, session: aiohttp.ClientSession, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, one = await serve([instance("pod-1", leaseInfo={"registrationTimestamp": 100})])
+    _, other = await serve([instance("pod-1", leaseInfo={"registrationTimestamp": 350})])
+    ports = [("127.0.0.1", yarl.URL(u).port or 0) for u in (one, other)]
+    with SpreadingProxy(ports) as proxy:
+        await _check_client_view(config([one, proxy.url()]), session)
+    printed = capsys.readouterr().out
+    assert f"{one}: measured: one Eureka server answers at this URL" in printed
+    assert f"{proxy.url()}: assumed: several Eureka peers answer at this URL" in printed

@@ -96,9 +96,16 @@ def test_a_request_read_but_not_answered_holds_the_drain() -> None:
 
 @pytest.mark.parametrize(("receive_queue", "send_queue"), [(10, 0), (0, 4096)])
 def test_unread_or_unacknowledged_bytes_hold_the_drain(receive_queue: int, send_queue: int) -> None:
+    # By its timestamps this connection was answered (last data went out after the last data
+    # came in): only the queues say that a request is still in flight.
+    answered = {"received_ms": 9_000, "sent_ms": 8_000}
     rules = verdict()
-    busy = sample(received_ms=9_000, receive_queue=receive_queue, send_queue=send_queue)
+    rules.observe(Poll(110.0, (sample(**answered),)))
+    assert (rules.in_flight, rules.verdict(110.0)) == (0, "quiet")  # the same, queues empty
+    rules = verdict()
+    busy = sample(**answered, receive_queue=receive_queue, send_queue=send_queue)
     rules.observe(Poll(110.0, (busy,)))
+    assert rules.in_flight == 1
     assert rules.verdict(110.0) is None
 
 

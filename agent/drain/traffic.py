@@ -196,6 +196,9 @@ async def traffic_drain(
     the verdict after every poll (/status).
     """
     started_at = clock()
+    # Read together with started_at: read after opening the watcher (milliseconds), it would
+    # put the trigger that much earlier and let the drain end that much before the floor.
+    trigger_at = started_at - lifecycle.elapsed()
     watcher = open_watcher(
         config.app_ports,
         force_proc=config.drain_source == "proc",
@@ -204,7 +207,7 @@ async def traffic_drain(
     )
     metrics.watching(watcher.source)
     verdict = TrafficVerdict(
-        trigger_at=started_at - lifecycle.elapsed(),
+        trigger_at=trigger_at,
         started_at=started_at,
         min_seconds=config.drain_min_seconds,
         quiet_seconds=config.drain_quiet_seconds,

@@ -75,8 +75,12 @@ class Registry(Protocol):
         cancelled at exit: clear a stale override (eureka), or register and renew (register).
         Returns early when there is nothing to keep up. Must not raise."""
 
-    async def mark_down(self) -> dict[str, Any]:
-        """Take the instance out; return what each server said. Raise RegistryError on failure."""
+    async def mark_down(self, started: float | None = None) -> dict[str, Any]:
+        """Take the instance out; return what each server said. Raise RegistryError on failure.
+
+        ``started`` (event-loop time) is when the registry step began: its shares of
+        ``PRESTOP_REGISTRY_TIMEOUT_SECONDS`` count from there, so that work done in the step
+        before the PUT (warming the client view) leaves the read-back time to end inside it."""
 
     async def verify(self) -> dict[str, Any]:
         """Read the status back; raise RegistryError when no server shows it."""
@@ -103,7 +107,7 @@ class NoRegistry:
     async def run(self) -> None:
         return None
 
-    async def mark_down(self) -> dict[str, Any]:
+    async def mark_down(self, started: float | None = None) -> dict[str, Any]:
         return {}
 
     async def verify(self) -> dict[str, Any]:

@@ -76,9 +76,9 @@ class ActuatorRegistry:
     async def run(self) -> None:
         return None  # the app's own client keeps its registration
 
-    async def mark_down(self) -> dict[str, Any]:
+    async def mark_down(self, started: float | None = None) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
-        started = loop.time()
+        started = loop.time() if started is None else started
         until = started + self._config.registry_timeout_seconds * MARK_SHARE
         self._verify_until = started + self._config.registry_timeout_seconds * VERIFY_SHARE
         if self._legacy:

@@ -248,14 +248,14 @@ class EurekaRegistry:
 
     # --- the shutdown -------------------------------------------------------------------------
 
-    async def mark_down(self) -> dict[str, Any]:
+    async def mark_down(self, started: float | None = None) -> dict[str, Any]:
         """PUT the override on every server at once; succeed when at least one took it."""
         self._marking = True
         if self._clearing is not None and not self._clearing.done():
             self._clearing.cancel()  # no clean-up DELETE from now on
             await asyncio.gather(self._clearing, return_exceptions=True)
         loop = asyncio.get_running_loop()
-        started = loop.time()
+        started = loop.time() if started is None else started
         timeout = self._config.registry_timeout_seconds
         until = started + timeout * MARK_SHARE
         self._verify_until = started + timeout * VERIFY_SHARE
@@ -324,6 +324,23 @@ class EurekaRegistry:
         done.set()
         result.pop("unanswered", None)
         return {"result": "ok", "attempts": attempts, **result}
+
+    async def remark(self, server: Server) -> str:
+        """PUT the override on one server again, during the drain: it came back after the view
+        lost it, or the first PUT did not reach it. A peer that missed the change keeps listing
+        the pod UP with no time limit: the replicated status update expires after 30 s, and
+        heartbeats carry the override only when the dirty timestamps differ. Never raises."""
+        instance_id = self._instance_id
+        if instance_id is None:
+            return "failed: no instance was marked"
+        until = asyncio.get_running_loop().time() + (
+            self._config.registry_timeout_seconds * MARK_SHARE
+        )
+        try:
+            result = await self._put_status(server, instance_id, until, asyncio.Event())
+        except Exception as exc:  # the drain goes on whatever this one server does
+            return f"failed: unexpected {type(exc).__name__}"
+        return "ok" if result["result"] == "ok" else f"failed: {result.get('error')}"
 
     async def verify(self) -> dict[str, Any]:
         """Read the instance back from the servers that answered; one showing it is enough."""

@@ -353,10 +353,10 @@ class RegisterRegistry:
 
     # --- the shutdown -------------------------------------------------------------------------
 
-    async def mark_down(self) -> dict[str, Any]:
+    async def mark_down(self, started: float | None = None) -> dict[str, Any]:
         """Put the status override on every server (py-eureka-client's ``status_update``)."""
         loop = asyncio.get_running_loop()
-        started = loop.time()
+        started = loop.time() if started is None else started
         timeout = self._config.registry_timeout_seconds
         until = started + timeout * MARK_SHARE
         self._verify_until = started + timeout * VERIFY_SHARE

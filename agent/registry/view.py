@@ -12,7 +12,15 @@ in it is loaded from the registry, fresh. A first ``GET apps/{APP}`` after the m
 therefore show DOWN at once although clients, whose keys have been in the cache all along, still
 see UP. Entries are never dropped from the read-only cache (only replaced by the timer), so
 :meth:`ClientView.keep_hot` fetches the agent's key from start-up on, always with the same format
-(JSON, ``application/json``), and again every ``KEEP_HOT_SECONDS`` in case a server restarted.
+(JSON, ``application/json``), and again every ``KEEP_HOT_SECONDS`` in case a server restarted;
+:meth:`ClientView.warm` reads it once more just before the PUT, so that a server restarted since
+then holds it before the change too.
+
+Two more ways one answer can stand for less than every client: a server that stops answering
+(it is assumed, still read, and given the change again if it comes back showing the old status),
+and one URL in front of several peers (told apart by the instance's registration timestamps over
+fresh connections; such a URL counts with the assumed bound). The rules that turn the answers
+into the floor are :class:`agent.lifecycle.Propagation`'s.
 
 A background upkeep task of its own, separate from the backends' ``run()``: it only reads.
 """
@@ -20,19 +28,25 @@ A background upkeep task of its own, separate from the backends' ``run()``: it o
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Awaitable, Callable, Collection, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from agent.lifecycle import Propagation
+from agent.lifecycle import Propagation, iso_time
 from agent.registry._http import (
     Http,
     RequestFailed,
     Server,
+    check_status,
     get_application,
+    instances_of,
+    parse_json,
     request_timeout,
     same_address,
+    segment,
     serves_on,
     ssl_context,
 )
@@ -48,14 +62,74 @@ log = structlog.get_logger()
 # server restart, at the clients' own fetch interval.
 KEEP_HOT_SECONDS = 30.0
 # After this many failed reads in a row a server's view counts as unobservable (its stage of the
-# propagation is then assumed to last PRESTOP_EUREKA_SERVER_CACHE_SECONDS).
+# propagation is then assumed: see agent.lifecycle.Propagation).
 MAX_FAILURES = 3
+# Keep-hot passes failing in a row before a server's key is reported cold (warning, /status):
+# one miss is a blip, three are 90 s in which a trigger would measure a cold key.
+KEEP_HOT_WARN_AFTER = 3
+# A lost server is still read, less often: it may come back still showing the old status (and
+# then needs the change again), and its stage must follow it.
+LOST_POLL_SECONDS = 1.0
+# The reads just before the PUT wait at most this long (and at most this share of the registry
+# deadline, which they spend): they put the agent's key in every server's read-only cache before
+# the change, so that the next cache tick is the real flip. A server slower than that counts as
+# assumed for this drain.
+WARM_SECONDS = 1.0
+WARM_SHARE = 0.1
+
+# Reads of a URL's view over fresh connections per keep-hot pass, to find out whether several
+# peers answer behind it (a Kubernetes Service in front of the Eureka servers spreads
+# connections, while the watch's pooled connection sticks to one): with two peers behind a
+# random balancer, six reads all land on the same one 3 % of the time, and every pass tries
+# again. Each read also warms the key on whichever peer it reached.
+PEER_PROBES = 6
+# What the agent knows of the peers behind one URL.
+ONE_PEER = "one"
+SEVERAL_PEERS = "several"
+UNKNOWN_PEERS = "unknown"
+
+Remark = Callable[[Server], Awaitable[str]]
+"""Puts the status change on one server again (a peer that came back still showing the old
+status may have missed it); returns what it did, for the log."""
+
+
+@dataclass(slots=True)
+class KeyHealth:
+    """How the keep-hot reads of one server went, for warnings and /status."""
+
+    failures: int = 0
+    """Keep-hot passes failed in a row."""
+    last_ok: float | None = None
+    """Wall-clock time of the last successful read."""
+    last_error: str | None = None
+    peers: str = UNKNOWN_PEERS
+    """Whether one peer or several answer at this URL (``one``, ``several``, ``unknown``)."""
+    registrations: frozenset[str] = frozenset()
+    """The instance's registration timestamps seen through this URL in one pass: each Eureka
+    peer stamps its own copy of a registration (replicated ones too), so two of them mean two
+    peers."""
+
+    @property
+    def cold(self) -> bool:
+        return self.failures >= KEEP_HOT_WARN_AFTER
+
+    @property
+    def assumed(self) -> bool:
+        """Whether this URL's answers cannot stand for every client: several peers answer at it,
+        so the one the watch reads is not necessarily the slowest."""
+        return self.peers == SEVERAL_PEERS
 
 
 class ClientView:
     """Watches the instance in the Eureka servers' client-facing view (``GET apps/{APP}``)."""
 
-    def __init__(self, config: Config, session: aiohttp.ClientSession) -> None:
+    def __init__(
+        self,
+        config: Config,
+        session: aiohttp.ClientSession,
+        *,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
         self._http = Http(
             session, timeout=request_timeout(config), ssl=ssl_context(config.eureka_ca_file)
         )
@@ -65,23 +139,32 @@ class ClientView:
         self._poll = config.drain_poll_seconds
         self._instance_id = config.eureka_instance_id
         self._ip, self._port = config.pod_ip, config.app_port
+        self._wall_clock = wall_clock
+        self._warm_seconds = min(WARM_SECONDS, WARM_SHARE * config.registry_timeout_seconds)
         self._listed: set[Server] = set()
         """Servers whose view has listed the instance: only there does its absence mean that
         clients dropped it (elsewhere it may just not match)."""
+        self._keys = {server: KeyHealth() for server in self._servers}
+        self._unread: dict[Server, str] = {}
+        """Servers the reads just before the PUT did not reach, and why: their key may be cold,
+        so a change they show first is not a measurement."""
 
     def _is_ours(self, instance: Mapping[str, Any]) -> bool:
         if self._instance_id:
             return instance.get("instanceId") == self._instance_id
         return same_address(instance.get("ipAddr"), self._ip) and serves_on(instance, self._port)
 
-    async def _read(self, server: Server) -> str | None:
+    async def _read(self, server: Server, until: float | None = None) -> str | None:
         """The status clients get from ``server`` for the instance; None when not listed."""
-        until = asyncio.get_running_loop().time() + self._http.timeout
+        if until is None:
+            until = asyncio.get_running_loop().time() + self._http.timeout
         instances = await get_application(self._http, server, self._app, until=until)
         status = next((str(i.get("status")) for i in instances if self._is_ours(i)), None)
         if status is not None:
             self._listed.add(server)
         return status
+
+    # --- before the shutdown: keep the key hot ------------------------------------------------
 
     async def keep_hot(self) -> None:
         """From start-up on: keep the agent's cache key in every server's read-only cache.
@@ -89,23 +172,177 @@ class ClientView:
         Runs for the agent's life (cancelled at exit); never raises.
         """
         while True:
-            for server in self._servers:
-                try:
-                    await self._read(server)
-                except RequestFailed as exc:
-                    log.debug("eureka_view_unreachable", server=server.shown, error=exc.reason)
-                except Exception:  # upkeep must not take the agent down
-                    log.exception("eureka_view_failed", server=server.shown)
+            await asyncio.gather(*(self._keep_one(server) for server in self._servers))
             await asyncio.sleep(KEEP_HOT_SECONDS)
 
-    async def watch(self, propagation: Propagation, elapsed: Callable[[], float]) -> None:
-        """After the mark-down: read every server's view each poll until it shows the instance
-        out of service (or no longer lists it), recording when (``elapsed()``: seconds since the
-        trigger). Ends when every server has shown it or is given up on; cancelled with the
-        drain otherwise. Never raises."""
+    async def _keep_one(self, server: Server) -> None:
+        key = self._keys[server]
+        try:
+            await self._read(server)
+        except RequestFailed as exc:
+            self._key_failed(server, exc.reason)
+        except Exception as exc:  # upkeep must not take the agent down
+            log.exception("eureka_view_failed", server=server.shown)
+            self._key_failed(server, f"unexpected {type(exc).__name__}")
+        else:
+            if key.cold:
+                log.info("eureka_view_key_warm", server=server.shown, after_failures=key.failures)
+            key.failures, key.last_ok, key.last_error = 0, self._wall_clock(), None
+            try:
+                await self.probe_peers(server)
+            except Exception as exc:  # the next pass tries again; the key itself is warm
+                reason = exc.reason if isinstance(exc, RequestFailed) else type(exc).__name__
+                log.debug("eureka_view_peers_unknown", server=server.shown, error=reason)
+
+    def _key_failed(self, server: Server, reason: str) -> None:
+        key = self._keys[server]
+        key.failures += 1
+        key.last_error = reason
+        if key.failures == KEEP_HOT_WARN_AFTER:
+            # Said once per run of failures: from now on a trigger may find this server's key
+            # cold (it would show the change at once), unless the read before the PUT reaches it.
+            log.warning(
+                "eureka_view_key_cold",
+                server=server.shown,
+                failures=key.failures,
+                error=reason,
+            )
+        else:
+            log.debug("eureka_view_unreachable", server=server.shown, error=reason)
+
+    async def probe_peers(self, server: Server) -> str:
+        """Read the URL's view ``PEER_PROBES`` times, each over a fresh connection, and tell from
+        the instance's registration timestamps whether several peers answer there (then its
+        answers cannot stand for every client: the floor assumes the server cache's bound for
+        it). ``several`` is kept once seen. Raises RequestFailed when a read fails."""
+        key = self._keys[server]
+        path = f"apps/{segment(self._app)}"
+        stamps: set[str] = set()
+        for _ in range(PEER_PROBES):
+            until = asyncio.get_running_loop().time() + self._http.timeout
+            status, body = await self._http.request(
+                server, "GET", path, headers={"Connection": "close"}, until=until
+            )
+            if status == 404:
+                continue
+            check_status(status, body, ok=(200,))
+            for instance in instances_of(parse_json(body)):
+                if self._is_ours(instance) and (stamp := _registered_at(instance)) is not None:
+                    stamps.add(stamp)
+        before = key.peers
+        key.registrations = frozenset(stamps)
+        if len(stamps) > 1:
+            key.peers = SEVERAL_PEERS
+        elif stamps and key.peers == UNKNOWN_PEERS:
+            key.peers = ONE_PEER
+        if key.peers != before:
+            announce = log.warning if key.assumed else log.info
+            announce(
+                "eureka_view_peers",
+                server=server.shown,
+                peers=key.peers,
+                floor=self.floor_basis(server),
+                registrations=sorted(stamps),
+            )
+        return key.peers
+
+    async def describe_peers(self) -> dict[str, str]:
+        """For ``check``: per URL, whether one peer or several answer there, and so how the
+        floor counts it. Never raises."""
+        said: dict[str, str] = {}
         for server in self._servers:
-            propagation.watch(server.shown)
-        await asyncio.gather(*(self._watch_one(s, propagation, elapsed) for s in self._servers))
+            try:
+                await self.probe_peers(server)
+            except Exception as exc:
+                reason = exc.reason if isinstance(exc, RequestFailed) else type(exc).__name__
+                said[server.shown] = f"{self.floor_basis(server)} ({reason})"
+                continue
+            said[server.shown] = self.floor_basis(server)
+        return said
+
+    def floor_basis(self, server: Server) -> str:
+        """How the floor counts this URL's stage: measured, or the assumed server-cache bound."""
+        if self._keys[server].assumed:
+            return (
+                "assumed: several Eureka peers answer at this URL and the watch reads one of"
+                " them, so the server cache's bound (PRESTOP_EUREKA_SERVER_CACHE_SECONDS) is"
+                " assumed; list each peer's own URL in PRESTOP_EUREKA_URLS to measure them"
+            )
+        if self._keys[server].peers == ONE_PEER:
+            return "measured: one Eureka server answers at this URL"
+        return "measured: the peers behind this URL are not known yet (the instance not listed)"
+
+    def report(self) -> dict[str, Any]:
+        """For /status: per server, how keeping its key hot goes and how its stage counts."""
+        return {
+            server.shown: {
+                "key": "cold" if key.cold else "warm" if key.last_ok is not None else "unknown",
+                "failures_in_a_row": key.failures,
+                "last_ok": iso_time(key.last_ok),
+                "last_error": key.last_error,
+                "peers": key.peers,
+                "floor": self.floor_basis(server),
+            }
+            for server, key in self._keys.items()
+        }
+
+    # --- the shutdown -------------------------------------------------------------------------
+
+    async def warm(self) -> None:
+        """Just before the PUT: read every server's view once, in parallel, so that the agent's
+        key is in each read-only cache before the change whatever happened since the last
+        keep-hot pass (a restarted or added server); the next tick is then the real flip.
+        Bounded by ``WARM_SECONDS`` (and ``WARM_SHARE`` of the registry deadline); never
+        raises. A server not read is remembered: what it shows first cannot be told from a cold
+        key."""
+        until = asyncio.get_running_loop().time() + self._warm_seconds
+
+        async def one(server: Server) -> None:
+            try:
+                await self._read(server, until)
+            except RequestFailed as exc:
+                self._unread[server] = f"not read before the mark-down: {exc.reason}"
+            except Exception as exc:
+                self._unread[server] = f"not read before the mark-down: {type(exc).__name__}"
+            else:
+                self._unread.pop(server, None)
+
+        await asyncio.gather(*(one(server) for server in self._servers))
+
+    def watch(
+        self,
+        propagation: Propagation,
+        elapsed: Callable[[], float],
+        remark: Remark | None = None,
+        unmarked: Collection[str] = (),
+    ) -> asyncio.Task[None]:
+        """After the mark-down: enrol every server in ``propagation`` now (so the floor counts
+        them from the first look), then read each server's view until it shows the instance out
+        of service (or no longer lists it), recording every answer (``elapsed()``: seconds since
+        the trigger). A server that stops answering is lost (assumed) but still read, and one
+        that comes back still showing the old status, or that the PUT did not reach
+        (``unmarked``, by shown URL), gets the change again (``remark``). Ends
+        when every server has shown it; cancelled with the drain otherwise. Never raises."""
+        for server in self._servers:
+            key = self._keys[server]
+            assumed = self.floor_basis(server) if key.assumed else None
+            propagation.watch(server.shown, assumed=assumed)
+            if server in self._unread:
+                propagation.lost(server.shown, self._unread[server])
+        return asyncio.create_task(
+            self._watch(propagation, elapsed, remark, set(unmarked)), name="registry-watch"
+        )
+
+    async def _watch(
+        self,
+        propagation: Propagation,
+        elapsed: Callable[[], float],
+        remark: Remark | None,
+        unmarked: set[str],
+    ) -> None:
+        await asyncio.gather(
+            *(self._watch_one(s, propagation, elapsed, remark, unmarked) for s in self._servers)
+        )
         if propagation.visible_to_clients is not None:
             log.info(
                 "eureka_visible_to_clients",
@@ -116,39 +353,64 @@ class ClientView:
             )
 
     async def _watch_one(
-        self, server: Server, propagation: Propagation, elapsed: Callable[[], float]
+        self,
+        server: Server,
+        propagation: Propagation,
+        elapsed: Callable[[], float],
+        remark: Remark | None,
+        unmarked: set[str],
     ) -> None:
-        failures = 0
+        name = server.shown
         while True:
             asked_at = elapsed()
             try:
                 status = await self._read(server)
-            except RequestFailed as exc:
-                failures += 1
-                if failures >= MAX_FAILURES:
-                    propagation.lost(server.shown, exc.reason)
-                    log.warning("eureka_view_lost", server=server.shown, error=exc.reason)
-                    return
-            except Exception as exc:  # a surprising answer: assume, do not measure
-                propagation.lost(server.shown, f"unexpected {type(exc).__name__}")
-                log.exception("eureka_view_failed", server=server.shown)
-                return
+            except Exception as exc:  # unreachable, or a surprising answer: assume, keep reading
+                reason = exc.reason if isinstance(exc, RequestFailed) else type(exc).__name__
+                if not isinstance(exc, RequestFailed):
+                    log.exception("eureka_view_failed", server=name)
+                if propagation.failed(name, reason, elapsed()):
+                    log.warning(
+                        "eureka_view_lost",
+                        server=name,
+                        error=reason,
+                        floor_seconds=round(propagation.floor(elapsed()), 4),
+                    )
             else:
-                failures = 0
                 if status is None and server not in self._listed:
                     # Never seen there: nothing to measure; assume the bound for this server.
-                    propagation.lost(server.shown, "the instance is not listed in its view")
-                    log.warning("eureka_view_lost", server=server.shown, error="not listed")
-                    return
-                if status != "UP":
+                    if name not in propagation.unobservable:
+                        propagation.lost(name, "the instance is not listed in its view", elapsed())
+                        log.warning("eureka_view_lost", server=name, error="not listed")
+                elif status == "UP":
+                    back = propagation.still_up(name, elapsed())
+                    if back:
+                        log.warning("eureka_view_back", server=name, status=status)
+                    if (back or name in unmarked) and remark is not None:
+                        # It may have missed the change (the PUT did not reach it, and the
+                        # replicated one expires after 30 s): give it the change again.
+                        unmarked.discard(name)
+                        said = await remark(server)
+                        log.warning("eureka_remarked", server=name, result=said)
+                else:
                     # Shown at some instant between the request and its answer: the request's
                     # start is the earliest, the safe side for the floor is the answer.
-                    propagation.seen(server.shown, elapsed())
+                    propagation.seen(name, elapsed())
                     log.debug(
                         "eureka_view_changed",
-                        server=server.shown,
+                        server=name,
                         status=status,
                         asked_at=round(asked_at, 4),
                     )
                     return
-            await asyncio.sleep(self._poll)
+            lost = name in propagation.unobservable
+            await asyncio.sleep(max(self._poll, LOST_POLL_SECONDS) if lost else self._poll)
+
+
+def _registered_at(instance: Mapping[str, Any]) -> str | None:
+    """The instance's ``leaseInfo.registrationTimestamp`` as a peer stamped it, as text."""
+    lease = instance.get("leaseInfo")
+    stamp = lease.get("registrationTimestamp") if isinstance(lease, dict) else None
+    if isinstance(stamp, bool) or not isinstance(stamp, int | str):
+        return None
+    return str(stamp)
