@@ -22,9 +22,11 @@ Its API (``kubectl`` underneath, as a user types it): ``apply``, ``delete``,
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import shutil
+import ssl
 import subprocess
 import time
 from collections.abc import Callable
@@ -104,6 +106,7 @@ class KubeCluster:
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
         self._forwarding_before: str | None = None
         self._logs: list[IO[bytes]] = []
+        self._tls: ssl.SSLContext | None = None
 
     # --- start / stop ---------------------------------------------------------------------
 
@@ -514,6 +517,25 @@ class KubeCluster:
                 raise ClusterError(f"kubectl get {kind} {name}: {done.stderr}")
             return None
         return json.loads(done.stdout)
+
+    def api_get(self, path: str, timeout: float = 5.0) -> Any:
+        """GET ``path`` from the API server as the admin (JSON), without a kubectl process:
+        cheap enough to poll several times a second on a loaded machine."""
+        if self._tls is None:
+            self._tls = ssl.create_default_context(cafile=str(self.pki / "ca.crt"))
+            self._tls.load_cert_chain(self.pki / "admin.crt", self.pki / "admin.key")
+        connection = http.client.HTTPSConnection(
+            "127.0.0.1", self.api_port, context=self._tls, timeout=timeout
+        )
+        try:
+            connection.request("GET", path)
+            response = connection.getresponse()
+            body = response.read()
+            if response.status != 200:
+                raise ClusterError(f"GET {path}: {response.status} {body[:300]!r}")
+            return json.loads(body)
+        finally:
+            connection.close()
 
     def pods(self, *selector: str) -> list[dict[str, Any]]:
         """The pods (e.g. ``-l``, ``app=x``) with their status."""
