@@ -25,7 +25,10 @@ SERVICE_PATH_BOUND = {"pooled": 0, "perconn": 0}
 
 @pytest.fixture(scope="module")
 def rig(
-    kube_cluster: KubeCluster, eureka_jar: Path, demo_app_jar: Path, tmp_path_factory: pytest.TempPathFactory
+    kube_cluster: KubeCluster,
+    eureka_jar: Path,
+    demo_app_jar: Path,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[DeploymentRig]:
     records = tmp_path_factory.mktemp("records")
     rig = DeploymentRig(kube_cluster, eureka_jar, demo_app_jar, records, SCALED)
