@@ -422,10 +422,19 @@ class KubeCluster:
             "healthzBindAddress": f"127.0.0.1:{free_port()}",
             "metricsBindAddress": f"127.0.0.1:{free_port()}",
             "clusterCIDR": str(self.node.subnet),
-            # A shared test machine's conntrack table size is not kube-proxy's business.
-            "conntrack": {"maxPerCore": 0},
+            # The machine's conntrack table and timeouts, and route_localnet, are not this test
+            # cluster's business: kube-proxy leaves those sysctls as they are.
+            "conntrack": {
+                "maxPerCore": 0,
+                "tcpEstablishedTimeout": "0s",
+                "tcpCloseWaitTimeout": "0s",
+            },
             # Rules rewritten as soon as an EndpointSlice changes, as on a quiet production node.
-            "iptables": {"syncPeriod": "30s", "minSyncPeriod": "0s"},
+            "iptables": {
+                "syncPeriod": "30s",
+                "minSyncPeriod": "0s",
+                "localhostNodePorts": False,
+            },
         }
         (self.state / "kube-proxy.yaml").write_text(yaml.safe_dump(config))
         self._launch(
