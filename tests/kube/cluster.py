@@ -361,6 +361,8 @@ class KubeCluster:
                 f"--service-cluster-ip-range={self.service_cidr}",
                 f"--kubelet-client-certificate={pki}/apiserver-kubelet-client.crt",
                 f"--kubelet-client-key={pki}/apiserver-kubelet-client.key",
+                # The Node's hostname (prestop-node) resolves nowhere: its bridge address does.
+                "--kubelet-preferred-address-types=InternalIP",
                 "--allow-privileged=true",
                 "--profiling=false",
             ],
