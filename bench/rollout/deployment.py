@@ -23,7 +23,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -153,8 +153,11 @@ class Rollout:
     old: list[PodEnd]
     new: list[str]
     records: dict[str, list[dict[str, Any]]]
-    failed: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)
-    """caller -> side (``termination``, ``start-up``) -> failure kind -> count."""
+
+    @property
+    def failed(self) -> dict[str, dict[str, dict[str, int]]]:
+        """caller -> side (``termination``, ``start-up``) -> failure kind -> count."""
+        return classify(self)
 
     @property
     def sent(self) -> dict[str, int]:
@@ -368,7 +371,7 @@ class DeploymentRig:
             to_it = [r for c in EUREKA_CALLERS for r in records.get(c, []) if r["target"] == target]
             end.last_sent = max((r["t"] for r in to_it), default=None)
             end.last_served = max((r["t"] for r in to_it if r["outcome"] == OK), default=None)
-        result = Rollout(
+        return Rollout(
             scenario=self.scenario.key,
             restarted=restarted,
             complete=complete,
@@ -377,8 +380,6 @@ class DeploymentRig:
             new=new,
             records=records,
         )
-        result.failed = classify(result)
-        return result
 
 
 def classify(rollout: Rollout) -> dict[str, dict[str, dict[str, int]]]:
