@@ -381,8 +381,6 @@ class KubeCluster:
             [
                 str(self.bin / "kube-controller-manager"),
                 f"--kubeconfig={self._kubeconfig(state / 'cm.kubeconfig', 'controller-manager')}",
-                f"--authentication-kubeconfig={state / 'cm.kubeconfig'}",
-                f"--authorization-kubeconfig={state / 'cm.kubeconfig'}",
                 "--bind-address=127.0.0.1",
                 f"--secure-port={free_port()}",
                 "--leader-elect=false",
@@ -397,8 +395,6 @@ class KubeCluster:
             [
                 str(self.bin / "kube-scheduler"),
                 f"--kubeconfig={self._kubeconfig(state / 'sched.kubeconfig', 'scheduler')}",
-                f"--authentication-kubeconfig={state / 'sched.kubeconfig'}",
-                f"--authorization-kubeconfig={state / 'sched.kubeconfig'}",
                 "--bind-address=127.0.0.1",
                 f"--secure-port={free_port()}",
                 "--leader-elect=false",
