@@ -12,7 +12,8 @@ import pytest
 from tests.kube.cluster import KubeCluster
 from tests.kube.node import NODE_NAME
 
-pytestmark = [pytest.mark.kube]
+# The session's cluster may first wait for another session's node (up to 600 s).
+pytestmark = [pytest.mark.kube, pytest.mark.timeout(900)]
 
 SERVER_PORT = 8000
 

@@ -18,7 +18,8 @@ from tests.kube.cluster import KubeCluster
 from tests.kube.pods import APP_PORT, demo_app_command, jar_volume
 from tests.test_k8s import CHART, KUSTOMIZE, _tool
 
-pytestmark = [pytest.mark.kube, pytest.mark.java]
+# A JVM start, an install and a rollout, on a loaded machine: more than the suite's 300 s.
+pytestmark = [pytest.mark.kube, pytest.mark.java, pytest.mark.timeout(900)]
 
 START_TIMEOUT = 300.0  # a JVM and the agent starting on a loaded 2-core machine
 # The app as the shipped pods describe it, made runnable here: the demo app's jar in the JRE

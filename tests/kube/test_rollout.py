@@ -17,6 +17,8 @@ from bench.rollout.rig import SCALED, scenarios
 from tests.kube.cluster import KubeCluster
 
 pytestmark = [pytest.mark.kube, pytest.mark.java]
+# Set-up (Eureka, three replicas, the callers: six JVMs starting on two cores) and a rollout.
+TIMEOUT = pytest.mark.timeout(1200)
 
 # Failed requests of the Service callers a rollout may have, per caller, termination side: what
 # this suite measured on the Service path (issue 17); the next issue tightens it to zero.
@@ -75,6 +77,7 @@ def report(run: Rollout) -> str:
     return "\n".join(lines)
 
 
+@TIMEOUT
 @pytest.mark.parametrize("layout", ["traffic", "native"])
 def test_a_rollout_restart_with_the_agent_fails_no_request_on_the_termination_side(
     rig: DeploymentRig, layout: str
