@@ -91,7 +91,7 @@ class KubeCluster:
         self.bin = prepared.controlplane
         self.state = node_state.parent / f"{node_state.name}-cluster"
         self.pki = self.state / "pki"
-        self.logs = self.state / "logs"
+        self.log_dir = self.state / "logs"
         self.service_cidr = service_cidr
         self.node = KubeNode(
             prepared,
@@ -124,7 +124,7 @@ class KubeCluster:
         self.node.take_machine_lock(lock_timeout)
         lap("lock")
         self._clean()
-        for folder in (self.pki, self.logs, self.state / "etcd"):
+        for folder in (self.pki, self.log_dir, self.state / "etcd"):
             folder.mkdir(parents=True, exist_ok=True)
         self._make_pki()
         lap("pki")
@@ -197,7 +197,7 @@ class KubeCluster:
                 entry.unlink()
 
     def _launch(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
-        log = (self.logs / f"{name}.log").open("ab")
+        log = (self.log_dir / f"{name}.log").open("ab")
         self._logs.append(log)
         proc = subprocess.Popen(
             args,
@@ -473,7 +473,7 @@ class KubeCluster:
         """The last lines of the components' logs (all without ``names``)."""
         out = []
         for name in names or COMPONENTS:
-            log = self.logs / f"{name}.log"
+            log = self.log_dir / f"{name}.log"
             text = log.read_text(errors="replace").splitlines() if log.exists() else []
             out.append(f"----- last {lines} lines of {log} -----")
             out += text[-lines:]

@@ -80,7 +80,7 @@ def cluster(kube_cluster: KubeCluster, request: pytest.FixtureRequest) -> Iterat
         print(kube_cluster.tails())
         print(kube_cluster.node.tails(80))
     kube_cluster.kubectl(
-        "delete", "deployments,statefulsets,services", "--all", "--cascade=foreground",
+        "delete", "deployments,statefulsets,services", "--cascade=foreground",
         "--field-selector=metadata.name!=kubernetes", "--wait=true", "--timeout=240s",
         timeout=300,
     )  # fmt: skip

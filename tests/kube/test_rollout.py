@@ -45,7 +45,7 @@ def rig(
         raise
     finally:
         kube_cluster.kubectl(
-            "delete", "deployments,pods,services", "--all", "--cascade=foreground",
+            "delete", "deployments,pods,services", "--cascade=foreground",
             "--field-selector=metadata.name!=kubernetes", "--wait=true", "--timeout=240s",
             timeout=300,
         )  # fmt: skip
