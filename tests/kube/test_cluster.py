@@ -75,7 +75,12 @@ def test_a_rollout_restart_replaces_every_pod_and_the_service_follows(
         if e["conditions"].get("ready")
     }
     assert ready == set(before.values())
-    assert all(f"{ip}:{SERVER_PORT}" in cluster.proxy_rules() for ip in before.values())
+    # kube-proxy follows the EndpointSlice (a moment later).
+    cluster.wait_until(
+        "both pods in kube-proxy's rules",
+        lambda: all(f"{ip}:{SERVER_PORT}" in cluster.proxy_rules() for ip in before.values()),
+        30,
+    )
 
     # A pod reaches the Service by its ClusterIP, its own pod included (hairpin), many times
     # so that kube-proxy's random choice lands on each backend.
