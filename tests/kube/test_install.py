@@ -126,45 +126,40 @@ def test_helm_install_and_a_rollout_restart(
 def test_kubectl_apply_k_and_a_rollout_restart(
     cluster: KubeCluster, demo_app_jar: Path, tmp_path: Path, layout: str
 ) -> None:
-    """The example overlay as shipped (its Deployment, Secrets, ConfigMap and the component),
-    in an overlay that only makes it runnable here: images, the demo app, no registry."""
+    """The example as shipped (its Deployment, Secrets, ConfigMap and the component), with the
+    app's Deployment made runnable here (the demo app, one replica) as a user's own file would
+    be, and an overlay for the agent's image and no registry.
+
+    The app's changes go into its file, not into an overlay patch: a strategic-merge patch of
+    the Deployment above the component turns the terminationGracePeriodSeconds its replacement
+    wrote into the string "60" (kustomize 5.7.1 and 5.8.2), which the API server refuses."""
     copied = tmp_path / "kustomize"
     shutil.copytree(KUSTOMIZE, copied)
     example = copied / "example" / "kustomization.yaml"
     example.write_text(example.read_text().replace("- ../native", f"- ../{layout}"))
     repository, tag = agent_image(cluster)
     volume, mount = jar_volume(demo_app_jar)
-    patch = {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": {"name": "orders"},
-        "spec": {
-            "replicas": 1,
-            "minReadySeconds": 1,
-            "template": {
-                "spec": {
-                    "volumes": [volume],
-                    "containers": [
-                        {
-                            "name": "orders",
-                            **demo_app(cluster, demo_app_jar),
-                            "volumeMounts": [mount],
-                        }
-                    ],
-                }
-            },
-        },
-    }
+    app_file = copied / "example" / "deployment.yaml"
+    documents = [d for d in yaml.safe_load_all(app_file.read_text()) if d]
+    for document in documents:
+        if document["kind"] != "Deployment":
+            continue
+        spec = document["spec"]
+        spec["replicas"], spec["minReadySeconds"] = 1, 1
+        pod = spec["template"]["spec"]
+        pod["volumes"].append(volume)
+        app = next(c for c in pod["containers"] if c["name"] == "orders")
+        app.update(demo_app(cluster, demo_app_jar))
+        app["volumeMounts"].append(mount)
+    app_file.write_text(yaml.safe_dump_all(documents))
     overlay = copied / "ci"
     overlay.mkdir()
-    (overlay / "app.yaml").write_text(yaml.safe_dump(patch))
     (overlay / "kustomization.yaml").write_text(
         yaml.safe_dump(
             {
                 "apiVersion": "kustomize.config.k8s.io/v1beta1",
                 "kind": "Kustomization",
                 "resources": ["../example"],
-                "patches": [{"path": "app.yaml"}],
                 "images": [{"name": "prestop-agent", "newName": repository, "newTag": tag}],
                 "configMapGenerator": [
                     {
