@@ -52,10 +52,12 @@ system-deps:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus iproute2 >/dev/null; \
 	else echo "not root: prometheus/iproute2 not installed; tests that need them skip (fail under CI=true)"; fi
 
-## The kubelet tests' node (tests/kube/prepare.sh, root only): Debian's containerd, runc, CNI
-## plugins, buildah and mmdebstrap; kubelet v1.34.2 built from the Go module proxy (needs go, about
-## 5 min and 1.5 GB the first time); the agent image built from docker/Dockerfile on a Debian base.
-## All cached under /var/cache/prestop-agent/kube: a warm machine only hashes files.
+## The kube tests' cluster (tests/kube/prepare.sh, root only): Debian's containerd, runc, CNI
+## plugins, buildah, mmdebstrap, iptables and conntrack; kubelet v1.34.2 built from the Go module
+## proxy (needs go, about 5 min and 1.5 GB the first time), the control plane at the same version
+## and etcd v3.6.16 (about 8 min more, at low CPU priority); the agent image built from
+## docker/Dockerfile on a Debian base. All cached under /var/cache/prestop-agent/kube: a warm
+## machine only hashes files.
 kube-prepare:
 	@if [ "$$(id -u)" = 0 ]; then bash tests/kube/prepare.sh >/dev/null; \
 	else echo "not root: no kubelet node; the kube tests skip (fail under CI=true)"; fi

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from bench.rollout.deployment import STARTUP, TERMINATION, PodEnd, Rollout, classify
 from bench.rollout.report import RunFigures, sleep_search
 
 
@@ -80,3 +81,49 @@ def test_a_sleep_is_held_to_what_it_really_holds_after_the_deletion() -> None:
     assert found.overhead == pytest.approx(0.2)
     assert found.rows[0] == (7.0, 2, 0, 1)
     assert found.shortest == 8.0
+
+
+# --- bench/rollout/deployment.py: failures by caller and side --------------------------------
+
+
+def _rollout(records: dict[str, list[dict[str, object]]]) -> Rollout:
+    old = [PodEnd("demo-app-old", "10.0.0.5", deleted=100.0, gone=112.0)]
+    return Rollout("traffic", 99.0, 130.0, 30, old, ["demo-app-new"], records)  # type: ignore[arg-type]
+
+
+def test_eureka_callers_failures_are_sided_by_the_instance_they_named() -> None:
+    rollout = _rollout(
+        {
+            "busy": [
+                {"t": 101.0, "target": "10.0.0.5:8080", "outcome": "ResourceAccessException"},
+                {"t": 102.0, "target": "10.0.0.9:8080", "outcome": "ResourceAccessException"},
+                {"t": 103.0, "target": "", "outcome": "NoInstance"},
+                {"t": 104.0, "target": "10.0.0.5:8080", "outcome": "200"},
+            ]
+        }
+    )
+    failed = classify(rollout)
+    assert failed["busy"] == {
+        TERMINATION: {"ResourceAccessException": 1},
+        STARTUP: {"ResourceAccessException": 1, "NoInstance": 1},
+    }
+
+
+def test_service_callers_failures_are_sided_by_whether_an_old_pod_was_ending() -> None:
+    rollout = _rollout(
+        {
+            "perconn": [
+                {"t": 99.5, "target": "10.1.0.10:80", "outcome": "ConnectionRefusedError"},
+                {"t": 110.0, "target": "10.1.0.10:80", "outcome": "ConnectionRefusedError"},
+                # Up to 5 s after the old pod is gone still counts as its end (kube-proxy lags).
+                {"t": 116.5, "target": "10.1.0.10:80", "outcome": "TimeoutError"},
+                {"t": 118.0, "target": "10.1.0.10:80", "outcome": "TimeoutError"},
+            ]
+        }
+    )
+    failed = classify(rollout)
+    assert failed["perconn"] == {
+        TERMINATION: {"ConnectionRefusedError": 1, "TimeoutError": 1},
+        STARTUP: {"ConnectionRefusedError": 1, "TimeoutError": 1},
+    }
+    assert rollout.failures("perconn", TERMINATION) == 2

@@ -8,6 +8,12 @@ It sends ``GET path`` round-robin over that list at ``--rate`` requests per seco
 fresh connection closed after the answer, no retries, and writes one JSON line per request to
 ``--record``: ``{"t": epoch seconds at send, "ms": duration, "target": "ip:port",
 "outcome": "200" or the exception class}``.
+
+With ``--service URL`` instead of ``--eureka`` it is a caller through a Kubernetes Service, as a
+gateway or another team's service is: every request goes to the Service's ClusterIP (kube-proxy
+picks the pod), ``target`` is the Service's address. ``--keep-alive`` makes it a pooled client:
+each sender thread keeps its HTTP/1.1 connection open across requests and opens a new one only
+after the old one failed or was closed (no retries), as a pooled HTTP client does.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import json
 import sys
 import threading
 import time
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TextIO
@@ -51,6 +58,10 @@ class Caller:
         self.balanced: list[str] = []
         self.turn = 0
         self.lock = threading.Lock()
+        self.pooled = threading.local()
+        if args.service:
+            url = urllib.parse.urlsplit(args.service)
+            self.registry = self.balanced = [f"{url.hostname}:{url.port or 80}"]
 
     def refresh_forever(self) -> None:
         next_fetch = next_cache = time.monotonic()
@@ -75,6 +86,8 @@ class Caller:
             self.turn += 1
         if not target:
             outcome = "NoInstance"
+        elif self.args.keep_alive:
+            outcome = self.call_pooled(target)
         else:
             host, port = target.rsplit(":", 1)
             connection = http.client.HTTPConnection(
@@ -102,8 +115,35 @@ class Caller:
             self.record.write(json.dumps(line) + "\n")
             self.record.flush()
 
+    def call_pooled(self, target: str) -> str:
+        """One request on this thread's kept-alive connection (opened when it has none)."""
+        connection: http.client.HTTPConnection | None = getattr(self.pooled, "connection", None)
+        try:
+            if connection is None:
+                host, port = target.rsplit(":", 1)
+                connection = http.client.HTTPConnection(
+                    host, int(port), timeout=self.args.connect_timeout
+                )
+                connection.connect()
+                assert connection.sock is not None
+                connection.sock.settimeout(self.args.read_timeout)
+                self.pooled.connection = connection
+            connection.request("GET", self.args.path)
+            response = connection.getresponse()
+            response.read()
+            if response.will_close:
+                connection.close()
+                self.pooled.connection = None
+            return str(response.status)
+        except (OSError, http.client.HTTPException) as err:
+            if connection is not None:
+                connection.close()
+            self.pooled.connection = None
+            return type(err).__name__
+
     def run(self) -> None:
-        threading.Thread(target=self.refresh_forever, daemon=True).start()
+        if not self.args.service:
+            threading.Thread(target=self.refresh_forever, daemon=True).start()
         period = 1.0 / self.args.rate
         tick = time.monotonic()
         with ThreadPoolExecutor(max_workers=16) as senders:
@@ -115,7 +155,10 @@ class Caller:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--eureka", required=True, help="Eureka base URL, ending in /eureka/")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--eureka", help="Eureka base URL, ending in /eureka/")
+    source.add_argument("--service", help="a Service's URL (http://CLUSTER-IP:PORT): no Eureka")
+    parser.add_argument("--keep-alive", action="store_true", help="pooled kept-alive connections")
     parser.add_argument("--app", default="DEMO-APP")
     parser.add_argument("--path", default="/hello")
     parser.add_argument("--rate", type=float, default=25.0, help="requests per second")

@@ -1,4 +1,5 @@
-"""The ``kube_node`` fixture: one real kubelet node for the session (see tests/kube/node.py)."""
+"""The kube fixtures: one real cluster for the session (tests/kube/cluster.py), whose node
+(tests/kube/node.py) also runs the tests' static pods."""
 
 from __future__ import annotations
 
@@ -8,38 +9,50 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.kube.cluster import KubeCluster
 from tests.kube.node import KubeNode, NodeError, prepare
 from tests.support import skip_or_fail
 
 
 @pytest.fixture(scope="session")
-def kube_node() -> Iterator[KubeNode]:
-    """containerd and a standalone kubelet, images imported, torn down after the session.
+def kube_cluster() -> Iterator[KubeCluster]:
+    """etcd, the API server, the controller-manager, the scheduler, containerd and a kubelet
+    registered as a Node, kube-proxy; torn down after the session.
 
     Skips without root (fails under CI=true). The first use on a machine installs Debian's
-    packages and builds the kubelet and the images (cached: later sessions only start them)."""
+    packages and builds the kubelet, the control plane and the images (cached: later sessions
+    only start them). Set-up and teardown times are printed."""
     if os.geteuid() != 0:
-        skip_or_fail("the kubelet tests need root")
+        skip_or_fail("the kube tests need root")
     started = time.monotonic()
     try:
         prepared = prepare()
     except NodeError as err:
         pytest.fail(str(err))
-    node = KubeNode(prepared)
+    cluster = KubeCluster(prepared)
     try:
-        node.start()
+        cluster.start()
     except NodeError:
-        print(node.tails())
-        node.stop()
+        print(cluster.tails())
+        print(cluster.node.tails())
+        cluster.stop()
         raise
     print(
-        f"\nkube node: prepare {prepared.seconds:.1f} s, start {node.setup_seconds:.1f} s,"
+        f"\nkube cluster: prepare {prepared.seconds:.1f} s, start {cluster.setup_seconds},"
         f" set-up {time.monotonic() - started:.1f} s"
     )
     try:
-        yield node
+        yield cluster
     finally:
-        node.stop()
+        cluster.stop()
+        print(f"\nkube cluster: teardown {cluster.teardown_seconds:.1f} s")
+
+
+@pytest.fixture(scope="session")
+def kube_node(kube_cluster: KubeCluster) -> KubeNode:
+    """The cluster's node: static pods (manifest files) run there as under a standalone
+    kubelet, with mirror pods in the API."""
+    return kube_cluster.node
 
 
 @pytest.fixture
@@ -54,3 +67,20 @@ def kube(kube_node: KubeNode, request: pytest.FixtureRequest) -> Iterator[KubeNo
     left = [m.stem for m in set(kube_node.manifests.glob("*.yaml")) - before]
     if left:
         kube_node.delete(*left)
+
+
+@pytest.fixture
+def cluster(kube_cluster: KubeCluster, request: pytest.FixtureRequest) -> Iterator[KubeCluster]:
+    """The session's cluster; after a failed test, the components' log tails are printed. The
+    Deployments, StatefulSets and Services the test left in ``default`` are deleted, with
+    their pods (static pods are the ``kube`` fixture's)."""
+    failed_before = request.session.testsfailed
+    yield kube_cluster
+    if request.session.testsfailed > failed_before:
+        print(kube_cluster.tails())
+        print(kube_cluster.node.tails(80))
+    kube_cluster.kubectl(
+        "delete", "deployments,statefulsets,services", "--cascade=foreground",
+        "--field-selector=metadata.name!=kubernetes", "--wait=true", "--timeout=240s",
+        timeout=300,
+    )  # fmt: skip

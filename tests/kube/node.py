@@ -78,6 +78,8 @@ class Prepared:
     """docker-archive tars of those images, imported into containerd at start-up."""
     seconds: float
     """How long the preparation took, seconds (a warm machine: hashing only)."""
+    controlplane: Path | None = None
+    """The folder of etcd, kube-apiserver, ... and kubectl (tests/kube/cluster.py)."""
 
 
 def prepare(timeout: float = 1800.0) -> Prepared:
@@ -101,6 +103,7 @@ def prepare(timeout: float = 1800.0) -> Prepared:
         java_image=values["JAVA_IMAGE"],
         archives=tuple(Path(p) for p in values["IMAGE_ARCHIVES"].split()),
         seconds=time.monotonic() - started,
+        controlplane=Path(values["CONTROLPLANE"]) if "CONTROLPLANE" in values else None,
     )
 
 
@@ -341,14 +344,32 @@ def _runtime_ids(state: Path) -> set[str]:
 # ------------------------------------------------------------------------------------ node
 
 
+@dataclass(frozen=True)
+class ApiAccess:
+    """What a kubelet registered with an API server needs (tests/kube/cluster.py makes it)."""
+
+    kubeconfig: Path
+    """Its kubeconfig: the API server and a client certificate for ``system:node:NODE``."""
+    client_ca: Path
+    """The CA whose client certificates (the API server's) the kubelet's port accepts."""
+    service_cidr: str
+    """The Services' ClusterIP range: the pods route it through the node (kube-proxy)."""
+
+
 class KubeNode:
     """containerd + a standalone kubelet running static pods; see the module docstring."""
 
     def __init__(
-        self, prepared: Prepared, state: Path = DEFAULT_STATE, subnet: str = DEFAULT_SUBNET
+        self,
+        prepared: Prepared,
+        state: Path = DEFAULT_STATE,
+        subnet: str = DEFAULT_SUBNET,
+        api: ApiAccess | None = None,
     ) -> None:
         self.prepared = prepared
         self.state = state
+        self.api = api
+        """None: a standalone kubelet; otherwise it registers as a Node with that API server."""
         self.subnet = ipaddress.ip_network(subnet)
         self.host_ip = str(next(self.subnet.hosts()))
         """The node's own address on the pod bridge (pods reach the host only there)."""
@@ -372,7 +393,8 @@ class KubeNode:
         """Bring the node up (clearing what an earlier run left); waits up to ``lock_timeout``
         seconds while another session on this machine runs its node."""
         started = time.monotonic()
-        self._take_machine_lock(lock_timeout)
+        if self._lock is None:  # a cluster takes it before its control plane starts
+            self._take_machine_lock(lock_timeout)
         clean_host(self.state, str(self.subnet))
         for folder in (self.manifests, self.pod_logs, self.state / "cni", self.state / "logs",
                        self.registry_hosts):  # fmt: skip
@@ -384,6 +406,10 @@ class KubeNode:
         self._start_kubelet()
         self.setup_seconds = time.monotonic() - started
         return self
+
+    def take_machine_lock(self, timeout: float) -> None:
+        """The machine lock ``start`` takes, for a caller that starts more before the node."""
+        self._take_machine_lock(timeout)
 
     def _take_machine_lock(self, timeout: float) -> None:
         """One node per state folder on the machine: a second one would clean the first one's
@@ -402,9 +428,10 @@ class KubeNode:
                     raise NodeError(f"another session runs a node in {self.state}") from None
                 time.sleep(1)
 
-    def stop(self) -> None:
+    def stop(self, keep_lock: bool = False) -> None:
         """Delete every pod (the kubelet runs its termination), stop the kubelet and containerd
-        by PID, then remove what the node created."""
+        by PID, then remove what the node created. ``keep_lock``: the machine lock stays held
+        (a cluster stops its control plane next, then calls ``release_lock``)."""
         if self._lock is None:
             return  # never started: the state folder may be another session's
         left = [manifest.stem for manifest in self.manifests.glob("*.yaml")]
@@ -422,8 +449,13 @@ class KubeNode:
         self._kubelet = self._containerd = None
         # The logs stay (until the next start) for whoever looks into a failure.
         clean_host(self.state, str(self.subnet), keep_logs=True)
+        if not keep_lock:
+            self.release_lock()
+
+    def release_lock(self) -> None:
+        """Release the machine lock (another session may start its node)."""
         if self._lock is not None:
-            self._lock.close()  # releases the machine lock
+            self._lock.close()
             self._lock = None
 
     def _make_bridge(self) -> None:
@@ -447,6 +479,11 @@ class KubeNode:
                         "type": "host-local",
                         "ranges": [[{"subnet": str(self.subnet), "gateway": self.host_ip}]],
                         "dataDir": str(self.state / "cni-ipam"),
+                        # ClusterIPs only, through the node where kube-proxy's rules are: still
+                        # no default route, so pods reach nothing beyond this host.
+                        "routes": (
+                            [{"dst": self.api.service_cidr, "gw": self.host_ip}] if self.api else []
+                        ),
                     },
                 }
             ],
@@ -536,6 +573,19 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             "imageGCHighThresholdPercent": 100,
             "imageGCLowThresholdPercent": 99,
         }
+        flags = []
+        if self.api is not None:
+            # The API server reaches the kubelet (logs, exec) at the Node's address, which must
+            # not be loopback: the bridge's. Only the API server's client certificates get in.
+            config |= {
+                "address": self.host_ip,
+                "authentication": {
+                    "anonymous": {"enabled": False},
+                    "webhook": {"enabled": False},
+                    "x509": {"clientCAFile": str(self.api.client_ca)},
+                },
+            }
+            flags = [f"--kubeconfig={self.api.kubeconfig}", f"--node-ip={self.host_ip}"]
         (state / "kubelet.yaml").write_text(yaml.safe_dump(config))
         with self.kubelet_log.open("ab") as log:
             self._kubelet = subprocess.Popen(
@@ -547,6 +597,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
                     f"--volume-plugin-dir={state}/volume-plugins",
                     f"--hostname-override={NODE_NAME}",
                     "--v=4",
+                    *flags,
                 ],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -556,7 +607,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         self.wait_until("the kubelet answers /pods", lambda: self._get("/pods") is not None, 60)
 
     def _get(self, path: str) -> Any:
-        url = f"http://127.0.0.1:{self.read_only_port}{path}"
+        address = self.host_ip if self.api is not None else "127.0.0.1"
+        url = f"http://{address}:{self.read_only_port}{path}"
         try:
             with _OPENER.open(url, timeout=2) as response:
                 return json.load(response)

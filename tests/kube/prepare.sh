@@ -2,6 +2,9 @@
 # Everything the kubelet tests need on this machine, built once and cached (run as root):
 #   - Debian's containerd, runc, CNI plugins, buildah, mmdebstrap (apt, when missing);
 #   - kubelet $KUBELET_VERSION from the Go module proxy, cached by version;
+#   - the control plane at the kubelet's version (kube-apiserver, kube-controller-manager,
+#     kube-scheduler, kube-proxy, kubectl) and etcd $ETCD_VERSION, cached by both versions
+#     (tests/kube/cluster.py starts them; build-controlplane.sh, ~8 min at low CPU priority);
 #   - image archives (docker-archive tars, imported into containerd by tests/kube/node.py):
 #       base   Debian bookworm + python3 (mmdebstrap), keyed on its package list;
 #       agent  docker/Dockerfile built with buildah FROM base, keyed on base + the files it copies;
@@ -11,6 +14,7 @@
 # warm machine only hashes files. Nothing here goes into the repository.
 set -euo pipefail
 KUBELET_VERSION=${KUBELET_VERSION:-v1.34.2}
+ETCD_VERSION=${ETCD_VERSION:-v3.6.16}
 CACHE=${PRESTOP_KUBE_CACHE:-/var/cache/prestop-agent/kube}
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 HERE="$ROOT/tests/kube"
@@ -32,7 +36,8 @@ flock 9
 # --- Debian packages ------------------------------------------------------------------------
 need=()
 for tool in containerd:containerd runc:runc ctr:containerd /usr/lib/cni/bridge:containernetworking-plugins \
-            buildah:buildah mmdebstrap:mmdebstrap ip:iproute2; do
+            buildah:buildah mmdebstrap:mmdebstrap ip:iproute2 openssl:openssl \
+            iptables-save:iptables conntrack:conntrack; do
     command -v "${tool%%:*}" >/dev/null 2>&1 || need+=("${tool#*:}")
 done
 if [ ${#need[@]} -gt 0 ]; then
@@ -51,6 +56,18 @@ if [ ! -x "$kubelet" ]; then
     started=$SECONDS
     "$HERE/build-kubelet.sh" "$KUBELET_VERSION" "$kubelet"
     log "kubelet $KUBELET_VERSION built in $((SECONDS - started)) s"
+fi
+
+# --- control plane (the cluster's; same version as the kubelet) ------------------------------
+controlplane="$CACHE/controlplane/$KUBELET_VERSION-etcd-$ETCD_VERSION"
+if [ ! -x "$controlplane/kube-apiserver" ]; then
+    command -v go >/dev/null || { echo "go is needed to build the control plane" >&2; exit 2; }
+    mkdir -p "$CACHE/controlplane"
+    started=$SECONDS
+    # Its own lock too: a build started by hand (e.g. while writing a test) is waited for.
+    flock "$CACHE/.controlplane.lock" bash -c '[ -x "$1/kube-apiserver" ] || nice -n 19 "$2" "$3" "$4" "$1"' \
+        _ "$controlplane" "$HERE/build-controlplane.sh" "$KUBELET_VERSION" "$ETCD_VERSION"
+    log "control plane $KUBELET_VERSION, etcd $ETCD_VERSION ready in $((SECONDS - started)) s"
 fi
 
 # --- images ---------------------------------------------------------------------------------
@@ -134,6 +151,7 @@ if [ ! -f "$java_tar" ]; then
 fi
 
 echo "KUBELET=$kubelet"
+echo "CONTROLPLANE=$controlplane"
 echo "PAUSE_IMAGE=$PAUSE_NAME"
 echo "AGENT_IMAGE=$AGENT_NAME"
 echo "JAVA_IMAGE=$JAVA_NAME"

@@ -1,0 +1,433 @@
+"""Rollouts as users run them: ``kubectl rollout restart`` of a Deployment on the real cluster of
+``tests/kube/cluster.py``; the Deployment controller, the EndpointSlice controller and
+kube-proxy do the rest, nothing is imitated.
+
+On the cluster: Eureka (the fixture server, a Deployment behind the ``eureka`` Service; every
+client's ``defaultZone`` is that Service's ClusterIP), the demo app as the Deployment
+``demo-app`` (replicas set up for one scenario of ``rig.scenarios``, ``maxSurge: 1``,
+``maxUnavailable: 0``, ``minReadySeconds`` the chart's, scaled like the other timings) behind
+the Service ``demo-app``, and the callers, each a pod:
+
+- ``busy``, ``slow``: the demo app in caller mode (Spring Cloud LoadBalancer over Eureka);
+- ``fresh``: ``caller.py`` over Eureka's REST API, a new connection per request;
+- ``pooled``: ``caller.py --service --keep-alive``, kept-alive connections to the ClusterIP;
+- ``perconn``: ``caller.py --service``, a new connection to the ClusterIP per request.
+
+``DeploymentRig.rollout()`` restarts the Deployment and watches, several times a second, the
+pods, the EndpointSlices, kube-proxy's rules on the node (``iptables-save``) and Eureka's
+client-facing view, then reads the callers' records and the kubelet's log: ``Rollout``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.rollout.rig import (
+    BUSY_RATE,
+    CONNECT_TIMEOUT,
+    FRESH_RATE,
+    OK,
+    READ_TIMEOUT,
+    SCALED,
+    SLOW_RATE,
+    RecordFile,
+    Scenario,
+    SpringRecords,
+    Timings,
+    eureka_pod,
+    eureka_view,
+    fresh_caller_pod,
+    replica_pod,
+    spring_caller_pod,
+)
+from tests.kube.cluster import KubeCluster
+from tests.kube.node import kubelet_events
+from tests.kube.pods import APP_PORT, EUREKA_PORT
+
+EUREKA_CALLERS = ("busy", "slow", "fresh")
+SERVICE_CALLERS = ("pooled", "perconn")
+DEPLOYMENT = "demo-app"
+START_TIMEOUT = 420.0  # several JVMs starting at once on a loaded 2-core machine
+# The chart's minReadySeconds (production); scaled timings divide it by 10 like the others.
+MIN_READY_SECONDS = 30
+TERMINATION = "termination"
+STARTUP = "start-up"
+
+
+def _metadata(name: str, labels: dict[str, str] | None = None) -> dict[str, Any]:
+    return {"name": name, "labels": labels or {"app": name}}
+
+
+def deployment(name: str, pod: dict[str, Any], replicas: int, min_ready: int = 0) -> dict[str, Any]:
+    """A Deployment of ``pod``'s spec (a pod manifest from tests/kube/pods.py or rig.py)."""
+    labels = {"app": name}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _metadata(name),
+        "spec": {
+            "replicas": replicas,
+            "minReadySeconds": min_ready,
+            "selector": {"matchLabels": labels},
+            "strategy": {
+                "type": "RollingUpdate",
+                "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+            },
+            "template": {"metadata": {"labels": labels}, "spec": pod["spec"]},
+        },
+    }
+
+
+def service(name: str, port: int, target: int) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(name),
+        "spec": {"selector": {"app": name}, "ports": [{"port": port, "targetPort": target}]},
+    }
+
+
+def bare_pod(name: str, pod: dict[str, Any]) -> dict[str, Any]:
+    """``pod`` as an API object named ``name`` (a caller: one pod, never rolled)."""
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": _metadata(name), "spec": pod["spec"]}
+
+
+def service_caller_pod(
+    cluster: KubeCluster, name: str, url: str, records: Path, keep_alive: bool
+) -> dict[str, Any]:
+    """``caller.py --service URL``: pooled (``keep_alive``) or a connection per request."""
+    pod = fresh_caller_pod(cluster.node, name, SCALED, "unused", records)
+    command = pod["spec"]["containers"][0]["command"]
+    command[:] = [
+        "python3",
+        "/rollout/caller.py",
+        f"--service={url}",
+        *(["--keep-alive"] if keep_alive else []),
+        f"--rate={FRESH_RATE:g}",
+        f"--record={records / name}.jsonl",
+        f"--connect-timeout={CONNECT_TIMEOUT:g}",
+        f"--read-timeout={READ_TIMEOUT:g}",
+    ]
+    return pod
+
+
+@dataclass
+class PodEnd:
+    """One old replica's end, epoch seconds (None: not seen)."""
+
+    name: str
+    ip: str
+    deleted: float | None = None
+    """First seen with a deletionTimestamp (the Deployment controller scaled it down)."""
+    hook_started: float | None = None
+    hook_answered: float | None = None
+    """The kubelet's log: the preStop hook's start and end (held = answered - started)."""
+    down_visible: float | None = None
+    """Eureka's client-facing view first stopped listing it UP."""
+    endpoint_not_ready: float | None = None
+    """Its EndpointSlice endpoint first not ready (terminating) or gone."""
+    endpoint_removed: float | None = None
+    proxy_dropped: float | None = None
+    """Its address first absent from kube-proxy's rules on the node."""
+    gone: float | None = None
+    """The pod object first absent from the API (the kubelet finished its termination)."""
+    last_sent: float | None = None
+    last_served: float | None = None
+    """The last request an Eureka caller sent to it, and the last one it answered 200."""
+
+
+@dataclass
+class Rollout:
+    """What one ``kubectl rollout restart`` measured."""
+
+    scenario: str
+    restarted: float
+    complete: float
+    """``kubectl rollout status`` returned (epoch seconds)."""
+    grace: int
+    old: list[PodEnd]
+    new: list[str]
+    records: dict[str, list[dict[str, Any]]]
+
+    @property
+    def failed(self) -> dict[str, dict[str, dict[str, int]]]:
+        """caller -> side (``termination``, ``start-up``) -> failure kind -> count."""
+        return classify(self)
+
+    @property
+    def sent(self) -> dict[str, int]:
+        return {caller: len(records) for caller, records in self.records.items()}
+
+    def failures(self, caller: str, side: str) -> int:
+        return sum(self.failed.get(caller, {}).get(side, {}).values())
+
+
+class Watcher:
+    """Polls pods, EndpointSlices, kube-proxy's rules and Eureka's view every ``period`` s in a
+    thread, recording the first moment each old pod's state changed."""
+
+    def __init__(self, rig: DeploymentRig, old: dict[str, PodEnd], period: float = 0.25) -> None:
+        self.rig = rig
+        self.old = old
+        self.period = period
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.errors = 0
+
+    def _run(self) -> None:
+        cluster = self.rig.cluster
+        while not self._stop.is_set():
+            try:
+                self._poll(cluster)
+            except Exception:  # a slow API answer is one missed sample, not a failed rollout
+                self.errors += 1
+            self._stop.wait(self.period)
+
+    def _poll(self, cluster: KubeCluster) -> None:
+        now = time.time()
+        pods = cluster.api_get(f"/api/v1/namespaces/default/pods?labelSelector=app%3D{DEPLOYMENT}")
+        present = {p["metadata"]["name"]: p for p in pods["items"]}
+        slices = cluster.api_get(
+            "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices"
+            f"?labelSelector=kubernetes.io%2Fservice-name%3D{DEPLOYMENT}"
+        )
+        endpoints = {
+            address: bool(e.get("conditions", {}).get("ready"))
+            for s in slices["items"]
+            for e in s.get("endpoints") or []
+            for address in e.get("addresses", [])
+        }
+        rules = cluster.proxy_rules()
+        view = eureka_view(self.rig.eureka_host_url)
+        for end in self.old.values():
+            pod = present.get(end.name)
+            if end.deleted is None and pod and pod["metadata"].get("deletionTimestamp"):
+                end.deleted = now
+            if end.gone is None and pod is None:
+                end.gone = now
+            if end.endpoint_not_ready is None and not endpoints.get(end.ip, False):
+                end.endpoint_not_ready = now
+            if end.endpoint_removed is None and end.ip not in endpoints:
+                end.endpoint_removed = now
+            if end.proxy_dropped is None and f"{end.ip}:{APP_PORT}" not in rules:
+                end.proxy_dropped = now
+            if end.down_visible is None and view and view.get(f"{end.ip}:{APP_PORT}") != "UP":
+                end.down_visible = now
+
+    def __enter__(self) -> Watcher:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+class DeploymentRig:
+    """Eureka, the app's Deployment and Service, the callers; see the module docstring."""
+
+    def __init__(
+        self,
+        cluster: KubeCluster,
+        eureka_jar: Path,
+        demo_jar: Path,
+        records: Path,
+        timings: Timings = SCALED,
+        callers: tuple[str, ...] = ("busy", *SERVICE_CALLERS),
+    ) -> None:
+        self.cluster = cluster
+        self.eureka_jar = eureka_jar
+        self.demo_jar = demo_jar
+        self.records = records
+        self.timings = timings
+        self.callers = callers
+        self.eureka_url = ""
+        """What the pods use: the eureka Service's ClusterIP."""
+        self.eureka_host_url = ""
+        """What this process polls: the Eureka pod's own address (no Service in between)."""
+        self.scenario: Scenario | None = None
+        self._files: dict[str, RecordFile | SpringRecords] = {}
+
+    @property
+    def min_ready(self) -> int:
+        return MIN_READY_SECONDS // 10 if self.timings == SCALED else MIN_READY_SECONDS
+
+    def start_eureka(self) -> None:
+        cluster = self.cluster
+        self.records.mkdir(parents=True, exist_ok=True)
+        for old in self.records.glob("*.jsonl"):
+            old.unlink()
+        pod = eureka_pod(cluster.node, self.eureka_jar, self.timings)
+        cluster.apply(deployment("eureka", pod, 1), service("eureka", EUREKA_PORT, EUREKA_PORT))
+        cluster.wait_rollout("eureka", START_TIMEOUT)
+        cluster_ip = cluster.get("service", "eureka")["spec"]["clusterIP"]
+        self.eureka_url = f"http://{cluster_ip}:{EUREKA_PORT}/eureka/"
+        pod_ip = cluster.pods("-l=app=eureka")[0]["status"]["podIP"]
+        self.eureka_host_url = f"http://{pod_ip}:{EUREKA_PORT}/eureka/"
+
+    def deploy(self, scenario: Scenario, replicas: int = 3) -> None:
+        """The app's Deployment set up for ``scenario`` (replacing any other), its Service; wait
+        until the rollout is complete and Eureka lists every replica UP."""
+        cluster = self.cluster
+        pod = replica_pod(cluster.node, "x", self.demo_jar, scenario, self.timings, self.eureka_url)
+        if self.scenario is not None and self.scenario.native != scenario.native:
+            # A layout change is a new template; deleting first keeps the measured rollout pure.
+            cluster.delete("deployment", DEPLOYMENT)
+            self.wait_until("the old replicas gone", lambda: not self._app_pods(), 300)
+        cluster.apply(
+            deployment(DEPLOYMENT, pod, replicas, self.min_ready),
+            service(DEPLOYMENT, 80, APP_PORT),
+        )
+        self.scenario = scenario
+        cluster.wait_rollout(DEPLOYMENT, START_TIMEOUT)
+        self._wait_listed(replicas)
+
+    def _app_pods(self) -> list[dict[str, Any]]:
+        return cluster_pods(self.cluster, DEPLOYMENT)
+
+    def _wait_listed(self, replicas: int) -> None:
+        def listed() -> bool:
+            ips = {p["status"].get("podIP") for p in self._app_pods() if _live(p)}
+            view = eureka_view(self.eureka_host_url)
+            return len(ips) == replicas and all(view.get(f"{ip}:{APP_PORT}") == "UP" for ip in ips)
+
+        self.wait_until("every replica UP in Eureka's view", listed, START_TIMEOUT)
+
+    def start_callers(self) -> None:
+        cluster = self.cluster
+        service_ip = cluster.get("service", DEPLOYMENT)["spec"]["clusterIP"]
+        rates = {"busy": BUSY_RATE, "slow": SLOW_RATE}
+        for caller in self.callers:
+            if caller in ("busy", "slow"):
+                pod = spring_caller_pod(
+                    cluster.node, caller, self.demo_jar, rates[caller], self.timings,
+                    self.eureka_url,
+                )  # fmt: skip
+                self._files[caller] = SpringRecords(cluster.node, caller)
+                # The records are read from the pod's address in the API, not the kubelet's.
+                self._files[caller].node = _ApiPodIps(cluster)  # type: ignore[assignment]
+            elif caller == "fresh":
+                pod = fresh_caller_pod(
+                    cluster.node, caller, self.timings, self.eureka_url, self.records
+                )
+                self._files[caller] = RecordFile(self.records / f"{caller}.jsonl")
+            else:
+                pod = service_caller_pod(
+                    cluster, caller, f"http://{service_ip}:80/hello", self.records,
+                    keep_alive=caller == "pooled",
+                )  # fmt: skip
+                self._files[caller] = RecordFile(self.records / f"{caller}.jsonl")
+            cluster.apply(bare_pod(caller, pod))
+        for caller in self.callers:
+            self.wait_until(
+                f"{caller} sends", lambda c=caller: bool(self._files[c].read()), START_TIMEOUT
+            )
+
+    def wait_until(self, what: str, check: Callable[[], bool], timeout: float) -> float:
+        return self.cluster.wait_until(what, check, timeout)
+
+    def rollout(self, settle: float = 10.0) -> Rollout:
+        """``kubectl rollout restart`` of the app; watched until ``settle`` s after the last
+        old pod is gone."""
+        assert self.scenario is not None, "deploy() first"
+        cluster = self.cluster
+        old = {
+            p["metadata"]["name"]: PodEnd(p["metadata"]["name"], p["status"]["podIP"])
+            for p in self._app_pods()
+            if _live(p)
+        }
+        window_start = time.time() - 2.0
+        with Watcher(self, old):
+            time.sleep(1.0)  # a first sample before the trigger
+            restarted = cluster.rollout_restart(DEPLOYMENT)
+            cluster.wait_rollout(DEPLOYMENT, 3 * START_TIMEOUT)
+            complete = time.time()
+            self.wait_until(
+                "every old pod gone",
+                lambda: all(end.gone for end in old.values()),
+                self.timings.grace + 60,
+            )
+            last_gone = max(end.gone or 0 for end in old.values())
+            time.sleep(max(0.0, last_gone + settle - time.time()))
+        window_end = time.time()
+        new = [p["metadata"]["name"] for p in self._app_pods() if _live(p)]
+        records = {
+            caller: [r for r in self._files[caller].read(window_start) if r["t"] <= window_end]
+            for caller in self.callers
+        }
+        kubelet_log = cluster.node.kubelet_log.read_text(errors="replace")
+        for end in old.values():
+            events = kubelet_events(kubelet_log, end.name)
+            started = [e.at for e in events if e.what == "hook_started"]
+            answered = [e.at for e in events if e.what in ("hook_completed", "hook_failed")]
+            end.hook_started = min(started) if started else None
+            end.hook_answered = min(answered) if answered else None
+            target = f"{end.ip}:{APP_PORT}"
+            to_it = [r for c in EUREKA_CALLERS for r in records.get(c, []) if r["target"] == target]
+            end.last_sent = max((r["t"] for r in to_it), default=None)
+            end.last_served = max((r["t"] for r in to_it if r["outcome"] == OK), default=None)
+        return Rollout(
+            scenario=self.scenario.key,
+            restarted=restarted,
+            complete=complete,
+            grace=self.timings.grace,
+            old=list(old.values()),
+            new=new,
+            records=records,
+        )
+
+
+def classify(rollout: Rollout) -> dict[str, dict[str, dict[str, int]]]:
+    """Failed requests per caller, side and kind.
+
+    Eureka callers name the instance they sent to: a failure against an old pod is on the
+    termination side; one against a new pod, or with no instance to send to, on the start-up
+    side. Service callers only know the ClusterIP; kube-proxy sends new connections only to
+    ready endpoints (a new pod is one only once Ready), so their failures are counted on the
+    termination side while an old pod is between its deletion and ``settle`` after its end,
+    and on the start-up side otherwise."""
+    old_targets = {f"{end.ip}:{APP_PORT}" for end in rollout.old}
+    ending = [
+        (end.deleted or rollout.restarted, (end.gone or rollout.complete) + 5.0)
+        for end in rollout.old
+    ]
+    failed: dict[str, dict[str, dict[str, int]]] = {}
+    for caller, records in rollout.records.items():
+        sides: dict[str, dict[str, int]] = {TERMINATION: {}, STARTUP: {}}
+        for record in records:
+            if record["outcome"] == OK:
+                continue
+            if caller in SERVICE_CALLERS:
+                terminating = any(start <= record["t"] <= end for start, end in ending)
+                side = TERMINATION if terminating else STARTUP
+            else:
+                side = TERMINATION if record["target"] in old_targets else STARTUP
+            kinds = sides[side]
+            kinds[record["outcome"]] = kinds.get(record["outcome"], 0) + 1
+        failed[caller] = sides
+    return failed
+
+
+class _ApiPodIps:
+    """What ``SpringRecords`` asks its node for (``pod_ip``), answered from the API."""
+
+    def __init__(self, cluster: KubeCluster) -> None:
+        self.cluster = cluster
+
+    def pod_ip(self, name: str) -> str:
+        pod = self.cluster.get("pod", name, check=False) or {}
+        return str(pod.get("status", {}).get("podIP", ""))
+
+
+def _live(pod: dict[str, Any]) -> bool:
+    return not pod["metadata"].get("deletionTimestamp") and bool(pod["status"].get("podIP"))
+
+
+def cluster_pods(cluster: KubeCluster, app: str) -> list[dict[str, Any]]:
+    found = cluster.api_get(f"/api/v1/namespaces/default/pods?labelSelector=app%3D{app}")
+    return list(found["items"])
