@@ -605,23 +605,27 @@ def cached_eureka_server(eureka_jar: Path, java_log_dir: Path) -> Iterator[Eurek
         server.stop()
 
 
-@pytest.fixture(scope="module")
-def _eureka_peer_pair(eureka_jar: Path, java_log_dir: Path) -> Iterator[tuple[EurekaServer, ...]]:
-    # Distinct loopback addresses: Eureka drops a peer URL whose host is its own hostname.
+def replicating_pair(
+    eureka_jar: Path, java_log_dir: Path, name: str
+) -> tuple[EurekaServer, EurekaServer]:
+    """Two Eureka servers (not started) that name each other as peers, ``{name}-a`` on
+    127.0.0.1 and ``{name}-b`` on 127.0.0.2: distinct loopback addresses, since Eureka drops a
+    peer URL whose host is its own hostname."""
     hosts = ("127.0.0.1", "127.0.0.2")
     ports = [free_port(host) for host in hosts]
     urls = [f"http://{host}:{port}/eureka/" for host, port in zip(hosts, ports, strict=True)]
-    servers = tuple(
+    first, second = (
         EurekaServer(
-            eureka_jar,
-            java_log_dir,
-            f"eureka-peer-{'ab'[i]}",
-            hosts[i],
-            ports[i],
-            peers=[urls[1 - i]],
+            eureka_jar, java_log_dir, f"{name}-{'ab'[i]}", hosts[i], ports[i], peers=[urls[1 - i]]
         )
         for i in range(2)
     )
+    return first, second
+
+
+@pytest.fixture(scope="module")
+def _eureka_peer_pair(eureka_jar: Path, java_log_dir: Path) -> Iterator[tuple[EurekaServer, ...]]:
+    servers = replicating_pair(eureka_jar, java_log_dir, "eureka-peer")
     try:
         for server in servers:
             server.app.start()  # both JVMs boot at once

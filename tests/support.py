@@ -64,8 +64,9 @@ class AgentProcess:
         }
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> float:
-        """Start the process; return the monotonic time it was started at."""
+    def start(self, preexec_fn: Callable[[], object] | None = None) -> float:
+        """Start the process (``preexec_fn`` runs in the child first: resource limits);
+        return the monotonic time it was started at."""
         log = self.log_path.open("wb")
         started = time.monotonic()
         self.proc = subprocess.Popen(
@@ -73,6 +74,7 @@ class AgentProcess:
             env=self._env,
             stdout=log,
             stderr=subprocess.STDOUT,
+            preexec_fn=preexec_fn,
         )
         log.close()
         return started

@@ -25,8 +25,8 @@ from typing import Any
 
 import pytest
 
-from tests.javaapps import DemoApp, EurekaServer, StartDemoApp, http_get
-from tests.support import AgentProcess, free_port, wait_for
+from tests.javaapps import DemoApp, EurekaServer, StartDemoApp, http_get, replicating_pair
+from tests.support import AgentProcess, wait_for
 from tests.tcpproxy import SpreadingProxy
 from tests.test_registry_eureka import prestop
 
@@ -39,21 +39,7 @@ pytestmark = [pytest.mark.java, pytest.mark.usefixtures("need_java", "jvm_logs_o
 
 @pytest.fixture(scope="module")
 def _mixed_peers(eureka_jar: Path, java_log_dir: Path) -> Iterator[tuple[EurekaServer, ...]]:
-    hosts = ("127.0.0.1", "127.0.0.2")
-    ports = [free_port(host) for host in hosts]
-    urls = [f"http://{host}:{port}/eureka/" for host, port in zip(hosts, ports, strict=True)]
-    servers = tuple(
-        EurekaServer(
-            eureka_jar,
-            java_log_dir,
-            f"eureka-floor-{'ab'[i]}",
-            hosts[i],
-            ports[i],
-            peers=[urls[1 - i]],
-        )
-        for i in range(2)
-    )
-    prompt, cached = servers
+    servers = prompt, cached = replicating_pair(eureka_jar, java_log_dir, "eureka-floor")
     prompt.app.args += ["--eureka.server.use-read-only-response-cache=false"]
     cached.app.args += [
         "--eureka.server.use-read-only-response-cache=true",

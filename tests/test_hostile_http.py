@@ -17,8 +17,6 @@ import resource
 import signal
 import socket
 import statistics
-import subprocess
-import sys
 import time
 
 import pytest
@@ -218,14 +216,7 @@ def _start_with_few_descriptors(agent: AgentProcess, limit: int) -> None:
     def few_descriptors() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))  # hard too: no raising it
 
-    with agent.log_path.open("wb") as log:
-        agent.proc = subprocess.Popen(
-            [sys.executable, "-m", "agent.cli"],
-            env=agent._env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            preexec_fn=few_descriptors,
-        )
+    agent.start(preexec_fn=few_descriptors)
 
 
 async def test_descriptor_exhaustion_is_summarised_not_flooded(new_agent) -> None:

@@ -517,14 +517,7 @@ def _start_unable_to_start_threads(agent: AgentProcess) -> None:
         resource.setrlimit(resource.RLIMIT_STACK, (8 << 30, 8 << 30))
         resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
 
-    with agent.log_path.open("wb") as log:
-        agent.proc = subprocess.Popen(
-            [sys.executable, "-m", "agent.cli"],
-            env=agent._env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            preexec_fn=no_room_for_threads,
-        )
+    agent.start(preexec_fn=no_room_for_threads)
 
 
 async def test_no_thread_can_start_and_the_termination_still_ends_cleanly(new_agent) -> None:
