@@ -70,7 +70,9 @@ def restart_replaces_every_pod(cluster: KubeCluster, deployment: str) -> float:
         )
         assert all(s.get("ready") for s in statuses if s["name"] in ("app", "orders")), statuses
     for name, log in agent_logs.items():
-        assert hook_answers(log) == [200], f"{name}'s agent:\n{log}"
+        # At least once: the kubelet may call a hook again, and each call gets the answer.
+        answers = hook_answers(log)
+        assert answers and set(answers) == {200}, f"{name}'s agent:\n{log}"
     return took
 
 
