@@ -58,11 +58,7 @@ def restart_replaces_every_pod(cluster: KubeCluster, deployment: str) -> float:
         took = cluster.wait_rollout(deployment, 2 * START_TIMEOUT)
     finally:
         agent_logs = {name: _until_exit(follower) for name, follower in followed.items()}
-    after = {
-        p["metadata"]["name"]
-        for p in cluster.pods(label)
-        if not p["metadata"].get("deletionTimestamp")
-    }
+    after = {p["metadata"]["name"] for p in live_pods(cluster, label)}
     assert before and after and not before & after, (before, after)
     for pod in cluster.pods(label):
         statuses = pod["status"].get("containerStatuses", []) + pod["status"].get(
@@ -74,6 +70,11 @@ def restart_replaces_every_pod(cluster: KubeCluster, deployment: str) -> float:
         answers = hook_answers(log)
         assert answers and set(answers) == {200}, f"{name}'s agent:\n{log}"
     return took
+
+
+def live_pods(cluster: KubeCluster, label: str) -> list[dict[str, Any]]:
+    """The selected pods that are not terminating (a previous test's may still be)."""
+    return [p for p in cluster.pods(label) if not p["metadata"].get("deletionTimestamp")]
 
 
 # The old pods' agents exit a few seconds after the rollout is complete (the app's shutdown,
@@ -249,7 +250,7 @@ def test_kubectl_apply_k_and_a_rollout_restart(
     try:
         cluster.apply(kustomization=overlay)
         cluster.wait_rollout("orders", START_TIMEOUT)
-        (running,) = cluster.pods("-l=app=orders")
+        (running,) = live_pods(cluster, "-l=app=orders")
         report = cluster.exec(
             running["metadata"]["name"], "prestop-agent", "check", "--config-only",
             f"--registry={shipped['PRESTOP_REGISTRY']}",

@@ -27,6 +27,7 @@ from tests.kube.test_install import (
     UNUSED_EUREKA_URL,
     assert_no_floor_warning,
     helm_app_pod,
+    live_pods,
 )
 from tests.test_k8s import _environment, _is_hook, _secrets_from_outside, _tool
 from tests.test_release import (
@@ -136,7 +137,7 @@ def test_helm_install_from_oci_with_default_values_then_helm_test(
     )  # fmt: skip
     try:
         assert installed.returncode == 0, installed.stderr + cluster.kubectl("get", "pods")
-        (pod,) = cluster.pods(f"{release},prestop-agent/sidecar=true")
+        (pod,) = live_pods(cluster, f"{release},prestop-agent/sidecar=true")
         name = pod["metadata"]["name"]
         pulled = [
             e["message"]
