@@ -51,7 +51,7 @@ def restart_replaces_every_pod(cluster: KubeCluster, deployment: str) -> float:
     cluster.wait_rollout(deployment, START_TIMEOUT)
     selector = cluster.get("deployment", deployment)["spec"]["selector"]["matchLabels"]
     label = "-l=" + ",".join(f"{k}={v}" for k, v in selector.items())
-    before = {p["metadata"]["name"] for p in cluster.pods(label)}
+    before = {p["metadata"]["name"] for p in live_pods(cluster, label)}
     followed = {name: cluster.follow_logs(name, "prestop-agent") for name in before}
     try:
         cluster.rollout_restart(deployment)
