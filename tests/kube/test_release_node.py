@@ -144,6 +144,10 @@ def test_helm_install_from_oci_with_default_values_then_helm_test(
             for e in cluster.events(f"--field-selector=involvedObject.name={name}")
             if e["reason"] == "Pulled" and image in e["message"]
         ]
+        # The kubelet's CRI pull of a reference the node did not have, resolved through the
+        # registry's hosts.toml. Its layers are content-addressed and already in containerd's
+        # store (the pre-imported image the other tests run has the same ones): from the
+        # registry come the manifest and the config, as for a user whose node cached the base.
         assert pulled and "already present" not in pulled[0], pulled
         agent_log = cluster.logs(name, "prestop-agent")
         assert '"agent_started"' in agent_log, agent_log
