@@ -16,8 +16,8 @@ the control plane users run over it.
 
 Its API (``kubectl`` underneath, as a user types it): ``apply``, ``delete``,
 ``rollout_restart``, ``wait_rollout``, ``get``, ``pods``, ``events``, ``endpoint_slices``,
-``logs``, ``exec``. ``stop()`` stops everything by PID, removes kube-proxy's rules
-(``kube-proxy --cleanup``), restores forwarding and removes the files by exact path.
+``logs``, ``follow_logs``, ``exec``. ``stop()`` stops everything by PID, removes kube-proxy's
+rules (``kube-proxy --cleanup``), restores forwarding and removes the files by exact path.
 """
 
 from __future__ import annotations
@@ -577,6 +577,16 @@ class KubeCluster:
         """``kubectl logs`` (through the API server and the kubelet)."""
         args = ["logs", pod] + ([f"-c={container}"] if container else [])
         return self.kubectl(*args, *(["--previous"] if previous else []))
+
+    def follow_logs(self, pod: str, container: str) -> subprocess.Popen[str]:
+        """``kubectl logs --follow``, started: the container's whole log up to its exit (the
+        stream ends then), also after the pod has gone, which ``logs`` cannot read any more.
+        The caller waits for it (or kills it)."""
+        return subprocess.Popen(
+            [str(self.bin / "kubectl"), f"--kubeconfig={self.kubeconfig}", "logs", "--follow",
+             pod, f"-c={container}"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
 
     def exec(self, pod: str, *command: str, container: str = "", timeout: float = 60) -> str:
         """``kubectl exec POD -- COMMAND``; its standard output."""

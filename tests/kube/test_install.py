@@ -6,6 +6,8 @@ what they rendered completes with every pod replaced."""
 from __future__ import annotations
 
 import json
+import re
+import secrets
 import shutil
 import subprocess
 from pathlib import Path
@@ -43,25 +45,96 @@ def demo_app(cluster: KubeCluster, jar: Path) -> dict[str, Any]:
 
 
 def restart_replaces_every_pod(cluster: KubeCluster, deployment: str) -> float:
-    """Roll the Deployment out again; returns how long the rollout took."""
+    """Roll the Deployment out again; returns how long the rollout took. Every old pod's
+    preStop hook, as the kubelet called it, was answered 200 by its agent (the agent's access
+    log, followed until the container exited: the pod is gone by the time anyone could ask)."""
     cluster.wait_rollout(deployment, START_TIMEOUT)
     selector = cluster.get("deployment", deployment)["spec"]["selector"]["matchLabels"]
     label = "-l=" + ",".join(f"{k}={v}" for k, v in selector.items())
-    before = {p["metadata"]["name"] for p in cluster.pods(label)}
-    cluster.rollout_restart(deployment)
-    took = cluster.wait_rollout(deployment, 2 * START_TIMEOUT)
-    after = {
-        p["metadata"]["name"]
-        for p in cluster.pods(label)
-        if not p["metadata"].get("deletionTimestamp")
-    }
+    before = {p["metadata"]["name"] for p in live_pods(cluster, label)}
+    followed = {name: cluster.follow_logs(name, "prestop-agent") for name in before}
+    try:
+        cluster.rollout_restart(deployment)
+        took = cluster.wait_rollout(deployment, 2 * START_TIMEOUT)
+    finally:
+        agent_logs = {name: _until_exit(follower) for name, follower in followed.items()}
+    after = {p["metadata"]["name"] for p in live_pods(cluster, label)}
     assert before and after and not before & after, (before, after)
     for pod in cluster.pods(label):
         statuses = pod["status"].get("containerStatuses", []) + pod["status"].get(
             "initContainerStatuses", []
         )
         assert all(s.get("ready") for s in statuses if s["name"] in ("app", "orders")), statuses
+    for name, log in agent_logs.items():
+        # At least once: the kubelet may call a hook again, and each call gets the answer.
+        answers = hook_answers(log)
+        assert answers and set(answers) == {200}, f"{name}'s agent:\n{log}"
     return took
+
+
+def live_pods(cluster: KubeCluster, label: str) -> list[dict[str, Any]]:
+    """The selected pods that are not terminating (a previous test's may still be)."""
+    return [p for p in cluster.pods(label) if not p["metadata"].get("deletionTimestamp")]
+
+
+# The old pods' agents exit a few seconds after the rollout is complete (the app's shutdown,
+# then the agent's own SIGTERM); a slow machine gets plenty more.
+AGENT_EXIT_TIMEOUT = 120.0
+
+
+def _until_exit(follower: subprocess.Popen[str]) -> str:
+    """What ``kubectl logs --follow`` printed until the container exited (or the timeout)."""
+    try:
+        out, err = follower.communicate(timeout=AGENT_EXIT_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        follower.kill()
+        out, err = follower.communicate()
+    return out + err
+
+
+def hook_answers(agent_log: str) -> list[int]:
+    """The statuses the agent answered the kubelet's preStop hook calls with (its JSON access
+    log; the kubelet's hook client says ``kube-lifecycle/VERSION``). A refused token is a 401
+    here, which the kubelet itself would not report."""
+    statuses = []
+    for line in agent_log.splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if (
+            isinstance(event, dict)
+            and event.get("event") == "http_request"
+            and event.get("path") == "/prestop"
+            and str(event.get("user_agent", "")).startswith("kube-lifecycle/")
+        ):
+            statuses.append(event["status"])
+    return statuses
+
+
+def helm_app_pod(cluster: KubeCluster, jar: Path) -> dict[str, Any]:
+    """The chart's ``deployment.pod`` for the demo app: the example pod's security context and
+    writable /tmp, with the demo app's image, command and jar."""
+    volume, mount = jar_volume(jar)
+    return {
+        "automountServiceAccountToken": False,
+        "containers": [
+            {
+                "name": "app",
+                **demo_app(cluster, jar),
+                "ports": [{"name": "http", "containerPort": APP_PORT}],
+                "securityContext": {
+                    "runAsNonRoot": True,
+                    "runAsUser": 10002,
+                    "allowPrivilegeEscalation": False,
+                    "readOnlyRootFilesystem": True,
+                    "capabilities": {"drop": ["ALL"]},
+                },
+                "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}, mount],
+            }
+        ],
+        "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": "128Mi"}}, volume],
+    }
 
 
 @pytest.mark.parametrize("layout", ["native", "classic"])
@@ -69,7 +142,6 @@ def test_helm_install_and_a_rollout_restart(
     cluster: KubeCluster, demo_app_jar: Path, layout: str
 ) -> None:
     repository, tag = agent_image(cluster)
-    volume, mount = jar_volume(demo_app_jar)
     values = {
         "layout": layout,
         "image": {"repository": repository, "tag": tag, "pullPolicy": "Never"},
@@ -79,25 +151,7 @@ def test_helm_install_and_a_rollout_restart(
         "deployment": {
             "replicas": 1,
             "minReadySeconds": 1,
-            "pod": {
-                "automountServiceAccountToken": False,
-                "containers": [
-                    {
-                        "name": "app",
-                        **demo_app(cluster, demo_app_jar),
-                        "ports": [{"name": "http", "containerPort": APP_PORT}],
-                        "securityContext": {
-                            "runAsNonRoot": True,
-                            "runAsUser": 10002,
-                            "allowPrivilegeEscalation": False,
-                            "readOnlyRootFilesystem": True,
-                            "capabilities": {"drop": ["ALL"]},
-                        },
-                        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}, mount],
-                    }
-                ],
-                "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": "128Mi"}}, volume],
-            },
+            "pod": helm_app_pod(cluster, demo_app_jar),
         },
     }
     helm = [_tool("helm"), f"--kubeconfig={cluster.kubeconfig}"]
@@ -126,17 +180,32 @@ def test_helm_install_and_a_rollout_restart(
 def test_kubectl_apply_k_and_a_rollout_restart(
     cluster: KubeCluster, demo_app_jar: Path, tmp_path: Path, layout: str
 ) -> None:
-    """The example as shipped (its Deployment, Secrets, ConfigMap and the component), with the
-    app's Deployment made runnable here (the demo app, one replica) as a user's own file would
-    be, and an overlay for the agent's image and no registry.
+    """The example as shipped (its Deployment, ConfigMaps and the component), with the app's
+    Deployment made runnable here (the demo app, one replica) as a user's own file would be,
+    the Secrets created out of band with kubectl before the apply (secrets.yaml dropped from
+    ``resources:``, as the example says) and the hook's token set to the Secret's, and an
+    overlay for the agent's image and no registry.
+
+    ``prestop-agent check`` in the running agent container, with the example's own registry
+    and QUIET put back by flags, reports no floor warning; in the rollout restart, every old
+    pod's hook is answered 200 by an agent that holds the Secret's token.
 
     The app's changes go into its file, not into an overlay patch: a strategic-merge patch of
     the Deployment above the component turns the terminationGracePeriodSeconds its replacement
     wrote into the string "60" (kustomize 5.7.1 and 5.8.2), which the API server refuses."""
     copied = tmp_path / "kustomize"
     shutil.copytree(KUSTOMIZE, copied)
-    example = copied / "example" / "kustomization.yaml"
-    example.write_text(example.read_text().replace("- ../native", f"- ../{layout}"))
+    example_file = copied / "example" / "kustomization.yaml"
+    example = yaml.safe_load(example_file.read_text())
+    example["components"] = [f"../{layout}"]
+    example["resources"].remove("secrets.yaml")
+    # The user's own token in the user's own kustomization (the component copies it into the
+    # hook's header there: an overlay above could not change it any more).
+    token = secrets.token_urlsafe(24)
+    generators = {g["name"]: g for g in example["configMapGenerator"]}
+    generators["prestop-agent-hook"]["literals"] = [f"token={token}"]
+    example_file.write_text(yaml.safe_dump(example))
+    shipped = dict(item.split("=", 1) for item in generators["prestop-agent"]["literals"])
     repository, tag = agent_image(cluster)
     volume, mount = jar_volume(demo_app_jar)
     app_file = copied / "example" / "deployment.yaml"
@@ -166,14 +235,47 @@ def test_kubectl_apply_k_and_a_rollout_restart(
                         "name": "prestop-agent",
                         "behavior": "merge",
                         "literals": ["PRESTOP_REGISTRY=none", "PRESTOP_DRAIN_QUIET_SECONDS=1"],
-                    }
+                    },
                 ],
             }
         )
     )
-    cluster.apply(kustomization=overlay)
+    out_of_band = {
+        "prestop-agent-token": f"--from-literal=token={token}",
+        # Only for check's registry eureka below: no Eureka server is asked (--config-only).
+        "eureka-credentials": f"--from-literal=service-urls={UNUSED_EUREKA_URL}",
+    }
+    for name, literal in out_of_band.items():
+        cluster.kubectl("create", "secret", "generic", name, literal)
     try:
+        cluster.apply(kustomization=overlay)
+        cluster.wait_rollout("orders", START_TIMEOUT)
+        (running,) = live_pods(cluster, "-l=app=orders")
+        report = cluster.exec(
+            running["metadata"]["name"], "prestop-agent", "check", "--config-only",
+            f"--registry={shipped['PRESTOP_REGISTRY']}",
+            f"--drain-quiet-seconds={shipped['PRESTOP_DRAIN_QUIET_SECONDS']}",
+            container="prestop-agent",
+        )  # fmt: skip
+        assert_no_floor_warning(report)
+        assert re.search(r"^ *PRESTOP_TOKEN += \*\*\*$", report, re.MULTILINE), report
         took = restart_replaces_every_pod(cluster, "orders")
-        print(f"\nkustomize {layout}: rollout restart complete in {took:.1f} s")
+        print(
+            f"\nkustomize {layout}: check in the pod without a floor warning; rollout restart"
+            f" complete in {took:.1f} s, every hook answered 200 with the Secret's token"
+        )
     finally:
         cluster.kubectl("delete", "-k", str(overlay), "--wait=true", timeout=300)
+        cluster.kubectl("delete", "secret", *out_of_band, "--ignore-not-found")
+
+
+# The Eureka service URLs a user's Secret would hold, for a check that does not ask them.
+UNUSED_EUREKA_URL = "http://127.0.0.1:8761/eureka/"
+
+
+def assert_no_floor_warning(report: str) -> None:
+    """``prestop-agent check`` validated the settings and printed the floor part by part, with
+    no warning that it can outlast the drain maximum."""
+    assert "configuration is valid" in report, report
+    assert "Propagation floor, by stage" in report, report
+    assert "WARNING" not in report, report
