@@ -60,7 +60,7 @@ def restart_replaces_every_pod(cluster: KubeCluster, deployment: str) -> float:
         agent_logs = {name: _until_exit(follower) for name, follower in followed.items()}
     after = {p["metadata"]["name"] for p in live_pods(cluster, label)}
     assert before and after and not before & after, (before, after)
-    for pod in cluster.pods(label):
+    for pod in live_pods(cluster, label):  # the old ones, terminating, are not ready by design
         statuses = pod["status"].get("containerStatuses", []) + pod["status"].get(
             "initContainerStatuses", []
         )
