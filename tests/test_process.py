@@ -71,7 +71,9 @@ async def test_classic_sidecar_sigterm_and_50_concurrent_hooks(new_agent) -> Non
         # 50 hook calls spread over the first 100 ms, as a kubelet retrying or several
         # containers' hooks would arrive.
         answers = await asyncio.gather(*(_hook(session, agent.url, i * 0.002) for i in range(50)))
-        assert await ready_503 - trigger <= 0.05
+        # At once: well inside a probe period, with room for this test's own 50 hooks and a
+        # loaded 2-core machine (0.13 s seen in a full suite run; about 0.01 s when idle).
+        assert await ready_503 - trigger <= 0.25
     status, exited = await exit_waiter
 
     for code, answered, body in answers:
