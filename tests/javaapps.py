@@ -625,10 +625,16 @@ def replicating_pair(
 
 @pytest.fixture(scope="module")
 def _eureka_peer_pair(eureka_jar: Path, java_log_dir: Path) -> Iterator[tuple[EurekaServer, ...]]:
-    servers = replicating_pair(eureka_jar, java_log_dir, "eureka-peer")
+    with running(replicating_pair(eureka_jar, java_log_dir, "eureka-peer")) as servers:
+        yield servers
+
+
+@contextlib.contextmanager
+def running(servers: tuple[EurekaServer, ...]) -> Iterator[tuple[EurekaServer, ...]]:
+    """Start the servers' JVMs together, wait until each answers, stop them all at the end."""
     try:
         for server in servers:
-            server.app.start()  # both JVMs boot at once
+            server.app.start()  # the JVMs boot at once
         for server in servers:
             server.startup_seconds = server.app.wait_ready(f"{server.url}apps")
         yield servers

@@ -25,7 +25,14 @@ from typing import Any
 
 import pytest
 
-from tests.javaapps import DemoApp, EurekaServer, StartDemoApp, http_get, replicating_pair
+from tests.javaapps import (
+    DemoApp,
+    EurekaServer,
+    StartDemoApp,
+    http_get,
+    replicating_pair,
+    running,
+)
 from tests.support import AgentProcess, wait_for
 from tests.tcpproxy import SpreadingProxy
 from tests.test_registry_eureka import prestop
@@ -45,15 +52,8 @@ def _mixed_peers(eureka_jar: Path, java_log_dir: Path) -> Iterator[tuple[EurekaS
         "--eureka.server.use-read-only-response-cache=true",
         f"--eureka.server.response-cache-update-interval-ms={int(CACHE_SECONDS * 1000)}",
     ]
-    try:
-        for server in servers:
-            server.app.start()
-        for server in servers:
-            server.startup_seconds = server.app.wait_ready(f"{server.url}apps")
+    with running(servers):
         yield servers
-    finally:
-        for server in servers:
-            server.stop()
 
 
 @pytest.fixture
