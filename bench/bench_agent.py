@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.support import free_port  # the repo root, put on the path above
+from tests.harness.support import free_port  # the repo root, put on the path above
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 

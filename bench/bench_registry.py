@@ -25,8 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.javaapps import EurekaServer, build, http_get, http_request
-from tests.support import AgentProcess, free_port
+from tests.harness.javaapps import EurekaServer, build, http_get, http_request
+from tests.harness.support import AgentProcess, free_port
 
 APP = "BENCH-APP"
 IP = "127.0.0.1"

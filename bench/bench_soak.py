@@ -33,7 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.bench_agent import start_agent  # the repo root, put on the path above
-from tests.support import free_port
+from tests.harness.support import free_port
 
 TOKEN = "soak-token"
 WRONG_TOKEN = {"X-Prestop-Token": "wrong"}

@@ -12,9 +12,9 @@ import pytest
 import pytest_asyncio
 import structlog
 
-from tests.support import AgentProcess, skip_or_fail
+from tests.harness.support import AgentProcess, skip_or_fail
 
-pytest_plugins = ["pytester", "tests.javaapps"]
+pytest_plugins = ["pytester", "tests.harness.javaapps"]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

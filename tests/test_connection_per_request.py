@@ -1,7 +1,7 @@
 """Callers that open a connection per request: the drain must see them, however short each
 connection is, at a low and at a high rate, whichever side closes first.
 
-Each case runs tests/per_request_drain.py in a network namespace of its own (the pod's, in
+Each case runs tests/harness/per_request_drain.py in a network namespace of its own (the pod's, in
 production): the real agent process, a real aiohttp app and a real caller on its loopback.
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import skip_or_fail
+from tests.harness.support import skip_or_fail
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -27,7 +27,7 @@ def _in_own_netns(close: str, rate: float) -> dict[str, object]:
     unshare = ["unshare", "-n"] if os.geteuid() == 0 else ["unshare", "-r", "-n"]
     script = (
         "ip link set lo up && exec "
-        f"{sys.executable} -m tests.per_request_drain --close {close} --rate {rate:g}"
+        f"{sys.executable} -m tests.harness.per_request_drain --close {close} --rate {rate:g}"
     )
     run = subprocess.run(
         [*unshare, "sh", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=90

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import skip_or_fail
+from tests.harness.support import skip_or_fail
 
 pytestmark = pytest.mark.root
 

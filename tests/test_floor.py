@@ -25,7 +25,7 @@ from agent.drain.traffic import traffic_drain
 from agent.lifecycle import Lifecycle, Propagation, Trigger
 from agent.main import Agent
 from agent.metrics import Metrics
-from tests.support import AgentProcess, free_port
+from tests.harness.support import AgentProcess, free_port
 from tests.test_traffic import sample, verdict
 
 

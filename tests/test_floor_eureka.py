@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from tests.javaapps import (
+from tests.harness.javaapps import (
     DemoApp,
     EurekaServer,
     StartDemoApp,
@@ -33,8 +33,8 @@ from tests.javaapps import (
     replicating_pair,
     running,
 )
-from tests.support import AgentProcess, wait_for
-from tests.tcpproxy import SpreadingProxy
+from tests.harness.support import AgentProcess, wait_for
+from tests.harness.tcpproxy import SpreadingProxy
 from tests.test_registry_eureka import prestop
 
 CACHE_SECONDS = 3.0  # the cached peer's response-cache-update-interval

@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 
 from agent import floorplan
-from tests.javaapps import EurekaServer, StartDemoApp, eureka_set_status
-from tests.support import free_port, wait_for
+from tests.harness.javaapps import EurekaServer, StartDemoApp, eureka_set_status
+from tests.harness.support import free_port, wait_for
 from tests.test_spring_caller import _records
 
 TARGET_SECONDS = 9.0

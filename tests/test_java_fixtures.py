@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.javaapps import (
+from tests.harness.javaapps import (
     DemoApp,
     EurekaServer,
     StartDemoApp,
@@ -18,7 +18,7 @@ from tests.javaapps import (
     http_get,
     http_request,
 )
-from tests.support import wait_for
+from tests.harness.support import wait_for
 
 pytestmark = [pytest.mark.java, pytest.mark.usefixtures("jvm_logs_on_failure")]
 

@@ -29,7 +29,7 @@ import yaml
 
 from agent import __version__
 from agent.config import VARIABLES, load
-from tests.support import skip_or_fail
+from tests.harness.support import skip_or_fail
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "k8s"

@@ -13,7 +13,7 @@ from agent.config import load
 from agent.drain import sockdiag
 from agent.main import Agent
 from agent.metrics import Metrics
-from tests.support import free_port
+from tests.harness.support import free_port
 
 
 async def test_without_proc_net_tcp_the_wait_after_the_drain_ends_at_the_grace_budget(

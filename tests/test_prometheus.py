@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import AgentProcess, PrometheusServer, skip_or_fail
+from tests.harness.support import AgentProcess, PrometheusServer, skip_or_fail
 
 
 @pytest.fixture

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from tests.javaapps import CACHED_EUREKA_UPDATE_SECONDS, DemoApp, EurekaServer, StartDemoApp
-from tests.support import AgentProcess, wait_for
+from tests.harness.javaapps import CACHED_EUREKA_UPDATE_SECONDS, DemoApp, EurekaServer, StartDemoApp
+from tests.harness.support import AgentProcess, wait_for
 from tests.test_registry_eureka import prestop
 
 POLL = 0.2

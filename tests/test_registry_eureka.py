@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from tests.javaapps import (
+from tests.harness.javaapps import (
     DemoApp,
     EurekaServer,
     StartDemoApp,
@@ -32,7 +32,7 @@ from tests.javaapps import (
     http_get,
     http_request,
 )
-from tests.support import AgentProcess, free_port, wait_for
+from tests.harness.support import AgentProcess, free_port, wait_for
 
 java = [pytest.mark.java, pytest.mark.usefixtures("need_java", "jvm_logs_on_failure")]
 # The demo app renews its lease every second (tests/fixtures/demo-app).

@@ -35,7 +35,7 @@ from typing import Any
 import pytest
 
 from agent.config import redact_url
-from tests.support import AgentProcess, free_port
+from tests.harness.support import AgentProcess, free_port
 
 SECRET = "s3cret-pw"
 # The actuator URL carries a query token too; it must never be shown either.
@@ -433,7 +433,7 @@ def test_one_bad_server(outcomes: dict[str, Outcome], backend: str, fault: str) 
 def test_one_of_two_peers_bad(outcomes: dict[str, Outcome], fault: str) -> None:
     case = f"eureka-pair-{fault}"
     if case not in outcomes:
-        from tests.support import skip_or_fail
+        from tests.harness.support import skip_or_fail
 
         skip_or_fail("a real Eureka server (java and mvn) for the good peer")
     outcome = outcomes[case]

@@ -44,7 +44,7 @@ from agent.registry.eureka import EurekaRegistry
 from agent.registry.register import RegisterRegistry
 from agent.registry.view import KEEP_HOT_WARN_AFTER, ClientView
 from agent.server import AppHealth
-from tests.tcpproxy import SpreadingProxy
+from tests.harness.tcpproxy import SpreadingProxy
 
 APP = "DEMO-APP"
 POD_IP = "10.1.2.3"
@@ -189,7 +189,7 @@ def config(urls: list[str], **env: str) -> Any:
 
 
 def dead_url() -> str:
-    from tests.support import free_port
+    from tests.harness.support import free_port
 
     return f"http://127.0.0.1:{free_port()}/eureka/"
 

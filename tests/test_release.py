@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from agent import __version__
-from tests.support import free_port, skip_or_fail
+from tests.harness.support import free_port, skip_or_fail
 from tests.test_k8s import (
     CHART,
     KUBE_VERSION,
@@ -194,7 +194,7 @@ def test_the_image_pushed_with_buildah_is_pulled_by_containerd_and_runs(
     for tool in ("buildah", "containerd", "ctr"):
         if shutil.which(tool) is None:
             skip_or_fail(f"{tool} is not installed (make kube-prepare installs it)")
-    from tests.kube.node import NodeError, prepare
+    from tests.harness.node import NodeError, prepare
 
     try:
         prepared = prepare()

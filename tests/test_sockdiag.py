@@ -30,7 +30,7 @@ from agent.drain.sockdiag import (
     app_is_up,
     open_watcher,
 )
-from tests.support import free_port
+from tests.harness.support import free_port
 
 IPv4 = ipaddress.IPv4Address
 LOCALHOST_V4 = IPv4("127.0.0.1")

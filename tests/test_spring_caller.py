@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from tests.javaapps import (
+from tests.harness.javaapps import (
     CACHED_EUREKA_UPDATE_SECONDS,
     DemoApp,
     EurekaServer,
@@ -30,7 +30,7 @@ from tests.javaapps import (
     http_get,
     http_request,
 )
-from tests.support import AgentProcess, free_port, wait_for
+from tests.harness.support import AgentProcess, free_port, wait_for
 from tests.test_registry_eureka import prestop
 
 CACHE_SECONDS = CACHED_EUREKA_UPDATE_SECONDS

@@ -6,7 +6,7 @@
 The published report is ``make bench-rollout`` with these defaults on a fresh record (``--reset``):
 36 scaled runs and one unscaled, about 30 minutes.
 
-Each invocation starts a node (tests/kube/node.py), runs its replacements and adds their figures
+Each invocation starts a node (tests/harness/node.py), runs its replacements and adds their figures
 to ``bench/results/rollout.json`` (kept out of git), then rewrites ``bench/results/rollout.md``
 and ``bench/results/rollout.png`` from every run recorded there. Root only (the kubelet).
 """
@@ -35,8 +35,8 @@ from bench.rollout.rig import (
     classic_sleep,
     scenarios,
 )
-from tests.javaapps import build
-from tests.kube.node import KubeNode, prepare
+from tests.harness.javaapps import build
+from tests.harness.node import KubeNode, prepare
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "bench" / "results"

@@ -1,5 +1,5 @@
 """Rollouts as users run them: ``kubectl rollout restart`` of a Deployment on the real cluster of
-``tests/kube/cluster.py``; the Deployment controller, the EndpointSlice controller and
+``tests/harness/cluster.py``; the Deployment controller, the EndpointSlice controller and
 kube-proxy do the rest, nothing is imitated.
 
 On the cluster: Eureka (the fixture server, a Deployment behind the ``eureka`` Service; every
@@ -45,9 +45,9 @@ from bench.rollout.rig import (
     replica_pod,
     spring_caller_pod,
 )
-from tests.kube.cluster import KubeCluster
-from tests.kube.node import kubelet_events
-from tests.kube.pods import APP_PORT, EUREKA_PORT
+from tests.harness.cluster import KubeCluster
+from tests.harness.node import kubelet_events
+from tests.harness.pods import APP_PORT, EUREKA_PORT
 
 EUREKA_CALLERS = ("busy", "slow", "fresh")
 SERVICE_CALLERS = ("pooled", "perconn")
@@ -64,7 +64,7 @@ def _metadata(name: str, labels: dict[str, str] | None = None) -> dict[str, Any]
 
 
 def deployment(name: str, pod: dict[str, Any], replicas: int, min_ready: int = 0) -> dict[str, Any]:
-    """A Deployment of ``pod``'s spec (a pod manifest from tests/kube/pods.py or rig.py)."""
+    """A Deployment of ``pod``'s spec (a pod manifest from tests/harness/pods.py or rig.py)."""
     labels = {"app": name}
     return {
         "apiVersion": "apps/v1",

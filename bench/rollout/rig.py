@@ -1,6 +1,6 @@
 """The rolling-replacement rig: pods on a real kubelet node (tests/kube/) and one replacement.
 
-The node is ``tests.kube.node.KubeNode`` (containerd + a standalone kubelet, static pods, no API
+The node is ``tests.harness.node.KubeNode`` (containerd + a standalone kubelet, static pods, no API
 server). On it: a Eureka server pod, replicas of the demo app (``tests/fixtures/demo-app``), each
 set up for the scenario it will be deleted in, and three callers as pods:
 
@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.kube.node import Event, KubeNode
-from tests.kube.pods import (
+from tests.harness.node import Event, KubeNode
+from tests.harness.pods import (
     APP_PORT,
     EUREKA_PORT,
     agent_pod,
@@ -167,7 +167,7 @@ def replica_pod(
     timings: Timings,
     eureka_url: str,
 ) -> dict[str, Any]:
-    """A demo app replica set up for ``scenario`` (tests/kube/pods.py's agent pod, reshaped)."""
+    """A demo app replica set up for ``scenario`` (tests/harness/pods.py's agent pod, reshaped)."""
     agent_env = {
         "PRESTOP_REGISTRY": "eureka",
         "PRESTOP_EUREKA_URLS": eureka_url,

@@ -1,5 +1,5 @@
-"""The kube fixtures: one real cluster for the session (tests/kube/cluster.py), whose node
-(tests/kube/node.py) also runs the tests' static pods."""
+"""The kube fixtures: one real cluster for the session (tests/harness/cluster.py), whose node
+(tests/harness/node.py) also runs the tests' static pods."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.kube.cluster import KubeCluster
-from tests.kube.node import KubeNode, NodeError, prepare
-from tests.support import skip_or_fail
+from tests.harness.cluster import KubeCluster
+from tests.harness.node import KubeNode, NodeError, prepare
+from tests.harness.support import skip_or_fail
 
 
 @pytest.fixture(scope="session")

@@ -4,13 +4,13 @@
 #   - kubelet $KUBELET_VERSION from the Go module proxy, cached by version;
 #   - the control plane at the kubelet's version (kube-apiserver, kube-controller-manager,
 #     kube-scheduler, kube-proxy, kubectl) and etcd $ETCD_VERSION, cached by both versions
-#     (tests/kube/cluster.py starts them; build-controlplane.sh, ~8 min at low CPU priority);
-#   - image archives (docker-archive tars, imported into containerd by tests/kube/node.py):
+#     (tests/harness/cluster.py starts them; build-controlplane.sh, ~8 min at low CPU priority);
+#   - image archives (docker-archive tars, imported into containerd by tests/harness/node.py):
 #       base   Debian bookworm + python3 (mmdebstrap), keyed on its package list;
 #       agent  docker/Dockerfile built with buildah FROM base, keyed on base + the files it copies;
 #       java   Debian bookworm + a headless JRE, keyed on its package list (jars are mounted);
 #       pause  the base with `sleep infinity` as its command (the pod sandbox).
-# Prints KEY=VALUE lines (KUBELET, AGENT_IMAGE, ...) that tests/kube/node.py reads. Idempotent: a
+# Prints KEY=VALUE lines (KUBELET, AGENT_IMAGE, ...) that tests/harness/node.py reads. Idempotent: a
 # warm machine only hashes files. Nothing here goes into the repository.
 set -euo pipefail
 KUBELET_VERSION=${KUBELET_VERSION:-v1.34.2}

@@ -1,4 +1,4 @@
-"""The cluster itself (tests/kube/cluster.py), with throwaway pods: a Deployment rolled out by
+"""The cluster itself (tests/harness/cluster.py), with throwaway pods: a Deployment rolled out by
 the Deployment controller, a Service's EndpointSlice, kube-proxy's rules, pods reaching a
 ClusterIP (their own Service's included: hairpin), and the fixture's kubectl API."""
 
@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from tests.kube.cluster import KubeCluster
-from tests.kube.node import NODE_NAME
+from tests.harness.cluster import KubeCluster
+from tests.harness.node import NODE_NAME
 
 # The session's cluster may first wait for another session's node (up to 600 s).
 pytestmark = [pytest.mark.kube, pytest.mark.timeout(900)]

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.kube.cluster import KubeCluster
-from tests.kube.pods import APP_PORT, demo_app_command, jar_volume
+from tests.harness.cluster import KubeCluster
+from tests.harness.pods import APP_PORT, demo_app_command, jar_volume
 from tests.test_k8s import CHART, KUSTOMIZE, _tool
 
 # A JVM start, an install and a rollout, on a loaded machine: more than the suite's 300 s.

@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.javaapps import eureka_status, http_request
-from tests.kube.node import Event, KubeNode, iter_agent_events
-from tests.kube.pods import (
+from tests.harness.javaapps import eureka_status, http_request
+from tests.harness.node import Event, KubeNode, iter_agent_events
+from tests.harness.pods import (
     AGENT_PORT,
     APP_PORT,
     EUREKA_PORT,

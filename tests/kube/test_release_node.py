@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 
 from agent import __version__
-from tests.kube.cluster import KubeCluster
-from tests.kube.node import KubeNode
+from tests.harness.cluster import KubeCluster
+from tests.harness.node import KubeNode
 from tests.kube.test_install import (
     START_TIMEOUT,
     UNUSED_EUREKA_URL,

@@ -1,6 +1,6 @@
 """The benchmark's claim, in CI, as users run it: ``kubectl rollout restart`` of a 3-replica
 Deployment of the demo app with the agent's traffic drain (classic and native sidecar layouts,
-scaled timings) on the real cluster of tests/kube/cluster.py. The Deployment controller
+scaled timings) on the real cluster of tests/harness/cluster.py. The Deployment controller
 replaces the pods, the EndpointSlice controller and kube-proxy move the Service; a busy Spring
 Cloud caller (Eureka) and two callers through the app's ClusterIP Service (pooled keep-alive,
 a connection per request) send all along. ``make bench-rollout`` runs every scenario."""
@@ -14,7 +14,7 @@ import pytest
 
 from bench.rollout.deployment import TERMINATION, DeploymentRig, Rollout
 from bench.rollout.rig import SCALED, scenarios
-from tests.kube.cluster import KubeCluster
+from tests.harness.cluster import KubeCluster
 
 pytestmark = [pytest.mark.kube, pytest.mark.java]
 # Set-up (Eureka, three replicas, the callers: six JVMs starting on two cores) and a rollout.

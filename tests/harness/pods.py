@@ -8,8 +8,8 @@ import copy
 from pathlib import Path
 from typing import Any
 
-from tests.javaapps import JAVA_OPTS
-from tests.kube.node import Prepared
+from tests.harness.javaapps import JAVA_OPTS
+from tests.harness.node import Prepared
 
 AGENT_PORT = 8099
 APP_PORT = 8080
@@ -19,7 +19,7 @@ Manifest = dict[str, Any]
 
 
 def java_command(jar: Path, *args: str) -> list[str]:
-    """The JVM command for a fixture jar (mounted at its host path), as tests/javaapps runs it."""
+    """The JVM command for a fixture jar (mounted at its host path), as javaapps.py runs it."""
     archive = jar.with_suffix(".jsa")  # ignored by -Xshare:auto when made by another JVM build
     cds = [f"-XX:SharedArchiveFile={archive}"] if archive.is_file() else []
     return ["java", *JAVA_OPTS, *cds, "-jar", str(jar), *args]

@@ -4,7 +4,7 @@ The two Maven projects live in ``tests/fixtures/`` (``eureka-server``, ``demo-ap
 built once (and rebuilt only when ``pom.xml`` or ``src/`` changed) and run as plain JVMs.
 
 Fixtures (import them into a test module, or make the whole suite see them with
-``pytest_plugins = ["tests.javaapps"]`` in the top-level ``tests/conftest.py``):
+``pytest_plugins = ["tests.harness.javaapps"]`` in the top-level ``tests/conftest.py``):
 
 - ``need_java``: skips (fails under ``CI=true``) when ``java`` or ``mvn`` is missing.
 - ``eureka_jar`` / ``demo_app_jar`` (session): the jars to run (``build()``: Maven, then an
@@ -43,7 +43,7 @@ from typing import Any, Protocol
 
 import pytest
 
-from tests.support import free_port, skip_or_fail
+from tests.harness.support import free_port, skip_or_fail
 
 __all__ = [
     "CACHED_EUREKA_UPDATE_SECONDS",
@@ -73,7 +73,7 @@ __all__ = [
     "start_demo_app",
 ]
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 MAX_JVMS = 4
 
 # Fast start-up on 2 cores matters more than peak speed: C1 only, serial GC, a small heap, the

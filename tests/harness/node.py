@@ -39,10 +39,10 @@ from typing import IO, Any
 
 import yaml
 
-from tests.support import free_port
+from tests.harness.support import free_port
 
 ROOT = Path(__file__).resolve().parent.parent.parent
-PREPARE = Path(__file__).resolve().parent / "prepare.sh"
+PREPARE = ROOT / "tests" / "kube" / "prepare.sh"
 DEFAULT_STATE = Path(os.environ.get("PRESTOP_KUBE_STATE", "/var/lib/prestop-agent/kube-node"))
 # A subnet no usual tool picks (Docker 172.17+, kind/flannel 10.244, CNI examples 10.88/10.22).
 DEFAULT_SUBNET = "10.207.88.0/24"
@@ -79,7 +79,7 @@ class Prepared:
     seconds: float
     """How long the preparation took, seconds (a warm machine: hashing only)."""
     controlplane: Path | None = None
-    """The folder of etcd, kube-apiserver, ... and kubectl (tests/kube/cluster.py)."""
+    """The folder of etcd, kube-apiserver, ... and kubectl (tests/harness/cluster.py)."""
 
 
 def prepare(timeout: float = 1800.0) -> Prepared:
@@ -346,7 +346,7 @@ def _runtime_ids(state: Path) -> set[str]:
 
 @dataclass(frozen=True)
 class ApiAccess:
-    """What a kubelet registered with an API server needs (tests/kube/cluster.py makes it)."""
+    """What a kubelet registered with an API server needs (tests/harness/cluster.py makes it)."""
 
     kubeconfig: Path
     """Its kubeconfig: the API server and a client certificate for ``system:node:NODE``."""

@@ -1,4 +1,4 @@
-"""A one-node Kubernetes cluster for tests and benchmarks: the node of tests/kube/node.py with
+"""A one-node Kubernetes cluster for tests and benchmarks: the node of tests/harness/node.py with
 the control plane users run over it.
 
 ``KubeCluster`` starts, under the node's machine lock and with its state beside the node's:
@@ -35,7 +35,7 @@ from typing import IO, Any
 
 import yaml
 
-from tests.kube.node import (
+from tests.harness.node import (
     DEFAULT_STATE,
     DEFAULT_SUBNET,
     NODE_NAME,
@@ -46,7 +46,7 @@ from tests.kube.node import (
     _kill_and_wait,
     _pids_with_cmdline,
 )
-from tests.support import free_port
+from tests.harness.support import free_port
 
 # The Services' range: next to the node's pod subnet, as unusual (Kubernetes' default is
 # 10.96.0.0/12, which a machine's other clusters may use).

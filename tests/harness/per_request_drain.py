@@ -1,7 +1,7 @@
 """One termination with connection-per-request callers, run inside a network namespace of its own.
 
 Started by tests/test_connection_per_request.py as
-``unshare -n sh -c 'ip link set lo up && exec python -m tests.per_request_drain ...'``: the
+``unshare -n sh -c 'ip link set lo up && exec python -m tests.harness.per_request_drain ...'``: the
 namespace is the pod's (the machine's own would count every other process's connections). Runs
 a real aiohttp app, the real agent process and a caller that opens one connection per request,
 triggers /prestop after one second of traffic, keeps calling for ``--after`` seconds, then stops,
