@@ -1,4 +1,5 @@
 # Two commands matter (see README): `make run` and `make test`. Both work on a fresh machine.
+# `make test-unit` is the quick subset for the edit-run loop; CI runs `make test`.
 VENV   := .venv
 PYTHON := $(VENV)/bin/python
 CKSUM  := $(shell cksum pyproject.toml | cut -d' ' -f1)
@@ -7,7 +8,7 @@ CKSUM  := $(shell cksum pyproject.toml | cut -d' ' -f1)
 RUN_STAMP  := $(VENV)/.installed-run-$(CKSUM)
 TEST_STAMP := $(VENV)/.installed-test-$(CKSUM)
 
-.PHONY: run test system-deps k8s-tools kube-prepare lint bench bench-rollout reference
+.PHONY: run test test-unit system-deps k8s-tools kube-prepare lint bench bench-rollout reference
 
 # Kubernetes tools the suite runs on k8s/ (chart, component, manifests). Built or installed once
 # per version into a cache on the machine (never into git), so a fresh machine pays once.
@@ -24,6 +25,7 @@ HELM              := $(TOOLS)/helm-$(HELM_VERSION)/helm
 KUSTOMIZE         := $(TOOLS)/kustomize-$(KUSTOMIZE_VERSION)/kustomize
 CHECKOV           := $(TOOLS)/checkov-$(CHECKOV_VERSION)/bin/checkov
 REGISTRY          := $(TOOLS)/registry-$(REGISTRY_VERSION)/registry
+TOOLS_ENV         := PRESTOP_HELM=$(HELM) PRESTOP_KUSTOMIZE=$(KUSTOMIZE) PRESTOP_CHECKOV=$(CHECKOV)
 
 $(PYTHON):
 	python3 -m venv $(VENV)
@@ -89,7 +91,13 @@ lint: $(TEST_STAMP)
 ## Every test: lint, unit, process, traffic, Prometheus, the real Eureka/Spring Boot ones, the
 ## k8s/ checks, and the agent's pods under a real kubelet (tests/kube/).
 test: $(TEST_STAMP) system-deps k8s-tools kube-prepare lint
-	PRESTOP_HELM=$(HELM) PRESTOP_KUSTOMIZE=$(KUSTOMIZE) PRESTOP_CHECKOV=$(CHECKOV) $(PYTHON) -m pytest
+	$(TOOLS_ENV) $(PYTHON) -m pytest
+
+## The edit-run loop, under a minute: the tests that need no Java, no root, no kubelet and are not
+## marked slow (no agent process, no build). Installs nothing beyond the test venv; the k8s/
+## checks skip until `make k8s-tools` has built their tools. Not a substitute for `make test`.
+test-unit: $(TEST_STAMP)
+	$(TOOLS_ENV) $(PYTHON) -m pytest -q -m "not java and not root and not kube and not slow"
 
 bench: $(TEST_STAMP)
 	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }

@@ -17,10 +17,15 @@ from tests.harness.support import AgentProcess, skip_or_fail
 pytest_plugins = ["pytester", "tests.harness.javaapps"]
 
 
+# Before pytest's own hook deselects by marker (-m), so that the slow mark added here counts.
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if pytest_asyncio.is_async_test(item) and isinstance(item, pytest.Function):
             item.fixturenames.insert(0, "no_pending_tasks")
+        # A real agent process costs its start-up and a drain: no test using one is quick.
+        if "new_agent" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest_asyncio.fixture

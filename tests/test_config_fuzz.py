@@ -17,6 +17,7 @@ import json
 import math
 import string
 
+import pytest
 import yarl
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
@@ -177,6 +178,7 @@ def _usable(config: Config) -> None:
         assert "Time budget" in out.getvalue()
 
 
+@pytest.mark.slow  # FUZZ_EXAMPLES environments: a quarter of a minute
 @settings(
     max_examples=FUZZ_EXAMPLES,
     deadline=None,

@@ -578,6 +578,7 @@ def test_every_app_with_a_read_only_root_gets_a_writable_tmp(
 CUSTOM_RESOURCES = {"monitoring.coreos.com/v1"}  # no schema shipped; promtool checks the rules
 
 
+@pytest.mark.slow
 def test_every_manifest_passes_the_kubernetes_schemas_from_1_29_to_1_34(
     chart_renders: dict[str, list[Object]], kustomize_builds: dict[str, list[Object]]
 ) -> None:
@@ -606,6 +607,7 @@ def _waivers() -> dict[str, str]:
     return yaml.safe_load((K8S / "lint-waivers.yaml").read_text())["checkov"]
 
 
+@pytest.mark.slow
 def test_checkov_finds_nothing_that_is_not_waived_with_a_reason(
     chart_renders: dict[str, list[Object]],
     kustomize_builds: dict[str, list[Object]],

@@ -92,6 +92,7 @@ def test_the_dockerignore_lets_in_only_what_the_image_copies() -> None:
     assert allowed == copied
 
 
+@pytest.mark.slow
 def test_the_dockerfile_steps_build_a_working_command(tmp_path: Path) -> None:
     """The image's two RUN steps, replayed: wheels of the package and its dependencies at the
     pinned versions, then an offline install of exactly those wheels into a fresh environment,

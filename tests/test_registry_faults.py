@@ -320,6 +320,10 @@ def _run_case(case: str, backend: str, urls: list[str], shown: str, log_dir: Pat
     return Outcome(case, status, answer, seconds, peak, agent.log_text(), shown, failure)
 
 
+# Every case runs the agent as a real process against its fault server (about 30 s in all).
+pytestmark = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def outcomes(
     certificate: tuple[Path, Path],
