@@ -17,5 +17,6 @@ One module per real part:
 
 The boundary: ``tests/`` and ``bench/`` import these modules; ``bench/`` imports nothing else
 from ``tests/``, and the harness imports nothing from ``tests/`` outside itself (no test module,
-no ``conftest``). It is not shipped: the wheel holds ``agent`` alone.
+no ``conftest``); tests/test_harness_boundary.py checks both. It is not shipped: the wheel holds
+``agent`` alone.
 """
