@@ -25,8 +25,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from tests.harness.agent_process import AgentProcess
 from tests.harness.javaapps import EurekaServer, build, http_get, http_request
-from tests.harness.support import AgentProcess, free_port
+from tests.harness.support import free_port
 
 APP = "BENCH-APP"
 IP = "127.0.0.1"

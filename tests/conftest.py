@@ -12,7 +12,8 @@ import pytest
 import pytest_asyncio
 import structlog
 
-from tests.harness.support import AgentProcess, skip_or_fail
+from tests.harness.agent_process import AgentProcess
+from tests.harness.support import skip_or_fail
 
 pytest_plugins = ["pytester", "tests.harness.javaapps"]
 

@@ -25,7 +25,8 @@ from agent.drain.traffic import traffic_drain
 from agent.lifecycle import Lifecycle, Propagation, Trigger
 from agent.main import Agent
 from agent.metrics import Metrics
-from tests.harness.support import AgentProcess, free_port
+from tests.harness.agent_process import AgentProcess
+from tests.harness.support import free_port
 from tests.test_traffic import sample, verdict
 
 

@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 
+from tests.harness.agent_process import AgentProcess
 from tests.harness.javaapps import (
     DemoApp,
     EurekaServer,
@@ -33,7 +34,7 @@ from tests.harness.javaapps import (
     replicating_pair,
     running,
 )
-from tests.harness.support import AgentProcess, wait_for
+from tests.harness.support import wait_for
 from tests.harness.tcpproxy import SpreadingProxy
 from tests.test_registry_eureka import prestop
 

@@ -23,7 +23,7 @@ import pytest
 
 from agent.logs import REPEATS_SHOWN
 from agent.main import IDLE_CONNECTION_SECONDS
-from tests.harness.support import AgentProcess
+from tests.harness.agent_process import AgentProcess
 
 IDLE_CONNECTIONS = 2000
 SLOWLORIS = 200

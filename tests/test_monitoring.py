@@ -26,7 +26,9 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from agent.metrics import Metrics
-from tests.harness.support import AgentProcess, PrometheusServer, free_port, skip_or_fail
+from tests.harness.agent_process import AgentProcess
+from tests.harness.prometheus import PrometheusServer
+from tests.harness.support import free_port, skip_or_fail
 
 MONITORING = Path(__file__).resolve().parent.parent / "k8s" / "monitoring"
 RULES = MONITORING / "prometheusrule.yaml"

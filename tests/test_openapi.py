@@ -18,7 +18,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 
-from tests.harness.support import AgentProcess
+from tests.harness.agent_process import AgentProcess
 
 SPEC = Path(__file__).resolve().parent.parent / "docs" / "openapi.yaml"
 MAX_EXAMPLES = 30

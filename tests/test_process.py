@@ -25,7 +25,7 @@ import aiohttp
 import pytest
 
 from agent.main import host_has_ipv6
-from tests.harness.support import AgentProcess
+from tests.harness.agent_process import AgentProcess
 
 DRAIN = 2.0
 

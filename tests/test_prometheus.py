@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness.support import AgentProcess, PrometheusServer, skip_or_fail
+from tests.harness.agent_process import AgentProcess
+from tests.harness.prometheus import PrometheusServer
+from tests.harness.support import skip_or_fail
 
 
 @pytest.fixture

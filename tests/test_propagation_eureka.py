@@ -16,8 +16,9 @@ from typing import Any
 
 import pytest
 
+from tests.harness.agent_process import AgentProcess
 from tests.harness.javaapps import CACHED_EUREKA_UPDATE_SECONDS, DemoApp, EurekaServer, StartDemoApp
-from tests.harness.support import AgentProcess, wait_for
+from tests.harness.support import wait_for
 from tests.test_registry_eureka import prestop
 
 POLL = 0.2

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from tests.harness.agent_process import AgentProcess
 from tests.harness.javaapps import (
     DemoApp,
     EurekaServer,
@@ -32,7 +33,7 @@ from tests.harness.javaapps import (
     http_get,
     http_request,
 )
-from tests.harness.support import AgentProcess, free_port, wait_for
+from tests.harness.support import free_port, wait_for
 
 java = [pytest.mark.java, pytest.mark.usefixtures("need_java", "jvm_logs_on_failure")]
 # The demo app renews its lease every second (tests/fixtures/demo-app).

@@ -35,7 +35,8 @@ from typing import Any
 import pytest
 
 from agent.config import redact_url
-from tests.harness.support import AgentProcess, free_port
+from tests.harness.agent_process import AgentProcess
+from tests.harness.support import free_port
 
 SECRET = "s3cret-pw"
 # The actuator URL carries a query token too; it must never be shown either.

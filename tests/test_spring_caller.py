@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from tests.harness.agent_process import AgentProcess
 from tests.harness.javaapps import (
     CACHED_EUREKA_UPDATE_SECONDS,
     DemoApp,
@@ -30,7 +31,7 @@ from tests.harness.javaapps import (
     http_get,
     http_request,
 )
-from tests.harness.support import AgentProcess, free_port, wait_for
+from tests.harness.support import free_port, wait_for
 from tests.test_registry_eureka import prestop
 
 CACHE_SECONDS = CACHED_EUREKA_UPDATE_SECONDS

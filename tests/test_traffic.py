@@ -17,7 +17,8 @@ from aiohttp import web
 
 from agent.drain.sockdiag import Poll, SocketSample
 from agent.drain.traffic import TrafficVerdict
-from tests.harness.support import AgentProcess, free_port
+from tests.harness.agent_process import AgentProcess
+from tests.harness.support import free_port
 
 POLL = 0.2
 QUIET = 1.5

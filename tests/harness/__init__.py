@@ -2,8 +2,10 @@
 
 One module per real part:
 
-- ``support``: the agent as a child process (``AgentProcess``), a real Prometheus server, and the
-  small helpers every test uses (``free_port``, ``wait_for``, ``skip_or_fail``).
+- ``agent_process``: the agent as a real process (``AgentProcess``).
+- ``prometheus``: a real Prometheus server (``PrometheusServer``).
+- ``support``: the small helpers every part and most tests use (``free_port``, ``wait_for``,
+  ``skip_or_fail``).
 - ``javaapps``: the Eureka server and the Spring Boot demo app, built by Maven from
   ``tests/fixtures/``; also a pytest plugin (its fixtures), loaded suite-wide by
   ``tests/conftest.py``.
