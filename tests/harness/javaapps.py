@@ -39,7 +39,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import pytest
 
@@ -657,42 +657,29 @@ def eureka_peers(
     return _eureka_peer_pair
 
 
-class StartDemoApp(Protocol):
-    def __call__(
-        self,
-        eureka_urls: str | EurekaServer | Sequence[str | EurekaServer],
-        app_name: str = "DEMO-APP",
-        instance_id: str | None = None,
-        port: int | None = None,
-        *,
-        ip: str = "127.0.0.1",
-        bind: str | None = None,
-        extra_args: Sequence[str] = (),
-        wait_registered: bool = True,
-        timeout: float = START_TIMEOUT,
-    ) -> DemoApp: ...
-
-
 def _urls(eureka_urls: str | EurekaServer | Sequence[str | EurekaServer]) -> list[str]:
     items = [eureka_urls] if isinstance(eureka_urls, str | EurekaServer) else list(eureka_urls)
     urls = [item.url if isinstance(item, EurekaServer) else item for item in items]
     return [url if url.endswith("/") else url + "/" for url in urls]
 
 
-@pytest.fixture
-def start_demo_app(
-    demo_app_jar: Path, java_log_dir: Path, jvm_logs_on_failure: None
-) -> Iterator[StartDemoApp]:
-    """Factory: ``start_demo_app(eureka_urls, app_name="DEMO-APP", instance_id=None, port=None)``.
+class StartDemoApp:
+    """Starts demo apps (``start_demo_app``'s factory): ``starter(eureka_urls, app_name=...,
+    instance_id=None, port=None)``.
 
     ``eureka_urls``: a URL, an ``EurekaServer`` or a list of them. The app listens on
     ``bind`` (default: ``ip``, 127.0.0.1) at ``port`` (default: a free one) and registers as
     ``ip:app-name:port`` unless ``instance_id`` is given. Returns once every server lists it UP
-    (``wait_registered=False``: once it answers). Every app started is stopped after the test.
+    (``wait_registered=False``: once it answers). ``stop_all()`` stops every app it started.
     """
-    started: list[DemoApp] = []
 
-    def start(
+    def __init__(self, jar: Path, log_dir: Path) -> None:
+        self._jar = jar
+        self._log_dir = log_dir
+        self._started: list[DemoApp] = []
+
+    def __call__(
+        self,
         eureka_urls: str | EurekaServer | Sequence[str | EurekaServer],
         app_name: str = "DEMO-APP",
         instance_id: str | None = None,
@@ -708,8 +695,8 @@ def start_demo_app(
         port = port or free_port(bind if bind != "0.0.0.0" else "127.0.0.1")
         instance_id = instance_id or f"{ip}:{app_name.lower()}:{port}"
         app = DemoApp(
-            demo_app_jar,
-            java_log_dir,
+            self._jar,
+            self._log_dir,
             _urls(eureka_urls),
             app_name,
             ip,
@@ -718,11 +705,21 @@ def start_demo_app(
             bind,
             extra_args,
         )
-        started.append(app)
+        self._started.append(app)
         return app.start(timeout=timeout, wait_registered=wait_registered)
 
-    try:
-        yield start
-    finally:
-        for app in started:
+    def stop_all(self) -> None:
+        for app in self._started:
             app.stop()
+
+
+@pytest.fixture
+def start_demo_app(
+    demo_app_jar: Path, java_log_dir: Path, jvm_logs_on_failure: None
+) -> Iterator[StartDemoApp]:
+    """Factory of demo apps (``StartDemoApp``); every app started is stopped after the test."""
+    starter = StartDemoApp(demo_app_jar, java_log_dir)
+    try:
+        yield starter
+    finally:
+        starter.stop_all()
