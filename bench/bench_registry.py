@@ -14,6 +14,7 @@ under 50 ms on loopback.
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import sys
@@ -150,4 +151,6 @@ def main(runs: int = 20) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(int(sys.argv[1]) if len(sys.argv) > 1 else 20))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="?", type=int, default=20, help="terminations to time")
+    sys.exit(main(parser.parse_args().runs))
