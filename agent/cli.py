@@ -347,8 +347,8 @@ async def _check_registry(config: Config) -> int:
     instance is not there, or it is found (and then what the mark-down would change)."""
     import aiohttp
 
+    from agent.http import AppHealth
     from agent.registry import HealthState, RegistryError, open_registry
-    from agent.server import AppHealth
 
     timeout = config.registry_timeout_seconds
     async with aiohttp.ClientSession() as session:

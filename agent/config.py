@@ -15,12 +15,13 @@ import dataclasses
 import difflib
 import ipaddress
 import math
-import re
 import ssl
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
+
+from agent.http import REDACTED, check_host, redact_url
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -30,12 +31,11 @@ REGISTRIES = ("none", "eureka", "actuator", "register")
 EUREKA_STATUSES = ("DOWN", "OUT_OF_SERVICE")
 LOG_FORMATS = ("auto", "json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error")
-REDACTED = "***"
 ALL_ADDRESSES = "*"
 """How an unset PRESTOP_HOST is shown: every IPv4 address, and every IPv6 one when there is IPv6."""
 DEFAULT_APP_PORT = 8080  # Spring Boot's server.port default
 # The mark-down gets 60 % of PRESTOP_REGISTRY_TIMEOUT_SECONDS for at least two requests (read the
-# instance, PUT its status) of at least 0.05 s each (agent.registry._http): below this, it could
+# instance, PUT its status) of at least 0.05 s each (agent.http): below this, it could
 # never succeed.
 MIN_REGISTRY_TIMEOUT_SECONDS = 0.25
 
@@ -297,34 +297,6 @@ class Config:
         return f"Config({settings})"
 
 
-def redact_url(url: str) -> str:
-    """Hide the password and the query string (which may carry tokens) of a URL.
-
-    Works on malformed URLs too (they end up in error messages): everything between the scheme
-    and the last ``@`` is credentials, whatever characters the password holds.
-    """
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        scheme, rest = "", url
-    if "@" in rest:
-        userinfo, _, rest = rest.rpartition("@")
-        rest = f"{userinfo.split(':', 1)[0]}:{REDACTED}@{rest}"
-    if "?" in rest:
-        rest = rest.split("?", 1)[0] + "?" + REDACTED
-    return f"{scheme}{sep}{rest}"
-
-
-# A URL inside free text (an HTTP client's error message quotes the request's URL): from its
-# scheme to the first space, quote or bracket.
-_URL_IN_TEXT = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>]+")
-
-
-def redact_urls_in(text: str) -> str:
-    """``text`` with every URL in it passed through :func:`redact_url`: for any message built
-    from an HTTP client's error, which may carry the request's query token."""
-    return _URL_IN_TEXT.sub(lambda match: redact_url(match.group(0)), text)
-
-
 # --------------------------------------------------------------------------------------------
 # Parsing. Each parser takes the raw string and raises ValueError with what is allowed.
 
@@ -417,55 +389,6 @@ def _bool(raw: str) -> bool:
     if value in ("0", "false", "no", "off", ""):
         return False
     raise ValueError("must be true or false")
-
-
-_LABEL = re.compile(r"[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?", re.ASCII | re.IGNORECASE)
-MAX_LABEL = 63
-MAX_HOST_NAME = 253
-
-
-def ascii_host(host: str) -> str:
-    """A host name checked by :func:`check_host` as resolvers and TLS want it (IDNA, ``xn--``)."""
-    if host.isascii():
-        return host
-    # Label by label, ASCII labels as they are (the codec would refuse a long one with a vaguer
-    # message than check_host's).
-    return ".".join(
-        label if label.isascii() else label.encode("idna").decode("ascii")
-        for label in host.split(".")
-    )
-
-
-def check_host(host: str) -> None:
-    """Raise ValueError unless ``host`` is an IP address or a host name that resolvers and
-    URL libraries accept: IDNA-encodable, no empty label (``a..b``, a leading dot), labels of
-    at most 63 characters, at most 253 in all, letters, digits, ``-`` and ``_``. A name that
-    fails here would otherwise fail later, inside a request, as a UnicodeError."""
-    try:
-        ipaddress.ip_address(host)
-        return
-    except ValueError:
-        pass
-    name = host[:-1] if host.endswith(".") else host  # one trailing dot: a fully qualified name
-    if not name:
-        raise ValueError("has an empty host name")
-    labels = name.split(".")
-    if any(not label for label in labels):
-        raise ValueError(f"host {host!r} has an empty label (a leading dot or '..')")
-    try:
-        encoded = ascii_host(name).split(".")
-    except UnicodeError:
-        raise ValueError(f"host {host!r} is not a valid international (IDNA) name") from None
-    for label in encoded:
-        if len(label) > MAX_LABEL:
-            raise ValueError(f"host {host!r} has a label longer than {MAX_LABEL} characters")
-        if not _LABEL.fullmatch(label):
-            raise ValueError(
-                f"host {host!r}: a label may hold letters, digits, '-' and '_', and may not"
-                " begin or end with '-'"
-            )
-    if len(".".join(encoded)) > MAX_HOST_NAME:
-        raise ValueError(f"host {host!r} is longer than {MAX_HOST_NAME} characters")
 
 
 def _http_url(raw: str) -> str:

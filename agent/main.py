@@ -23,12 +23,13 @@ from aiohttp import web
 
 from agent import __version__, logs
 from agent.config import Config
-from agent.drain import DrainOutcome, off_the_loop, run_drain
+from agent.drain import DrainOutcome, app_is_up, run_drain
+from agent.http import AppHealth
 from agent.lifecycle import Lifecycle, Phase, Propagation, Trigger
 from agent.logs import AccessLogger
 from agent.metrics import Metrics
 from agent.registry import HealthWatch, Registry, RegistryError, open_registry
-from agent.server import AppHealth, PendingAnswers, make_app
+from agent.server import PendingAnswers, make_app
 
 if TYPE_CHECKING:
     # Imported at run time only when used.
@@ -388,8 +389,6 @@ class Agent:
         app's sockets gone (no listener, no open connection: the app exited, the pod is going),
         the grace budget spent (the kubelet's SIGKILL would come next). Recorded as the
         ``final_scrape`` step."""
-        from agent.drain.sockdiag import app_is_up
-
         config, lifecycle = self.config, self.lifecycle
         step = lifecycle.begin("final_scrape")
         deadline = config.grace_period_seconds - config.margin_seconds
@@ -401,7 +400,7 @@ class Agent:
                 outcome = "scraped"
                 break
             try:
-                if watch_app and not await off_the_loop(app_is_up, ports):
+                if watch_app and not await app_is_up(ports):
                     outcome = "app_exited"
                     break
             except OSError as exc:

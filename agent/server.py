@@ -9,71 +9,22 @@ from __future__ import annotations
 import asyncio
 import hmac
 import ipaddress
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import aiohttp
 import structlog
 from aiohttp import web
 
 from agent.config import Config
+from agent.http import AppHealth
 from agent.lifecycle import Lifecycle, Phase, Trigger
 from agent.metrics import CONTENT_TYPE, Metrics
-from agent.registry._http import Http, Server, failure_reason
 
 log = structlog.get_logger()
 
 TOKEN_HEADER = "X-Prestop-Token"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-class AppHealth:
-    """The app's own health, for /ready, asked at most once per ``cache_seconds``.
-
-    A readiness probe storm (or several probes at once) must not turn into a request storm
-    against the app, so concurrent callers share one in-flight check and its result is cached.
-    """
-
-    def __init__(
-        self,
-        url: str,
-        session: aiohttp.ClientSession,
-        *,
-        timeout_seconds: float = 1.0,
-        cache_seconds: float = 1.0,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        # The registry's bounded reader: the app's answer is untrusted input too (size cap,
-        # credentials in the URL sent as basic auth and never shown, any failure a reason).
-        self._http = Http(session, timeout=timeout_seconds)
-        self._endpoint = Server.endpoint(url)
-        self._cache_seconds = cache_seconds
-        self._clock = clock
-        self._checked_at = -float("inf")
-        self._healthy = False
-        self._reason = "not checked yet"
-        self._lock = asyncio.Lock()
-
-    async def check(self) -> tuple[bool, str]:
-        """(healthy, reason) from the cache or one fresh request."""
-        async with self._lock:
-            if self._clock() - self._checked_at >= self._cache_seconds:
-                self._healthy, self._reason = await self._ask()
-                self._checked_at = self._clock()
-            return self._healthy, self._reason
-
-    async def _ask(self) -> tuple[bool, str]:
-        try:
-            status, _ = await self._http.request(
-                self._endpoint, "GET", "", headers={"Accept": "*/*"}
-            )
-        except Exception as exc:  # RequestFailed, or a bug: either way "not healthy", said why
-            return False, f"app health unreachable: {failure_reason(exc)}"
-        if 200 <= status < 300:
-            return True, "app healthy"
-        return False, f"app health answered {status}"
 
 
 class PendingAnswers:

@@ -34,7 +34,7 @@ from typing import Any
 
 import pytest
 
-from agent.config import redact_url
+from agent.http import redact_url
 from tests.support import AgentProcess, free_port
 
 SECRET = "s3cret-pw"

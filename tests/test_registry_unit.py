@@ -29,21 +29,14 @@ from structlog.testing import capture_logs
 
 from agent.cli import _check_client_view
 from agent.config import load
+from agent.http import MAX_ANSWER_BYTES, AppHealth, Http, RequestFailed, Server, parse_json
 from agent.lifecycle import Propagation
 from agent.metrics import Metrics
 from agent.registry import HealthState, HealthWatch, RegistryError, RegistryHealth, open_registry
-from agent.registry._http import (
-    MAX_ANSWER_BYTES,
-    REPLICATION_HEADER,
-    Http,
-    RequestFailed,
-    Server,
-    parse_json,
-)
 from agent.registry.eureka import EurekaRegistry
 from agent.registry.register import RegisterRegistry
 from agent.registry.view import KEEP_HOT_WARN_AFTER, ClientView
-from agent.server import AppHealth
+from agent.registry.wire import REPLICATION_HEADER
 from tests.tcpproxy import SpreadingProxy
 
 APP = "DEMO-APP"

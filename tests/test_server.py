@@ -14,9 +14,10 @@ from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
 from agent.config import Config, load
+from agent.http import AppHealth
 from agent.lifecycle import Lifecycle, Phase, Trigger
 from agent.metrics import Metrics
-from agent.server import TOKEN_HEADER, AppHealth, PendingAnswers, make_app
+from agent.server import TOKEN_HEADER, PendingAnswers, make_app
 
 TOKEN = "tok-3f9a1c"
 

@@ -8,37 +8,13 @@ watcher costs nothing to an agent that does not use it) watches the app's socket
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from agent.config import Config
+from agent.drain.base import DrainOutcome, off_the_loop
 from agent.lifecycle import Lifecycle
 from agent.metrics import Metrics
-
-T = TypeVar("T")
-
-
-async def off_the_loop(function: Callable[..., T], *args: Any) -> T:
-    """``function(*args)`` (a short blocking read of the app's sockets) in a worker thread, or
-    right here when no thread can start (memory or thread limits exhausted): a short blocking
-    read on the loop beats losing the drain or the final scrape."""
-    try:
-        return await asyncio.to_thread(function, *args)
-    except RuntimeError as exc:
-        if "thread" not in str(exc):
-            raise
-        return function(*args)
-
-
-@dataclass(frozen=True, slots=True)
-class DrainOutcome:
-    reason: str
-    """``fixed`` (slept the configured time), ``quiet`` (traffic stopped) or ``max`` (the limit)."""
-    last_data_seconds: float | None = None
-    """Seconds after the trigger at which data last reached the app, when known."""
-    detail: dict[str, Any] = field(default_factory=dict)
-    """Strategy-specific figures for the timeline (connections seen, watcher source, ...)."""
 
 
 async def run_drain(
@@ -66,3 +42,12 @@ async def run_drain(
     seconds = min(config.drain_seconds, max(limit, 0.0))
     await asyncio.sleep(seconds)
     return DrainOutcome(reason="fixed" if seconds >= config.drain_seconds else "max")
+
+
+async def app_is_up(ports: Iterable[int]) -> bool:
+    """Does anything in the pod still listen on, or hold an open connection on, one of the app's
+    ``ports`` (:func:`agent.drain.sockdiag.app_is_up`, read off the loop)? Raises OSError when the
+    sockets cannot be read here (no /proc/net/tcp)."""
+    from agent.drain import sockdiag
+
+    return await off_the_loop(sockdiag.app_is_up, ports)

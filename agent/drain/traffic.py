@@ -28,7 +28,7 @@ from ipaddress import IPv4Address, IPv6Address
 import structlog
 
 from agent.config import Config, Network
-from agent.drain import DrainOutcome, off_the_loop
+from agent.drain.base import DrainOutcome, off_the_loop
 from agent.drain.sockdiag import Poll, SocketSample, SocketWatcher, open_watcher
 from agent.lifecycle import Lifecycle
 from agent.metrics import Metrics

@@ -35,20 +35,15 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from agent.http import RequestFailed, Server, check_status, parse_json, segment
 from agent.lifecycle import Propagation, iso_time
-from agent.registry._http import (
-    Http,
-    RequestFailed,
-    Server,
-    check_status,
+from agent.registry.wire import (
+    EurekaServers,
     get_application,
     instances_of,
-    parse_json,
-    request_timeout,
     same_address,
-    segment,
     serves_on,
-    ssl_context,
+    text_of,
 )
 
 if TYPE_CHECKING:
@@ -130,11 +125,8 @@ class ClientView:
         *,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
-        self._http = Http(
-            session, timeout=request_timeout(config), ssl=ssl_context(config.eureka_ca_file)
-        )
-        self._servers = tuple(Server.parse(url) for url in config.eureka_urls)
-        self._app = config.eureka_app.upper()
+        eureka = EurekaServers.of(config, session)
+        self._http, self._servers, self._app = eureka.http, eureka.servers, eureka.app
         self._status = config.eureka_status
         self._poll = config.drain_poll_seconds
         self._instance_id = config.eureka_instance_id
@@ -159,7 +151,7 @@ class ClientView:
         if until is None:
             until = asyncio.get_running_loop().time() + self._http.timeout
         instances = await get_application(self._http, server, self._app, until=until)
-        status = next((str(i.get("status")) for i in instances if self._is_ours(i)), None)
+        status = next((str(text_of(i.get("status"))) for i in instances if self._is_ours(i)), None)
         if status is not None:
             self._listed.add(server)
         return status
