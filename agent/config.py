@@ -56,9 +56,27 @@ class Budget:
     """Longest the drain may last: ``drain_seconds`` (fixed) or ``drain_max_seconds`` (traffic)."""
 
     @property
+    def answer_by(self) -> float:
+        """Seconds after the trigger by which every /prestop caller has its answer: after it,
+        the app needs its shutdown time, and the margin stays back, before the kubelet's
+        SIGKILL at the end of the grace period."""
+        return self.grace_period - self.app_shutdown - self.margin
+
+    @property
+    def linger_until(self) -> float:
+        """Seconds after the trigger until which the agent may stay up after the drain: the
+        grace period less the margin, just before the kubelet's SIGKILL."""
+        return self.grace_period - self.margin
+
+    @property
     def available_for_drain(self) -> float:
         """What is left for the drain once everything else has its share."""
-        return self.grace_period - self.registry_deadline - self.app_shutdown - self.margin
+        return self.answer_by - self.registry_deadline
+
+    def grace_for(self, drain: float) -> int:
+        """The grace period, in whole seconds as Kubernetes takes it, that a drain of ``drain``
+        seconds needs with everything else's share."""
+        return math.ceil(drain + self.registry_deadline + self.app_shutdown + self.margin)
 
     @property
     def fits(self) -> bool:
@@ -223,53 +241,6 @@ class Config:
             and bool(self.eureka_urls)
             and bool(self.eureka_app)
             and bool(self.pod_ip or self.eureka_instance_id)
-        )
-
-    def worst_case_floor(self) -> float:
-        """Seconds after the trigger before which the drain may not end, at worst: until every
-        Eureka client can have dropped the instance (server cache bound + client refresh). With
-        no registry, only the drain's minimum."""
-        if self.registry == "none":
-            return self.drain_min_seconds
-        return self.eureka_server_cache_seconds + self.eureka_client_refresh_seconds
-
-    def floor_warning(self) -> str | None:
-        """The arithmetic and the remedy when the propagation floor can outlast the drain's
-        maximum (the drain then ends at its maximum while clients may still send); else None."""
-        if self.registry == "none":
-            return None
-        floor, limit = self.worst_case_floor(), self.drain_limit
-        if floor <= limit + 1e-9:
-            return None
-        grace = math.ceil(
-            floor + self.registry_deadline + self.app_shutdown_seconds + self.margin_seconds
-        )
-        parts = (
-            f"propagation floor: Eureka server cache {self.eureka_server_cache_seconds:g}s"
-            f" + client refresh {self.eureka_client_refresh_seconds:g}s = {floor:g}s >"
-        )
-        if self.drain_mode == "fixed":
-            # The fixed drain never waits for the floor: it is the operator's bound, so say
-            # what it leaves uncovered.
-            return (
-                f"{parts} fixed drain {limit:g}s (PRESTOP_DRAIN_SECONDS); the fixed drain does"
-                " not wait for the floor, so clients may still send after it ends. Use"
-                f" PRESTOP_DRAIN_MODE=traffic, or set PRESTOP_DRAIN_SECONDS to"
-                f" {math.ceil(floor)} and terminationGracePeriodSeconds and"
-                f" PRESTOP_GRACE_PERIOD_SECONDS to {grace}, or lower the clients'"
-                " eureka.client.registry-fetch-interval-seconds and"
-                " spring.cloud.loadbalancer.cache.ttl and set"
-                " PRESTOP_EUREKA_CLIENT_REFRESH_SECONDS to match"
-            )
-        raise_max = " and PRESTOP_DRAIN_MAX_SECONDS" if self.drain_max_seconds is not None else ""
-        return (
-            f"{parts} drain maximum {limit:g}s ({self.budget().arithmetic()}); clients may still"
-            f" send when the drain ends at its maximum. Raise terminationGracePeriodSeconds and"
-            f" PRESTOP_GRACE_PERIOD_SECONDS to {grace}{raise_max}, or lower the clients'"
-            " eureka.client.registry-fetch-interval-seconds and"
-            " spring.cloud.loadbalancer.cache.ttl (and the server's"
-            " response-cache-update-interval-ms) and set PRESTOP_EUREKA_CLIENT_REFRESH_SECONDS"
-            " (and PRESTOP_EUREKA_SERVER_CACHE_SECONDS) to match"
         )
 
     def redacted(self) -> dict[str, Any]:

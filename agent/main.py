@@ -23,11 +23,12 @@ from aiohttp import web
 
 from agent import __version__, logs
 from agent.config import Config
-from agent.drain import DrainOutcome, app_is_up, run_drain
+from agent.drain import DrainContext, DrainOutcome, app_is_up, run_drain
 from agent.http import AppHealth
 from agent.lifecycle import Lifecycle, Phase, Propagation, Trigger
 from agent.logs import AccessLogger
 from agent.metrics import Metrics
+from agent.plan import LINGER_STEP, LingerOutcome, ShutdownPlan
 from agent.registry import HealthWatch, Registry, RegistryError, open_registry
 from agent.server import PendingAnswers, make_app
 
@@ -95,6 +96,8 @@ class Agent:
         early_signals: Sequence[int] = (),
     ) -> None:
         self.config = config
+        self.plan = ShutdownPlan.of(config)
+        """What the termination will do and by when: the same plan ``check`` prints."""
         self._early_signals = early_signals
         """Signals that arrived before :meth:`run` installed its handlers (recorded by the CLI
         from its first instruction); replayed, in order, once it has."""
@@ -260,10 +263,10 @@ class Agent:
                 if health_check is not None:
                     health_check.cancel()
                 await self.shutdown(registry)
-                if self.exit_requested.is_set():
+                if self.plan.lingers(self.exit_requested.is_set()):
                     # Classic sidecar (SIGTERM came with the trigger): the drain's figures exist
                     # only in this process; stay until they have been scraped.
-                    await self._wait_for_final_scrape()
+                    await self._linger()
                 else:
                     # Native sidecar: the drain was the app's hook; we go when the kubelet says
                     # so, which is after the app has exited (scrapes happen meanwhile).
@@ -279,21 +282,11 @@ class Agent:
 
     async def shutdown(self, registry: Registry) -> None:
         """The termination, in order. Every step is bounded; no step's failure skips the next."""
-        config, lifecycle = self.config, self.lifecycle
+        plan, lifecycle = self.plan, self.lifecycle
         # 1. The trigger already set DRAINING, so /ready has answered 503 since that instant.
 
-        # The kubelet SIGKILLs the app at the end of the grace period; the app needs its share of
-        # that after our answer, so everything before the answer ends by this offset.
-        answer_by = (
-            config.grace_period_seconds - config.app_shutdown_seconds - config.margin_seconds
-        )
-
         # 2. Take the instance out of the registry (bounded by its own deadline).
-        lifecycle.propagation = Propagation(
-            registry=registry.name != "none",
-            client_refresh=config.eureka_client_refresh_seconds,
-            server_cache=config.eureka_server_cache_seconds,
-        )
+        lifecycle.propagation = plan.propagation()
         marked = await self._mark_down(registry)
 
         # 3. Keep the app serving while traffic may still arrive, and at least until every
@@ -311,7 +304,7 @@ class Agent:
                     next(s.detail for s in lifecycle.steps if s.name == "mark_down").get("servers")
                 ),
             )
-        limit = min(config.drain_limit, answer_by - lifecycle.elapsed())
+        limit = plan.drain_limit(lifecycle.elapsed())
         step = lifecycle.begin("drain")
         try:
             outcome = await self._drain(limit)
@@ -342,7 +335,7 @@ class Agent:
 
         # 5. Register mode: the app has stopped taking traffic, so its registration goes.
         try:
-            async with asyncio.timeout(config.registry_deadline or None):
+            async with asyncio.timeout(plan.registry_deadline or None):
                 await registry.finalize()
         except TimeoutError:
             log.warning("registry_finalize_timeout", backend=registry.name)
@@ -384,24 +377,24 @@ class Agent:
             if isinstance(said, dict) and said.get("result") not in (None, "ok")
         }
 
-    async def _wait_for_final_scrape(self) -> None:
-        """Stay up (not ready) until the first of: a /metrics scrape served after the drain, the
-        app's sockets gone (no listener, no open connection: the app exited, the pod is going),
-        the grace budget spent (the kubelet's SIGKILL would come next). Recorded as the
-        ``final_scrape`` step."""
-        config, lifecycle = self.config, self.lifecycle
-        step = lifecycle.begin("final_scrape")
-        deadline = config.grace_period_seconds - config.margin_seconds
-        ports = config.app_ports
-        outcome = "grace"
+    async def _linger(self) -> None:
+        """Stay up (not ready) after the drain until the first of: a /metrics scrape served
+        after it, the app's sockets gone (no listener, no open connection: the app exited, the
+        pod is going), the grace budget spent (the kubelet's SIGKILL would come next). Recorded
+        as the :data:`agent.plan.LINGER_STEP` step."""
+        lifecycle = self.lifecycle
+        step = lifecycle.begin(LINGER_STEP)
+        deadline = self.plan.linger_until
+        ports = self.config.app_ports
+        outcome = LingerOutcome.GRACE
         watch_app = True
         while (left := deadline - lifecycle.elapsed()) > 0:
             if self.final_scrape.is_set():
-                outcome = "scraped"
+                outcome = LingerOutcome.SCRAPED
                 break
             try:
                 if watch_app and not await app_is_up(ports):
-                    outcome = "app_exited"
+                    outcome = LingerOutcome.APP_EXITED
                     break
             except OSError as exc:
                 # No /proc/net/tcp here: wait for the scrape or the grace budget only.
@@ -410,7 +403,7 @@ class Agent:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(min(APP_EXIT_POLL_SECONDS, left)):
                     await self.final_scrape.wait()
-        lifecycle.end(step, outcome)
+        lifecycle.end(step, str(outcome))
 
     async def _mark_down(self, registry: Registry) -> bool:
         """Step 2; True when the instance was marked."""
@@ -460,10 +453,12 @@ class Agent:
             return await run_drain(
                 self.config,
                 limit=limit,
-                lifecycle=self.lifecycle,
-                metrics=self.metrics,
-                own_accepts=lambda: self.accepted,
-                on_poll=self._drain_polled,
+                context=DrainContext(
+                    lifecycle=self.lifecycle,
+                    metrics=self.metrics,
+                    own_accepts=lambda: self.accepted,
+                    on_poll=self._drain_polled,
+                ),
             )
         except Exception as exc:
             # Whatever broke, the app still needs its drain: keep it serving up to the limit.
@@ -491,10 +486,10 @@ class Agent:
     def _announce_floor(self) -> None:
         """Export the worst-case propagation floor and the drain's maximum, and say once when
         the one can outlast the other."""
-        config = self.config
-        self.metrics.drain_floor.set(config.worst_case_floor())
-        self.metrics.drain_max.set(config.drain_limit)
-        warning = config.floor_warning()
+        plan = self.plan
+        self.metrics.drain_floor.set(plan.worst_case_floor())
+        self.metrics.drain_max.set(plan.drain_max)
+        warning = plan.floor_warning()
         if warning is not None:
             log.warning("drain_floor_exceeds_max", detail=warning)
 
@@ -527,10 +522,11 @@ class Agent:
                 "source": self._drain_source,
                 "sees": _SEES.get(self._drain_source or ""),
                 "seen": self._drain_seen,
-                "floor_seconds": self.config.worst_case_floor(),
-                "max_seconds": self.config.drain_limit,
-                "floor_warning": self.config.floor_warning(),
+                "floor_seconds": self.plan.worst_case_floor(),
+                "max_seconds": self.plan.drain_max,
+                "floor_warning": self.plan.floor_warning(),
             },
+            "plan": self.plan.as_dict(),
             "registry": {
                 **(
                     {"backend": self.config.registry}

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from agent.http import RequestFailed, Server, check_status, parse_json, segment
-from agent.lifecycle import Propagation, iso_time
+from agent.lifecycle import FloorSource, Propagation, iso_time
 from agent.registry.wire import (
     EurekaServers,
     get_application,
@@ -406,3 +406,31 @@ def _registered_at(instance: Mapping[str, Any]) -> str | None:
     if isinstance(stamp, bool) or not isinstance(stamp, int | str):
         return None
     return str(stamp)
+
+
+def floor_source(config: Config) -> FloorSource | None:
+    """Eureka as a propagation source: the servers' response cache (watched in their
+    client-facing view when the agent can read it, else its configured bound assumed), then each
+    client's registry fetch and load-balancer cache (``PRESTOP_EUREKA_CLIENT_REFRESH_SECONDS``).
+    None without a registry."""
+    if config.registry == "none":
+        return None
+    cache, refresh = config.eureka_server_cache_seconds, config.eureka_client_refresh_seconds
+    watching = (
+        "when the Eureka servers' client-facing view shows the instance out (watched)"
+        if config.watches_client_view
+        else f"the server cache's bound, {cache:g}s (not observable: set PRESTOP_EUREKA_URLS"
+        " and PRESTOP_EUREKA_APP)"
+    )
+    return FloorSource(
+        name="eureka",
+        watched=config.watches_client_view,
+        blind_seconds=cache,
+        refresh_seconds=refresh,
+        figures=f"Eureka server cache {cache:g}s + client refresh {refresh:g}s",
+        watching=f"{watching} + client refresh {refresh:g}s",
+        remedy="lower the clients' eureka.client.registry-fetch-interval-seconds and"
+        " spring.cloud.loadbalancer.cache.ttl (and the server's"
+        " response-cache-update-interval-ms) and set PRESTOP_EUREKA_CLIENT_REFRESH_SECONDS"
+        " (and PRESTOP_EUREKA_SERVER_CACHE_SECONDS) to match",
+    )
