@@ -14,7 +14,7 @@ import resource
 import signal
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -121,6 +121,8 @@ class Agent:
         self._view: ClientView | None = None
         """The Eureka servers' client-facing view, when the registry is watched (Eureka URLs)."""
         self._health: HealthWatch | None = None
+        self._health_check: asyncio.Task[None] | None = None
+        """The registry health check's task: it ends when the shutdown begins."""
         self.metrics.track(self.lifecycle)
         self.lifecycle.subscribe(self._log_phase)
         output = logs.output()
@@ -169,116 +171,135 @@ class Agent:
     # --- the process --------------------------------------------------------------------------
 
     async def run(self) -> int:
-        """Serve until the drain is over and a signal asked us to go; return the exit status."""
+        """Serve until the drain is over and a signal asked us to go; return the exit status.
+
+        The whole life of the process, as uvicorn's ``_serve``: start up, wait for the trigger,
+        shut down, then linger (or wait for the kubelet's signal). Every resource and background
+        task is entered on one exit stack, so they stop in reverse order: the tasks before the
+        listener, the registry and the HTTP session they use."""
         loop = asyncio.get_running_loop()
         self._install_signal_handlers(loop)
-        background: list[asyncio.Task[None]] = []
         try:
             async with contextlib.AsyncExitStack() as resources:
-                # Opened first, closed last: the registry and the health check share it.
-                session = await resources.enter_async_context(aiohttp.ClientSession())
-                health = (
-                    AppHealth(self.config.app_health_url, session)
-                    if self.config.app_health_url
-                    else None
-                )
-                registry = open_registry(self.config, session, health)
-                resources.push_async_callback(registry.close)
-                runner = web.AppRunner(
-                    make_app(
-                        self.config,
-                        self.lifecycle,
-                        self.metrics,
-                        health=health,
-                        pending=self.pending,
-                        status_extra=self._status_extra,
-                        on_final_scrape=self.final_scrape.set,
-                    ),
-                    handle_signals=False,  # the signals are ours: see handle_signal
-                    access_log_class=AccessLogger,
-                    shutdown_timeout=SERVER_CLOSE_SECONDS,
-                    keepalive_timeout=IDLE_CONNECTION_SECONDS,
-                )
-                await runner.setup()
-                resources.push_async_callback(runner.cleanup)
-                self._count_accepts(runner)
-                for address in listen_addresses(self.config.host):
-                    try:
-                        await web.TCPSite(runner, address, self.config.port).start()
-                    except OSError as exc:
-                        raise ListenError(self.config, address, exc) from None
-                    self._listening.append(
-                        f"[{address}]:{self.config.port}"
-                        if ":" in address
-                        else f"{address}:{self.config.port}"
-                    )
-                # No pod or namespace label: the scrape's target labels carry them, and the
-                # same names exported here would collide (exported_pod, exported_namespace).
-                self.metrics.describe(drain_mode=self.config.drain_mode, registry=registry.name)
-                self.metrics.registry_backend(registry.name)
-                if self.config.drain_mode == "traffic":
-                    from agent.drain.traffic import probe_source
-
-                    self._drain_source = probe_source(
-                        self.config.app_ports, self.config.drain_source, self.metrics
-                    )
-                log.info(
-                    "agent_started",
-                    version=__version__,
-                    listen=self._listening,
-                    drain_mode=self.config.drain_mode,
-                    registry=registry.name,
-                    pid=os.getpid(),
-                    drain_source=self._drain_source,
-                    open_files_limit=resource.getrlimit(resource.RLIMIT_NOFILE)[0],
-                )
-                self._announce_floor()
-                self.started.set()
-                # The long-lived background tasks, all cancelled below at exit: the registry's
-                # own start-up and upkeep (clear a stale override; register and renew), and its
-                # health check, which also ends when the shutdown begins (the mark-down step
-                # reports on the registry from then on).
-                background.append(asyncio.create_task(registry.run(), name="registry"))
-                health_check: asyncio.Task[None] | None = None
-                if registry.name != "none":
-                    self._health = HealthWatch(
-                        registry,
-                        self.metrics,
-                        interval_seconds=self.config.registry_check_seconds,
-                        timeout_seconds=self.config.registry_timeout_seconds,
-                    )
-                    health_check = asyncio.create_task(self._health.run(), name="registry_health")
-                    background.append(health_check)
-                if self.config.watches_client_view:
-                    # Keeps the agent's key hot in the Eureka servers' response cache, so that
-                    # the propagation watch sees what clients see (agent.registry.view).
-                    from agent.registry.view import ClientView
-
-                    self._view = ClientView(self.config, session)
-                    background.append(
-                        asyncio.create_task(self._view.keep_hot(), name="registry-view")
-                    )
-
+                registry = await self._start(resources)
                 await self.lifecycle.wait_triggered()
-                if health_check is not None:
-                    health_check.cancel()
+                if self._health_check is not None:
+                    # From here on the mark-down step reports on the registry.
+                    self._health_check.cancel()
                 await self.shutdown(registry)
-                if self.plan.lingers(self.exit_requested.is_set()):
-                    # Classic sidecar (SIGTERM came with the trigger): the drain's figures exist
-                    # only in this process; stay until they have been scraped.
-                    await self._linger()
-                else:
-                    # Native sidecar: the drain was the app's hook; we go when the kubelet says
-                    # so, which is after the app has exited (scrapes happen meanwhile).
-                    await self.exit_requested.wait()
+                await self._after_drain()
                 log.info("shutdown_complete", **self.lifecycle.report())
         finally:
-            for task in background:
-                task.cancel()
-            await asyncio.gather(*background, return_exceptions=True)
             for signum in (*SHUTDOWN_SIGNALS, *IGNORED_SIGNALS):
                 loop.remove_signal_handler(signum)
         return 0
+
+    async def _start(self, resources: contextlib.AsyncExitStack) -> Registry:
+        """Open the HTTP session, the registry and the listener, announce the agent, and start
+        the background tasks; everything on ``resources``. Returns the registry backend."""
+        # Opened first, closed last: the registry, the health check and the view share it.
+        session = await resources.enter_async_context(aiohttp.ClientSession())
+        health = (
+            AppHealth(self.config.app_health_url, session) if self.config.app_health_url else None
+        )
+        registry = open_registry(self.config, session, health)
+        resources.push_async_callback(registry.close)
+        await self._listen(resources, health)
+        self._announce(registry)
+        self.started.set()
+        # The registry's own start-up and upkeep (clear a stale override; register and renew).
+        self._spawn(resources, registry.run(), "registry")
+        if registry.name != "none":
+            self._health = HealthWatch(
+                registry,
+                self.metrics,
+                interval_seconds=self.config.registry_check_seconds,
+                timeout_seconds=self.config.registry_timeout_seconds,
+            )
+            self._health_check = self._spawn(resources, self._health.run(), "registry_health")
+        if self.config.watches_client_view:
+            # Keeps the agent's key hot in the Eureka servers' response cache, so that the
+            # propagation watch sees what clients see (agent.registry.view).
+            from agent.registry.view import ClientView
+
+            self._view = ClientView(self.config, session)
+            self._spawn(resources, self._view.keep_hot(), "registry-view")
+        return registry
+
+    @staticmethod
+    def _spawn(
+        resources: contextlib.AsyncExitStack, work: Coroutine[Any, Any, None], name: str
+    ) -> asyncio.Task[None]:
+        """Start a background task that ``resources`` cancels, and waits for, at exit: before
+        anything entered earlier (the HTTP session it uses) closes."""
+        task = asyncio.create_task(work, name=name)
+
+        async def stop() -> None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+        resources.push_async_callback(stop)
+        return task
+
+    async def _listen(self, resources: contextlib.AsyncExitStack, health: AppHealth | None) -> None:
+        """Serve the agent's endpoints on every listen address."""
+        runner = web.AppRunner(
+            make_app(
+                self.config,
+                self.lifecycle,
+                self.metrics,
+                health=health,
+                pending=self.pending,
+                status_extra=self._status_extra,
+                on_final_scrape=self.final_scrape.set,
+            ),
+            handle_signals=False,  # the signals are ours: see handle_signal
+            access_log_class=AccessLogger,
+            shutdown_timeout=SERVER_CLOSE_SECONDS,
+            keepalive_timeout=IDLE_CONNECTION_SECONDS,
+        )
+        await runner.setup()
+        resources.push_async_callback(runner.cleanup)
+        self._count_accepts(runner)
+        for address in listen_addresses(self.config.host):
+            try:
+                await web.TCPSite(runner, address, self.config.port).start()
+            except OSError as exc:
+                raise ListenError(self.config, address, exc) from None
+            self._listening.append(_host_port(address, self.config.port))
+
+    def _announce(self, registry: Registry) -> None:
+        """Export what this agent is and log that it started, once it listens."""
+        # No pod or namespace label: the scrape's target labels carry them, and the same names
+        # exported here would collide (exported_pod, exported_namespace).
+        self.metrics.describe(drain_mode=self.config.drain_mode, registry=registry.name)
+        self.metrics.registry_backend(registry.name)
+        if self.config.drain_mode == "traffic":
+            from agent.drain.traffic import probe_source
+
+            self._drain_source = probe_source(
+                self.config.app_ports, self.config.drain_source, self.metrics
+            )
+        log.info(
+            "agent_started",
+            version=__version__,
+            listen=self._listening,
+            drain_mode=self.config.drain_mode,
+            registry=registry.name,
+            pid=os.getpid(),
+            drain_source=self._drain_source,
+            open_files_limit=resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+        )
+        self._announce_floor()
+
+    async def _after_drain(self) -> None:
+        """The plan's linger rule: a classic sidecar (SIGTERM came with the trigger) stays until
+        the drain's figures, which exist only in this process, have been scraped; a native one
+        goes when the kubelet says so, after the app has exited (scrapes happen meanwhile)."""
+        if self.plan.lingers(self.exit_requested.is_set()):
+            await self._linger()
+        else:
+            await self.exit_requested.wait()
 
     async def shutdown(self, registry: Registry) -> None:
         """The termination, in order. Every step is bounded; no step's failure skips the next."""
@@ -563,7 +584,7 @@ class ListenError(Exception):
 
     def __init__(self, config: Config, address: str, error: OSError) -> None:
         reason = error.strerror or str(error)
-        where = f"[{address}]:{config.port}" if ":" in address else f"{address}:{config.port}"
+        where = _host_port(address, config.port)
         unusable_host = isinstance(error, socket.gaierror) or error.errno in (
             errno.EADDRNOTAVAIL,
             errno.EAFNOSUPPORT,
@@ -578,6 +599,11 @@ class ListenError(Exception):
             message = f"cannot listen on {where} (PRESTOP_PORT={config.port}): {reason}"
             self.status = 1
         super().__init__(message)
+
+
+def _host_port(address: str, port: int) -> str:
+    """``address:port``, an IPv6 address in brackets."""
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
 
 
 def _run_loop(agent: Agent) -> int:
