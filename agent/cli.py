@@ -39,16 +39,12 @@ import structlog
 
 from agent import __version__, floorplan
 from agent.config import (
-    DRAIN_MODES,
-    DRAIN_SOURCES,
-    LOG_FORMATS,
-    LOG_LEVELS,
-    REGISTRIES,
     Config,
     ConfigError,
     in_use,
     load,
     unknown_variables,
+    variables,
 )
 from agent.plan import ShutdownPlan
 from agent.reference import settings
@@ -58,31 +54,15 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger()
 
-# flag -> environment variable it sets
+# flag -> environment variable it sets: the settings a person at a terminal sets most (the facts
+# on each Config field say which), named after their variable.
 FLAGS = {
-    "--host": "PRESTOP_HOST",
-    "--port": "PRESTOP_PORT",
-    "--drain-mode": "PRESTOP_DRAIN_MODE",
-    "--drain-seconds": "PRESTOP_DRAIN_SECONDS",
-    "--drain-min-seconds": "PRESTOP_DRAIN_MIN_SECONDS",
-    "--drain-quiet-seconds": "PRESTOP_DRAIN_QUIET_SECONDS",
-    "--drain-max-seconds": "PRESTOP_DRAIN_MAX_SECONDS",
-    "--drain-source": "PRESTOP_DRAIN_SOURCE",
-    "--app-port": "PRESTOP_APP_PORT",
-    "--app-ports": "PRESTOP_APP_PORTS",
-    "--grace-period-seconds": "PRESTOP_GRACE_PERIOD_SECONDS",
-    "--registry": "PRESTOP_REGISTRY",
-    "--log-format": "PRESTOP_LOG_FORMAT",
-    "--log-level": "PRESTOP_LOG_LEVEL",
+    "--" + variable.name.removeprefix("PRESTOP_").lower().replace("_", "-"): variable.name
+    for _, variable in variables()
+    if variable.flag
 }
 # Flags whose variable takes one of a few words: --help lists them (the parser still checks).
-CHOICES = {
-    "PRESTOP_DRAIN_MODE": DRAIN_MODES,
-    "PRESTOP_DRAIN_SOURCE": DRAIN_SOURCES,
-    "PRESTOP_REGISTRY": REGISTRIES,
-    "PRESTOP_LOG_FORMAT": LOG_FORMATS,
-    "PRESTOP_LOG_LEVEL": LOG_LEVELS,
-}
+CHOICES = {variable.name: variable.choices for _, variable in variables() if variable.choices}
 
 EXIT_CONFIG = 2
 # check: the registry's servers gave no answer / answered, but the instance is not there.

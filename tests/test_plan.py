@@ -95,3 +95,14 @@ def test_the_design_doc_lists_the_plans_steps_in_order() -> None:
     for name in CONFIGURATIONS:
         steps = [step.name for step in ShutdownPlan.of(load(CONFIGURATIONS[name])).steps()]
         assert named == steps, name
+
+
+def test_every_drain_mode_has_its_own_strategy_and_words() -> None:
+    from agent.config import DRAIN_MODES
+    from agent.drain import STRATEGIES
+
+    assert tuple(STRATEGIES) == DRAIN_MODES
+    plans = {mode: ShutdownPlan.of(load({"PRESTOP_DRAIN_MODE": mode})) for mode in STRATEGIES}
+    steps = {mode: plan.steps() for mode, plan in plans.items()}
+    drains = {mode: next(s.what for s in plan if s.name == "drain") for mode, plan in steps.items()}
+    assert len(set(drains.values())) == len(drains)
