@@ -1,7 +1,7 @@
 """Wiring: build the parts, serve, own the signals, run the one shutdown sequence, exit.
 
 Read :meth:`Agent.run` top to bottom for the whole life of the process and :meth:`Agent.shutdown`
-for the termination, step by step, in the order DESIGN.md gives.
+for the termination, step by step, in the order docs/design.md gives.
 """
 
 from __future__ import annotations
@@ -518,7 +518,7 @@ class Agent:
 
     def _drain_polled(self, verdict: TrafficVerdict) -> None:
         self._drain_seen = {
-            **verdict.seen(),
+            **verdict.snapshot(),
             "quiet_since_seconds": round(verdict.quiet_since - verdict.trigger_at, 4),
         }
 

@@ -83,39 +83,29 @@ async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResp
         return _json({"error": "internal error"}, status=500)
 
 
-def make_app(
-    config: Config,
-    lifecycle: Lifecycle,
-    metrics: Metrics,
-    *,
-    health: AppHealth | None = None,
-    pending: PendingAnswers | None = None,
-    status_extra: Callable[[], dict[str, Any]] | None = None,
-    on_final_scrape: Callable[[], None] | None = None,
-) -> web.Application:
-    """The agent's aiohttp application.
+def _refusal(config: Config, request: web.Request) -> tuple[int, str, str] | None:
+    """(status, metric result, message) when the caller may not trigger a shutdown."""
+    if config.allow_cidrs:
+        peer = _peer_address(request)
+        if peer is None or not any(peer in net for net in config.allow_cidrs):
+            return 403, "forbidden", f"source address {request.remote} is not allowed"
+    if config.token is not None:
+        given = request.headers.get(TOKEN_HEADER, "")
+        # A header's bytes that are not UTF-8 arrive as surrogate escapes: compared as the
+        # bytes they were (a wrong token, 401), never an encoding error (500).
+        expected = config.token.encode("utf-8", "surrogateescape")
+        if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected):
+            return 401, "unauthorized", f"missing or wrong {TOKEN_HEADER} header"
+    return None
 
-    ``on_final_scrape`` is called once a /metrics page generated after the drain (so holding
-    its figures) has been written to the scraper."""
-    pending = pending if pending is not None else PendingAnswers()
 
-    def refusal(request: web.Request) -> tuple[int, str, str] | None:
-        """(status, metric result, message) when the caller may not trigger a shutdown."""
-        if config.allow_cidrs:
-            peer = _peer_address(request)
-            if peer is None or not any(peer in net for net in config.allow_cidrs):
-                return 403, "forbidden", f"source address {request.remote} is not allowed"
-        if config.token is not None:
-            given = request.headers.get(TOKEN_HEADER, "")
-            # A header's bytes that are not UTF-8 arrive as surrogate escapes: compared as the
-            # bytes they were (a wrong token, 401), never an encoding error (500).
-            expected = config.token.encode("utf-8", "surrogateescape")
-            if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected):
-                return 401, "unauthorized", f"missing or wrong {TOKEN_HEADER} header"
-        return None
+def _prestop_handler(
+    config: Config, lifecycle: Lifecycle, metrics: Metrics, pending: PendingAnswers
+) -> Handler:
+    """/prestop: start the shutdown (or join it), wait for the drain, answer with the timeline."""
 
     async def prestop(request: web.Request) -> web.StreamResponse:
-        refused = refusal(request)
+        refused = _refusal(config, request)
         if refused is not None:
             status, result, message = refused
             metrics.hook_calls.labels(result=result).inc()
@@ -135,6 +125,26 @@ def make_app(
             except (ConnectionError, RuntimeError):
                 log.info("prestop_caller_gone", remote=request.remote)
             return response
+
+    return prestop
+
+
+def make_app(
+    config: Config,
+    lifecycle: Lifecycle,
+    metrics: Metrics,
+    *,
+    health: AppHealth | None = None,
+    pending: PendingAnswers | None = None,
+    status_extra: Callable[[], dict[str, Any]] | None = None,
+    on_final_scrape: Callable[[], None] | None = None,
+) -> web.Application:
+    """The agent's aiohttp application.
+
+    ``on_final_scrape`` is called once a /metrics page generated after the drain (so holding
+    its figures) has been written to the scraper."""
+    pending = pending if pending is not None else PendingAnswers()
+    prestop = _prestop_handler(config, lifecycle, metrics, pending)
 
     async def ready(request: web.Request) -> web.Response:
         if lifecycle.phase is not Phase.SERVING:

@@ -355,7 +355,7 @@ async def test_the_drain_exports_the_floor_it_waits_for() -> None:
     assert lifecycle.elapsed() >= 0.4
     assert outcome.detail["floor_seconds"] == pytest.approx(0.4)
     # the floor it waited for, not the configured worst case (100 s)
-    assert metrics.registry.get_sample_value("prestop_drain_floor_seconds") == pytest.approx(0.4)
+    assert metrics.collectors.get_sample_value("prestop_drain_floor_seconds") == pytest.approx(0.4)
 
 
 # --- the real process: one warning at start-up, both gauges exported -----------------------------

@@ -39,7 +39,7 @@ def test_every_variable_and_field_is_documented_once() -> None:
 def test_every_metric_is_documented() -> None:
     declared = Metrics()
     families = {
-        family.name for family in declared.registry.collect() if family.name.startswith("prestop")
+        family.name for family in declared.collectors.collect() if family.name.startswith("prestop")
     }
     documented = {m.name.removesuffix("_total").removesuffix("_info") for m in reference.metrics()}
     # prometheus-client names a counter's family without _total and an Info's without _info.

@@ -657,7 +657,7 @@ async def test_health_watch_logs_changes_of_state_only() -> None:
         for _ in script:
             await watch.check()
             ready.append(
-                metrics.registry.get_sample_value("prestop_registry_ready", {"backend": "eureka"})
+                metrics.collectors.get_sample_value("prestop_registry_ready", {"backend": "eureka"})
             )
     changes = [e for e in logs if e["event"] == "registry_health_changed"]
     assert [(e["state"], e["previous"], e["log_level"]) for e in changes] == [

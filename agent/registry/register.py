@@ -350,37 +350,9 @@ class RegisterRegistry:
             self._instance.status = target
             self._instance.lastDirtyTimestamp = _now_ms()
         done = asyncio.Event()
-        unanswered: dict[Server, bool] = {}
-
-        async def put(server: Server) -> dict[str, Any]:
-            async def attempt() -> None:
-                try:
-                    await self._call(
-                        until,
-                        eureka_basic.status_update,
-                        self._transport.placeholder(server),
-                        self._app,
-                        self.instance_id,
-                        self._instance.lastDirtyTimestamp,
-                        status=target,
-                    )
-                except (HTTPError, URLError) as exc:
-                    # No HTTP answer (a timeout, a reset): the server may have applied it.
-                    unanswered[server] = not isinstance(exc, HTTPError)
-                    raise RequestFailed(_failure(exc), retriable=_retriable(exc)) from None
-
-            try:
-                _, attempts = await retrying(attempt, until=until, give_up=done.is_set)
-            except RequestFailed as exc:
-                return {
-                    "result": "failed",
-                    "error": exc.reason,
-                    "unanswered": unanswered.get(server, False),
-                }
-            done.set()
-            return {"result": "ok", "attempts": attempts}
-
-        results = await asyncio.gather(*(put(s) for s in self._servers))
+        results = await asyncio.gather(
+            *(self._put_status(s, target, until, done) for s in self._servers)
+        )
         said = {s.shown: r for s, r in zip(self._servers, results, strict=True)}
         await confirm_applied(
             self._http,
@@ -400,6 +372,37 @@ class RegisterRegistry:
             servers=said,
         )
         return said
+
+    async def _put_status(
+        self, server: Server, target: str, until: float, done: asyncio.Event
+    ) -> dict[str, Any]:
+        """Put the status override on one server (py-eureka-client's ``status_update``),
+        retrying until another server has taken it or the time is up."""
+        unanswered = False
+
+        async def attempt() -> None:
+            nonlocal unanswered
+            try:
+                await self._call(
+                    until,
+                    eureka_basic.status_update,
+                    self._transport.placeholder(server),
+                    self._app,
+                    self.instance_id,
+                    self._instance.lastDirtyTimestamp,
+                    status=target,
+                )
+            except (HTTPError, URLError) as exc:
+                # No HTTP answer (a timeout, a reset): the server may have applied it.
+                unanswered = not isinstance(exc, HTTPError)
+                raise RequestFailed(_failure(exc), retriable=_retriable(exc)) from None
+
+        try:
+            _, attempts = await retrying(attempt, until=until, give_up=done.is_set)
+        except RequestFailed as exc:
+            return {"result": "failed", "error": exc.reason, "unanswered": unanswered}
+        done.set()
+        return {"result": "ok", "attempts": attempts}
 
     async def verify(self) -> dict[str, Any]:
         try:
