@@ -260,7 +260,7 @@ def check(
         # By default the floor plus QUIET fits the drain maximum: a drain can still end quiet
         # after the floor instead of at its maximum.
         quiet = config.drain_quiet_seconds if plan.strategy.waits_for_floor else 0.0
-        target = plan.drain_max - quiet if floor_target is None else floor_target
+        target = plan.budget.drain - quiet if floor_target is None else floor_target
         print()
         for line in floorplan.describe(stages, target):
             print(line)

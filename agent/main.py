@@ -356,7 +356,7 @@ class Agent:
 
         # 5. Register mode: the app has stopped taking traffic, so its registration goes.
         try:
-            async with asyncio.timeout(plan.registry_deadline or None):
+            async with asyncio.timeout(plan.budget.registry_deadline or None):
                 await registry.finalize()
         except TimeoutError:
             log.warning("registry_finalize_timeout", backend=registry.name)
@@ -405,7 +405,7 @@ class Agent:
         as the :data:`agent.plan.LINGER_STEP` step."""
         lifecycle = self.lifecycle
         step = lifecycle.begin(LINGER_STEP)
-        deadline = self.plan.linger_until
+        deadline = self.plan.budget.linger_until
         ports = self.config.app_ports
         outcome = LingerOutcome.GRACE
         watch_app = True
@@ -509,7 +509,7 @@ class Agent:
         the one can outlast the other."""
         plan = self.plan
         self.metrics.drain_floor.set(plan.worst_case_floor())
-        self.metrics.drain_max.set(plan.drain_max)
+        self.metrics.drain_max.set(plan.budget.drain)
         warning = plan.floor_warning()
         if warning is not None:
             log.warning("drain_floor_exceeds_max", detail=warning)
@@ -544,7 +544,7 @@ class Agent:
                 "sees": _SEES.get(self._drain_source or ""),
                 "seen": self._drain_seen,
                 "floor_seconds": self.plan.worst_case_floor(),
-                "max_seconds": self.plan.drain_max,
+                "max_seconds": self.plan.budget.drain,
                 "floor_warning": self.plan.floor_warning(),
             },
             "plan": self.plan.as_dict(),

@@ -45,7 +45,9 @@ class PlanStep:
 
 @dataclass(frozen=True, slots=True)
 class ShutdownPlan:
-    """The termination this configuration plans; times are seconds after the first trigger."""
+    """The termination this configuration plans; times are seconds after the first trigger.
+    Its deadlines are the budget's (``budget.answer_by``, ``budget.drain``,
+    ``budget.linger_until``, ``budget.registry_deadline``), cut by :meth:`drain_limit`."""
 
     config: Config
     budget: Budget
@@ -64,31 +66,11 @@ class ShutdownPlan:
     def strategy(self) -> DrainStrategy:
         return STRATEGIES[self.config.drain_mode]
 
-    @property
-    def registry_deadline(self) -> float:
-        """The mark-down step's bound, retries and read-back included."""
-        return self.budget.registry_deadline
-
-    @property
-    def drain_max(self) -> float:
-        """The longest the drain step may last."""
-        return self.budget.drain
-
-    @property
-    def answer_by(self) -> float:
-        """Everything before the /prestop answers ends by this (see :class:`Budget`)."""
-        return self.budget.answer_by
-
-    @property
-    def linger_until(self) -> float:
-        """The linger after the drain ends by this at the latest."""
-        return self.budget.linger_until
-
     def drain_limit(self, elapsed: float) -> float:
         """How long a drain that begins ``elapsed`` seconds after the trigger may last: its
         maximum, cut to what is left before the answers are due (a slow mark-down ate into
         it)."""
-        return min(self.drain_max, self.answer_by - elapsed)
+        return min(self.budget.drain, self.budget.answer_by - elapsed)
 
     def lingers(self, exit_requested: bool) -> bool:
         """The linger rule: after the drain, a classic sidecar (its SIGTERM came with the
@@ -117,7 +99,7 @@ class ShutdownPlan:
         if not self.sources:
             return None
         source = max(self.sources, key=lambda source: source.worst_case)
-        floor, limit = source.worst_case, self.drain_max
+        floor, limit = source.worst_case, self.budget.drain
         if floor <= limit + 1e-9:
             return None
         short = Shortfall(
@@ -147,7 +129,7 @@ class ShutdownPlan:
                 if config.registry == "register"
                 else f"registry {config.registry}: nothing to undo (the app's own client renews)"
             )
-        drain = self.strategy.describe(config, self.drain_max)
+        drain = self.strategy.describe(config, self.budget.drain)
         if self.strategy.waits_for_floor:
             for source in self.sources:
                 drain += (
@@ -172,7 +154,7 @@ class ShutdownPlan:
                 "exit",
                 "exit once a SIGTERM has arrived; if it came before the end of the drain (classic"
                 "\nsidecar), first wait for one /metrics scrape, the app's exit or the grace"
-                f" period ({self.linger_until:g}s after the trigger)",
+                f" period ({self.budget.linger_until:g}s after the trigger)",
             ),
         )
 
@@ -190,10 +172,10 @@ class ShutdownPlan:
         """For /status."""
         return {
             "steps": [step.name for step in self.steps()],
-            "registry_deadline_seconds": self.registry_deadline,
-            "drain_max_seconds": self.drain_max,
-            "answer_by_seconds": self.answer_by,
-            "linger_until_seconds": self.linger_until,
+            "registry_deadline_seconds": self.budget.registry_deadline,
+            "drain_max_seconds": self.budget.drain,
+            "answer_by_seconds": self.budget.answer_by,
+            "linger_until_seconds": self.budget.linger_until,
             "floor_seconds": self.worst_case_floor(),
             "sources": [
                 {

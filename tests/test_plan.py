@@ -67,7 +67,8 @@ def test_configurations_differ_in_their_plans() -> None:
 def test_every_deadline_comes_from_the_one_budget() -> None:
     plan = ShutdownPlan.of(load({**EUREKA, "PRESTOP_GRACE_PERIOD_SECONDS": "120"}))
     # grace 120 - app shutdown 5 - margin 1; less the registry deadline 5 for the drain
-    assert (plan.answer_by, plan.linger_until, plan.drain_max) == (114.0, 119.0, 109.0)
+    budget = plan.budget
+    assert (budget.answer_by, budget.linger_until, budget.drain) == (114.0, 119.0, 109.0)
     assert plan.drain_limit(0.0) == 109.0
     assert plan.drain_limit(7.5) == 106.5  # a slow mark-down eats into the drain
     assert plan.worst_case_floor() == 100.0  # server cache 30 + client refresh 70

@@ -253,6 +253,14 @@ class RegisterRegistry:
         finally:
             _current.reset(token)
 
+    async def _about_instance(
+        self, server: Server, until: float, call: Any, *args: Any, **kwargs: Any
+    ) -> None:
+        """One py-eureka-client call about this instance on ``server`` (its arguments begin
+        with the server, the app and the instance id)."""
+        placeholder = self._transport.placeholder(server)
+        await self._call(until, call, placeholder, self._app, self.instance_id, *args, **kwargs)
+
     # --- registration and renewals ------------------------------------------------------------
 
     async def run(self) -> None:
@@ -298,12 +306,10 @@ class RegisterRegistry:
         placeholder = self._transport.placeholder(server)
         if self._registered[server]:
             try:
-                await self._call(
+                await self._about_instance(
+                    server,
                     until,
                     eureka_basic.send_heartbeat,
-                    placeholder,
-                    self._app,
-                    self.instance_id,
                     self._instance.lastDirtyTimestamp,
                     status=self._instance.status,
                 )
@@ -383,12 +389,10 @@ class RegisterRegistry:
         async def attempt() -> None:
             nonlocal unanswered
             try:
-                await self._call(
+                await self._about_instance(
+                    server,
                     until,
                     eureka_basic.status_update,
-                    self._transport.placeholder(server),
-                    self._app,
-                    self.instance_id,
                     self._instance.lastDirtyTimestamp,
                     status=target,
                 )
@@ -427,13 +431,7 @@ class RegisterRegistry:
         async def cancel(server: Server) -> str:
             async def attempt() -> None:
                 try:
-                    await self._call(
-                        until,
-                        eureka_basic.cancel,
-                        self._transport.placeholder(server),
-                        self._app,
-                        self.instance_id,
-                    )
+                    await self._about_instance(server, until, eureka_basic.cancel)
                 except HTTPError as exc:
                     if exc.code == 404:
                         return  # already gone there (a peer replicated the cancel first)
