@@ -31,6 +31,8 @@ longest drain; unset (None): whatever the grace budget leaves."""
 DRAIN_MODES = tuple(DRAIN_LENGTHS)
 DRAIN_SOURCES = ("auto", "netlink", "proc")
 REGISTRIES = ("none", "eureka", "actuator", "register")
+WITH_A_REGISTRY = REGISTRIES[1:]
+"""Every backend but ``none``: what settings about the registry apply to."""
 EUREKA_STATUSES = ("DOWN", "OUT_OF_SERVICE")
 LOG_FORMATS = ("auto", "json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -572,7 +574,7 @@ class Config:
         _seconds(minimum=MIN_REGISTRY_TIMEOUT_SECONDS),
         REGISTRY,
         "bound on the whole mark-down step, retries included.",
-        registries=("eureka", "actuator", "register"),
+        registries=WITH_A_REGISTRY,
     )
     registry_check_seconds: float = setting(
         30.0,
@@ -581,7 +583,7 @@ class Config:
         REGISTRY,
         "interval of the registry health check, from start-up until the shutdown begins, "
         "seconds (checked sooner while the instance is not found yet).",
-        registries=("eureka", "actuator", "register"),
+        registries=WITH_A_REGISTRY,
     )
     eureka_urls: tuple[str, ...] = setting(
         (),
@@ -590,7 +592,7 @@ class Config:
         REGISTRY,
         "Eureka service URLs as in Spring's defaultZone, comma-separated; may carry "
         "credentials (never logged).",
-        registries=("eureka", "actuator", "register"),
+        registries=WITH_A_REGISTRY,
     )
     eureka_ca_file: str | None = setting(
         None,
@@ -598,7 +600,7 @@ class Config:
         _optional_text,
         REGISTRY,
         "PEM bundle of a private CA for https Eureka URLs.",
-        registries=("eureka", "actuator", "register"),
+        registries=WITH_A_REGISTRY,
     )
     eureka_app: str = setting(
         "",
@@ -606,7 +608,7 @@ class Config:
         _text,
         REGISTRY,
         "the application name in Eureka (e.g. ``ORDERS``).",
-        registries=("eureka", "actuator", "register"),
+        registries=WITH_A_REGISTRY,
     )
     eureka_instance_id: str = setting(
         "",
@@ -614,7 +616,7 @@ class Config:
         _text,
         REGISTRY,
         "the instance id; unset: found by POD_IP and app port.",
-        registries=("eureka", "actuator", "register"),
+        registries=WITH_A_REGISTRY,
     )
     eureka_status: str = setting(
         "DOWN",
@@ -622,7 +624,7 @@ class Config:
         Choice(EUREKA_STATUSES, upper=True),
         REGISTRY,
         "the status override to set, ``DOWN`` or ``OUT_OF_SERVICE``.",
-        registries=("eureka", "actuator", "register"),
+        registries=WITH_A_REGISTRY,
     )
     eureka_keep_override: bool = setting(
         False,
@@ -665,7 +667,7 @@ class Config:
         "client-facing view changed: the clients' registry fetch interval plus their load "
         "balancer's cache TTL (Spring Cloud: 30 s + 35 s) plus a margin (default 5 s) for the "
         "fetch's own duration, seconds.",
-        registries=("eureka", "actuator", "register"),
+        registries=WITH_A_REGISTRY,
     )
     eureka_server_cache_seconds: float = setting(
         30.0,
@@ -675,7 +677,7 @@ class Config:
         "bound on the Eureka server's read-only response cache "
         "(``responseCacheUpdateIntervalMs``), assumed when its client-facing view cannot be "
         "watched (actuator mode without URLs, a server that stops answering), seconds.",
-        registries=("eureka", "actuator", "register"),
+        registries=WITH_A_REGISTRY,
     )
 
     def budget(self) -> Budget:
