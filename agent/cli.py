@@ -39,17 +39,14 @@ import structlog
 
 from agent import __version__, floorplan
 from agent.config import (
-    DRAIN_MODES,
-    DRAIN_SOURCES,
-    LOG_FORMATS,
-    LOG_LEVELS,
-    REGISTRIES,
     Config,
     ConfigError,
     in_use,
     load,
     unknown_variables,
+    variables,
 )
+from agent.plan import ShutdownPlan
 from agent.reference import settings
 
 if TYPE_CHECKING:
@@ -57,31 +54,15 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger()
 
-# flag -> environment variable it sets
+# flag -> environment variable it sets: the settings a person at a terminal sets most (the facts
+# on each Config field say which), named after their variable.
 FLAGS = {
-    "--host": "PRESTOP_HOST",
-    "--port": "PRESTOP_PORT",
-    "--drain-mode": "PRESTOP_DRAIN_MODE",
-    "--drain-seconds": "PRESTOP_DRAIN_SECONDS",
-    "--drain-min-seconds": "PRESTOP_DRAIN_MIN_SECONDS",
-    "--drain-quiet-seconds": "PRESTOP_DRAIN_QUIET_SECONDS",
-    "--drain-max-seconds": "PRESTOP_DRAIN_MAX_SECONDS",
-    "--drain-source": "PRESTOP_DRAIN_SOURCE",
-    "--app-port": "PRESTOP_APP_PORT",
-    "--app-ports": "PRESTOP_APP_PORTS",
-    "--grace-period-seconds": "PRESTOP_GRACE_PERIOD_SECONDS",
-    "--registry": "PRESTOP_REGISTRY",
-    "--log-format": "PRESTOP_LOG_FORMAT",
-    "--log-level": "PRESTOP_LOG_LEVEL",
+    "--" + variable.name.removeprefix("PRESTOP_").lower().replace("_", "-"): variable.name
+    for _, variable in variables()
+    if variable.flag
 }
 # Flags whose variable takes one of a few words: --help lists them (the parser still checks).
-CHOICES = {
-    "PRESTOP_DRAIN_MODE": DRAIN_MODES,
-    "PRESTOP_DRAIN_SOURCE": DRAIN_SOURCES,
-    "PRESTOP_REGISTRY": REGISTRIES,
-    "PRESTOP_LOG_FORMAT": LOG_FORMATS,
-    "PRESTOP_LOG_LEVEL": LOG_LEVELS,
-}
+CHOICES = {variable.name: variable.choices for _, variable in variables() if variable.choices}
 
 EXIT_CONFIG = 2
 # check: the registry's servers gave no answer / answered, but the instance is not there.
@@ -252,7 +233,7 @@ def check(
 ) -> int:
     """Print the effective settings, the shutdown plan and the propagation floor by stage, reach
     the registry (unless ``config_only``); 0 if all is well."""
-    budget = config.budget()
+    plan = ShutdownPlan.of(config)
     print(f"prestop-agent {__version__}: configuration is valid")
     for warning in warnings:
         print(f"warning: {warning}")
@@ -266,46 +247,9 @@ def check(
     for setting in used:
         print(f"  {setting.variable:<{width}} = {_shown_value(shown[setting.field])}")
     print("  (what each one means: docs/reference.md)")
-    print("\nShutdown plan, from the first trigger (/prestop, SIGTERM or SIGINT):")
-    print("  1. /ready answers 503 at once")
-    if config.registry == "none":
-        print("  2. registry: none, nothing to mark down")
-    else:
-        print(
-            f"  2. registry {config.registry}: mark the instance {config.eureka_status}"
-            f" within {config.registry_timeout_seconds:g}s (retries included), then read it back"
-        )
-    if config.drain_mode == "fixed":
-        print(f"  3. drain: keep the app serving for {config.drain_seconds:g}s")
-    else:
-        ports = ",".join(str(p) for p in config.app_ports)
-        print(
-            f"  3. drain: watch ports {ports} every {config.drain_poll_seconds:g}s (open"
-            " connections, and those that opened and closed between two looks); at least"
-            f" {config.drain_min_seconds:g}s, then end after {config.drain_quiet_seconds:g}s"
-            f" without data and nothing in flight; at most {budget.drain:g}s"
-        )
-        if config.registry != "none":
-            measured = (
-                "when the Eureka servers' client-facing view shows the instance out (watched)"
-                if config.watches_client_view
-                else f"the server cache's bound, {config.eureka_server_cache_seconds:g}s"
-                " (not observable: set PRESTOP_EUREKA_URLS and PRESTOP_EUREKA_APP)"
-            )
-            print(
-                "     and never before registry clients can have dropped the instance:"
-                f" {measured} + client refresh {config.eureka_client_refresh_seconds:g}s;"
-                f" at worst {config.worst_case_floor():g}s after the trigger"
-            )
-    # Both modes: a fixed drain shorter than the floor leaves callers as stale as a cut one.
-    warning = config.floor_warning()
-    if warning is not None:
-        print(f"     WARNING: {warning}")
-    print("  4. answer every /prestop caller: the kubelet then sends the app SIGTERM")
-    print(f"     and the app has {config.app_shutdown_seconds:g}s to stop")
-    print("  5. exit once a SIGTERM has arrived; if it came before the end of the drain (classic")
-    print("     sidecar), first wait for one /metrics scrape, the app's exit or the grace period")
-    print(f"\nTime budget: {budget.arithmetic()}")
+    print()
+    for line in plan.describe():
+        print(line)
     if config.registry != "none":
         stages = floorplan.stages_of(
             config.eureka_server_cache_seconds,
@@ -315,13 +259,13 @@ def check(
         )
         # By default the floor plus QUIET fits the drain maximum: a drain can still end quiet
         # after the floor instead of at its maximum.
-        quiet = config.drain_quiet_seconds if config.drain_mode == "traffic" else 0.0
-        target = budget.drain - quiet if floor_target is None else floor_target
+        quiet = config.drain_quiet_seconds if plan.strategy.waits_for_floor else 0.0
+        target = plan.budget.drain - quiet if floor_target is None else floor_target
         print()
         for line in floorplan.describe(stages, target):
             print(line)
     if config_only:
-        if config.floor_warning() is not None:
+        if plan.floor_warning() is not None:
             print("\nThe propagation floor can outlast the drain maximum (see WARNING above)")
             return EXIT_FLOOR_ABOVE_MAX
         return 0
@@ -347,8 +291,8 @@ async def _check_registry(config: Config) -> int:
     instance is not there, or it is found (and then what the mark-down would change)."""
     import aiohttp
 
+    from agent.http import AppHealth
     from agent.registry import HealthState, RegistryError, open_registry
-    from agent.server import AppHealth
 
     timeout = config.registry_timeout_seconds
     async with aiohttp.ClientSession() as session:

@@ -15,27 +15,32 @@ import dataclasses
 import difflib
 import ipaddress
 import math
-import re
 import ssl
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from agent.http import REDACTED, check_host, redact_url
+
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-DRAIN_MODES = ("fixed", "traffic")
+DRAIN_LENGTHS = {"fixed": "drain_seconds", "traffic": "drain_max_seconds"}
+"""Each drain mode (:data:`agent.drain.STRATEGIES` has the same names) and the field that sets its
+longest drain; unset (None): whatever the grace budget leaves."""
+DRAIN_MODES = tuple(DRAIN_LENGTHS)
 DRAIN_SOURCES = ("auto", "netlink", "proc")
 REGISTRIES = ("none", "eureka", "actuator", "register")
+WITH_A_REGISTRY = REGISTRIES[1:]
+"""Every backend but ``none``: what settings about the registry apply to."""
 EUREKA_STATUSES = ("DOWN", "OUT_OF_SERVICE")
 LOG_FORMATS = ("auto", "json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error")
-REDACTED = "***"
 ALL_ADDRESSES = "*"
 """How an unset PRESTOP_HOST is shown: every IPv4 address, and every IPv6 one when there is IPv6."""
 DEFAULT_APP_PORT = 8080  # Spring Boot's server.port default
 # The mark-down gets 60 % of PRESTOP_REGISTRY_TIMEOUT_SECONDS for at least two requests (read the
-# instance, PUT its status) of at least 0.05 s each (agent.registry._http): below this, it could
+# instance, PUT its status) of at least 0.05 s each (agent.http): below this, it could
 # never succeed.
 MIN_REGISTRY_TIMEOUT_SECONDS = 0.25
 
@@ -56,9 +61,27 @@ class Budget:
     """Longest the drain may last: ``drain_seconds`` (fixed) or ``drain_max_seconds`` (traffic)."""
 
     @property
+    def answer_by(self) -> float:
+        """Seconds after the trigger by which every /prestop caller has its answer: after it,
+        the app needs its shutdown time, and the margin stays back, before the kubelet's
+        SIGKILL at the end of the grace period."""
+        return self.grace_period - self.app_shutdown - self.margin
+
+    @property
+    def linger_until(self) -> float:
+        """Seconds after the trigger until which the agent may stay up after the drain: the
+        grace period less the margin, just before the kubelet's SIGKILL."""
+        return self.grace_period - self.margin
+
+    @property
     def available_for_drain(self) -> float:
         """What is left for the drain once everything else has its share."""
-        return self.grace_period - self.registry_deadline - self.app_shutdown - self.margin
+        return self.answer_by - self.registry_deadline
+
+    def grace_for(self, drain: float) -> int:
+        """The grace period, in whole seconds as Kubernetes takes it, that a drain of ``drain``
+        seconds needs with everything else's share."""
+        return math.ceil(drain + self.registry_deadline + self.app_shutdown + self.margin)
 
     @property
     def fits(self) -> bool:
@@ -75,268 +98,25 @@ class Budget:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class Config:
-    """Everything the agent can be told. Durations are in seconds, ports are TCP ports."""
-
-    # --- the agent's own listener -------------------------------------------------------------
-    host: str | None = None
-    """PRESTOP_HOST: address to listen on. Unset: every IPv4 address, and every IPv6 address
-    too when the host has IPv6 (an IPv6-only or dual-stack pod gets its hook); ``::`` means
-    both as well. The kubelet sends
-    the httpGet hook to the pod IP, so a loopback-only address cannot receive it."""
-    port: int = 8099
-    """PRESTOP_PORT: port of /prestop, /ready, /live, /status and /metrics."""
-
-    # --- the drain ----------------------------------------------------------------------------
-    drain_mode: str = "traffic"
-    """PRESTOP_DRAIN_MODE: ``fixed`` (sleep ``drain_seconds``) or ``traffic`` (until it stops)."""
-    drain_seconds: float = 10.0
-    """PRESTOP_DRAIN_SECONDS: how long the fixed drain keeps the app serving, seconds."""
-    drain_min_seconds: float = 2.0
-    """PRESTOP_DRAIN_MIN_SECONDS: the traffic drain lasts at least this long, seconds."""
-    drain_quiet_seconds: float = 3.0
-    """PRESTOP_DRAIN_QUIET_SECONDS: the traffic drain ends after this long without data, seconds."""
-    drain_max_seconds: float | None = None
-    """PRESTOP_DRAIN_MAX_SECONDS: the traffic drain ends at this point whatever happens, seconds.
-    Unset: everything the grace budget leaves (see :class:`Budget`)."""
-    drain_poll_seconds: float = 0.2
-    """PRESTOP_DRAIN_POLL_SECONDS: interval between two looks at the app's sockets, seconds."""
-    drain_source: str = "auto"
-    """PRESTOP_DRAIN_SOURCE: ``auto`` (netlink sock_diag, else /proc), ``netlink`` or ``proc``."""
-    drain_ignore_cidrs: tuple[Network, ...] = ()
-    """PRESTOP_DRAIN_IGNORE_CIDRS: peers whose traffic does not hold the drain (kubelet probes,
-    Prometheus scraping the app), comma-separated CIDRs."""
-    drain_count_accepts: bool = True
-    """PRESTOP_DRAIN_COUNT_ACCEPTS: count connections accepted in the pod's network namespace
-    (/proc/net/snmp PassiveOpens) that no socket the drain saw accounts for as traffic: a
-    client that opens a connection, sends a request and closes between two polls. Turn off
-    only for ``hostNetwork`` pods, whose count is the whole node's."""
-    app_port: int = DEFAULT_APP_PORT
-    """PRESTOP_APP_PORT: the app's serving port (used to find the instance in Eureka)."""
-    app_ports: tuple[int, ...] = (DEFAULT_APP_PORT,)
-    """PRESTOP_APP_PORTS: ports whose traffic the traffic drain watches; default ``app_port``."""
-
-    # --- the grace budget ---------------------------------------------------------------------
-    grace_period_seconds: float = 30.0
-    """PRESTOP_GRACE_PERIOD_SECONDS: the pod's terminationGracePeriodSeconds, whole seconds (as
-    Kubernetes takes it)."""
-    app_shutdown_seconds: float = 5.0
-    """PRESTOP_APP_SHUTDOWN_SECONDS: time the app needs between its SIGTERM and exit."""
-    margin_seconds: float = 1.0
-    """PRESTOP_MARGIN_SECONDS: slack kept back; the kubelet subtracts the hook's time in whole
-    seconds, so up to one second can be lost to rounding."""
-
-    # --- the app ------------------------------------------------------------------------------
-    app_health_url: str | None = None
-    """PRESTOP_APP_HEALTH_URL: when set, /ready also requires this URL to answer 2xx."""
-
-    # --- who may call /prestop ----------------------------------------------------------------
-    token: str | None = field(default=None, repr=False)
-    """PRESTOP_TOKEN: when set, /prestop requires header ``X-Prestop-Token`` with this value."""
-    allow_cidrs: tuple[Network, ...] = ()
-    """PRESTOP_ALLOW_CIDRS: when set, only these source addresses may call /prestop."""
-
-    # --- logs ---------------------------------------------------------------------------------
-    log_format: str = "auto"
-    """PRESTOP_LOG_FORMAT: ``json``, ``console``, or ``auto`` (JSON unless stderr is a TTY)."""
-    log_level: str = "info"
-    """PRESTOP_LOG_LEVEL: debug, info, warning or error."""
-
-    # --- the pod, from the downward API -------------------------------------------------------
-    pod_name: str = ""
-    """POD_NAME: metadata.name, for logs and metrics."""
-    pod_namespace: str = ""
-    """POD_NAMESPACE: metadata.namespace, for logs and metrics."""
-    pod_ip: str = ""
-    """POD_IP: status.podIP; identifies the instance in Eureka."""
-
-    # --- the registry -------------------------------------------------------------------------
-    registry: str = "none"
-    """PRESTOP_REGISTRY: ``none``, ``eureka``, ``actuator`` or ``register``."""
-    registry_timeout_seconds: float = 5.0
-    """PRESTOP_REGISTRY_TIMEOUT_SECONDS: bound on the whole mark-down step, retries included."""
-    registry_check_seconds: float = 30.0
-    """PRESTOP_REGISTRY_CHECK_SECONDS: interval of the registry health check, from start-up until
-    the shutdown begins, seconds (checked sooner while the instance is not found yet)."""
-    eureka_urls: tuple[str, ...] = field(default=(), repr=False)
-    """PRESTOP_EUREKA_URLS: Eureka service URLs as in Spring's defaultZone, comma-separated;
-    may carry credentials (never logged)."""
-    eureka_ca_file: str | None = None
-    """PRESTOP_EUREKA_CA_FILE: PEM bundle of a private CA for https Eureka URLs."""
-    eureka_app: str = ""
-    """PRESTOP_EUREKA_APP: the application name in Eureka (e.g. ``ORDERS``)."""
-    eureka_instance_id: str = ""
-    """PRESTOP_EUREKA_INSTANCE_ID: the instance id; unset: found by POD_IP and app port."""
-    eureka_status: str = "DOWN"
-    """PRESTOP_EUREKA_STATUS: the status override to set, ``DOWN`` or ``OUT_OF_SERVICE``."""
-    eureka_keep_override: bool = False
-    """PRESTOP_EUREKA_KEEP_OVERRIDE: keep a DOWN override left by a previous pod at start-up."""
-    eureka_renewal_seconds: float = 30.0
-    """PRESTOP_EUREKA_RENEWAL_SECONDS: lease renewal interval in ``register`` mode."""
-    eureka_lease_seconds: float = 90.0
-    """PRESTOP_EUREKA_LEASE_SECONDS: lease duration announced in ``register`` mode."""
-    actuator_url: str = "http://127.0.0.1:8080/actuator/serviceregistry"
-    """PRESTOP_ACTUATOR_URL: the app's service-registry actuator endpoint."""
-    eureka_client_refresh_seconds: float = 70.0
-    """PRESTOP_EUREKA_CLIENT_REFRESH_SECONDS: how long a Eureka client may keep routing to the
-    instance after its server's client-facing view changed: the clients' registry fetch
-    interval plus their load balancer's cache TTL (Spring Cloud: 30 s + 35 s) plus a margin
-    (default 5 s) for the fetch's own duration, seconds."""
-    eureka_server_cache_seconds: float = 30.0
-    """PRESTOP_EUREKA_SERVER_CACHE_SECONDS: bound on the Eureka server's read-only response
-    cache (``responseCacheUpdateIntervalMs``), assumed when its client-facing view cannot be
-    watched (actuator mode without URLs, a server that stops answering), seconds."""
-
-    def budget(self) -> Budget:
-        """The grace-period arithmetic for this configuration."""
-        partial = Budget(
-            grace_period=self.grace_period_seconds,
-            registry_deadline=self.registry_deadline,
-            app_shutdown=self.app_shutdown_seconds,
-            margin=self.margin_seconds,
-            drain=0.0,
-        )
-        if self.drain_mode == "fixed":
-            drain = self.drain_seconds
-        elif self.drain_max_seconds is not None:
-            drain = self.drain_max_seconds
-        else:
-            drain = partial.available_for_drain
-        return dataclasses.replace(partial, drain=drain)
-
-    @property
-    def registry_deadline(self) -> float:
-        """Seconds the mark-down step may take; nothing when there is no registry."""
-        return 0.0 if self.registry == "none" else self.registry_timeout_seconds
-
-    @property
-    def drain_limit(self) -> float:
-        """The longest the drain step may last, seconds."""
-        return self.budget().drain
-
-    @property
-    def watches_client_view(self) -> bool:
-        """Whether the agent can watch the Eureka servers' client-facing view of the instance."""
-        return self.registry in ("eureka", "register") or (
-            self.registry == "actuator"
-            and bool(self.eureka_urls)
-            and bool(self.eureka_app)
-            and bool(self.pod_ip or self.eureka_instance_id)
-        )
-
-    def worst_case_floor(self) -> float:
-        """Seconds after the trigger before which the drain may not end, at worst: until every
-        Eureka client can have dropped the instance (server cache bound + client refresh). With
-        no registry, only the drain's minimum."""
-        if self.registry == "none":
-            return self.drain_min_seconds
-        return self.eureka_server_cache_seconds + self.eureka_client_refresh_seconds
-
-    def floor_warning(self) -> str | None:
-        """The arithmetic and the remedy when the propagation floor can outlast the drain's
-        maximum (the drain then ends at its maximum while clients may still send); else None."""
-        if self.registry == "none":
-            return None
-        floor, limit = self.worst_case_floor(), self.drain_limit
-        if floor <= limit + 1e-9:
-            return None
-        grace = math.ceil(
-            floor + self.registry_deadline + self.app_shutdown_seconds + self.margin_seconds
-        )
-        parts = (
-            f"propagation floor: Eureka server cache {self.eureka_server_cache_seconds:g}s"
-            f" + client refresh {self.eureka_client_refresh_seconds:g}s = {floor:g}s >"
-        )
-        if self.drain_mode == "fixed":
-            # The fixed drain never waits for the floor: it is the operator's bound, so say
-            # what it leaves uncovered.
-            return (
-                f"{parts} fixed drain {limit:g}s (PRESTOP_DRAIN_SECONDS); the fixed drain does"
-                " not wait for the floor, so clients may still send after it ends. Use"
-                f" PRESTOP_DRAIN_MODE=traffic, or set PRESTOP_DRAIN_SECONDS to"
-                f" {math.ceil(floor)} and terminationGracePeriodSeconds and"
-                f" PRESTOP_GRACE_PERIOD_SECONDS to {grace}, or lower the clients'"
-                " eureka.client.registry-fetch-interval-seconds and"
-                " spring.cloud.loadbalancer.cache.ttl and set"
-                " PRESTOP_EUREKA_CLIENT_REFRESH_SECONDS to match"
-            )
-        raise_max = " and PRESTOP_DRAIN_MAX_SECONDS" if self.drain_max_seconds is not None else ""
-        return (
-            f"{parts} drain maximum {limit:g}s ({self.budget().arithmetic()}); clients may still"
-            f" send when the drain ends at its maximum. Raise terminationGracePeriodSeconds and"
-            f" PRESTOP_GRACE_PERIOD_SECONDS to {grace}{raise_max}, or lower the clients'"
-            " eureka.client.registry-fetch-interval-seconds and"
-            " spring.cloud.loadbalancer.cache.ttl (and the server's"
-            " response-cache-update-interval-ms) and set PRESTOP_EUREKA_CLIENT_REFRESH_SECONDS"
-            " (and PRESTOP_EUREKA_SERVER_CACHE_SECONDS) to match"
-        )
-
-    def redacted(self) -> dict[str, Any]:
-        """Every setting, with secrets replaced, for /status, ``check`` and logs."""
-        shown: dict[str, Any] = {}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if f.name == "token":
-                value = REDACTED if value else None
-            elif f.name == "eureka_urls":
-                value = [redact_url(url) for url in value]
-            elif f.name in ("app_health_url", "actuator_url") and value:
-                value = redact_url(value)
-            elif isinstance(value, tuple):
-                value = [str(item) if not isinstance(item, int) else item for item in value]
-            elif f.name == "drain_max_seconds" and value is None:
-                value = self.drain_limit  # what the budget leaves: the value in effect
-            elif f.name == "host" and value is None:
-                value = ALL_ADDRESSES
-            shown[f.name] = value
-        return shown
-
-    def __repr__(self) -> str:
-        settings = ", ".join(f"{k}={v!r}" for k, v in self.redacted().items())
-        return f"Config({settings})"
-
-
-def redact_url(url: str) -> str:
-    """Hide the password and the query string (which may carry tokens) of a URL.
-
-    Works on malformed URLs too (they end up in error messages): everything between the scheme
-    and the last ``@`` is credentials, whatever characters the password holds.
-    """
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        scheme, rest = "", url
-    if "@" in rest:
-        userinfo, _, rest = rest.rpartition("@")
-        rest = f"{userinfo.split(':', 1)[0]}:{REDACTED}@{rest}"
-    if "?" in rest:
-        rest = rest.split("?", 1)[0] + "?" + REDACTED
-    return f"{scheme}{sep}{rest}"
-
-
-# A URL inside free text (an HTTP client's error message quotes the request's URL): from its
-# scheme to the first space, quote or bracket.
-_URL_IN_TEXT = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>]+")
-
-
-def redact_urls_in(text: str) -> str:
-    """``text`` with every URL in it passed through :func:`redact_url`: for any message built
-    from an HTTP client's error, which may carry the request's query token."""
-    return _URL_IN_TEXT.sub(lambda match: redact_url(match.group(0)), text)
-
-
 # --------------------------------------------------------------------------------------------
 # Parsing. Each parser takes the raw string and raises ValueError with what is allowed.
 
 
-def _choice(allowed: tuple[str, ...], *, upper: bool = False) -> Callable[[str], str]:
-    def parse(raw: str) -> str:
-        value = raw.strip().upper() if upper else raw.strip().lower()
-        if value not in allowed:
-            raise ValueError(f"must be one of {', '.join(allowed)}")
-        return value
+@dataclass(frozen=True, slots=True)
+class Choice:
+    """A parser for one of a few words (``--help`` lists them)."""
 
-    return parse
+    allowed: tuple[str, ...]
+    upper: bool = False
+    aliases: tuple[tuple[str, str], ...] = ()
+    """Other spellings accepted for an allowed word."""
+
+    def __call__(self, raw: str) -> str:
+        value = raw.strip().upper() if self.upper else raw.strip().lower()
+        value = dict(self.aliases).get(value, value)
+        if value not in self.allowed:
+            raise ValueError(f"must be one of {', '.join(self.allowed)}")
+        return value
 
 
 def _seconds(*, minimum: float = 0.0, allow_zero: bool = True) -> Callable[[str], float]:
@@ -417,55 +197,6 @@ def _bool(raw: str) -> bool:
     if value in ("0", "false", "no", "off", ""):
         return False
     raise ValueError("must be true or false")
-
-
-_LABEL = re.compile(r"[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?", re.ASCII | re.IGNORECASE)
-MAX_LABEL = 63
-MAX_HOST_NAME = 253
-
-
-def ascii_host(host: str) -> str:
-    """A host name checked by :func:`check_host` as resolvers and TLS want it (IDNA, ``xn--``)."""
-    if host.isascii():
-        return host
-    # Label by label, ASCII labels as they are (the codec would refuse a long one with a vaguer
-    # message than check_host's).
-    return ".".join(
-        label if label.isascii() else label.encode("idna").decode("ascii")
-        for label in host.split(".")
-    )
-
-
-def check_host(host: str) -> None:
-    """Raise ValueError unless ``host`` is an IP address or a host name that resolvers and
-    URL libraries accept: IDNA-encodable, no empty label (``a..b``, a leading dot), labels of
-    at most 63 characters, at most 253 in all, letters, digits, ``-`` and ``_``. A name that
-    fails here would otherwise fail later, inside a request, as a UnicodeError."""
-    try:
-        ipaddress.ip_address(host)
-        return
-    except ValueError:
-        pass
-    name = host[:-1] if host.endswith(".") else host  # one trailing dot: a fully qualified name
-    if not name:
-        raise ValueError("has an empty host name")
-    labels = name.split(".")
-    if any(not label for label in labels):
-        raise ValueError(f"host {host!r} has an empty label (a leading dot or '..')")
-    try:
-        encoded = ascii_host(name).split(".")
-    except UnicodeError:
-        raise ValueError(f"host {host!r} is not a valid international (IDNA) name") from None
-    for label in encoded:
-        if len(label) > MAX_LABEL:
-            raise ValueError(f"host {host!r} has a label longer than {MAX_LABEL} characters")
-        if not _LABEL.fullmatch(label):
-            raise ValueError(
-                f"host {host!r}: a label may hold letters, digits, '-' and '_', and may not"
-                " begin or end with '-'"
-            )
-    if len(".".join(encoded)) > MAX_HOST_NAME:
-        raise ValueError(f"host {host!r} is longer than {MAX_HOST_NAME} characters")
 
 
 def _http_url(raw: str) -> str:
@@ -565,66 +296,466 @@ def _optional_url(raw: str) -> str | None:
     return _http_url(raw) if raw.strip() else None
 
 
-def _log_level(raw: str) -> str:
-    value = raw.strip().lower()
-    value = {"warn": "warning"}.get(value, value)
-    return _choice(LOG_LEVELS)(value)
+LOG_LEVEL = Choice(LOG_LEVELS, aliases=(("warn", "warning"),))
 
 
 # Variable name -> (Config field, parser). Fields without a variable keep their default.
-_VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
-    "PRESTOP_HOST": ("host", _listen_host),
-    "PRESTOP_PORT": ("port", _port),
-    "PRESTOP_DRAIN_MODE": ("drain_mode", _choice(DRAIN_MODES)),
-    "PRESTOP_DRAIN_SECONDS": ("drain_seconds", _seconds()),
-    "PRESTOP_DRAIN_MIN_SECONDS": ("drain_min_seconds", _seconds()),
-    "PRESTOP_DRAIN_QUIET_SECONDS": ("drain_quiet_seconds", _seconds(allow_zero=False)),
-    "PRESTOP_DRAIN_MAX_SECONDS": ("drain_max_seconds", _seconds(allow_zero=False)),
-    "PRESTOP_DRAIN_POLL_SECONDS": ("drain_poll_seconds", _seconds(minimum=0.01)),
-    "PRESTOP_DRAIN_SOURCE": ("drain_source", _choice(DRAIN_SOURCES)),
-    "PRESTOP_DRAIN_IGNORE_CIDRS": ("drain_ignore_cidrs", _cidrs),
-    "PRESTOP_DRAIN_COUNT_ACCEPTS": ("drain_count_accepts", _bool),
-    "PRESTOP_APP_PORT": ("app_port", _port),
-    "PRESTOP_APP_PORTS": ("app_ports", _ports),
-    "PRESTOP_GRACE_PERIOD_SECONDS": ("grace_period_seconds", _whole_seconds),
-    "PRESTOP_APP_SHUTDOWN_SECONDS": ("app_shutdown_seconds", _seconds()),
-    "PRESTOP_MARGIN_SECONDS": ("margin_seconds", _seconds()),
-    "PRESTOP_APP_HEALTH_URL": ("app_health_url", _optional_url),
-    "PRESTOP_TOKEN": ("token", _token),
-    "PRESTOP_ALLOW_CIDRS": ("allow_cidrs", _cidrs),
-    "PRESTOP_LOG_FORMAT": ("log_format", _choice(LOG_FORMATS)),
-    "PRESTOP_LOG_LEVEL": ("log_level", _log_level),
-    "POD_NAME": ("pod_name", _text),
-    "POD_NAMESPACE": ("pod_namespace", _text),
-    "POD_IP": ("pod_ip", _ip),
-    "PRESTOP_REGISTRY": ("registry", _choice(REGISTRIES)),
-    "PRESTOP_REGISTRY_TIMEOUT_SECONDS": (
-        "registry_timeout_seconds",
+
+
+# --------------------------------------------------------------------------------------------
+# Each setting's facts, on its Config field: the variable, its parser, the group it is shown in,
+# what it means, and which drain modes and registry backends read it. ``load``, ``check``,
+# ``--help`` and docs/reference.md all read them from here, at run time, without the source.
+
+VARIABLE = "variable"
+"""The key of a Config field's :class:`Variable` in its ``metadata``."""
+LISTENER = "The agent's own listener"
+DRAIN = "The drain"
+BUDGET = "The grace budget"
+APP = "The app"
+CALLERS = "Who may call /prestop"
+LOGS = "Logs"
+POD = "The pod, from the downward API"
+REGISTRY = "The registry"
+
+
+@dataclass(frozen=True, slots=True)
+class Variable:
+    """The environment variable that sets one Config field, and its facts."""
+
+    name: str
+    parse: Callable[[str], Any]
+    """Raw text to value; raises ValueError saying what is allowed."""
+    section: str
+    doc: str
+    """What it means, one paragraph (the reference's and ``--help``'s text)."""
+    modes: tuple[str, ...] = ()
+    """The drain modes that read it; empty: every mode."""
+    registries: tuple[str, ...] = ()
+    """The registry backends that read it; empty: every backend."""
+    flag: bool = False
+    """Whether ``prestop-agent`` has a flag for it (``--`` and the name without ``PRESTOP_``)."""
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        return self.parse.allowed if isinstance(self.parse, Choice) else ()
+
+
+def setting(
+    default: Any,
+    name: str,
+    parse: Callable[[str], Any],
+    section: str,
+    *doc: str,
+    modes: tuple[str, ...] = (),
+    registries: tuple[str, ...] = (),
+    flag: bool = False,
+) -> Any:
+    """A Config field set by the variable ``name``."""
+    variable = Variable(
+        name, parse, section, " ".join("".join(doc).split()), modes, registries, flag
+    )
+    return field(default=default, metadata={VARIABLE: variable})
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """Everything the agent can be told. Durations are in seconds, ports are TCP ports."""
+
+    host: str | None = setting(
+        None,
+        "PRESTOP_HOST",
+        _listen_host,
+        LISTENER,
+        "address to listen on. Unset: every IPv4 address, and every IPv6 address too when the "
+        "host has IPv6 (an IPv6-only or dual-stack pod gets its hook); ``::`` means both as "
+        "well. The kubelet sends the httpGet hook to the pod IP, so a loopback-only address "
+        "cannot receive it.",
+        flag=True,
+    )
+    port: int = setting(
+        8099,
+        "PRESTOP_PORT",
+        _port,
+        LISTENER,
+        "port of /prestop, /ready, /live, /status and /metrics.",
+        flag=True,
+    )
+    drain_mode: str = setting(
+        "traffic",
+        "PRESTOP_DRAIN_MODE",
+        Choice(DRAIN_MODES),
+        DRAIN,
+        "``fixed`` (sleep ``drain_seconds``) or ``traffic`` (until it stops).",
+        flag=True,
+    )
+    drain_seconds: float = setting(
+        10.0,
+        "PRESTOP_DRAIN_SECONDS",
+        _seconds(),
+        DRAIN,
+        "how long the fixed drain keeps the app serving, seconds.",
+        modes=("fixed",),
+        flag=True,
+    )
+    drain_min_seconds: float = setting(
+        2.0,
+        "PRESTOP_DRAIN_MIN_SECONDS",
+        _seconds(),
+        DRAIN,
+        "the traffic drain lasts at least this long, seconds.",
+        modes=("traffic",),
+        flag=True,
+    )
+    drain_quiet_seconds: float = setting(
+        3.0,
+        "PRESTOP_DRAIN_QUIET_SECONDS",
+        _seconds(allow_zero=False),
+        DRAIN,
+        "the traffic drain ends after this long without data, seconds.",
+        modes=("traffic",),
+        flag=True,
+    )
+    drain_max_seconds: float | None = setting(
+        None,
+        "PRESTOP_DRAIN_MAX_SECONDS",
+        _seconds(allow_zero=False),
+        DRAIN,
+        "the traffic drain ends at this point whatever happens, seconds. Unset: everything "
+        "the grace budget leaves (see :class:`Budget`).",
+        modes=("traffic",),
+        flag=True,
+    )
+    drain_poll_seconds: float = setting(
+        0.2,
+        "PRESTOP_DRAIN_POLL_SECONDS",
+        _seconds(minimum=0.01),
+        DRAIN,
+        "interval between two looks at the app's sockets, seconds.",
+        modes=("traffic",),
+    )
+    drain_source: str = setting(
+        "auto",
+        "PRESTOP_DRAIN_SOURCE",
+        Choice(DRAIN_SOURCES),
+        DRAIN,
+        "``auto`` (netlink sock_diag, else /proc), ``netlink`` or ``proc``.",
+        modes=("traffic",),
+        flag=True,
+    )
+    drain_ignore_cidrs: tuple[Network, ...] = setting(
+        (),
+        "PRESTOP_DRAIN_IGNORE_CIDRS",
+        _cidrs,
+        DRAIN,
+        "peers whose traffic does not hold the drain (kubelet probes, Prometheus scraping the "
+        "app), comma-separated CIDRs.",
+        modes=("traffic",),
+    )
+    drain_count_accepts: bool = setting(
+        True,
+        "PRESTOP_DRAIN_COUNT_ACCEPTS",
+        _bool,
+        DRAIN,
+        "count connections accepted in the pod's network namespace (/proc/net/snmp "
+        "PassiveOpens) that no socket the drain saw accounts for as traffic: a client that "
+        "opens a connection, sends a request and closes between two polls. Turn off only for "
+        "``hostNetwork`` pods, whose count is the whole node's.",
+        modes=("traffic",),
+    )
+    app_port: int = setting(
+        DEFAULT_APP_PORT,
+        "PRESTOP_APP_PORT",
+        _port,
+        DRAIN,
+        "the app's serving port (used to find the instance in Eureka).",
+        flag=True,
+    )
+    app_ports: tuple[int, ...] = setting(
+        (DEFAULT_APP_PORT,),
+        "PRESTOP_APP_PORTS",
+        _ports,
+        DRAIN,
+        "ports whose traffic the traffic drain watches; default ``app_port``.",
+        flag=True,
+    )
+    grace_period_seconds: float = setting(
+        30.0,
+        "PRESTOP_GRACE_PERIOD_SECONDS",
+        _whole_seconds,
+        BUDGET,
+        "the pod's terminationGracePeriodSeconds, whole seconds (as Kubernetes takes it).",
+        flag=True,
+    )
+    app_shutdown_seconds: float = setting(
+        5.0,
+        "PRESTOP_APP_SHUTDOWN_SECONDS",
+        _seconds(),
+        BUDGET,
+        "time the app needs between its SIGTERM and exit.",
+    )
+    margin_seconds: float = setting(
+        1.0,
+        "PRESTOP_MARGIN_SECONDS",
+        _seconds(),
+        BUDGET,
+        "slack kept back; the kubelet subtracts the hook's time in whole seconds, so up to "
+        "one second can be lost to rounding.",
+    )
+    app_health_url: str | None = setting(
+        None,
+        "PRESTOP_APP_HEALTH_URL",
+        _optional_url,
+        APP,
+        "when set, /ready also requires this URL to answer 2xx.",
+    )
+    token: str | None = setting(
+        None,
+        "PRESTOP_TOKEN",
+        _token,
+        CALLERS,
+        "when set, /prestop requires header ``X-Prestop-Token`` with this value.",
+    )
+    allow_cidrs: tuple[Network, ...] = setting(
+        (),
+        "PRESTOP_ALLOW_CIDRS",
+        _cidrs,
+        CALLERS,
+        "when set, only these source addresses may call /prestop.",
+    )
+    log_format: str = setting(
+        "auto",
+        "PRESTOP_LOG_FORMAT",
+        Choice(LOG_FORMATS),
+        LOGS,
+        "``json``, ``console``, or ``auto`` (JSON unless stderr is a TTY).",
+        flag=True,
+    )
+    log_level: str = setting(
+        "info",
+        "PRESTOP_LOG_LEVEL",
+        LOG_LEVEL,
+        LOGS,
+        "debug, info, warning or error.",
+        flag=True,
+    )
+    pod_name: str = setting(
+        "",
+        "POD_NAME",
+        _text,
+        POD,
+        "metadata.name, for logs and metrics.",
+    )
+    pod_namespace: str = setting(
+        "",
+        "POD_NAMESPACE",
+        _text,
+        POD,
+        "metadata.namespace, for logs and metrics.",
+    )
+    pod_ip: str = setting(
+        "",
+        "POD_IP",
+        _ip,
+        POD,
+        "status.podIP; identifies the instance in Eureka.",
+    )
+    registry: str = setting(
+        "none",
+        "PRESTOP_REGISTRY",
+        Choice(REGISTRIES),
+        REGISTRY,
+        "``none``, ``eureka``, ``actuator`` or ``register``.",
+        flag=True,
+    )
+    registry_timeout_seconds: float = setting(
+        5.0,
+        "PRESTOP_REGISTRY_TIMEOUT_SECONDS",
         _seconds(minimum=MIN_REGISTRY_TIMEOUT_SECONDS),
-    ),
-    "PRESTOP_REGISTRY_CHECK_SECONDS": ("registry_check_seconds", _seconds(minimum=0.1)),
-    "PRESTOP_EUREKA_URLS": ("eureka_urls", _http_urls),
-    "PRESTOP_EUREKA_CA_FILE": ("eureka_ca_file", _optional_text),
-    "PRESTOP_EUREKA_APP": ("eureka_app", _text),
-    "PRESTOP_EUREKA_INSTANCE_ID": ("eureka_instance_id", _text),
-    "PRESTOP_EUREKA_STATUS": ("eureka_status", _choice(EUREKA_STATUSES, upper=True)),
-    "PRESTOP_EUREKA_KEEP_OVERRIDE": ("eureka_keep_override", _bool),
-    "PRESTOP_EUREKA_RENEWAL_SECONDS": ("eureka_renewal_seconds", _seconds(allow_zero=False)),
-    "PRESTOP_EUREKA_LEASE_SECONDS": ("eureka_lease_seconds", _seconds(allow_zero=False)),
-    "PRESTOP_ACTUATOR_URL": ("actuator_url", _http_url),
-    "PRESTOP_EUREKA_CLIENT_REFRESH_SECONDS": ("eureka_client_refresh_seconds", _seconds()),
-    "PRESTOP_EUREKA_SERVER_CACHE_SECONDS": ("eureka_server_cache_seconds", _seconds()),
+        REGISTRY,
+        "bound on the whole mark-down step, retries included.",
+        registries=WITH_A_REGISTRY,
+    )
+    registry_check_seconds: float = setting(
+        30.0,
+        "PRESTOP_REGISTRY_CHECK_SECONDS",
+        _seconds(minimum=0.1),
+        REGISTRY,
+        "interval of the registry health check, from start-up until the shutdown begins, "
+        "seconds (checked sooner while the instance is not found yet).",
+        registries=WITH_A_REGISTRY,
+    )
+    eureka_urls: tuple[str, ...] = setting(
+        (),
+        "PRESTOP_EUREKA_URLS",
+        _http_urls,
+        REGISTRY,
+        "Eureka service URLs as in Spring's defaultZone, comma-separated; may carry "
+        "credentials (never logged).",
+        registries=WITH_A_REGISTRY,
+    )
+    eureka_ca_file: str | None = setting(
+        None,
+        "PRESTOP_EUREKA_CA_FILE",
+        _optional_text,
+        REGISTRY,
+        "PEM bundle of a private CA for https Eureka URLs.",
+        registries=WITH_A_REGISTRY,
+    )
+    eureka_app: str = setting(
+        "",
+        "PRESTOP_EUREKA_APP",
+        _text,
+        REGISTRY,
+        "the application name in Eureka (e.g. ``ORDERS``).",
+        registries=WITH_A_REGISTRY,
+    )
+    eureka_instance_id: str = setting(
+        "",
+        "PRESTOP_EUREKA_INSTANCE_ID",
+        _text,
+        REGISTRY,
+        "the instance id; unset: found by POD_IP and app port.",
+        registries=WITH_A_REGISTRY,
+    )
+    eureka_status: str = setting(
+        "DOWN",
+        "PRESTOP_EUREKA_STATUS",
+        Choice(EUREKA_STATUSES, upper=True),
+        REGISTRY,
+        "the status override to set, ``DOWN`` or ``OUT_OF_SERVICE``.",
+        registries=WITH_A_REGISTRY,
+    )
+    eureka_keep_override: bool = setting(
+        False,
+        "PRESTOP_EUREKA_KEEP_OVERRIDE",
+        _bool,
+        REGISTRY,
+        "keep a DOWN override left by a previous pod at start-up.",
+        registries=("eureka",),
+    )
+    eureka_renewal_seconds: float = setting(
+        30.0,
+        "PRESTOP_EUREKA_RENEWAL_SECONDS",
+        _seconds(allow_zero=False),
+        REGISTRY,
+        "lease renewal interval in ``register`` mode.",
+        registries=("register",),
+    )
+    eureka_lease_seconds: float = setting(
+        90.0,
+        "PRESTOP_EUREKA_LEASE_SECONDS",
+        _seconds(allow_zero=False),
+        REGISTRY,
+        "lease duration announced in ``register`` mode.",
+        registries=("register",),
+    )
+    actuator_url: str = setting(
+        "http://127.0.0.1:8080/actuator/serviceregistry",
+        "PRESTOP_ACTUATOR_URL",
+        _http_url,
+        REGISTRY,
+        "the app's service-registry actuator endpoint.",
+        registries=("actuator",),
+    )
+    eureka_client_refresh_seconds: float = setting(
+        70.0,
+        "PRESTOP_EUREKA_CLIENT_REFRESH_SECONDS",
+        _seconds(),
+        REGISTRY,
+        "how long a Eureka client may keep routing to the instance after its server's "
+        "client-facing view changed: the clients' registry fetch interval plus their load "
+        "balancer's cache TTL (Spring Cloud: 30 s + 35 s) plus a margin (default 5 s) for the "
+        "fetch's own duration, seconds.",
+        registries=WITH_A_REGISTRY,
+    )
+    eureka_server_cache_seconds: float = setting(
+        30.0,
+        "PRESTOP_EUREKA_SERVER_CACHE_SECONDS",
+        _seconds(),
+        REGISTRY,
+        "bound on the Eureka server's read-only response cache "
+        "(``responseCacheUpdateIntervalMs``), assumed when its client-facing view cannot be "
+        "watched (actuator mode without URLs, a server that stops answering), seconds.",
+        registries=WITH_A_REGISTRY,
+    )
+
+    def budget(self) -> Budget:
+        """The grace-period arithmetic for this configuration."""
+        partial = Budget(
+            grace_period=self.grace_period_seconds,
+            registry_deadline=self.registry_deadline,
+            app_shutdown=self.app_shutdown_seconds,
+            margin=self.margin_seconds,
+            drain=0.0,
+        )
+        drain = getattr(self, DRAIN_LENGTHS[self.drain_mode])
+        if drain is None:
+            drain = partial.available_for_drain
+        return dataclasses.replace(partial, drain=drain)
+
+    @property
+    def registry_deadline(self) -> float:
+        """Seconds the mark-down step may take; nothing when there is no registry."""
+        return 0.0 if self.registry == "none" else self.registry_timeout_seconds
+
+    @property
+    def drain_limit(self) -> float:
+        """The longest the drain step may last, seconds."""
+        return self.budget().drain
+
+    @property
+    def watches_client_view(self) -> bool:
+        """Whether the agent can watch the Eureka servers' client-facing view of the instance."""
+        return self.registry in ("eureka", "register") or (
+            self.registry == "actuator"
+            and bool(self.eureka_urls)
+            and bool(self.eureka_app)
+            and bool(self.pod_ip or self.eureka_instance_id)
+        )
+
+    def redacted(self) -> dict[str, Any]:
+        """Every setting, with secrets replaced, for /status, ``check`` and logs."""
+        shown: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "token":
+                value = REDACTED if value else None
+            elif f.name == "eureka_urls":
+                value = [redact_url(url) for url in value]
+            elif f.name in ("app_health_url", "actuator_url") and value:
+                value = redact_url(value)
+            elif isinstance(value, tuple):
+                value = [str(item) if not isinstance(item, int) else item for item in value]
+            elif f.name == "drain_max_seconds" and value is None:
+                value = self.drain_limit  # what the budget leaves: the value in effect
+            elif f.name == "host" and value is None:
+                value = ALL_ADDRESSES
+            shown[f.name] = value
+        return shown
+
+    def __repr__(self) -> str:
+        settings = ", ".join(f"{k}={v!r}" for k, v in self.redacted().items())
+        return f"Config({settings})"
+
+
+def variables() -> tuple[tuple[str, Variable], ...]:
+    """Every ``(field name, variable)`` of Config, in declaration order."""
+    return tuple((f.name, f.metadata[VARIABLE]) for f in dataclasses.fields(Config))
+
+
+_VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
+    variable.name: (name, variable.parse) for name, variable in variables()
 }
-# Fields whose variable is not PRESTOP_ + the field's name (the downward API's own names).
-_ENVIRONMENT_NAMES = {"pod_name": "POD_NAME", "pod_namespace": "POD_NAMESPACE", "pod_ip": "POD_IP"}
+"""Variable name -> (Config field, parser), derived from the fields."""
 
 
 def variable_of(field_name: str) -> str:
     """The environment variable that sets a Config field."""
-    return _ENVIRONMENT_NAMES.get(field_name, f"PRESTOP_{field_name.upper()}")
+    return Config.__dataclass_fields__[field_name].metadata[VARIABLE].name
 
 
-VARIABLES = tuple(variable_of(f.name) for f in dataclasses.fields(Config))
+VARIABLES = tuple(_VARIABLES)
 """Every environment variable the agent reads, derived from Config's fields (so a new setting is
 known, validated, fuzzed and suggested without another list to keep), for the README and
 ``check``."""
@@ -674,64 +805,25 @@ def load(environ: Mapping[str, str]) -> Config:
     return config
 
 
-# Settings that only one drain mode reads. Setting one for the other mode is a mistake worth
-# stopping for: PRESTOP_DRAIN_SECONDS=25 under the traffic mode would be silently ignored.
-_MODE_VARIABLES = {
-    "fixed": ("PRESTOP_DRAIN_SECONDS",),
-    "traffic": (
-        "PRESTOP_DRAIN_MIN_SECONDS",
-        "PRESTOP_DRAIN_QUIET_SECONDS",
-        "PRESTOP_DRAIN_MAX_SECONDS",
-        "PRESTOP_DRAIN_POLL_SECONDS",
-        "PRESTOP_DRAIN_SOURCE",
-        "PRESTOP_DRAIN_IGNORE_CIDRS",
-        "PRESTOP_DRAIN_COUNT_ACCEPTS",
-    ),
-}
-
-
-# Settings that only some registry backends read (the rest apply to every configuration).
-_REGISTRY_VARIABLES = {
-    "PRESTOP_REGISTRY_TIMEOUT_SECONDS": ("eureka", "actuator", "register"),
-    "PRESTOP_REGISTRY_CHECK_SECONDS": ("eureka", "actuator", "register"),
-    # actuator mode reads the Eureka URLs too, when given, to watch the clients' view.
-    "PRESTOP_EUREKA_URLS": ("eureka", "actuator", "register"),
-    "PRESTOP_EUREKA_CA_FILE": ("eureka", "actuator", "register"),
-    "PRESTOP_EUREKA_APP": ("eureka", "actuator", "register"),
-    "PRESTOP_EUREKA_INSTANCE_ID": ("eureka", "actuator", "register"),
-    "PRESTOP_EUREKA_CLIENT_REFRESH_SECONDS": ("eureka", "actuator", "register"),
-    "PRESTOP_EUREKA_SERVER_CACHE_SECONDS": ("eureka", "actuator", "register"),
-    "PRESTOP_EUREKA_STATUS": ("eureka", "actuator", "register"),
-    "PRESTOP_EUREKA_KEEP_OVERRIDE": ("eureka",),
-    "PRESTOP_EUREKA_RENEWAL_SECONDS": ("register",),
-    "PRESTOP_EUREKA_LEASE_SECONDS": ("register",),
-    "PRESTOP_ACTUATOR_URL": ("actuator",),
-}
-
-
 def in_use(config: Config, variable: str) -> bool:
     """Does this configuration read ``variable``? (``check`` shows only those settings.)"""
-    for mode, variables in _MODE_VARIABLES.items():
-        if variable in variables:
-            return mode == config.drain_mode
-    return config.registry in _REGISTRY_VARIABLES.get(variable, (config.registry,))
-
-
-def field_of(variable: str) -> str:
-    """The Config field a variable sets."""
-    return _VARIABLES[variable][0]
+    facts = Config.__dataclass_fields__[_VARIABLES[variable][0]].metadata[VARIABLE]
+    return (not facts.modes or config.drain_mode in facts.modes) and (
+        not facts.registries or config.registry in facts.registries
+    )
 
 
 def _check_mode_settings(config: Config, environ: Mapping[str, str]) -> None:
-    for mode, variables in _MODE_VARIABLES.items():
-        if mode == config.drain_mode:
-            continue
-        for name in variables:
-            if name in environ:
-                raise ConfigError(
-                    f"{name}={environ[name]!r}: applies only to PRESTOP_DRAIN_MODE={mode}, and"
-                    f" the mode is {config.drain_mode}; set PRESTOP_DRAIN_MODE={mode} or remove it"
-                )
+    """A setting that only other drain modes read is a mistake worth stopping for:
+    PRESTOP_DRAIN_SECONDS=25 under the traffic mode would be silently ignored."""
+    for _, variable in variables():
+        if variable.name in environ and variable.modes and config.drain_mode not in variable.modes:
+            modes = "/".join(variable.modes)
+            raise ConfigError(
+                f"{variable.name}={environ[variable.name]!r}: applies only to"
+                f" PRESTOP_DRAIN_MODE={modes}, and the mode is {config.drain_mode}; set"
+                f" PRESTOP_DRAIN_MODE={variable.modes[0]} or remove it"
+            )
 
 
 def _check_together(config: Config, environ: Mapping[str, str]) -> None:
@@ -744,7 +836,9 @@ def _check_together(config: Config, environ: Mapping[str, str]) -> None:
             " connection would count as the app's traffic and every drain would run to its"
             " maximum; set the app's serving port"
         )
-    if config.drain_mode == "traffic" and config.drain_poll_seconds > config.drain_quiet_seconds:
+    if in_use(config, "PRESTOP_DRAIN_QUIET_SECONDS") and (
+        config.drain_poll_seconds > config.drain_quiet_seconds
+    ):
         raise ConfigError(
             f"PRESTOP_DRAIN_POLL_SECONDS={config.drain_poll_seconds:g}: must not exceed"
             f" PRESTOP_DRAIN_QUIET_SECONDS={config.drain_quiet_seconds:g}"
@@ -761,8 +855,8 @@ def _check_together(config: Config, environ: Mapping[str, str]) -> None:
     if config.eureka_ca_file is not None:
         try:
             ssl.create_default_context(cafile=config.eureka_ca_file)
-        except OSError as exc:  # ssl.SSLError is one too
-            reason = exc.strerror or str(exc)
+        except (OSError, ValueError) as exc:  # ssl.SSLError; a name no file system can hold
+            reason = getattr(exc, "strerror", None) or str(exc)
             raise ConfigError(
                 f"PRESTOP_EUREKA_CA_FILE={config.eureka_ca_file!r}: must be a readable PEM file"
                 f" of CA certificates ({reason})"
@@ -797,8 +891,7 @@ def _check_budget(config: Config, environ: Mapping[str, str]) -> None:
             f" {' / '.join(name for _, _, name in taken)}"
         )
     # An explicit drain length that does not fit.
-    explicit = {"fixed": "PRESTOP_DRAIN_SECONDS", "traffic": "PRESTOP_DRAIN_MAX_SECONDS"}
-    drain_variable = explicit[config.drain_mode]
+    drain_variable = variable_of(DRAIN_LENGTHS[config.drain_mode])
     if not budget.fits:
         raise ConfigError(
             f"{grace} is too short for {drain_variable}={budget.drain:g}: {budget.arithmetic()};"
@@ -806,8 +899,6 @@ def _check_budget(config: Config, environ: Mapping[str, str]) -> None:
             f" {drain_variable}, or raise the grace period with the pod's"
             " terminationGracePeriodSeconds"
         )
-    if config.drain_mode != "traffic":
-        return
     # The traffic drain's own lengths must fit under its maximum, or they mean nothing.
     for value, name, meaning in (
         (
@@ -821,7 +912,7 @@ def _check_budget(config: Config, environ: Mapping[str, str]) -> None:
             "the drain can never end because traffic stopped, only at its maximum",
         ),
     ):
-        if value <= budget.drain + 1e-9:
+        if not in_use(config, name) or value <= budget.drain + 1e-9:
             continue
         setting = f"{name}={value:g}" + ("" if name in environ else " (its default)")
         if config.drain_max_seconds is not None:

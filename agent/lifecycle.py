@@ -59,6 +59,45 @@ class Step:
         }
 
 
+@dataclass(frozen=True, slots=True)
+class FloorSource:
+    """One way callers find the pod, as the propagation floor counts it (the floor is the latest
+    over every source). Each source module builds its own from the configuration (Eureka's:
+    :func:`agent.registry.view.floor_source`); nothing else knows a source's figures."""
+
+    name: str
+    """The source, as logs, /status and ``check`` name it (``eureka``)."""
+    watched: bool
+    """Whether the moment its routers can see the change is observed (then measured), or only
+    assumed from ``blind_seconds``."""
+    blind_seconds: float
+    """What it assumes when it cannot observe: seconds after the change reached it until its
+    routers can see the change."""
+    refresh_seconds: float
+    """Its routers' bound: seconds they may keep routing to the pod after they can see the
+    change."""
+    figures: str
+    """Its two bounds in words, with their values, for warnings (``Eureka server cache 30s +
+    client refresh 70s``)."""
+    watching: str
+    """How the moment its routers can see the change is known (watched, or assumed and why),
+    for ``check``."""
+    remedy: str
+    """How to lower its bounds: which settings of its routers, and the agent's variables that
+    must follow."""
+
+    @property
+    def worst_case(self) -> float:
+        """Seconds after the change before which its routers may still send, at worst."""
+        return self.blind_seconds + self.refresh_seconds
+
+    def propagation(self) -> Propagation:
+        """The record the drain fills in as this source's view is observed."""
+        return Propagation(
+            registry=True, client_refresh=self.refresh_seconds, server_cache=self.blind_seconds
+        )
+
+
 @dataclass(slots=True)
 class Propagation:
     """How far the mark-down has reached the registry's clients, and the drain floor it implies.

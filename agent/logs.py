@@ -22,7 +22,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.http_exceptions import HttpProcessingError
 
-from agent.config import redact_urls_in
+from agent.http import redact_urls_in
 
 # Kubelet probes and Prometheus scrapes arrive every few seconds; at info level they would drown
 # the few lines that matter during a termination.

@@ -1,7 +1,7 @@
 """Wiring: build the parts, serve, own the signals, run the one shutdown sequence, exit.
 
 Read :meth:`Agent.run` top to bottom for the whole life of the process and :meth:`Agent.shutdown`
-for the termination, step by step, in the order DESIGN.md gives.
+for the termination, step by step, in the order docs/design.md gives.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import resource
 import signal
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -23,12 +23,14 @@ from aiohttp import web
 
 from agent import __version__, logs
 from agent.config import Config
-from agent.drain import DrainOutcome, off_the_loop, run_drain
+from agent.drain import DrainContext, DrainOutcome, app_is_up, run_drain
+from agent.http import AppHealth
 from agent.lifecycle import Lifecycle, Phase, Propagation, Trigger
 from agent.logs import AccessLogger
 from agent.metrics import Metrics
+from agent.plan import LINGER_STEP, LingerOutcome, ShutdownPlan
 from agent.registry import HealthWatch, Registry, RegistryError, open_registry
-from agent.server import AppHealth, PendingAnswers, make_app
+from agent.server import PendingAnswers, make_app
 
 if TYPE_CHECKING:
     # Imported at run time only when used.
@@ -94,6 +96,8 @@ class Agent:
         early_signals: Sequence[int] = (),
     ) -> None:
         self.config = config
+        self.plan = ShutdownPlan.of(config)
+        """What the termination will do and by when: the same plan ``check`` prints."""
         self._early_signals = early_signals
         """Signals that arrived before :meth:`run` installed its handlers (recorded by the CLI
         from its first instruction); replayed, in order, once it has."""
@@ -117,6 +121,8 @@ class Agent:
         self._view: ClientView | None = None
         """The Eureka servers' client-facing view, when the registry is watched (Eureka URLs)."""
         self._health: HealthWatch | None = None
+        self._health_check: asyncio.Task[None] | None = None
+        """The registry health check's task: it ends when the shutdown begins."""
         self.metrics.track(self.lifecycle)
         self.lifecycle.subscribe(self._log_phase)
         output = logs.output()
@@ -165,134 +171,143 @@ class Agent:
     # --- the process --------------------------------------------------------------------------
 
     async def run(self) -> int:
-        """Serve until the drain is over and a signal asked us to go; return the exit status."""
+        """Serve until the drain is over and a signal asked us to go; return the exit status.
+
+        The whole life of the process, as uvicorn's ``_serve``: start up, wait for the trigger,
+        shut down, then linger (or wait for the kubelet's signal). Every resource and background
+        task is entered on one exit stack, so they stop in reverse order: the tasks before the
+        listener, the registry and the HTTP session they use."""
         loop = asyncio.get_running_loop()
         self._install_signal_handlers(loop)
-        background: list[asyncio.Task[None]] = []
         try:
             async with contextlib.AsyncExitStack() as resources:
-                # Opened first, closed last: the registry and the health check share it.
-                session = await resources.enter_async_context(aiohttp.ClientSession())
-                health = (
-                    AppHealth(self.config.app_health_url, session)
-                    if self.config.app_health_url
-                    else None
-                )
-                registry = open_registry(self.config, session, health)
-                resources.push_async_callback(registry.close)
-                runner = web.AppRunner(
-                    make_app(
-                        self.config,
-                        self.lifecycle,
-                        self.metrics,
-                        health=health,
-                        pending=self.pending,
-                        status_extra=self._status_extra,
-                        on_final_scrape=self.final_scrape.set,
-                    ),
-                    handle_signals=False,  # the signals are ours: see handle_signal
-                    access_log_class=AccessLogger,
-                    shutdown_timeout=SERVER_CLOSE_SECONDS,
-                    keepalive_timeout=IDLE_CONNECTION_SECONDS,
-                )
-                await runner.setup()
-                resources.push_async_callback(runner.cleanup)
-                self._count_accepts(runner)
-                for address in listen_addresses(self.config.host):
-                    try:
-                        await web.TCPSite(runner, address, self.config.port).start()
-                    except OSError as exc:
-                        raise ListenError(self.config, address, exc) from None
-                    self._listening.append(
-                        f"[{address}]:{self.config.port}"
-                        if ":" in address
-                        else f"{address}:{self.config.port}"
-                    )
-                # No pod or namespace label: the scrape's target labels carry them, and the
-                # same names exported here would collide (exported_pod, exported_namespace).
-                self.metrics.describe(drain_mode=self.config.drain_mode, registry=registry.name)
-                self.metrics.registry_backend(registry.name)
-                if self.config.drain_mode == "traffic":
-                    from agent.drain.traffic import probe_source
-
-                    self._drain_source = probe_source(
-                        self.config.app_ports, self.config.drain_source, self.metrics
-                    )
-                log.info(
-                    "agent_started",
-                    version=__version__,
-                    listen=self._listening,
-                    drain_mode=self.config.drain_mode,
-                    registry=registry.name,
-                    pid=os.getpid(),
-                    drain_source=self._drain_source,
-                    open_files_limit=resource.getrlimit(resource.RLIMIT_NOFILE)[0],
-                )
-                self._announce_floor()
-                self.started.set()
-                # The long-lived background tasks, all cancelled below at exit: the registry's
-                # own start-up and upkeep (clear a stale override; register and renew), and its
-                # health check, which also ends when the shutdown begins (the mark-down step
-                # reports on the registry from then on).
-                background.append(asyncio.create_task(registry.run(), name="registry"))
-                health_check: asyncio.Task[None] | None = None
-                if registry.name != "none":
-                    self._health = HealthWatch(
-                        registry,
-                        self.metrics,
-                        interval_seconds=self.config.registry_check_seconds,
-                        timeout_seconds=self.config.registry_timeout_seconds,
-                    )
-                    health_check = asyncio.create_task(self._health.run(), name="registry_health")
-                    background.append(health_check)
-                if self.config.watches_client_view:
-                    # Keeps the agent's key hot in the Eureka servers' response cache, so that
-                    # the propagation watch sees what clients see (agent.registry.view).
-                    from agent.registry.view import ClientView
-
-                    self._view = ClientView(self.config, session)
-                    background.append(
-                        asyncio.create_task(self._view.keep_hot(), name="registry-view")
-                    )
-
+                registry = await self._start(resources)
                 await self.lifecycle.wait_triggered()
-                if health_check is not None:
-                    health_check.cancel()
+                if self._health_check is not None:
+                    # From here on the mark-down step reports on the registry.
+                    self._health_check.cancel()
                 await self.shutdown(registry)
-                if self.exit_requested.is_set():
-                    # Classic sidecar (SIGTERM came with the trigger): the drain's figures exist
-                    # only in this process; stay until they have been scraped.
-                    await self._wait_for_final_scrape()
-                else:
-                    # Native sidecar: the drain was the app's hook; we go when the kubelet says
-                    # so, which is after the app has exited (scrapes happen meanwhile).
-                    await self.exit_requested.wait()
+                await self._after_drain()
                 log.info("shutdown_complete", **self.lifecycle.report())
         finally:
-            for task in background:
-                task.cancel()
-            await asyncio.gather(*background, return_exceptions=True)
             for signum in (*SHUTDOWN_SIGNALS, *IGNORED_SIGNALS):
                 loop.remove_signal_handler(signum)
         return 0
 
+    async def _start(self, resources: contextlib.AsyncExitStack) -> Registry:
+        """Open the HTTP session, the registry and the listener, announce the agent, and start
+        the background tasks; everything on ``resources``. Returns the registry backend."""
+        # Opened first, closed last: the registry, the health check and the view share it.
+        session = await resources.enter_async_context(aiohttp.ClientSession())
+        health = (
+            AppHealth(self.config.app_health_url, session) if self.config.app_health_url else None
+        )
+        registry = open_registry(self.config, session, health)
+        resources.push_async_callback(registry.close)
+        await self._listen(resources, health)
+        self._announce(registry)
+        self.started.set()
+        # The registry's own start-up and upkeep (clear a stale override; register and renew).
+        self._spawn(resources, registry.run(), "registry")
+        if registry.name != "none":
+            self._health = HealthWatch(
+                registry,
+                self.metrics,
+                interval_seconds=self.config.registry_check_seconds,
+                timeout_seconds=self.config.registry_timeout_seconds,
+            )
+            self._health_check = self._spawn(resources, self._health.run(), "registry_health")
+        if self.config.watches_client_view:
+            # Keeps the agent's key hot in the Eureka servers' response cache, so that the
+            # propagation watch sees what clients see (agent.registry.view).
+            from agent.registry.view import ClientView
+
+            self._view = ClientView(self.config, session)
+            self._spawn(resources, self._view.keep_hot(), "registry-view")
+        return registry
+
+    @staticmethod
+    def _spawn(
+        resources: contextlib.AsyncExitStack, work: Coroutine[Any, Any, None], name: str
+    ) -> asyncio.Task[None]:
+        """Start a background task that ``resources`` cancels, and waits for, at exit: before
+        anything entered earlier (the HTTP session it uses) closes."""
+        task = asyncio.create_task(work, name=name)
+
+        async def stop() -> None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+        resources.push_async_callback(stop)
+        return task
+
+    async def _listen(self, resources: contextlib.AsyncExitStack, health: AppHealth | None) -> None:
+        """Serve the agent's endpoints on every listen address."""
+        runner = web.AppRunner(
+            make_app(
+                self.config,
+                self.lifecycle,
+                self.metrics,
+                health=health,
+                pending=self.pending,
+                status_extra=self._status_extra,
+                on_final_scrape=self.final_scrape.set,
+            ),
+            handle_signals=False,  # the signals are ours: see handle_signal
+            access_log_class=AccessLogger,
+            shutdown_timeout=SERVER_CLOSE_SECONDS,
+            keepalive_timeout=IDLE_CONNECTION_SECONDS,
+        )
+        await runner.setup()
+        resources.push_async_callback(runner.cleanup)
+        self._count_accepts(runner)
+        for address in listen_addresses(self.config.host):
+            try:
+                await web.TCPSite(runner, address, self.config.port).start()
+            except OSError as exc:
+                raise ListenError(self.config, address, exc) from None
+            self._listening.append(_host_port(address, self.config.port))
+
+    def _announce(self, registry: Registry) -> None:
+        """Export what this agent is and log that it started, once it listens."""
+        # No pod or namespace label: the scrape's target labels carry them, and the same names
+        # exported here would collide (exported_pod, exported_namespace).
+        self.metrics.describe(drain_mode=self.config.drain_mode, registry=registry.name)
+        self.metrics.registry_backend(registry.name)
+        if self.config.drain_mode == "traffic":
+            from agent.drain.traffic import probe_source
+
+            self._drain_source = probe_source(
+                self.config.app_ports, self.config.drain_source, self.metrics
+            )
+        log.info(
+            "agent_started",
+            version=__version__,
+            listen=self._listening,
+            drain_mode=self.config.drain_mode,
+            registry=registry.name,
+            pid=os.getpid(),
+            drain_source=self._drain_source,
+            open_files_limit=resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+        )
+        self._announce_floor()
+
+    async def _after_drain(self) -> None:
+        """The plan's linger rule: a classic sidecar (SIGTERM came with the trigger) stays until
+        the drain's figures, which exist only in this process, have been scraped; a native one
+        goes when the kubelet says so, after the app has exited (scrapes happen meanwhile)."""
+        if self.plan.lingers(self.exit_requested.is_set()):
+            await self._linger()
+        else:
+            await self.exit_requested.wait()
+
     async def shutdown(self, registry: Registry) -> None:
         """The termination, in order. Every step is bounded; no step's failure skips the next."""
-        config, lifecycle = self.config, self.lifecycle
+        plan, lifecycle = self.plan, self.lifecycle
         # 1. The trigger already set DRAINING, so /ready has answered 503 since that instant.
 
-        # The kubelet SIGKILLs the app at the end of the grace period; the app needs its share of
-        # that after our answer, so everything before the answer ends by this offset.
-        answer_by = (
-            config.grace_period_seconds - config.app_shutdown_seconds - config.margin_seconds
-        )
-
         # 2. Take the instance out of the registry (bounded by its own deadline).
-        lifecycle.propagation = Propagation(
-            registry=registry.name != "none",
-            client_refresh=config.eureka_client_refresh_seconds,
-            server_cache=config.eureka_server_cache_seconds,
-        )
+        lifecycle.propagation = plan.propagation()
         marked = await self._mark_down(registry)
 
         # 3. Keep the app serving while traffic may still arrive, and at least until every
@@ -310,7 +325,7 @@ class Agent:
                     next(s.detail for s in lifecycle.steps if s.name == "mark_down").get("servers")
                 ),
             )
-        limit = min(config.drain_limit, answer_by - lifecycle.elapsed())
+        limit = plan.drain_limit(lifecycle.elapsed())
         step = lifecycle.begin("drain")
         try:
             outcome = await self._drain(limit)
@@ -341,7 +356,7 @@ class Agent:
 
         # 5. Register mode: the app has stopped taking traffic, so its registration goes.
         try:
-            async with asyncio.timeout(config.registry_deadline or None):
+            async with asyncio.timeout(plan.budget.registry_deadline or None):
                 await registry.finalize()
         except TimeoutError:
             log.warning("registry_finalize_timeout", backend=registry.name)
@@ -383,26 +398,24 @@ class Agent:
             if isinstance(said, dict) and said.get("result") not in (None, "ok")
         }
 
-    async def _wait_for_final_scrape(self) -> None:
-        """Stay up (not ready) until the first of: a /metrics scrape served after the drain, the
-        app's sockets gone (no listener, no open connection: the app exited, the pod is going),
-        the grace budget spent (the kubelet's SIGKILL would come next). Recorded as the
-        ``final_scrape`` step."""
-        from agent.drain.sockdiag import app_is_up
-
-        config, lifecycle = self.config, self.lifecycle
-        step = lifecycle.begin("final_scrape")
-        deadline = config.grace_period_seconds - config.margin_seconds
-        ports = config.app_ports
-        outcome = "grace"
+    async def _linger(self) -> None:
+        """Stay up (not ready) after the drain until the first of: a /metrics scrape served
+        after it, the app's sockets gone (no listener, no open connection: the app exited, the
+        pod is going), the grace budget spent (the kubelet's SIGKILL would come next). Recorded
+        as the :data:`agent.plan.LINGER_STEP` step."""
+        lifecycle = self.lifecycle
+        step = lifecycle.begin(LINGER_STEP)
+        deadline = self.plan.budget.linger_until
+        ports = self.config.app_ports
+        outcome = LingerOutcome.GRACE
         watch_app = True
         while (left := deadline - lifecycle.elapsed()) > 0:
             if self.final_scrape.is_set():
-                outcome = "scraped"
+                outcome = LingerOutcome.SCRAPED
                 break
             try:
-                if watch_app and not await off_the_loop(app_is_up, ports):
-                    outcome = "app_exited"
+                if watch_app and not await app_is_up(ports):
+                    outcome = LingerOutcome.APP_EXITED
                     break
             except OSError as exc:
                 # No /proc/net/tcp here: wait for the scrape or the grace budget only.
@@ -411,7 +424,7 @@ class Agent:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(min(APP_EXIT_POLL_SECONDS, left)):
                     await self.final_scrape.wait()
-        lifecycle.end(step, outcome)
+        lifecycle.end(step, str(outcome))
 
     async def _mark_down(self, registry: Registry) -> bool:
         """Step 2; True when the instance was marked."""
@@ -461,10 +474,12 @@ class Agent:
             return await run_drain(
                 self.config,
                 limit=limit,
-                lifecycle=self.lifecycle,
-                metrics=self.metrics,
-                own_accepts=lambda: self.accepted,
-                on_poll=self._drain_polled,
+                context=DrainContext(
+                    lifecycle=self.lifecycle,
+                    metrics=self.metrics,
+                    own_accepts=lambda: self.accepted,
+                    on_poll=self._drain_polled,
+                ),
             )
         except Exception as exc:
             # Whatever broke, the app still needs its drain: keep it serving up to the limit.
@@ -492,10 +507,10 @@ class Agent:
     def _announce_floor(self) -> None:
         """Export the worst-case propagation floor and the drain's maximum, and say once when
         the one can outlast the other."""
-        config = self.config
-        self.metrics.drain_floor.set(config.worst_case_floor())
-        self.metrics.drain_max.set(config.drain_limit)
-        warning = config.floor_warning()
+        plan = self.plan
+        self.metrics.drain_floor.set(plan.worst_case_floor())
+        self.metrics.drain_max.set(plan.budget.drain)
+        warning = plan.floor_warning()
         if warning is not None:
             log.warning("drain_floor_exceeds_max", detail=warning)
 
@@ -503,7 +518,7 @@ class Agent:
 
     def _drain_polled(self, verdict: TrafficVerdict) -> None:
         self._drain_seen = {
-            **verdict.seen(),
+            **verdict.snapshot(),
             "quiet_since_seconds": round(verdict.quiet_since - verdict.trigger_at, 4),
         }
 
@@ -528,10 +543,11 @@ class Agent:
                 "source": self._drain_source,
                 "sees": _SEES.get(self._drain_source or ""),
                 "seen": self._drain_seen,
-                "floor_seconds": self.config.worst_case_floor(),
-                "max_seconds": self.config.drain_limit,
-                "floor_warning": self.config.floor_warning(),
+                "floor_seconds": self.plan.worst_case_floor(),
+                "max_seconds": self.plan.budget.drain,
+                "floor_warning": self.plan.floor_warning(),
             },
+            "plan": self.plan.as_dict(),
             "registry": {
                 **(
                     {"backend": self.config.registry}
@@ -568,7 +584,7 @@ class ListenError(Exception):
 
     def __init__(self, config: Config, address: str, error: OSError) -> None:
         reason = error.strerror or str(error)
-        where = f"[{address}]:{config.port}" if ":" in address else f"{address}:{config.port}"
+        where = _host_port(address, config.port)
         unusable_host = isinstance(error, socket.gaierror) or error.errno in (
             errno.EADDRNOTAVAIL,
             errno.EAFNOSUPPORT,
@@ -583,6 +599,11 @@ class ListenError(Exception):
             message = f"cannot listen on {where} (PRESTOP_PORT={config.port}): {reason}"
             self.status = 1
         super().__init__(message)
+
+
+def _host_port(address: str, port: int) -> str:
+    """``address:port``, an IPv6 address in brackets."""
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
 
 
 def _run_loop(agent: Agent) -> int:

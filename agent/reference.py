@@ -1,8 +1,8 @@
 """The configuration and metrics reference, generated from the code.
 
-``python -m agent.reference`` writes ``docs/reference.md`` from two sources of truth: the field
-docstrings of :class:`agent.config.Config` (each starts with the variable it is read from) and the
-metrics :class:`agent.metrics.Metrics` declares. ``python -m agent.reference --check`` exits 1
+``python -m agent.reference`` writes ``docs/reference.md`` from two sources of truth: the facts on
+each field of :class:`agent.config.Config` (its :class:`agent.config.Variable`) and the metrics
+:class:`agent.metrics.Metrics` declares. ``python -m agent.reference --check`` exits 1
 when the committed file and the code disagree (the test suite runs the same comparison).
 ``prestop-agent check`` takes its one-line descriptions from here too.
 """
@@ -10,9 +10,7 @@ when the committed file and the code disagree (the test suite runs the same comp
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
-import inspect
 import sys
 from dataclasses import dataclass
 from functools import cache
@@ -21,8 +19,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics import MetricWrapperBase
 
-from agent import config as config_module
-from agent.config import VARIABLES, Config
+from agent.config import VARIABLE, Config, Variable
 from agent.metrics import Metrics
 
 DEFAULT_PATH = Path(__file__).resolve().parent.parent / "docs" / "reference.md"
@@ -33,14 +30,14 @@ class Setting:
     variable: str
     field: str
     section: str
-    """The heading of the group the field sits in (the ``# --- ... ---`` comment above it)."""
+    """The heading of the group the field is shown in."""
     default: str
     doc: str
-    """The docstring without its ``VARIABLE:`` prefix, whitespace collapsed."""
+    """What it means, whitespace collapsed."""
 
     @property
     def summary(self) -> str:
-        """The docstring's first sentence."""
+        """The description's first sentence."""
         first, _, _ = self.doc.partition(". ")
         return first.rstrip(".").replace("``", "")
 
@@ -55,44 +52,24 @@ class MetricDoc:
 
 @cache
 def settings() -> tuple[Setting, ...]:
-    """Every Config field that a variable sets, in declaration order, with its docstring."""
-    source = inspect.getsource(config_module)
-    lines = source.splitlines()
-    tree = ast.parse(source)
-    [cls] = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Config"]
-    defaults = {f.name: f.default for f in dataclasses.fields(Config)}
+    """Every Config field and the variable that sets it, in declaration order, from the facts on
+    each field (:class:`agent.config.Variable`): no source is read, so the installed command
+    needs none."""
     found: list[Setting] = []
-    for statement, following in zip(cls.body, cls.body[1:], strict=False):
-        if not (isinstance(statement, ast.AnnAssign) and isinstance(statement.target, ast.Name)):
-            continue
-        if not (
-            isinstance(following, ast.Expr)
-            and isinstance(following.value, ast.Constant)
-            and isinstance(following.value.value, str)
-        ):
-            raise ValueError(f"Config.{statement.target.id} has no docstring")
-        variable, sep, doc = following.value.value.partition(":")
-        if not sep or variable not in VARIABLES:
-            raise ValueError(f"Config.{statement.target.id}: docstring must start 'VARIABLE:'")
-        name = statement.target.id
+    for f in dataclasses.fields(Config):
+        variable = f.metadata.get(VARIABLE)
+        if not isinstance(variable, Variable) or not variable.doc:
+            raise ValueError(f"Config.{f.name} has no description")
         found.append(
             Setting(
-                variable=variable,
-                field=name,
-                section=_section_above(lines, statement.lineno),
-                default=_shown_default(defaults[name]),
-                doc=" ".join(doc.split()),
+                variable=variable.name,
+                field=f.name,
+                section=variable.section,
+                default=_shown_default(f.default),
+                doc=variable.doc,
             )
         )
     return tuple(found)
-
-
-def _section_above(lines: list[str], lineno: int) -> str:
-    for line in reversed(lines[: lineno - 1]):
-        text = line.strip()
-        if text.startswith("# ---"):
-            return text.strip("# -").capitalize()
-    return "General"
 
 
 def _shown_default(value: object) -> str:

@@ -9,71 +9,22 @@ from __future__ import annotations
 import asyncio
 import hmac
 import ipaddress
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import aiohttp
 import structlog
 from aiohttp import web
 
 from agent.config import Config
+from agent.http import AppHealth
 from agent.lifecycle import Lifecycle, Phase, Trigger
 from agent.metrics import CONTENT_TYPE, Metrics
-from agent.registry._http import Http, Server, failure_reason
 
 log = structlog.get_logger()
 
 TOKEN_HEADER = "X-Prestop-Token"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-class AppHealth:
-    """The app's own health, for /ready, asked at most once per ``cache_seconds``.
-
-    A readiness probe storm (or several probes at once) must not turn into a request storm
-    against the app, so concurrent callers share one in-flight check and its result is cached.
-    """
-
-    def __init__(
-        self,
-        url: str,
-        session: aiohttp.ClientSession,
-        *,
-        timeout_seconds: float = 1.0,
-        cache_seconds: float = 1.0,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        # The registry's bounded reader: the app's answer is untrusted input too (size cap,
-        # credentials in the URL sent as basic auth and never shown, any failure a reason).
-        self._http = Http(session, timeout=timeout_seconds)
-        self._endpoint = Server.endpoint(url)
-        self._cache_seconds = cache_seconds
-        self._clock = clock
-        self._checked_at = -float("inf")
-        self._healthy = False
-        self._reason = "not checked yet"
-        self._lock = asyncio.Lock()
-
-    async def check(self) -> tuple[bool, str]:
-        """(healthy, reason) from the cache or one fresh request."""
-        async with self._lock:
-            if self._clock() - self._checked_at >= self._cache_seconds:
-                self._healthy, self._reason = await self._ask()
-                self._checked_at = self._clock()
-            return self._healthy, self._reason
-
-    async def _ask(self) -> tuple[bool, str]:
-        try:
-            status, _ = await self._http.request(
-                self._endpoint, "GET", "", headers={"Accept": "*/*"}
-            )
-        except Exception as exc:  # RequestFailed, or a bug: either way "not healthy", said why
-            return False, f"app health unreachable: {failure_reason(exc)}"
-        if 200 <= status < 300:
-            return True, "app healthy"
-        return False, f"app health answered {status}"
 
 
 class PendingAnswers:
@@ -132,39 +83,29 @@ async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResp
         return _json({"error": "internal error"}, status=500)
 
 
-def make_app(
-    config: Config,
-    lifecycle: Lifecycle,
-    metrics: Metrics,
-    *,
-    health: AppHealth | None = None,
-    pending: PendingAnswers | None = None,
-    status_extra: Callable[[], dict[str, Any]] | None = None,
-    on_final_scrape: Callable[[], None] | None = None,
-) -> web.Application:
-    """The agent's aiohttp application.
+def _refusal(config: Config, request: web.Request) -> tuple[int, str, str] | None:
+    """(status, metric result, message) when the caller may not trigger a shutdown."""
+    if config.allow_cidrs:
+        peer = _peer_address(request)
+        if peer is None or not any(peer in net for net in config.allow_cidrs):
+            return 403, "forbidden", f"source address {request.remote} is not allowed"
+    if config.token is not None:
+        given = request.headers.get(TOKEN_HEADER, "")
+        # A header's bytes that are not UTF-8 arrive as surrogate escapes: compared as the
+        # bytes they were (a wrong token, 401), never an encoding error (500).
+        expected = config.token.encode("utf-8", "surrogateescape")
+        if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected):
+            return 401, "unauthorized", f"missing or wrong {TOKEN_HEADER} header"
+    return None
 
-    ``on_final_scrape`` is called once a /metrics page generated after the drain (so holding
-    its figures) has been written to the scraper."""
-    pending = pending if pending is not None else PendingAnswers()
 
-    def refusal(request: web.Request) -> tuple[int, str, str] | None:
-        """(status, metric result, message) when the caller may not trigger a shutdown."""
-        if config.allow_cidrs:
-            peer = _peer_address(request)
-            if peer is None or not any(peer in net for net in config.allow_cidrs):
-                return 403, "forbidden", f"source address {request.remote} is not allowed"
-        if config.token is not None:
-            given = request.headers.get(TOKEN_HEADER, "")
-            # A header's bytes that are not UTF-8 arrive as surrogate escapes: compared as the
-            # bytes they were (a wrong token, 401), never an encoding error (500).
-            expected = config.token.encode("utf-8", "surrogateescape")
-            if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected):
-                return 401, "unauthorized", f"missing or wrong {TOKEN_HEADER} header"
-        return None
+def _prestop_handler(
+    config: Config, lifecycle: Lifecycle, metrics: Metrics, pending: PendingAnswers
+) -> Handler:
+    """/prestop: start the shutdown (or join it), wait for the drain, answer with the timeline."""
 
     async def prestop(request: web.Request) -> web.StreamResponse:
-        refused = refusal(request)
+        refused = _refusal(config, request)
         if refused is not None:
             status, result, message = refused
             metrics.hook_calls.labels(result=result).inc()
@@ -184,6 +125,26 @@ def make_app(
             except (ConnectionError, RuntimeError):
                 log.info("prestop_caller_gone", remote=request.remote)
             return response
+
+    return prestop
+
+
+def make_app(
+    config: Config,
+    lifecycle: Lifecycle,
+    metrics: Metrics,
+    *,
+    health: AppHealth | None = None,
+    pending: PendingAnswers | None = None,
+    status_extra: Callable[[], dict[str, Any]] | None = None,
+    on_final_scrape: Callable[[], None] | None = None,
+) -> web.Application:
+    """The agent's aiohttp application.
+
+    ``on_final_scrape`` is called once a /metrics page generated after the drain (so holding
+    its figures) has been written to the scraper."""
+    pending = pending if pending is not None else PendingAnswers()
+    prestop = _prestop_handler(config, lifecycle, metrics, pending)
 
     async def ready(request: web.Request) -> web.Response:
         if lifecycle.phase is not Phase.SERVING:

@@ -16,10 +16,10 @@ from agent.config import (
     Config,
     ConfigError,
     load,
-    redact_url,
     unknown_variables,
     variable_of,
 )
+from agent.http import redact_url
 
 SECRET_TOKEN = "s3cr3t-token-value"
 SECRET_PASSWORD = "p%40ss%3Aw%2Frd"  # "p@ss:w/rd", percent-encoded as in a URL
@@ -503,7 +503,7 @@ def test_a_real_process_with_bad_config_exits_2_without_traceback() -> None:
 
 
 def test_urls_inside_messages_lose_password_and_query() -> None:
-    from agent.config import redact_urls_in
+    from agent.http import redact_urls_in
 
     text = "400, message='x', url='https://u:pw@h:1/p?token=t0k' and http://h2/q?a=b done"
     assert redact_urls_in(text) == (

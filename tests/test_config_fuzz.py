@@ -29,12 +29,11 @@ from agent.config import (
     VARIABLES,
     Config,
     ConfigError,
-    ascii_host,
     load,
     port_ranges,
 )
+from agent.http import Server, ascii_host
 from agent.main import listen_addresses
-from agent.registry._http import Server
 
 FUZZ_EXAMPLES = 3000
 TOKEN = "fuzz-token-7f3a9c"

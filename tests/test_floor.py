@@ -25,6 +25,7 @@ from agent.drain.traffic import traffic_drain
 from agent.lifecycle import Lifecycle, Propagation, Trigger
 from agent.main import Agent
 from agent.metrics import Metrics
+from agent.plan import ShutdownPlan
 from tests.harness.agent_process import AgentProcess
 from tests.harness.support import free_port
 from tests.test_traffic import sample, verdict
@@ -257,9 +258,9 @@ EUREKA = {
 def test_the_defaults_with_a_30s_grace_period_warn_with_the_arithmetic() -> None:
     config = load(EUREKA)
     # 30 s server cache + (30 s fetch + 35 s LoadBalancer TTL + 5 s margin)
-    assert config.worst_case_floor() == 100.0
+    assert ShutdownPlan.of(config).worst_case_floor() == 100.0
     assert config.drain_limit == 19.0
-    warning = config.floor_warning()
+    warning = ShutdownPlan.of(config).floor_warning()
     assert warning is not None
     assert "server cache 30s + client refresh 70s = 100s > drain maximum 19s" in warning
     # 100 + registry 5 + app shutdown 5 + margin 1
@@ -269,18 +270,23 @@ def test_the_defaults_with_a_30s_grace_period_warn_with_the_arithmetic() -> None
 
 def test_a_fixed_drain_shorter_than_the_floor_warns_too() -> None:
     config = load({**EUREKA, "PRESTOP_DRAIN_MODE": "fixed", "PRESTOP_DRAIN_SECONDS": "10"})
-    warning = config.floor_warning()
+    warning = ShutdownPlan.of(config).floor_warning()
     assert warning is not None
     assert "= 100s > fixed drain 10s" in warning
     assert "PRESTOP_DRAIN_SECONDS to 100" in warning
     assert "PRESTOP_GRACE_PERIOD_SECONDS to 111" in warning
     long_enough = {"PRESTOP_DRAIN_SECONDS": "100", "PRESTOP_GRACE_PERIOD_SECONDS": "111"}
-    assert load({**EUREKA, "PRESTOP_DRAIN_MODE": "fixed", **long_enough}).floor_warning() is None
+    assert (
+        ShutdownPlan.of(
+            load({**EUREKA, "PRESTOP_DRAIN_MODE": "fixed", **long_enough})
+        ).floor_warning()
+        is None
+    )
 
 
 def test_a_grace_period_that_covers_the_floor_does_not_warn() -> None:
     config = load({**EUREKA, "PRESTOP_GRACE_PERIOD_SECONDS": "111"})
-    assert config.floor_warning() is None
+    assert ShutdownPlan.of(config).floor_warning() is None
     scaled = load(
         {
             **EUREKA,
@@ -288,14 +294,14 @@ def test_a_grace_period_that_covers_the_floor_does_not_warn() -> None:
             "PRESTOP_EUREKA_SERVER_CACHE_SECONDS": "3",
         }
     )
-    assert scaled.worst_case_floor() == 9.5
-    assert scaled.floor_warning() is None
+    assert ShutdownPlan.of(scaled).worst_case_floor() == 9.5
+    assert ShutdownPlan.of(scaled).floor_warning() is None
 
 
 def test_no_registry_means_the_minimum_is_the_floor() -> None:
     config = load({"PRESTOP_DRAIN_MIN_SECONDS": "4"})
-    assert config.worst_case_floor() == 4.0
-    assert config.floor_warning() is None
+    assert ShutdownPlan.of(config).worst_case_floor() == 4.0
+    assert ShutdownPlan.of(config).floor_warning() is None
 
 
 def test_bad_refresh_values_are_named() -> None:
@@ -350,7 +356,7 @@ async def test_the_drain_exports_the_floor_it_waits_for() -> None:
     assert lifecycle.elapsed() >= 0.4
     assert outcome.detail["floor_seconds"] == pytest.approx(0.4)
     # the floor it waited for, not the configured worst case (100 s)
-    assert metrics.registry.get_sample_value("prestop_drain_floor_seconds") == pytest.approx(0.4)
+    assert metrics.collectors.get_sample_value("prestop_drain_floor_seconds") == pytest.approx(0.4)
 
 
 # --- the real process: one warning at start-up, both gauges exported -----------------------------

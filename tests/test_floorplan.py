@@ -9,6 +9,7 @@ import pytest
 from agent import floorplan
 from agent.cli import EXIT_FLOOR_ABOVE_MAX, main
 from agent.config import Config
+from agent.plan import ShutdownPlan
 
 SPRING_DEFAULTS = floorplan.stages_of(30, 65)
 EUREKA = {
@@ -24,7 +25,7 @@ def test_the_stages_add_up_to_the_agents_worst_case_floor() -> None:
     stages = floorplan.stages_of(
         config.eureka_server_cache_seconds, config.eureka_client_refresh_seconds
     )
-    assert stages.floor == pytest.approx(config.worst_case_floor())
+    assert stages.floor == pytest.approx(ShutdownPlan.of(config).worst_case_floor())
     assert stages.client_refresh == pytest.approx(config.eureka_client_refresh_seconds)
     assert (SPRING_DEFAULTS.server_cache, SPRING_DEFAULTS.client_fetch) == (30, 30)
     assert (SPRING_DEFAULTS.loadbalancer_ttl, SPRING_DEFAULTS.margin) == (35, 0)

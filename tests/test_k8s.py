@@ -29,6 +29,7 @@ import yaml
 
 from agent import __version__
 from agent.config import VARIABLES, load
+from agent.plan import ShutdownPlan
 from tests.harness.support import skip_or_fail
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -676,8 +677,10 @@ def test_the_shipped_defaults_hold_the_propagation_floor_with_room_to_spare(
     the code shows up here."""
     for name, config in _default_configs(tmp_path).items():
         assert config.registry == "eureka", name
-        assert config.floor_warning() is None, f"{name}: {config.floor_warning()}"
-        room = config.drain_limit - config.worst_case_floor()
+        assert ShutdownPlan.of(config).floor_warning() is None, (
+            f"{name}: {ShutdownPlan.of(config).floor_warning()}"
+        )
+        room = config.drain_limit - ShutdownPlan.of(config).worst_case_floor()
         assert room >= FLOOR_HEADROOM_SECONDS, f"{name}: only {room:g}s above the floor"
 
 
@@ -694,7 +697,7 @@ def test_the_shipped_defaults_do_not_fire_the_floor_alert(tmp_path: Path) -> Non
         pod = f'namespace="shop", pod="orders-{index}"'
         series += [
             {"series": f"prestop_drain_floor_seconds{{{pod}}}",
-             "values": f"{config.worst_case_floor():g}x40"},
+             "values": f"{ShutdownPlan.of(config).worst_case_floor():g}x40"},
             {"series": f"prestop_drain_max_seconds{{{pod}}}",
              "values": f"{config.drain_limit:g}x40"},
         ]  # fmt: skip
@@ -703,7 +706,7 @@ def test_the_shipped_defaults_do_not_fire_the_floor_alert(tmp_path: Path) -> Non
     old = load({**check_agent_deployment(helm_template({"gracePeriodSeconds": 60}))})
     series += [
         {"series": 'prestop_drain_floor_seconds{namespace="old", pod="orders-0"}',
-         "values": f"{old.worst_case_floor():g}x40"},
+         "values": f"{ShutdownPlan.of(old).worst_case_floor():g}x40"},
         {"series": 'prestop_drain_max_seconds{namespace="old", pod="orders-0"}',
          "values": f"{old.drain_limit:g}x40"},
     ]  # fmt: skip
@@ -748,7 +751,7 @@ def test_the_tuned_worked_example_of_the_operations_guide_holds_its_floor() -> N
                 "PRESTOP_EUREKA_APP": "ORDERS", "POD_IP": "10.1.2.3"}  # fmt: skip
     config = load(environ)
     assert config.grace_period_seconds == pod["spec"]["terminationGracePeriodSeconds"]
-    assert config.floor_warning() is None, config.floor_warning()
+    assert ShutdownPlan.of(config).floor_warning() is None, ShutdownPlan.of(config).floor_warning()
     assert config.budget().arithmetic() in section
 
 

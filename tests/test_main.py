@@ -47,3 +47,44 @@ async def test_without_proc_net_tcp_the_wait_after_the_drain_ends_at_the_grace_b
     [warning] = [e for e in logs if e["event"] == "app_exit_not_observable"]
     assert "/proc/net/tcp" in warning["error"]
     assert logs[-1] is final
+
+
+async def test_background_tasks_stop_before_the_session_they_use_closes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The client view's keep-hot loop reads the Eureka servers over the agent's HTTP session:
+    # it must be stopped while that session is still open, not after (a request in flight on a
+    # closed session raises instead of being cancelled).
+    from agent.registry.view import ClientView
+
+    stopped_with_session_closed: list[bool] = []
+    keep_hot = ClientView.keep_hot
+
+    async def observed(view: ClientView) -> None:
+        try:
+            await keep_hot(view)
+        finally:
+            stopped_with_session_closed.append(view._http.session.closed)
+
+    monkeypatch.setattr(ClientView, "keep_hot", observed)
+    closed = free_port()  # the servers refuse: keep_hot keeps trying, mark_down fails fast
+    config = load(
+        {
+            "PRESTOP_HOST": "127.0.0.1",
+            "PRESTOP_PORT": str(free_port()),
+            "PRESTOP_APP_PORT": str(free_port()),  # nothing listens: the app counts as exited
+            "PRESTOP_DRAIN_MODE": "fixed",
+            "PRESTOP_DRAIN_SECONDS": "0.1",
+            "PRESTOP_REGISTRY": "eureka",
+            "PRESTOP_EUREKA_URLS": f"http://127.0.0.1:{closed}/eureka/",
+            "PRESTOP_EUREKA_APP": "orders",
+            "PRESTOP_EUREKA_INSTANCE_ID": "10.1.2.3:orders:8080",
+            "PRESTOP_REGISTRY_TIMEOUT_SECONDS": "0.3",
+        }
+    )
+    agent = Agent(config, metrics=Metrics(CollectorRegistry()))
+    running = asyncio.create_task(agent.run())
+    await asyncio.wait_for(agent.started.wait(), 5)
+    agent.handle_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(running, 10) == 0
+    assert stopped_with_session_closed == [False]

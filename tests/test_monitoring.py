@@ -59,7 +59,7 @@ def _write_rule_file(directory: Path) -> Path:
 def test_counters_the_alerts_count_exist_at_zero_from_start_up() -> None:
     metrics = Metrics(CollectorRegistry())
     metrics.registry_backend("eureka")
-    value = metrics.registry.get_sample_value
+    value = metrics.collectors.get_sample_value
     for reason in ("quiet", "max", "max_before_floor", "fixed"):
         assert value("prestop_drains_total", {"reason": reason}) == 0
     for reason in ("not_visible", "unobservable"):

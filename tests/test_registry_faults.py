@@ -34,7 +34,7 @@ from typing import Any
 
 import pytest
 
-from agent.config import redact_url
+from agent.http import redact_url
 from tests.harness.agent_process import AgentProcess
 from tests.harness.support import free_port
 

@@ -29,21 +29,14 @@ from structlog.testing import capture_logs
 
 from agent.cli import _check_client_view
 from agent.config import load
+from agent.http import MAX_ANSWER_BYTES, AppHealth, Http, RequestFailed, Server, parse_json
 from agent.lifecycle import Propagation
 from agent.metrics import Metrics
 from agent.registry import HealthState, HealthWatch, RegistryError, RegistryHealth, open_registry
-from agent.registry._http import (
-    MAX_ANSWER_BYTES,
-    REPLICATION_HEADER,
-    Http,
-    RequestFailed,
-    Server,
-    parse_json,
-)
 from agent.registry.eureka import EurekaRegistry
 from agent.registry.register import RegisterRegistry
 from agent.registry.view import KEEP_HOT_WARN_AFTER, ClientView
-from agent.server import AppHealth
+from agent.registry.wire import REPLICATION_HEADER
 from tests.harness.tcpproxy import SpreadingProxy
 
 APP = "DEMO-APP"
@@ -664,7 +657,7 @@ async def test_health_watch_logs_changes_of_state_only() -> None:
         for _ in script:
             await watch.check()
             ready.append(
-                metrics.registry.get_sample_value("prestop_registry_ready", {"backend": "eureka"})
+                metrics.collectors.get_sample_value("prestop_registry_ready", {"backend": "eureka"})
             )
     changes = [e for e in logs if e["event"] == "registry_health_changed"]
     assert [(e["state"], e["previous"], e["log_level"]) for e in changes] == [

@@ -14,9 +14,10 @@ from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
 from agent.config import Config, load
+from agent.http import AppHealth
 from agent.lifecycle import Lifecycle, Phase, Trigger
 from agent.metrics import Metrics
-from agent.server import TOKEN_HEADER, AppHealth, PendingAnswers, make_app
+from agent.server import TOKEN_HEADER, PendingAnswers, make_app
 
 TOKEN = "tok-3f9a1c"
 
@@ -86,7 +87,7 @@ async def test_prestop_callers_join_one_sequence_and_share_its_answer(
     assert all(body == bodies[0] for body in bodies)
     assert bodies[0]["phase"] == "drained" and bodies[0]["drain_ended_by"] == "fixed"
     await asyncio.wait_for(pending.wait_idle(), timeout=1)
-    assert metrics.registry.get_sample_value("prestop_hook_calls_total", {"result": "ok"}) == 20
+    assert metrics.collectors.get_sample_value("prestop_hook_calls_total", {"result": "ok"}) == 20
     # Hooks are delivered at least once: a late repeat is answered at once.
     late = await asyncio.wait_for(client.get("/prestop"), timeout=1)
     assert late.status == 200 and (await late.json()) == bodies[0]
@@ -122,7 +123,7 @@ async def test_a_wrong_or_missing_token_is_refused_and_starts_nothing(
     assert lifecycle.phase is Phase.SERVING and lifecycle.trigger is None
     assert (await client.get("/ready")).status == 200
     assert (
-        metrics.registry.get_sample_value("prestop_hook_calls_total", {"result": "unauthorized"})
+        metrics.collectors.get_sample_value("prestop_hook_calls_total", {"result": "unauthorized"})
         == 2
     )
     assert TOKEN not in repr(logs)
@@ -149,7 +150,8 @@ async def test_a_source_outside_the_allowed_cidrs_is_refused(make_client: Client
     assert "127.0.0.1 is not allowed" in (await response.json())["error"]
     assert lifecycle.trigger is None
     assert (
-        metrics.registry.get_sample_value("prestop_hook_calls_total", {"result": "forbidden"}) == 1
+        metrics.collectors.get_sample_value("prestop_hook_calls_total", {"result": "forbidden"})
+        == 1
     )
 
 

@@ -12,18 +12,18 @@ long ago data last arrived on each of them. The kernel knows both. We ask it dir
   than it sent any holds a request the app has read but not yet answered;
 * it is one round trip per address family, with no process to spawn and no text to format.
 
-Why not pyroute2 (measured on this machine): 0.9.7's ``DiagSocket`` parses ~63 us per socket
-(~126 ms per poll at 1,000 connections), adds ~10 MB RSS on import, and its sync socket cannot be
-used inside a running event loop. The direct request with the small ``struct`` parser below took
-~4.7 ms per poll at 1,000 connections in that comparison; this module now takes ~3.2 ms CPU per
-poll at 1,000 and ~36 ms at 10,000 (``bench/bench_sockdiag.py``).
+Why not pyroute2: its ``DiagSocket`` decodes every attribute of every socket in Python (over
+twenty times the CPU per poll of the small ``struct`` parser below, which reads only the fields
+the drain uses), adds megabytes of RSS on import, and its sync socket cannot be used inside a
+running event loop. The poll's budget (< 5 ms CPU at 1,000 connections, < 50 ms at 10,000) is
+checked by ``bench/bench_sockdiag.py``.
 
 A connection can open, carry a request and close between two polls. The netlink watcher still
 counts it (``Poll.missed``, ``Poll.unaccounted_opens``): the dump includes TIME_WAIT sockets, which
 a connection the app closed first leaves behind for 60 s, and each poll reads the network
 namespace's count of accepted connections (``/proc/net/snmp`` PassiveOpens), which shows those a
-client closed first. Both are unprivileged; together they add ~3 % CPU per poll at 1,000 sockets
-and ~6 % at 10,000 (``bench/bench_sockdiag.py``, "old" against "netlink").
+client closed first. Both are unprivileged and cost a few per cent of a poll: TIME_WAIT sockets
+are filtered by port in the kernel like the others, and the count is one small file.
 
 Where netlink is not available (a sandbox such as gVisor, a kernel without ``inet_diag``), the
 ``/proc/net/tcp{,6}`` fallback still counts connections and queues, but cannot say when data was
@@ -303,13 +303,12 @@ class SocketWatcher(Protocol):
     def close(self) -> None: ...
 
 
-# The one speed trick left in the netlink loop (_read_dump): a sample is built by setting its
-# slots directly instead of calling SocketSample(...). The frozen dataclass __init__ makes one
-# object.__setattr__ call per field (~1.05 us per sample, positional; ~1.3 us with keywords);
-# the slot setters take ~0.5 us. Measured with bench/bench_sockdiag.py on the 2-CPU dev machine,
-# CPU per poll: with SocketSample(...) 4.1-5.3 ms at 1,000 sockets and 41-59 ms at 10,000, which
-# misses the 5 / 50 ms targets on a busy machine; with the setters 3.2 ms and 36 ms.
-# Same object and values either way (tests compare netlink samples with SocketSample(...)).
+# The one speed trick in the netlink loop (_read_dump): a sample is built by setting its slots
+# directly instead of calling SocketSample(...). The frozen dataclass __init__ makes one
+# object.__setattr__ call per field, about twice the cost of the slot setters, and per socket
+# that difference is what keeps a poll inside its CPU budget (bench/bench_sockdiag.py) on a
+# small, busy sidecar CPU. Same object and values either way (tests compare netlink samples
+# with SocketSample(...)).
 # Keyed by field name, so the order of the fields does not matter here; a new field must be
 # set in _read_dump too, or reading it raises AttributeError.
 _SLOT_SETTERS = {name: getattr(SocketSample, name).__set__ for name in SocketSample.__slots__}
@@ -426,23 +425,19 @@ class NetlinkWatcher:
         ports: Iterable[int],
         *,
         own_accepts: Callable[[], int] | None = None,
-        every_connection: bool = True,
         count_accepts: bool = True,
         proc_root: str = "/proc",
     ) -> None:
         """Open the netlink socket now: a kernel or sandbox without it fails here (OSError).
 
         ``own_accepts``: how many connections the agent's own listener has accepted so far
-        (they share the pod's PassiveOpens count). ``every_connection=False`` watches open
-        connections only, as before TIME_WAIT and PassiveOpens were read (the benchmark's
-        baseline). ``count_accepts=False`` leaves PassiveOpens out (hostNetwork pods, whose
-        count is the node's). ``proc_root``: where ``net/snmp`` is read (tests).
+        (they share the pod's PassiveOpens count). ``count_accepts=False`` leaves PassiveOpens
+        out (hostNetwork pods, whose count is the node's). ``proc_root``: where ``net/snmp`` is
+        read (tests).
         """
         self.ports: frozenset[int] = _normalise_ports(ports)
-        self.every_connection = every_connection
         self._own_accepts = own_accepts or (lambda: 0)
-        self._count_accepts = every_connection and count_accepts
-        self._states_mask = DUMP_STATES_MASK if every_connection else WATCHED_STATES_MASK
+        self._count_accepts = count_accepts
         self._proc_root = proc_root
         self._snmp: PassiveOpens | None = None
         # Cookies of the sockets of the last SEEN_MEMORY_POLLS polls, newest last.
@@ -450,14 +445,12 @@ class NetlinkWatcher:
         self._opens_at_start = self._own_at_start = 0
         self._accounted = 0
         self._unaccounted_high = 0
-        self.missed_total = 0
-        """Connections to a watched port first seen in TIME_WAIT, since the first poll."""
         bytecode = _build_port_filter(self.ports)
         # AF_UNSPEC is not accepted (sock_diag dispatches on the family), and the kernel walks
         # its whole socket table per request, so one request per family.
         self._requests: tuple[tuple[int, bytearray], ...] = (
-            (socket.AF_INET, _build_request(socket.AF_INET, bytecode, self._states_mask)),
-            (socket.AF_INET6, _build_request(socket.AF_INET6, bytecode, self._states_mask)),
+            (socket.AF_INET, _build_request(socket.AF_INET, bytecode, DUMP_STATES_MASK)),
+            (socket.AF_INET6, _build_request(socket.AF_INET6, bytecode, DUMP_STATES_MASK)),
         )
         self._buffer = bytearray(RECV_BUFFER_BYTES)
         self._peers: dict[bytes, ipaddress.IPv4Address | ipaddress.IPv6Address] = {}
@@ -508,8 +501,6 @@ class NetlinkWatcher:
         except BaseException:
             self._drop_socket()
             raise
-        if not self.every_connection:
-            return Poll(taken_at, tuple(samples))
         missed, unaccounted = self._account(seen, closed, opens, own)
         return Poll(taken_at, tuple(samples), missed, unaccounted)
 
@@ -534,7 +525,6 @@ class NetlinkWatcher:
         self._recent.append(everything)
         del self._recent[:-SEEN_MEMORY_POLLS]
         missed = tuple(self._peer(closed[cookie]) for cookie in closed.keys() & new)
-        self.missed_total += len(missed)
         if opens is None:
             return missed, 0
         self._accounted += len(new)
@@ -569,7 +559,9 @@ class NetlinkWatcher:
         A datagram holds several netlink messages. Each SOCK_DIAG_BY_FAMILY message is one
         socket: a fixed struct inet_diag_msg, then attributes (struct nlattr + payload), one of
         which is tcp_info (INET_DIAG_INFO). The inner loop runs once per socket, so structs and
-        helpers are bound to local names first (a plain CPython speed-up).
+        helpers are bound to local names first (a plain CPython speed-up), and it stays one
+        function, longer than the 60 lines tests/test_code_shape.py allows elsewhere: a helper
+        call per socket is what the poll's CPU budget cannot spare.
         """
         buffer = self._buffer
         peers = self._peers

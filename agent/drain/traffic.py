@@ -28,9 +28,9 @@ from ipaddress import IPv4Address, IPv6Address
 import structlog
 
 from agent.config import Config, Network
-from agent.drain import DrainOutcome, off_the_loop
+from agent.drain.base import DrainOutcome, off_the_loop
 from agent.drain.sockdiag import Poll, SocketSample, SocketWatcher, open_watcher
-from agent.lifecycle import Lifecycle
+from agent.lifecycle import Lifecycle, Propagation
 from agent.metrics import Metrics
 
 log = structlog.get_logger()
@@ -126,7 +126,7 @@ class TrafficVerdict:
         upcoming = [bound - now for bound in bounds if bound > now]
         return max(MIN_SLEEP_SECONDS, min([poll_seconds, *upcoming]))
 
-    def seen(self) -> dict[str, float | int]:
+    def snapshot(self) -> dict[str, float | int]:
         """What the last poll showed, for the drain's outcome and /status."""
         return {
             "connections": self.connections,
@@ -216,23 +216,14 @@ async def traffic_drain(
         timestamps=watcher.source == "netlink",
     )
     _log_source(watcher.source, config.drain_source, config.app_ports)
-    propagation = lifecycle.propagation
     try:
         while True:
             poll = await off_the_loop(watcher.poll)
             verdict.observe(poll)
             now = clock()
-            if propagation is not None:
-                floor = propagation.floor(now - verdict.trigger_at)
-                if floor != verdict.floor_seconds:
-                    verdict.floor_seconds = floor
-                    metrics.drain_floor.set(floor)
+            _observed(verdict, now, lifecycle.propagation, metrics)
             if on_poll is not None:
                 on_poll(verdict)
-            metrics.watched_connections.set(verdict.connections)
-            # On /proc, last_data_at is "a connection was open", not data: the gauge stays NaN.
-            if verdict.last_data_at is not None and verdict.timestamps:
-                metrics.seconds_since_last_data.set(max(0.0, now - verdict.last_data_at))
             reason = verdict.verdict(now)
             if reason is not None:
                 break
@@ -244,16 +235,36 @@ async def traffic_drain(
                 break
     finally:
         watcher.close()
+    return _outcome(reason, verdict, watcher.source)
+
+
+def _outcome(reason: str, verdict: TrafficVerdict, source: str) -> DrainOutcome:
     return DrainOutcome(
         reason=reason,
         last_data_seconds=verdict.last_data_after_trigger,
         detail={
-            "source": watcher.source,
+            "source": source,
             "polls": verdict.polls,
             "peak_connections": verdict.peak_connections,
-            **verdict.seen(),
+            **verdict.snapshot(),
         },
     )
+
+
+def _observed(
+    verdict: TrafficVerdict, now: float, propagation: Propagation | None, metrics: Metrics
+) -> None:
+    """After a poll: follow the propagation floor as the registry's view is observed, and
+    export what the poll saw."""
+    if propagation is not None:
+        floor = propagation.floor(now - verdict.trigger_at)
+        if floor != verdict.floor_seconds:
+            verdict.floor_seconds = floor
+            metrics.drain_floor.set(floor)
+    metrics.watched_connections.set(verdict.connections)
+    # On /proc, last_data_at is "a connection was open", not data: the gauge stays NaN.
+    if verdict.last_data_at is not None and verdict.timestamps:
+        metrics.seconds_since_last_data.set(max(0.0, now - verdict.last_data_at))
 
 
 def probe_source(ports: Iterable[int], requested: str, metrics: Metrics) -> str:

@@ -9,94 +9,32 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from enum import StrEnum
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from agent.config import redact_urls_in
+from agent.http import redact_urls_in
 from agent.lifecycle import iso_time
+from agent.registry.base import HealthState, Registry, RegistryError, RegistryHealth
 
 if TYPE_CHECKING:
     import aiohttp
 
     from agent.config import Config
+    from agent.http import AppHealth
     from agent.metrics import Metrics
-    from agent.server import AppHealth
+
+__all__ = [
+    "HealthState",
+    "HealthWatch",
+    "NoRegistry",
+    "Registry",
+    "RegistryError",
+    "RegistryHealth",
+    "open_registry",
+]
 
 log = structlog.get_logger()
-
-
-class RegistryError(Exception):
-    """The registry step failed. The message is shown in /prestop's answer: it names the server
-    and what went wrong, and never carries credentials."""
-
-
-class HealthState(StrEnum):
-    """What a registry health check found. Three states, because "the server is down" and "the
-    server answers but does not know us" call for different fixes."""
-
-    UNREACHABLE = "unreachable"
-    """No registry server (or, for ``actuator``, the app's endpoint) gave an answer."""
-    NOT_FOUND = "not_found"
-    """A server answered, but the instance is not there (not registered, or not UP in
-    ``register`` mode; for ``actuator``, the endpoint answered with an error)."""
-    FOUND = "found"
-    """The instance is there: the shutdown's mark-down has something to mark."""
-
-
-@dataclass(frozen=True, slots=True)
-class RegistryHealth:
-    """The result of one health check."""
-
-    state: HealthState
-    reason: str
-    """One line for logs, /status and ``check``: names the servers and what they said, never
-    credentials."""
-
-    @property
-    def ready(self) -> bool:
-        return self.state is HealthState.FOUND
-
-
-class Registry(Protocol):
-    """What the shutdown sequence needs from a backend.
-
-    ``main`` bounds ``mark_down`` + ``verify`` together by ``PRESTOP_REGISTRY_TIMEOUT_SECONDS``;
-    backends put their own per-request timeouts below that.
-    """
-
-    name: str
-    """The backend's name, as in ``PRESTOP_REGISTRY`` and the metrics' ``backend`` label."""
-
-    async def run(self) -> None:
-        """Background upkeep for the agent's whole life, started once the agent serves and
-        cancelled at exit: clear a stale override (eureka), or register and renew (register).
-        Returns early when there is nothing to keep up. Must not raise."""
-
-    async def mark_down(self, started: float | None = None) -> dict[str, Any]:
-        """Take the instance out; return what each server said. Raise RegistryError on failure.
-
-        ``started`` (event-loop time) is when the registry step began: its shares of
-        ``PRESTOP_REGISTRY_TIMEOUT_SECONDS`` count from there, so that work done in the step
-        before the PUT (warming the client view) leaves the read-back time to end inside it."""
-
-    async def verify(self) -> dict[str, Any]:
-        """Read the status back; raise RegistryError when no server shows it."""
-
-    async def finalize(self) -> None:
-        """After the drain: cancel a registration made on the app's behalf. Must not raise."""
-
-    async def close(self) -> None:
-        """Stop background work (heartbeats). Must not raise."""
-
-    async def describe(self) -> dict[str, Any]:
-        """For ``prestop-agent check``: reach the registry, show the instance it would mark down."""
-
-    async def check_health(self) -> RegistryHealth:
-        """One look: do the servers answer, and is the instance there? Read-only, bounded by
-        ``PRESTOP_REGISTRY_TIMEOUT_SECONDS``, one attempt per server. Must not raise."""
 
 
 class NoRegistry:

@@ -22,20 +22,18 @@ from urllib.parse import urlsplit
 
 import structlog
 
-from agent.registry import HealthState, RegistryError, RegistryHealth
-from agent.registry._http import (
-    MARK_SHARE,
+from agent.http import (
     MIN_REQUEST_TIMEOUT,
-    VERIFY_SHARE,
     Http,
     RequestFailed,
     Server,
     check_status,
     failure_reason,
     parse_json,
-    request_timeout,
     retrying,
 )
+from agent.registry.base import HealthState, RegistryError, RegistryHealth, StepDeadlines
+from agent.registry.wire import request_timeout
 
 if TYPE_CHECKING:
     import aiohttp
@@ -64,7 +62,7 @@ class ActuatorRegistry:
 
     def __init__(self, config: Config, session: aiohttp.ClientSession) -> None:
         self._config = config
-        self._http = Http(session, timeout=request_timeout(config))
+        self._http = Http(session, timeout=request_timeout(config.registry_timeout_seconds))
         # Server splits off credentials (a management port behind basic auth) like a Eureka URL;
         # the endpoint is its "base" and the requests add no path.
         parts = urlsplit(config.actuator_url)
@@ -77,10 +75,8 @@ class ActuatorRegistry:
         return None  # the app's own client keeps its registration
 
     async def mark_down(self, started: float | None = None) -> dict[str, Any]:
-        loop = asyncio.get_running_loop()
-        started = loop.time() if started is None else started
-        until = started + self._config.registry_timeout_seconds * MARK_SHARE
-        self._verify_until = started + self._config.registry_timeout_seconds * VERIFY_SHARE
+        deadlines = StepDeadlines.starting(started, self._config.registry_timeout_seconds)
+        until, self._verify_until = deadlines.mark, deadlines.verify
         if self._legacy:
             body = self._status.encode()
             headers = {"Content-Type": "text/plain"}
@@ -157,8 +153,7 @@ class ActuatorRegistry:
         return None
 
     async def describe(self) -> dict[str, Any]:
-        loop = asyncio.get_running_loop()
-        until = loop.time() + self._config.registry_timeout_seconds * VERIFY_SHARE
+        until = StepDeadlines.starting(None, self._config.registry_timeout_seconds).verify
         try:
             reported, _ = await retrying(lambda: self._read(until), until=until)
         except RequestFailed as exc:

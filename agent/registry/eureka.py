@@ -29,30 +29,22 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from agent.registry import HealthState, RegistryError, RegistryHealth
-from agent.registry._http import (
-    MARK_SHARE,
-    VERIFY_SHARE,
-    Http,
-    RequestFailed,
-    Server,
-    check_status,
+from agent.http import RequestFailed, Server, check_status, failure_text, retrying, segment
+from agent.registry.base import HealthState, RegistryError, RegistryHealth, StepDeadlines
+from agent.registry.wire import (
+    EurekaServers,
     confirm_applied,
     dirty_timestamp_of,
-    failure_text,
     get_application,
     get_instance,
     override_of,
     port_of,
     read_back,
-    request_timeout,
     require_one_marked,
-    retrying,
     same_address,
     secure_port_of,
-    segment,
     serves_on,
-    ssl_context,
+    shown_status,
     summary,
     text_of,
 )
@@ -98,11 +90,8 @@ class EurekaRegistry:
 
     def __init__(self, config: Config, session: aiohttp.ClientSession) -> None:
         self._config = config
-        self._http = Http(
-            session, timeout=request_timeout(config), ssl=ssl_context(config.eureka_ca_file)
-        )
-        self._servers = tuple(Server.parse(url) for url in config.eureka_urls)
-        self._app = config.eureka_app.upper()  # Eureka stores application names upper-cased
+        eureka = EurekaServers.of(config, session)
+        self._http, self._servers, self._app = eureka.http, eureka.servers, eureka.app
         self._instance_id: str | None = config.eureka_instance_id or None
         self._status = config.eureka_status
         # The start-up clean-up must never remove the override the shutdown sets. The trigger
@@ -256,9 +245,8 @@ class EurekaRegistry:
             await asyncio.gather(self._clearing, return_exceptions=True)
         loop = asyncio.get_running_loop()
         started = loop.time() if started is None else started
-        timeout = self._config.registry_timeout_seconds
-        until = started + timeout * MARK_SHARE
-        self._verify_until = started + timeout * VERIFY_SHARE
+        deadlines = StepDeadlines.starting(started, self._config.registry_timeout_seconds)
+        until, self._verify_until = deadlines.mark, deadlines.verify
         instance_id = self._instance_id or await self._discover(until, quiet=False)
         assert instance_id is not None  # _discover(quiet=False) raises instead
         done = asyncio.Event()
@@ -333,9 +321,7 @@ class EurekaRegistry:
         instance_id = self._instance_id
         if instance_id is None:
             return "failed: no instance was marked"
-        until = asyncio.get_running_loop().time() + (
-            self._config.registry_timeout_seconds * MARK_SHARE
-        )
+        until = StepDeadlines.starting(None, self._config.registry_timeout_seconds).mark
         try:
             result = await self._put_status(server, instance_id, until, asyncio.Event())
         except Exception as exc:  # the drain goes on whatever this one server does
@@ -392,7 +378,7 @@ class EurekaRegistry:
                     )
                     said[server.shown] = f"restored: {result['result']}"
                     continue  # read back on the next pass, after this write
-                said[server.shown] = "not listed" if found is None else text_of(found.get("status"))
+                said[server.shown] = shown_status(found)
             if self._verify_until - loop.time() < 2 * CLEANUP_FENCE_POLL_SECONDS:
                 break
             await asyncio.sleep(CLEANUP_FENCE_POLL_SECONDS)
@@ -414,13 +400,12 @@ class EurekaRegistry:
 
     async def describe(self) -> dict[str, Any]:
         """Reach every server and show the instance as each one lists it."""
-        loop = asyncio.get_running_loop()
-        until = loop.time() + self._config.registry_timeout_seconds * VERIFY_SHARE
+        until = StepDeadlines.starting(None, self._config.registry_timeout_seconds).verify
         instance_id = self._instance_id or await self._discover(until, quiet=False)
         assert instance_id is not None
         found = await self._read_all(instance_id, until)
         if not any(isinstance(i, dict) for i in found.values()):
-            shown = "; ".join(f"{s.shown}: {i or 'not listed'}" for s, i in found.items())
+            shown = "; ".join(f"{s.shown}: {shown_status(i)}" for s, i in found.items())
             raise RegistryError(f"{self._app}/{instance_id} is not listed: {shown}")
         return {
             "backend": self.name,
@@ -431,7 +416,7 @@ class EurekaRegistry:
             else f"POD_IP {self._config.pod_ip} and PRESTOP_APP_PORT {self._config.app_port}",
             "would_set": self._status,
             "servers": {
-                s.shown: summary(i) if isinstance(i, dict) else (i or "not listed")
+                s.shown: summary(i) if isinstance(i, dict) else shown_status(i)
                 for s, i in found.items()
             },
         }
@@ -558,8 +543,7 @@ class EurekaRegistry:
 
     async def check_health(self) -> RegistryHealth:
         """Found when at least one server lists the instance (by id, or by POD_IP and port)."""
-        loop = asyncio.get_running_loop()
-        until = loop.time() + self._config.registry_timeout_seconds * VERIFY_SHARE
+        until = StepDeadlines.starting(None, self._config.registry_timeout_seconds).verify
         instance_id = self._instance_id
         if instance_id is None:
             matching, instances, errors = await self._match(until)
@@ -581,10 +565,7 @@ class EurekaRegistry:
             instance_id = self._adopt(matching[0])
         found = await self._read_all(instance_id, until)
         listed = {s: i for s, i in found.items() if isinstance(i, dict)}
-        shown = "; ".join(
-            f"{s.shown}: {i.get('status') if isinstance(i, dict) else i or 'not listed'}"
-            for s, i in found.items()
-        )
+        shown = "; ".join(f"{s.shown}: {shown_status(i)}" for s, i in found.items())
         if listed:
             return RegistryHealth(
                 HealthState.FOUND,

@@ -25,7 +25,7 @@ Replaced:
   (``http://eureka-0.invalid/``), so it neither parses nor holds credentials; the placeholder is
   mapped back to the real server per request. ``set_http_client`` is process-wide, so the
   registry whose requests are being sent is found through a context variable.
-- Reads: its getters parse XML; the read-back uses :mod:`agent.registry._http` (JSON, the
+- Reads: its getters parse XML; the read-back uses :mod:`agent.registry.wire` (JSON, the
   registry itself rather than the response cache), shared with the ``eureka`` backend.
 """
 
@@ -43,28 +43,19 @@ import structlog
 from py_eureka_client import eureka_basic
 from py_eureka_client import http_client as eureka_http
 
-from agent.config import redact_urls_in
-from agent.registry import HealthState, RegistryError, RegistryHealth
-from agent.registry._http import (
-    MARK_SHARE,
-    VERIFY_SHARE,
-    Http,
-    RequestFailed,
-    Server,
+from agent.http import Http, RequestFailed, Server, redact_urls_in, retrying, segment
+from agent.registry.base import HealthState, RegistryError, RegistryHealth, StepDeadlines
+from agent.registry.wire import (
+    EurekaServers,
     confirm_applied,
-    failure_text,
-    get_instance,
     read_back,
-    request_timeout,
     require_one_marked,
-    retrying,
-    segment,
-    ssl_context,
+    status_on,
 )
 
 if TYPE_CHECKING:
     from agent.config import Config
-    from agent.server import AppHealth
+    from agent.http import AppHealth
 
 log = structlog.get_logger()
 
@@ -198,13 +189,9 @@ class RegisterRegistry:
         self._config = config
         self._app_health = health
         """The agent's check of PRESTOP_APP_HEALTH_URL (the one /ready uses); None: always UP."""
-        http = Http(
-            session, timeout=request_timeout(config), ssl=ssl_context(config.eureka_ca_file)
-        )
-        self._http = http
-        self._servers = tuple(Server.parse(url) for url in config.eureka_urls)
-        self._transport = _Transport(http, self._servers)
-        self._app = config.eureka_app.upper()
+        eureka = EurekaServers.of(config, session)
+        self._http, self._servers, self._app = eureka.http, eureka.servers, eureka.app
+        self._transport = _Transport(eureka.http, self._servers)
         self._instance = self._build_instance(config)
         self._registered: dict[Server, bool] = dict.fromkeys(self._servers, False)
         # One lock orders the renewal loop, mark_down and finalize: a renewal that slipped in
@@ -223,7 +210,6 @@ class RegisterRegistry:
     def _build_instance(config: Config) -> eureka_basic.Instance:
         ip, port = config.pod_ip, config.app_port
         home, status_page, health_check = published_urls(config)
-        app = config.eureka_app.upper()
         # Spring's default instance id is host:app:port; the pod IP stands in for the host.
         instance_id = config.eureka_instance_id or f"{ip}:{config.eureka_app.lower()}:{port}"
         metadata = {"registered-by": "prestop-agent"}
@@ -234,7 +220,7 @@ class RegisterRegistry:
         # Every argument is passed: the model's defaults are shared mutable objects.
         return eureka_basic.Instance(
             instanceId=instance_id,
-            app=app,
+            app=config.eureka_app.upper(),
             ipAddr=ip,
             hostName=ip,
             port=eureka_basic.PortWrapper(port=port, enabled=True),
@@ -266,6 +252,14 @@ class RegisterRegistry:
             await call(*args, **kwargs)
         finally:
             _current.reset(token)
+
+    async def _about_instance(
+        self, server: Server, until: float, call: Any, *args: Any, **kwargs: Any
+    ) -> None:
+        """One py-eureka-client call about this instance on ``server`` (its arguments begin
+        with the server, the app and the instance id)."""
+        placeholder = self._transport.placeholder(server)
+        await self._call(until, call, placeholder, self._app, self.instance_id, *args, **kwargs)
 
     # --- registration and renewals ------------------------------------------------------------
 
@@ -312,12 +306,10 @@ class RegisterRegistry:
         placeholder = self._transport.placeholder(server)
         if self._registered[server]:
             try:
-                await self._call(
+                await self._about_instance(
+                    server,
                     until,
                     eureka_basic.send_heartbeat,
-                    placeholder,
-                    self._app,
-                    self.instance_id,
                     self._instance.lastDirtyTimestamp,
                     status=self._instance.status,
                 )
@@ -355,11 +347,8 @@ class RegisterRegistry:
 
     async def mark_down(self, started: float | None = None) -> dict[str, Any]:
         """Put the status override on every server (py-eureka-client's ``status_update``)."""
-        loop = asyncio.get_running_loop()
-        started = loop.time() if started is None else started
-        timeout = self._config.registry_timeout_seconds
-        until = started + timeout * MARK_SHARE
-        self._verify_until = started + timeout * VERIFY_SHARE
+        deadlines = StepDeadlines.starting(started, self._config.registry_timeout_seconds)
+        until, self._verify_until = deadlines.mark, deadlines.verify
         target = self._config.eureka_status
         async with self._lock:
             self._marked = True
@@ -367,37 +356,9 @@ class RegisterRegistry:
             self._instance.status = target
             self._instance.lastDirtyTimestamp = _now_ms()
         done = asyncio.Event()
-        unanswered: dict[Server, bool] = {}
-
-        async def put(server: Server) -> dict[str, Any]:
-            async def attempt() -> None:
-                try:
-                    await self._call(
-                        until,
-                        eureka_basic.status_update,
-                        self._transport.placeholder(server),
-                        self._app,
-                        self.instance_id,
-                        self._instance.lastDirtyTimestamp,
-                        status=target,
-                    )
-                except (HTTPError, URLError) as exc:
-                    # No HTTP answer (a timeout, a reset): the server may have applied it.
-                    unanswered[server] = not isinstance(exc, HTTPError)
-                    raise RequestFailed(_failure(exc), retriable=_retriable(exc)) from None
-
-            try:
-                _, attempts = await retrying(attempt, until=until, give_up=done.is_set)
-            except RequestFailed as exc:
-                return {
-                    "result": "failed",
-                    "error": exc.reason,
-                    "unanswered": unanswered.get(server, False),
-                }
-            done.set()
-            return {"result": "ok", "attempts": attempts}
-
-        results = await asyncio.gather(*(put(s) for s in self._servers))
+        results = await asyncio.gather(
+            *(self._put_status(s, target, until, done) for s in self._servers)
+        )
         said = {s.shown: r for s, r in zip(self._servers, results, strict=True)}
         await confirm_applied(
             self._http,
@@ -418,6 +379,35 @@ class RegisterRegistry:
         )
         return said
 
+    async def _put_status(
+        self, server: Server, target: str, until: float, done: asyncio.Event
+    ) -> dict[str, Any]:
+        """Put the status override on one server (py-eureka-client's ``status_update``),
+        retrying until another server has taken it or the time is up."""
+        unanswered = False
+
+        async def attempt() -> None:
+            nonlocal unanswered
+            try:
+                await self._about_instance(
+                    server,
+                    until,
+                    eureka_basic.status_update,
+                    self._instance.lastDirtyTimestamp,
+                    status=target,
+                )
+            except (HTTPError, URLError) as exc:
+                # No HTTP answer (a timeout, a reset): the server may have applied it.
+                unanswered = not isinstance(exc, HTTPError)
+                raise RequestFailed(_failure(exc), retriable=_retriable(exc)) from None
+
+        try:
+            _, attempts = await retrying(attempt, until=until, give_up=done.is_set)
+        except RequestFailed as exc:
+            return {"result": "failed", "error": exc.reason, "unanswered": unanswered}
+        done.set()
+        return {"result": "ok", "attempts": attempts}
+
     async def verify(self) -> dict[str, Any]:
         try:
             return await read_back(
@@ -436,19 +426,12 @@ class RegisterRegistry:
         async with self._lock:
             self._finalized = True
             self._stop.set()
-        loop = asyncio.get_running_loop()
-        until = loop.time() + self._config.registry_timeout_seconds * VERIFY_SHARE
+        until = StepDeadlines.starting(None, self._config.registry_timeout_seconds).verify
 
         async def cancel(server: Server) -> str:
             async def attempt() -> None:
                 try:
-                    await self._call(
-                        until,
-                        eureka_basic.cancel,
-                        self._transport.placeholder(server),
-                        self._app,
-                        self.instance_id,
-                    )
+                    await self._about_instance(server, until, eureka_basic.cancel)
                 except HTTPError as exc:
                     if exc.code == 404:
                         return  # already gone there (a peer replicated the cancel first)
@@ -479,8 +462,7 @@ class RegisterRegistry:
 
     async def describe(self) -> dict[str, Any]:
         """Show the registration the agent would make, and reach every server."""
-        loop = asyncio.get_running_loop()
-        until = loop.time() + self._config.registry_timeout_seconds * VERIFY_SHARE
+        until = StepDeadlines.starting(None, self._config.registry_timeout_seconds).verify
 
         async def reach(server: Server) -> str:
             async def attempt() -> int:
@@ -524,16 +506,12 @@ class RegisterRegistry:
         """Found when at least one server lists our registration as UP."""
         until = asyncio.get_running_loop().time() + self._config.registry_timeout_seconds
 
-        async def read(server: Server) -> str:
-            try:
-                instance = await get_instance(
-                    self._http, server, self._app, self.instance_id, until=until
-                )
-            except RequestFailed as exc:
-                return failure_text(exc)
-            return "not listed" if instance is None else str(instance.get("status"))
-
-        answers = await asyncio.gather(*(read(s) for s in self._servers))
+        answers = await asyncio.gather(
+            *(
+                status_on(self._http, s, self._app, self.instance_id, until=until)
+                for s in self._servers
+            )
+        )
         shown = "; ".join(f"{s.shown}: {a}" for s, a in zip(self._servers, answers, strict=True))
         if "UP" in answers:
             return RegistryHealth(

@@ -35,20 +35,15 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from agent.lifecycle import Propagation, iso_time
-from agent.registry._http import (
-    Http,
-    RequestFailed,
-    Server,
-    check_status,
+from agent.http import RequestFailed, Server, check_status, parse_json, segment
+from agent.lifecycle import FloorSource, Propagation, iso_time
+from agent.registry.wire import (
+    EurekaServers,
     get_application,
     instances_of,
-    parse_json,
-    request_timeout,
     same_address,
-    segment,
     serves_on,
-    ssl_context,
+    text_of,
 )
 
 if TYPE_CHECKING:
@@ -130,11 +125,8 @@ class ClientView:
         *,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
-        self._http = Http(
-            session, timeout=request_timeout(config), ssl=ssl_context(config.eureka_ca_file)
-        )
-        self._servers = tuple(Server.parse(url) for url in config.eureka_urls)
-        self._app = config.eureka_app.upper()
+        eureka = EurekaServers.of(config, session)
+        self._http, self._servers, self._app = eureka.http, eureka.servers, eureka.app
         self._status = config.eureka_status
         self._poll = config.drain_poll_seconds
         self._instance_id = config.eureka_instance_id
@@ -159,7 +151,7 @@ class ClientView:
         if until is None:
             until = asyncio.get_running_loop().time() + self._http.timeout
         instances = await get_application(self._http, server, self._app, until=until)
-        status = next((str(i.get("status")) for i in instances if self._is_ours(i)), None)
+        status = next((str(text_of(i.get("status"))) for i in instances if self._is_ours(i)), None)
         if status is not None:
             self._listed.add(server)
         return status
@@ -414,3 +406,31 @@ def _registered_at(instance: Mapping[str, Any]) -> str | None:
     if isinstance(stamp, bool) or not isinstance(stamp, int | str):
         return None
     return str(stamp)
+
+
+def floor_source(config: Config) -> FloorSource | None:
+    """Eureka as a propagation source: the servers' response cache (watched in their
+    client-facing view when the agent can read it, else its configured bound assumed), then each
+    client's registry fetch and load-balancer cache (``PRESTOP_EUREKA_CLIENT_REFRESH_SECONDS``).
+    None without a registry."""
+    if config.registry == "none":
+        return None
+    cache, refresh = config.eureka_server_cache_seconds, config.eureka_client_refresh_seconds
+    watching = (
+        "when the Eureka servers' client-facing view shows the instance out (watched)"
+        if config.watches_client_view
+        else f"the server cache's bound, {cache:g}s (not observable: set PRESTOP_EUREKA_URLS"
+        " and PRESTOP_EUREKA_APP)"
+    )
+    return FloorSource(
+        name="eureka",
+        watched=config.watches_client_view,
+        blind_seconds=cache,
+        refresh_seconds=refresh,
+        figures=f"Eureka server cache {cache:g}s + client refresh {refresh:g}s",
+        watching=f"{watching} + client refresh {refresh:g}s",
+        remedy="lower the clients' eureka.client.registry-fetch-interval-seconds and"
+        " spring.cloud.loadbalancer.cache.ttl (and the server's"
+        " response-cache-update-interval-ms) and set PRESTOP_EUREKA_CLIENT_REFRESH_SECONDS"
+        " (and PRESTOP_EUREKA_SERVER_CACHE_SECONDS) to match",
+    )

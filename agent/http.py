@@ -1,12 +1,16 @@
-"""HTTP plumbing shared by the backends: Eureka server URLs, bounded requests, retries, reads.
+"""The agent's one outbound HTTP client: bounded requests over the shared session, and URLs.
 
-The ``eureka`` and ``register`` backends talk to the same Eureka servers the same way (credentials
-from Spring-style ``defaultZone`` URLs, a private CA, per-request timeouts under the step's
-deadline, backoff on 5xx and connection errors, reading one instance back as JSON); this module
-is that shared half, so both backends agree on what "reachable" and "shows the status" mean.
+Every server the agent asks (the Eureka servers, the app's actuator and health endpoints) is
+untrusted input and may be slow, hostile or gone. One client therefore owns what any request
+needs: credentials split off the URL into an ``Authorization`` header, a per-request timeout cut to
+the caller's deadline, a size cap on every answer, retries with backoff on 5xx and connection
+errors, and reasons that never quote a credential or a traceback. :class:`AppHealth` (/ready's
+check of the app) is its one caller outside the registry. The URL helpers (checking a host,
+redacting a URL) live here too, so that a URL is parsed, sent and shown by one module;
+:mod:`agent.config` uses them to validate the settings.
 
-Credentials never leave :class:`Server`: requests go to a URL without userinfo and carry an
-``Authorization`` header instead, and everything printable uses :func:`agent.config.redact_url`.
+Eureka's own wire format (its JSON, its paths, how a status is read back) is in
+:mod:`agent.registry.wire`.
 """
 
 from __future__ import annotations
@@ -17,43 +21,30 @@ import ipaddress
 import json
 import re
 import ssl
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import SplitResult, quote, unquote, urlsplit, urlunsplit
 
 import aiohttp
-import structlog
 import yarl
-
-from agent.config import Config, ascii_host, redact_url, redact_urls_in
-from agent.registry import RegistryError
-
-log = structlog.get_logger()
 
 T = TypeVar("T")
 
 JSON = "application/json"
-# Eureka's own clients send this header only when one server replicates to another; a request
-# that carries it is not replicated onwards, so the agent must never send it.
-REPLICATION_HEADER = "x-netflix-discovery-replication"
+REDACTED = "***"
 # Backoff between attempts: short first (a loopback 503 during a server's start clears fast),
 # capped so that a few attempts still fit a registry deadline of a few seconds.
 FIRST_BACKOFF = 0.05
 MAX_BACKOFF = 1.0
 MIN_REQUEST_TIMEOUT = 0.05  # agent.config.MIN_REGISTRY_TIMEOUT_SECONDS counts on it
-# Shares of PRESTOP_REGISTRY_TIMEOUT_SECONDS, counted from the start of the step: the status
-# change (retries included) may use MARK_SHARE, reading it back runs until VERIFY_SHARE. Ending
-# before the whole timeout means our own error, naming each server, beats main's bare timeout.
-MARK_SHARE = 0.6
-VERIFY_SHARE = 0.9
 # Every answer is read through one bounded reader: a registry (or the app's health endpoint) is
 # untrusted input, and a server that streams gigabytes must cost the agent a failed request, not
 # its memory. Eureka's ``GET apps/{APP}`` is ~1.5 KB per instance, so 4 MiB is thousands of them.
 MAX_ANSWER_BYTES = 4 * 1024 * 1024
 READ_CHUNK = 64 * 1024
 MAX_REASON = 200
-MAX_FIELD = 200
 
 
 class RequestFailed(Exception):
@@ -121,12 +112,6 @@ def segment(value: str) -> str:
     """One path segment, percent-encoded. ``:`` stays as is: Spring's instance ids
     (``host:app:port``) are sent that way by Eureka's own clients."""
     return quote(value, safe=":@")
-
-
-def request_timeout(config: Config) -> float:
-    """The timeout of one request: a third of the step's deadline, so that a server that hangs
-    still leaves time for a retry or for the other servers' answers, and at most 5 s."""
-    return max(MIN_REQUEST_TIMEOUT, min(5.0, config.registry_timeout_seconds / 3))
 
 
 def ssl_context(ca_file: str | None) -> ssl.SSLContext | bool:
@@ -230,45 +215,6 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"
 
 
-async def confirm_applied(
-    http: Http,
-    servers: tuple[Server, ...],
-    said: dict[str, dict[str, Any]],
-    app: str,
-    instance_id: str,
-    status: str,
-    *,
-    until: float,
-) -> None:
-    """When no server confirmed the status change: read the instance back before reporting the
-    failure. A PUT that timed out on our side may still have been applied (a slow server), and
-    then the instance is marked: its server's result becomes ``ok`` (``confirmed_by:
-    read_back``). Only servers whose last status request got no answer (``unanswered``) are
-    asked: a refusal (4xx) was not applied."""
-    unanswered = tuple(s for s in servers if said[s.shown].pop("unanswered", False))
-    if not unanswered or any(answer["result"] == "ok" for answer in said.values()):
-        return
-    servers = unanswered
-    try:
-        shown = await read_back(http, servers, app, instance_id, status, until=until)
-    except RequestFailed:
-        return  # nobody shows it: the failure stands as reported
-    for server in servers:
-        if shown.get(server.shown) == status:
-            said[server.shown] = {**said[server.shown], "result": "ok", "confirmed_by": "read_back"}
-
-
-def require_one_marked(
-    said: Mapping[str, Mapping[str, Any]], app: str, instance_id: str, status: str
-) -> None:
-    """The mark-down step succeeds when at least one server took the status; else the error
-    names what every server said."""
-    if any(answer["result"] == "ok" for answer in said.values()):
-        return
-    reasons = "; ".join(f"{url}: {answer['error']}" for url, answer in said.items())
-    raise RegistryError(f"could not mark {app}/{instance_id} {status} on any server: {reasons}")
-
-
 # Answers about credentials: their body is about what the agent sent, never quoted.
 CREDENTIAL_STATUSES = (401, 407)
 MAX_SNIPPET = 120
@@ -334,104 +280,6 @@ async def retrying(
             delay = min(delay * 2, MAX_BACKOFF)
 
 
-# --------------------------------------------------------------------------------------------
-# Reading Eureka's JSON. Eureka serialises one instance as an object and several as a list, and
-# numbers such as lastDirtyTimestamp as strings; these helpers hide both.
-
-
-def instances_of(document: Any) -> list[dict[str, Any]]:
-    """The instances of ``GET apps/{APP}`` (``{"application": {"instance": [...]}}``)."""
-    application = document.get("application", {}) if isinstance(document, dict) else {}
-    instances = application.get("instance", []) if isinstance(application, dict) else []
-    if isinstance(instances, dict):
-        return [instances]
-    return [i for i in instances if isinstance(i, dict)]
-
-
-def instance_of(document: Any) -> dict[str, Any]:
-    """The instance of ``GET apps/{APP}/{id}`` (``{"instance": {...}}``)."""
-    instance = document.get("instance") if isinstance(document, dict) else None
-    if not isinstance(instance, dict):
-        raise RequestFailed("the answer holds no instance", retriable=False, answered=True)
-    return instance
-
-
-def port_of(instance: Mapping[str, Any], field: str = "port") -> int | None:
-    """The instance's ``port`` (or ``securePort``): ``{"$": 8080, "@enabled": "true"}``."""
-    port = instance.get(field)
-    value = port.get("$") if isinstance(port, dict) else port
-    try:
-        return int(value) if value is not None else None
-    except (TypeError, ValueError):
-        return None
-
-
-def secure_port_of(instance: Mapping[str, Any]) -> int | None:
-    return port_of(instance, "securePort")
-
-
-def serves_on(instance: Mapping[str, Any], port: int) -> bool:
-    """Whether the instance is registered with ``port``: as its plain port, or as its secure one
-    (an HTTPS-only app registers ``port`` disabled and ``securePort`` enabled)."""
-    return port in (port_of(instance), secure_port_of(instance))
-
-
-def same_address(listed: Any, address: str) -> bool:
-    """Whether an ``ipAddr`` a server listed is ``address``, compared as addresses: the
-    downward API writes ``fd00:77::5`` where Java writes ``fd00:77:0:0:0:0:0:5``."""
-    if not isinstance(listed, str) or not address:
-        return False
-    if listed == address:
-        return True
-    try:
-        return ipaddress.ip_address(listed.split("%", 1)[0]) == ipaddress.ip_address(address)
-    except ValueError:
-        return False
-
-
-def text_of(value: Any) -> str | None:
-    """A field of a server's answer as text for comparisons, logs and answers: strings (cut
-    short) and numbers as they are, anything else by its type. Never ``str()`` of a nested value
-    a hostile server sent: printing a structure nested hundreds deep can raise RecursionError."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        return value if len(value) <= MAX_FIELD else value[:MAX_FIELD] + "..."
-    if isinstance(value, int | float):
-        return str(value)
-    return f"<a JSON {type(value).__name__}>"
-
-
-def override_of(instance: Mapping[str, Any]) -> str:
-    """The status override; Eureka writes ``overriddenStatus`` (older servers
-    ``overriddenstatus``), ``UNKNOWN`` meaning none."""
-    override = instance.get("overriddenStatus") or instance.get("overriddenstatus")
-    return text_of(override) or "UNKNOWN"
-
-
-def dirty_timestamp_of(instance: Mapping[str, Any]) -> str | None:
-    """Eureka's lastDirtyTimestamp (milliseconds, sent as a number or a string); None when the
-    answer has none or something else, so that no odd value ever ends up in a request's URL."""
-    value = instance.get("lastDirtyTimestamp")
-    if isinstance(value, bool) or not isinstance(value, int | str):
-        return None
-    text = str(value)
-    return text if text.isascii() and text.isdigit() and len(text) <= 20 else None
-
-
-def summary(instance: Mapping[str, Any]) -> dict[str, Any]:
-    """What ``check``, logs and /prestop's answer show of an instance."""
-    return {
-        "instanceId": text_of(instance.get("instanceId")),
-        "app": text_of(instance.get("app")),
-        "ipAddr": text_of(instance.get("ipAddr")),
-        "port": port_of(instance),
-        "status": text_of(instance.get("status")),
-        "overriddenStatus": override_of(instance),
-        "lastDirtyTimestamp": dirty_timestamp_of(instance),
-    }
-
-
 def parse_json(body: bytes) -> Any:
     """The answer as JSON, or :class:`RequestFailed` saying why not: bad encoding, truncated or
     malformed text, and nesting too deep for the parser (``RecursionError``) alike."""
@@ -468,65 +316,130 @@ def failure_reason(exc: BaseException) -> str:
     return f"unexpected {_reason(exc)}"
 
 
-async def get_instance(
-    http: Http, server: Server, app: str, instance_id: str, *, until: float
-) -> dict[str, Any] | None:
-    """``GET apps/{APP}/{id}``: the instance, or None when the server does not list it.
+# --------------------------------------------------------------------------------------------
+# URLs: checked, and shown without their secrets.
 
-    This read goes to the registry itself, not to the server's response cache (which serves
-    ``GET apps`` and ``GET apps/{APP}`` up to 30 s stale), so it shows a status change at once.
+
+def redact_url(url: str) -> str:
+    """Hide the password and the query string (which may carry tokens) of a URL.
+
+    Works on malformed URLs too (they end up in error messages): everything between the scheme
+    and the last ``@`` is credentials, whatever characters the password holds.
     """
-    status, body = await http.request(
-        server, "GET", f"apps/{segment(app)}/{segment(instance_id)}", until=until
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    if "@" in rest:
+        userinfo, _, rest = rest.rpartition("@")
+        rest = f"{userinfo.split(':', 1)[0]}:{REDACTED}@{rest}"
+    if "?" in rest:
+        rest = rest.split("?", 1)[0] + "?" + REDACTED
+    return f"{scheme}{sep}{rest}"
+
+
+# A URL inside free text (an HTTP client's error message quotes the request's URL): from its
+# scheme to the first space, quote or bracket.
+_URL_IN_TEXT = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>]+")
+
+
+def redact_urls_in(text: str) -> str:
+    """``text`` with every URL in it passed through :func:`redact_url`: for any message built
+    from an HTTP client's error, which may carry the request's query token."""
+    return _URL_IN_TEXT.sub(lambda match: redact_url(match.group(0)), text)
+
+
+_LABEL = re.compile(r"[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?", re.ASCII | re.IGNORECASE)
+MAX_LABEL = 63
+MAX_HOST_NAME = 253
+
+
+def ascii_host(host: str) -> str:
+    """A host name checked by :func:`check_host` as resolvers and TLS want it (IDNA, ``xn--``)."""
+    if host.isascii():
+        return host
+    # Label by label, ASCII labels as they are (the codec would refuse a long one with a vaguer
+    # message than check_host's).
+    return ".".join(
+        label if label.isascii() else label.encode("idna").decode("ascii")
+        for label in host.split(".")
     )
-    if status == 404:
-        return None
-    check_status(status, body, ok=(200,))
-    return instance_of(parse_json(body))
 
 
-async def get_application(
-    http: Http, server: Server, app: str, *, until: float
-) -> list[dict[str, Any]]:
-    """``GET apps/{APP}``: its instances (none when the server does not know the app)."""
-    status, body = await http.request(server, "GET", f"apps/{segment(app)}", until=until)
-    if status == 404:
-        return []
-    check_status(status, body, ok=(200,))
-    return instances_of(parse_json(body))
+def check_host(host: str) -> None:
+    """Raise ValueError unless ``host`` is an IP address or a host name that resolvers and
+    URL libraries accept: IDNA-encodable, no empty label (``a..b``, a leading dot), labels of
+    at most 63 characters, at most 253 in all, letters, digits, ``-`` and ``_``. A name that
+    fails here would otherwise fail later, inside a request, as a UnicodeError."""
+    try:
+        ipaddress.ip_address(host)
+        return
+    except ValueError:
+        pass
+    name = host[:-1] if host.endswith(".") else host  # one trailing dot: a fully qualified name
+    if not name:
+        raise ValueError("has an empty host name")
+    labels = name.split(".")
+    if any(not label for label in labels):
+        raise ValueError(f"host {host!r} has an empty label (a leading dot or '..')")
+    try:
+        encoded = ascii_host(name).split(".")
+    except UnicodeError:
+        raise ValueError(f"host {host!r} is not a valid international (IDNA) name") from None
+    for label in encoded:
+        if len(label) > MAX_LABEL:
+            raise ValueError(f"host {host!r} has a label longer than {MAX_LABEL} characters")
+        if not _LABEL.fullmatch(label):
+            raise ValueError(
+                f"host {host!r}: a label may hold letters, digits, '-' and '_', and may not"
+                " begin or end with '-'"
+            )
+    if len(".".join(encoded)) > MAX_HOST_NAME:
+        raise ValueError(f"host {host!r} is longer than {MAX_HOST_NAME} characters")
 
 
-async def read_back(
-    http: Http,
-    servers: tuple[Server, ...],
-    app: str,
-    instance_id: str,
-    expected: str,
-    *,
-    until: float,
-) -> dict[str, Any]:
-    """Read the instance from every server until one shows ``expected`` or ``until`` passes.
+class AppHealth:
+    """The app's own health, for /ready, asked at most once per ``cache_seconds``.
 
-    Returns what each server said (its status, ``not listed`` or the error). Raises
-    :class:`RequestFailed` naming every server's answer when none shows ``expected``.
+    A readiness probe storm (or several probes at once) must not turn into a request storm
+    against the app, so concurrent callers share one in-flight check and its result is cached.
     """
-    loop = asyncio.get_running_loop()
-    delay = FIRST_BACKOFF
-    while True:
 
-        async def read(server: Server) -> str:
-            try:
-                instance = await get_instance(http, server, app, instance_id, until=until)
-            except Exception as exc:  # one server's bad answer must not hide another's
-                return failure_text(exc)
-            return "not listed" if instance is None else str(text_of(instance.get("status")))
+    def __init__(
+        self,
+        url: str,
+        session: aiohttp.ClientSession,
+        *,
+        timeout_seconds: float = 1.0,
+        cache_seconds: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        # The app's answer is untrusted input too: the same bounded client as the registry's
+        # (size cap, credentials in the URL sent as basic auth and never shown, any failure a
+        # reason).
+        self._http = Http(session, timeout=timeout_seconds)
+        self._endpoint = Server.endpoint(url)
+        self._cache_seconds = cache_seconds
+        self._clock = clock
+        self._checked_at = -float("inf")
+        self._healthy = False
+        self._reason = "not checked yet"
+        self._lock = asyncio.Lock()
 
-        answers = await asyncio.gather(*(read(s) for s in servers))
-        said = {s.shown: a for s, a in zip(servers, answers, strict=True)}
-        if expected in answers:
-            return said
-        if until - loop.time() < delay + MIN_REQUEST_TIMEOUT:
-            shown = "; ".join(f"{url}: {answer}" for url, answer in said.items())
-            raise RequestFailed(f"no server shows {expected}: {shown}", retriable=False)
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, MAX_BACKOFF)
+    async def check(self) -> tuple[bool, str]:
+        """(healthy, reason) from the cache or one fresh request."""
+        async with self._lock:
+            if self._clock() - self._checked_at >= self._cache_seconds:
+                self._healthy, self._reason = await self._ask()
+                self._checked_at = self._clock()
+            return self._healthy, self._reason
+
+    async def _ask(self) -> tuple[bool, str]:
+        try:
+            status, _ = await self._http.request(
+                self._endpoint, "GET", "", headers={"Accept": "*/*"}
+            )
+        except Exception as exc:  # RequestFailed, or a bug: either way "not healthy", said why
+            return False, f"app health unreachable: {failure_reason(exc)}"
+        if 200 <= status < 300:
+            return True, "app healthy"
+        return False, f"app health answered {status}"
