@@ -77,11 +77,12 @@ def report(run: Rollout) -> str:
             else "-"
         )
         lines.append(
-            f"  {end.name}: hook held {held} s, DOWN visible {at(end.down_visible)},"
+            f"  {end.name}: hook held {held} s, DOWN visible first peer"
+            f" {at(end.down_visible_first)}, every peer {at(end.down_visible)},"
             f" endpoint not ready {at(end.endpoint_not_ready)},"
             f" removed {at(end.endpoint_removed)}, proxy dropped {at(end.proxy_dropped)},"
             f" last sent {at(end.last_sent)}, last served {at(end.last_served)},"
-            f" gone {at(end.gone)}"
+            f" gone {at(end.gone)}; agent on the Eureka peers: {end.agent_peers}"
         )
     return "\n".join(lines)
 
