@@ -197,6 +197,8 @@ class Rollout:
     old: list[PodEnd]
     new: list[str]
     records: dict[str, list[dict[str, Any]]]
+    watch_period: float = 0.0
+    """The watcher's mean time between samples: the resolution of ``PodEnd``'s moments, s."""
 
     @property
     def failed(self) -> dict[str, dict[str, dict[str, int]]]:
@@ -222,10 +224,19 @@ class Watcher:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self.errors = 0
+        self.samples: list[float] = []
+
+    @property
+    def mean_period(self) -> float:
+        """Mean seconds between samples (each polls the API twice, iptables-save, the peers)."""
+        if len(self.samples) < 2:
+            return 0.0
+        return (self.samples[-1] - self.samples[0]) / (len(self.samples) - 1)
 
     def _run(self) -> None:
         cluster = self.rig.cluster
         while not self._stop.is_set():
+            self.samples.append(time.time())
             try:
                 self._poll(cluster)
             except Exception:  # a slow API answer is one missed sample, not a failed rollout
@@ -408,7 +419,7 @@ class DeploymentRig:
         for end in old.values():
             end.agent_peers = agent_peers(end.ip)
         window_start = time.time() - 2.0
-        with Watcher(self, old):
+        with Watcher(self, old) as watcher:
             time.sleep(1.0)  # a first sample before the trigger
             restarted = cluster.rollout_restart(DEPLOYMENT)
             cluster.wait_rollout(DEPLOYMENT, 3 * START_TIMEOUT)
@@ -445,6 +456,7 @@ class DeploymentRig:
             old=list(old.values()),
             new=new,
             records=records,
+            watch_period=watcher.mean_period,
         )
 
 
