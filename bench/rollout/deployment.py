@@ -198,7 +198,9 @@ class Rollout:
     new: list[str]
     records: dict[str, list[dict[str, Any]]]
     watch_period: float = 0.0
-    """The watcher's mean time between samples: the resolution of ``PodEnd``'s moments, s."""
+    """The watcher's mean time between samples of the pods and Eureka's views, s."""
+    fast_watch_period: float = 0.0
+    """Its mean time between samples of the EndpointSlices and kube-proxy's rules, s."""
 
     @property
     def failed(self) -> dict[str, dict[str, dict[str, int]]]:
@@ -214,43 +216,88 @@ class Rollout:
 
 
 class Watcher:
-    """Polls pods, EndpointSlices, kube-proxy's rules and Eureka's view every ``period`` s in a
-    thread, recording the first moment each old pod's state changed."""
+    """Watches the old pods' ends in two threads, recording the first moment each state changed:
+    the pods and Eureka's views every ``period`` s, and, every ``fast_period`` s, the Service
+    path alone (the EndpointSlices, then kube-proxy's rules), each stamped when its read
+    returned, so that kube-proxy's sync delay is measured finer than the slow sample."""
 
-    def __init__(self, rig: DeploymentRig, old: dict[str, PodEnd], period: float = 0.25) -> None:
+    def __init__(
+        self,
+        rig: DeploymentRig,
+        old: dict[str, PodEnd],
+        period: float = 0.25,
+        fast_period: float = 0.05,
+    ) -> None:
         self.rig = rig
         self.old = old
-        self.period = period
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
         self.errors = 0
         self.samples: list[float] = []
+        self.fast_samples: list[float] = []
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(
+                target=self._run, args=(self._poll_pods, period, self.samples), daemon=True
+            ),
+            threading.Thread(
+                target=self._run,
+                args=(self._poll_service_path, fast_period, self.fast_samples),
+                daemon=True,
+            ),
+        ]
+
+    @staticmethod
+    def _mean_period(samples: list[float]) -> float:
+        if len(samples) < 2:
+            return 0.0
+        return (samples[-1] - samples[0]) / (len(samples) - 1)
 
     @property
     def mean_period(self) -> float:
-        """Mean seconds between samples (each polls the API twice, iptables-save, the peers)."""
-        if len(self.samples) < 2:
-            return 0.0
-        return (self.samples[-1] - self.samples[0]) / (len(self.samples) - 1)
+        """Mean seconds between samples of the pods and the Eureka views."""
+        return self._mean_period(self.samples)
 
-    def _run(self) -> None:
+    @property
+    def mean_fast_period(self) -> float:
+        """Mean seconds between samples of the EndpointSlices and kube-proxy's rules."""
+        return self._mean_period(self.fast_samples)
+
+    def _run(
+        self, poll: Callable[[KubeCluster], None], period: float, samples: list[float]
+    ) -> None:
         cluster = self.rig.cluster
         while not self._stop.is_set():
-            self.samples.append(time.time())
+            samples.append(time.time())
             try:
-                self._poll(cluster)
+                poll(cluster)
             except Exception:  # a slow API answer is one missed sample, not a failed rollout
                 self.errors += 1
-            self._stop.wait(self.period)
+            self._stop.wait(period)
 
-    def _poll(self, cluster: KubeCluster) -> None:
+    def _poll_pods(self, cluster: KubeCluster) -> None:
         now = time.time()
         pods = cluster.api_get(f"/api/v1/namespaces/default/pods?labelSelector=app%3D{DEPLOYMENT}")
         present = {p["metadata"]["name"]: p for p in pods["items"]}
+        views = [eureka_view(url) for url in self.rig.eureka_host_urls]
+        seen = time.time()
+        for end in self.old.values():
+            pod = present.get(end.name)
+            if end.deleted is None and pod and pod["metadata"].get("deletionTimestamp"):
+                end.deleted = now
+            if end.gone is None and pod is None:
+                end.gone = now
+            target = f"{end.ip}:{APP_PORT}"
+            not_up = [bool(view) and view.get(target) != "UP" for view in views]
+            if end.down_visible_first is None and any(not_up):
+                end.down_visible_first = seen
+            if end.down_visible is None and all(not_up):
+                end.down_visible = seen
+
+    def _poll_service_path(self, cluster: KubeCluster) -> None:
         slices = cluster.api_get(
             "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices"
             f"?labelSelector=kubernetes.io%2Fservice-name%3D{DEPLOYMENT}"
         )
+        sliced = time.time()
         endpoints = {
             address: bool(e.get("conditions", {}).get("ready"))
             for s in slices["items"]
@@ -258,33 +305,24 @@ class Watcher:
             for address in e.get("addresses", [])
         }
         rules = cluster.proxy_rules()
-        views = [eureka_view(url) for url in self.rig.eureka_host_urls]
+        ruled = time.time()
         for end in self.old.values():
-            pod = present.get(end.name)
-            if end.deleted is None and pod and pod["metadata"].get("deletionTimestamp"):
-                end.deleted = now
-            if end.gone is None and pod is None:
-                end.gone = now
             if end.endpoint_not_ready is None and not endpoints.get(end.ip, False):
-                end.endpoint_not_ready = now
+                end.endpoint_not_ready = sliced
             if end.endpoint_removed is None and end.ip not in endpoints:
-                end.endpoint_removed = now
+                end.endpoint_removed = sliced
             if end.proxy_dropped is None and f"{end.ip}:{APP_PORT}" not in rules:
-                end.proxy_dropped = now
-            target = f"{end.ip}:{APP_PORT}"
-            not_up = [bool(view) and view.get(target) != "UP" for view in views]
-            if end.down_visible_first is None and any(not_up):
-                end.down_visible_first = now
-            if end.down_visible is None and all(not_up):
-                end.down_visible = now
+                end.proxy_dropped = ruled
 
     def __enter__(self) -> Watcher:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
-        self._thread.join(10)
+        for thread in self._threads:
+            thread.join(10)
 
 
 class DeploymentRig:
@@ -457,6 +495,7 @@ class DeploymentRig:
             new=new,
             records=records,
             watch_period=watcher.mean_period,
+            fast_watch_period=watcher.mean_fast_period,
         )
 
 

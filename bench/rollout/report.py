@@ -80,7 +80,9 @@ class RolloutFigures:
     failed: dict[str, dict[str, dict[str, int]]]
     """caller -> side -> failure kind -> count."""
     watch_period: float = 0.0
-    """The watcher's mean time between samples (the resolution of the per-pod moments), s."""
+    """The watcher's mean time between samples of the pods and Eureka's views, s."""
+    fast_watch_period: float = 0.0
+    """Its mean time between samples of the EndpointSlices and kube-proxy's rules, s."""
     points: dict[str, list[tuple[float, int]]] = field(default_factory=dict)
     """Per caller: (send time after the restart, plot code) for the plot."""
 
@@ -146,6 +148,7 @@ def figures(rollout: Rollout, label: str) -> RolloutFigures:
         sent=rollout.sent,
         failed=failed,
         watch_period=round(rollout.watch_period, 3),
+        fast_watch_period=round(rollout.fast_watch_period, 3),
         points={
             caller: [(round(r["t"] - rollout.restarted, 3), code(caller, r)) for r in records]
             for caller, records in rollout.records.items()
