@@ -383,7 +383,9 @@ class DeploymentRig:
 
     def deploy(self, scenario: Scenario, replicas: int = 3) -> None:
         """The app's Deployment set up for ``scenario`` (replacing any other), its Service; wait
-        until the rollout is complete and Eureka lists every replica UP."""
+        until the rollout is complete, Eureka lists every replica UP, the replaced pods are gone
+        and every caller's view has had time to forget them, so that the measured rollout
+        starts from the set-up's replicas alone."""
         cluster = self.cluster
         pod = replica_pod(cluster.node, "x", self.demo_jar, scenario, self.timings, self.eureka_url)
         if self.scenario is not None and self.scenario.native != scenario.native:
@@ -397,6 +399,14 @@ class DeploymentRig:
         self.scenario = scenario
         cluster.wait_rollout(DEPLOYMENT, START_TIMEOUT)
         self._wait_listed(replicas)
+        # A set-up rollout's pods still ending (or still in a caller's view) made the measured
+        # rollout's first failures: 52 of the busy caller's, counted as its start-up side.
+        self.wait_until(
+            "the replaced replicas gone",
+            lambda: len(self._app_pods()) == replicas,
+            self.timings.grace + 60,
+        )
+        time.sleep(self.timings.server_cache + self.timings.client_refresh + 1.0)
 
     def _app_pods(self) -> list[dict[str, Any]]:
         return cluster_pods(self.cluster, DEPLOYMENT)
