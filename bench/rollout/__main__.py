@@ -193,14 +193,26 @@ def sleep_section(
 
 
 def agent_peer_lines(runs: list[report.RolloutFigures]) -> list[str]:
-    said: Counter[str] = Counter()
+    """How many old pods' agents said what, per scenario and timings."""
+    said: Counter[tuple[str, str]] = Counter()
+    texts: dict[str, str] = {}
     for run in runs:
         for pod in run.pods:
             for url, text in (pod.agent_peers or {}).items():
-                said[f"`{url}`: {text}"] += 1
+                peers = text.split(":", 1)[0]
+                said[(f"{run.scenario} ({run.label})", peers)] += 1
+                texts[peers] = f"`{url}`: {text}"
     if not said:
         return ["No agent answered /status before a rollout (no agent scenario measured)."]
-    return [f"- {n} old pods: {text}" for text, n in said.most_common()]
+    return [
+        "| scenario | peers | old pods |",
+        "|---|---|---|",
+        *(f"| {scenario} | {peers} | {n} |" for (scenario, peers), n in sorted(said.items())),
+        "",
+        "What each answer said in full:",
+        "",
+        *(f"- {text}" for text in texts.values()),
+    ]
 
 
 def write_report(raw: dict[str, object]) -> None:
