@@ -151,7 +151,8 @@ def sleep_section(
         f" S + {found.overhead:.2f} s after the deletion (the kubelet noticing the deletion, the"
         " DOWN request, bash; median of the sleeps' own pods), so it would have failed a pod"
         " whose callers sent later than that. Sleeps are whole seconds, as `preStop.sleep`"
-        " takes them.",
+        " takes them. A small search: a few sleeps, 2 rollouts (6 pods) each, so a sleep's own"
+        " rollouts say little; the evidence of every measured pod carries most of the weight.",
         "",
         "| sleep s | rollouts of it | with failures | old pods (of every scenario) that needed"
         " longer |",
