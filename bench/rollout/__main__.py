@@ -1,7 +1,7 @@
 """``make bench-rollout``: ``kubectl rollout restart`` of a 3-replica Deployment on a real
 cluster, scenario by scenario.
 
-    python -m bench.rollout [--runs 3] [--scenarios none,classic,...] [--search 7,9]
+    python -m bench.rollout [--runs 3] [--scenarios none,classic,...] [--search 8,9,10]
                             [--search-runs 2] [--no-production] [--report-only] [--reset]
 
 Each invocation starts the cluster of tests/kube/cluster.py (under the machine's lock), sets up
@@ -9,8 +9,8 @@ bench/rollout/deployment.py's rig (two Eureka peers behind one Service, the app'
 five callers), runs its rollouts (every scenario's ``--runs`` rollouts in a row, one Deployment
 set-up per scenario), adds their figures to ``bench/results/rollout.json`` (kept out of git) as
 each ends, and rewrites ``bench/results/rollout.md`` and ``rollout.png`` from every rollout
-recorded there. Run it in several invocations to share the machine (``--scenarios``, then
-``--runs 0 --search ...``, then ``--runs 0 --search '' ``); ``--reset`` forgets earlier runs.
+recorded there. Run it in several invocations to share the machine (``COMMANDS``: scenarios in
+two halves, then the sleep search with the unscaled rollout); ``--reset`` forgets earlier runs.
 Root only (the kubelet).
 """
 
@@ -49,9 +49,10 @@ RESULTS = ROOT / "bench" / "results"
 RAW = RESULTS / "rollout.json"
 RECORDS = Path("/var/lib/prestop-agent/rollout-records")
 COMMANDS = (
-    "make bench-rollout ROLLOUT_ARGS='--reset --search= --no-production'",
-    "make bench-rollout ROLLOUT_ARGS='--runs 0 --search 7,9 --search-runs 2 --no-production'",
-    "make bench-rollout ROLLOUT_ARGS='--runs 0 --search='",
+    "make bench-rollout ROLLOUT_ARGS='--reset --scenarios none,classic,sleep --search="
+    " --no-production'",
+    "make bench-rollout ROLLOUT_ARGS='--scenarios fixed,traffic,native --search= --no-production'",
+    "make bench-rollout ROLLOUT_ARGS='--runs 0 --search 8,9,10'",
 )
 
 
@@ -357,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3, help="rollouts per scenario")
     parser.add_argument("--scenarios", default="none,classic,sleep,fixed,traffic,native")
     parser.add_argument(
-        "--search", default="7,9", help="classic-hook sleeps to try, s ('' for none)"
+        "--search", default="8,9,10", help="classic-hook sleeps to try, s ('' for none)"
     )
     parser.add_argument("--search-runs", type=int, default=2)
     parser.add_argument(
