@@ -104,10 +104,11 @@ bench: $(TEST_STAMP)
 	$(PYTHON) bench/bench_agent.py
 	$(PYTHON) bench/bench_sockdiag.py
 
-## The rolling-replacement benchmark on a real kubelet (root; bench/rollout/): every scenario
-## several times, the sleep search, then bench/results/rollout.md and rollout.png (add to the runs
-## recorded before; ROLLOUT_ARGS=--reset starts afresh, as the published report did). Heavy (JVMs,
-## ~30 min): it waits for the machine's heavy-job lock.
+## The rollout benchmark on a real cluster (root; bench/rollout/): `kubectl rollout restart` of a
+## 3-replica Deployment, every scenario several times, the sleep search, one unscaled rollout, then
+## bench/results/rollout.md and rollout.png (adds to the rollouts recorded before; --reset starts
+## afresh; the report names the three invocations it was made of). Heavy (JVMs, ~1 h in all): each
+## invocation waits for the machine's heavy-job lock.
 bench-rollout: $(TEST_STAMP) kube-prepare
 	$(VENV)/bin/pip install --quiet -e '.[test,bench]'
 	flock /tmp/prestop-heavy.lock $(PYTHON) -m bench.rollout $(ROLLOUT_ARGS)

@@ -1,31 +1,62 @@
-"""The rollout benchmark's search for the shortest zero-failure fixed sleep (bench/rollout/)."""
+"""The rollout benchmark's report (bench/rollout/): the search for the shortest safe fixed
+sleep, failures by caller and side, the per-pod figures and kube-proxy's sync delay."""
 
 from __future__ import annotations
 
 import pytest
 
 from bench.rollout.deployment import STARTUP, TERMINATION, PodEnd, Rollout, classify
-from bench.rollout.report import RunFigures, sleep_search
+from bench.rollout.report import (
+    FAILED_STARTUP,
+    FAILED_TERMINATION,
+    OLD,
+    OTHER,
+    PodFigures,
+    RolloutFigures,
+    figures,
+    from_json,
+    proxy_delays,
+    sleep_search,
+    to_json,
+)
+
+
+def pod(last_sent: float | None, answered: float | None = None) -> PodFigures:
+    return PodFigures(
+        name="demo-app-old",
+        deleted=5.0,
+        hook_held=answered,
+        hook_answered=answered,
+        down_visible_first=1.0,
+        down_visible=1.5,
+        endpoint_not_ready=0.3,
+        endpoint_removed=12.0,
+        proxy_dropped=0.8,
+        last_sent=last_sent,
+        last_served=last_sent,
+        gone=12.0,
+    )
 
 
 def run(
-    scenario: str, last_sent: float | None, failures: int = 0, held: float | None = None
-) -> RunFigures:
-    return RunFigures(
+    scenario: str,
+    last_sent: float | None,
+    failures: int = 0,
+    held: float | None = None,
+    caller: str = "busy",
+    side: str = TERMINATION,
+) -> RolloutFigures:
+    """A rollout whose one old pod an Eureka caller last sent to ``last_sent`` s after its
+    deletion, with ``failures`` failed requests of ``caller`` on ``side``."""
+    return RolloutFigures(
         scenario=scenario,
         label="scaled",
-        pod="replica",
-        started=0.0,
-        termination=10.0,
+        restarted=0.0,
+        complete=60.0,
         grace=30,
-        down_visible=1.0,
-        last_sent=last_sent,
-        last_served=last_sent,
-        app_signalled=held,
-        sent={"busy": 100},
-        failed={"busy": {"ResourceAccessException": failures} if failures else {}},
-        grace_exceeded=False,
-        points={"busy": []},
+        pods=[pod(last_sent, held)],
+        sent={"busy": 100, "pooled": 100},
+        failed={caller: {side: {"ResourceAccessException": failures} if failures else {}}},
     )
 
 
@@ -86,6 +117,17 @@ def test_a_sleep_is_held_to_what_it_really_holds_after_the_deletion() -> None:
 # --- bench/rollout/deployment.py: failures by caller and side --------------------------------
 
 
+def test_only_the_eureka_callers_termination_side_rules_a_sleep_out() -> None:
+    # A pooled Service caller loses its kept-alive connections at the app's SIGTERM whatever
+    # the sleep, and a start-up-side failure is not the old pod's: neither is the sleep's fault.
+    runs = [
+        run("classic-7", 6.0, failures=4, caller="pooled"),
+        run("classic-7", 6.0, failures=2, side=STARTUP),
+    ]
+    assert sleep_search(runs).rows == [(7.0, 2, 0, 0)]
+    assert sleep_search([*runs, run("classic-7", 6.0, failures=1)]).rows == [(7.0, 3, 1, 0)]
+
+
 def _rollout(records: dict[str, list[dict[str, object]]]) -> Rollout:
     old = [PodEnd("demo-app-old", "10.0.0.5", deleted=100.0, gone=112.0)]
     return Rollout("traffic", 99.0, 130.0, 30, old, ["demo-app-new"], records)  # type: ignore[arg-type]
@@ -127,3 +169,39 @@ def test_service_callers_failures_are_sided_by_whether_an_old_pod_was_ending() -
         STARTUP: {"ConnectionRefusedError": 1, "TimeoutError": 1},
     }
     assert rollout.failures("perconn", TERMINATION) == 2
+
+
+def test_a_rollout_is_reduced_to_sided_failures_plot_codes_and_per_pod_moments() -> None:
+    rollout = _rollout(
+        {
+            "busy": [
+                {"t": 100.5, "target": "10.0.0.5:8080", "outcome": "200"},
+                {"t": 101.0, "target": "10.0.0.9:8080", "outcome": "200"},
+                {"t": 102.0, "target": "10.0.0.5:8080", "outcome": "ResourceAccessException"},
+                {"t": 103.0, "target": "", "outcome": "NoInstance"},
+            ],
+            "pooled": [{"t": 113.0, "target": "10.1.0.10:80", "outcome": "RemoteDisconnected"}],
+        }
+    )
+    end = rollout.old[0]
+    end.hook_started, end.hook_answered = 100.2, 107.2
+    end.endpoint_not_ready, end.proxy_dropped = 100.5, 101.25
+    figures_ = figures(rollout, "scaled")
+    assert figures_.complete == 31.0
+    assert figures_.points["busy"] == [
+        (1.5, OLD),
+        (2.0, OTHER),
+        (3.0, FAILED_TERMINATION),
+        (4.0, FAILED_STARTUP),
+    ]
+    assert figures_.points["pooled"] == [(14.0, FAILED_TERMINATION)]
+    assert figures_.failures(["busy"], [TERMINATION]) == 1
+    assert figures_.failures(sides=[STARTUP]) == 1
+    assert figures_.failures() == 3
+    (only,) = figures_.pods
+    assert only.deleted == 1.0  # after the restart
+    assert only.hook_held == pytest.approx(7.0)
+    assert only.hook_answered == pytest.approx(7.2)  # after the deletion
+    assert only.gone == 12.0
+    assert proxy_delays([figures_]) == [0.75]
+    assert from_json(to_json(figures_)) == figures_

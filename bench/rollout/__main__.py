@@ -1,14 +1,17 @@
-"""``make bench-rollout``: rolling replacements on a real kubelet, scenario by scenario.
+"""``make bench-rollout``: ``kubectl rollout restart`` of a 3-replica Deployment on a real
+cluster, scenario by scenario.
 
-    python -m bench.rollout [--runs 4] [--scenarios none,classic,...] [--search 7,8,9,10]
-                            [--search-runs 3] [--no-production] [--report-only] [--reset]
+    python -m bench.rollout [--runs 3] [--scenarios none,classic,...] [--search 8,9,10]
+                            [--search-runs 2] [--no-production] [--report-only] [--reset]
 
-The published report is ``make bench-rollout`` with these defaults on a fresh record (``--reset``):
-36 scaled runs and one unscaled, about 30 minutes.
-
-Each invocation starts a node (tests/harness/node.py), runs its replacements and adds their figures
-to ``bench/results/rollout.json`` (kept out of git), then rewrites ``bench/results/rollout.md``
-and ``bench/results/rollout.png`` from every run recorded there. Root only (the kubelet).
+Each invocation starts the cluster of tests/harness/cluster.py (under the machine's lock), sets up
+bench/rollout/deployment.py's rig (two Eureka peers behind one Service, the app's Deployment,
+five callers), runs its rollouts (every scenario's ``--runs`` rollouts in a row, one Deployment
+set-up per scenario), adds their figures to ``bench/results/rollout.json`` (kept out of git) as
+each ends, and rewrites ``bench/results/rollout.md`` and ``rollout.png`` from every rollout
+recorded there. Run it in several invocations to share the machine (``COMMANDS``: scenarios in
+two halves, then the sleep search with the unscaled rollout); ``--reset`` forgets earlier runs.
+Root only (the kubelet).
 """
 
 from __future__ import annotations
@@ -18,61 +21,103 @@ import datetime as dt
 import json
 import os
 import platform
+import statistics
 import sys
+import time
+from collections import Counter
 from pathlib import Path
-from statistics import mean
 
 from bench.rollout import report
+from bench.rollout.deployment import EUREKA_CALLERS, SERVICE_CALLERS, DeploymentRig
 from bench.rollout.rig import (
     BUSY_RATE,
     FRESH_RATE,
     PRODUCTION,
     SCALED,
     SLOW_RATE,
-    Rig,
     Scenario,
     Timings,
     classic_sleep,
     scenarios,
 )
+from tests.harness.cluster import KubeCluster
 from tests.harness.javaapps import build
-from tests.harness.node import KubeNode, prepare
+from tests.harness.node import prepare
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "bench" / "results"
 RAW = RESULTS / "rollout.json"
 RECORDS = Path("/var/lib/prestop-agent/rollout-records")
-COMMAND = "make bench-rollout ROLLOUT_ARGS=--reset"
+COMMANDS = (
+    "make bench-rollout ROLLOUT_ARGS='--reset --scenarios none,classic,sleep --search="
+    " --no-production'",
+    "make bench-rollout ROLLOUT_ARGS='--scenarios fixed,traffic,native --search= --no-production'",
+    "make bench-rollout ROLLOUT_ARGS='--runs 0 --search 8,9,10'",
+)
 
 
-def run_rig(
-    timings: Timings, order: list[Scenario], label: str, raw: dict[str, object]
-) -> list[report.RunFigures]:
-    """Start a node and the rig, replace one replica per entry of ``order``, save as we go."""
-    node = KubeNode(prepare())
-    node.start()
-    done: list[report.RunFigures] = []
-    spare = scenarios(timings)["none"]  # replicas left at the end are removed with the node
+def run_cluster(
+    timings: Timings, order: list[tuple[Scenario, int]], label: str, raw: dict[str, object]
+) -> None:
+    """Start the cluster and the rig; per entry of ``order``, set up the Deployment for the
+    scenario and restart it that many times; save each rollout as it ends."""
+    setup: dict[str, float] = {}
+    started = time.monotonic()
+    cluster = KubeCluster(prepare())
     try:
-        rig = Rig(node, build("eureka-server"), build("demo-app"), RECORDS, timings)
-        queue = [*order, spare, spare]
-        rig.start(queue[0], queue[1])
-        for index, scenario in enumerate(order):
-            replaced = rig.replace(queue[index + 2])
-            figures = report.figures(replaced, label)
-            done.append(figures)
-            raw.setdefault("runs", []).append(report.to_json(figures))  # type: ignore[union-attr]
-            RAW.write_text(json.dumps(raw))
-            print(
-                f"{label} {scenario.key}: failed {figures.failed}, sent {figures.sent},"
-                f" hook held {figures.app_signalled} s, termination {figures.termination:.2f} s,"
-                f" DOWN visible {figures.down_visible}, last sent {figures.last_sent},"
-                f" last served {figures.last_served}",
-                flush=True,
-            )
+        cluster.start()
+        setup["cluster"] = round(time.monotonic() - started, 1)
+        step = time.monotonic()
+        rig = DeploymentRig(
+            cluster,
+            build("eureka-server"),
+            build("demo-app"),
+            RECORDS,
+            timings,
+            callers=(*EUREKA_CALLERS, *SERVICE_CALLERS),
+        )
+        rig.start_eureka()
+        setup["eureka peers"] = round(time.monotonic() - step, 1)
+        for index, (scenario, runs) in enumerate(order):
+            step = time.monotonic()
+            rig.deploy(scenario)
+            if index == 0:
+                setup["first deployment"] = round(time.monotonic() - step, 1)
+                step = time.monotonic()
+                rig.start_callers()
+                setup["callers"] = round(time.monotonic() - step, 1)
+                raw.setdefault("setup", []).append(  # type: ignore[union-attr]
+                    {"label": label, "seconds": setup, "cluster_steps": cluster.setup_seconds}
+                )
+                print(f"{label} set-up: {setup}, cluster {cluster.setup_seconds}", flush=True)
+            for _ in range(runs):
+                run = report.figures(rig.rollout(), label)
+                raw.setdefault("runs", []).append(report.to_json(run))  # type: ignore[union-attr]
+                RAW.write_text(json.dumps(raw))
+                print(summary(run), flush=True)
+    except Exception:
+        print(cluster.tails())
+        print(cluster.node.tails(80))
+        raise
     finally:
-        node.stop()
-    return done
+        cluster.stop()
+
+
+def summary(run: report.RolloutFigures) -> str:
+    lines = [
+        f"{run.label} {run.scenario}: restart to complete {run.complete:.1f} s, sent {run.sent},"
+        f" failed {run.failed}, watch periods {run.watch_period:.2f}"
+        f" / {run.fast_watch_period:.2f} s"
+    ]
+    for pod in run.pods:
+        moments = ", ".join(
+            f"{title} {'-' if getattr(pod, name) is None else f'{getattr(pod, name):.2f}'}"
+            for name, title in report.MOMENTS
+        )
+        lines.append(f"  {pod.name} (deleted +{pod.deleted:.1f} s): {moments}")
+        if pod.agent_peers:
+            lines.append(f"    agent on the Eureka URL: {pod.agent_peers}")
+    return "\n".join(lines)
 
 
 def machine() -> str:
@@ -89,23 +134,29 @@ def machine() -> str:
 
 
 def sleep_section(
-    found: report.SleepSearch, scaled: list[report.RunFigures], search: list[report.RunFigures]
+    found: report.SleepSearch,
+    scaled: list[report.RolloutFigures],
+    search: list[report.RolloutFigures],
 ) -> list[str]:
-    """The search for the shortest zero-failure fixed sleep, and the agent against it."""
-    lines = ["## Shortest zero-failure fixed sleep (classic hook: DOWN, then sleep)", ""]
+    """The search for the shortest fixed sleep, and the agent against it."""
+    lines = ["## Shortest safe fixed sleep (classic hook: DOWN, then sleep)", ""]
     if not found.rows:
         return [*lines, "Not measured in this report."]
     lines += [
-        "Two kinds of evidence. Each sleep tried has runs of its own. And every run of a"
-        " scenario whose hook marks the replica DOWN at the trigger (2, 4, 5, 6 and the sleeps"
-        f" tried; {found.measured} runs) measured how long after the deletion a caller still"
-        " sent to the replica (*last request sent*). A sleep of S holds the app until"
-        f" S + {found.overhead:.2f} s after the deletion (the kubelet noticing the deletion,"
-        " bash starting; median of the sleeps' own runs), so it fails a run whose callers sent"
-        " later than that, whatever that run's own hook was. Sleeps are whole seconds, as"
-        " Kubernetes' `preStop.sleep` takes them.",
+        "Safe here means: no failed request of the Eureka callers on the termination side (what"
+        " a sleep is for; the Service callers' failures are in the tables above and below)."
+        " Two kinds of evidence. Each sleep tried has rollouts of its own. And every old pod of"
+        " a scenario whose hook marks the replica DOWN at the deletion (2, 4, 5, 6 and the"
+        f" sleeps tried; {found.measured} pods) measured how long after its deletion an Eureka"
+        " caller still sent to it (*last request sent*). A sleep of S holds the app until"
+        f" S + {found.overhead:.2f} s after the deletion (the kubelet noticing the deletion, the"
+        " DOWN request, bash; median of the sleeps' own pods), so it would have failed a pod"
+        " whose callers sent later than that. Sleeps are whole seconds, as `preStop.sleep`"
+        " takes them. A small search: a few sleeps, 2 rollouts (6 pods) each, so a sleep's own"
+        " rollouts say little; the evidence of every measured pod carries most of the weight.",
         "",
-        "| sleep s | runs of it | with failures | runs (of every scenario) that needed longer |",
+        "| sleep s | rollouts of it | with failures | old pods (of every scenario) that needed"
+        " longer |",
         "|---|---|---|---|",
         *(
             f"| {s:g} | {n} | {bad} | {longer} of {found.measured} |"
@@ -114,51 +165,56 @@ def sleep_section(
         "",
     ]
     if found.shortest is None:
-        return [*lines, "No sleep tried gave zero failures in every run."]
-    lines.append(
-        f"Shortest sleep with zero failures in every run: **{found.shortest:g} s** (the longest"
-        f" any run needed: {found.needed_max:.2f} s)."
-    )
+        lines.append("No sleep tried was clean in every rollout and for every measured pod.")
+    else:
+        lines.append(
+            f"Shortest sleep clean in every rollout and for every measured pod:"
+            f" **{found.shortest:g} s** (the longest any pod needed: {found.needed_max:.2f} s)."
+        )
     agent = [r for r in scaled if r.scenario in ("traffic", "native")]
-    same = [r for r in search if r.scenario == f"classic-{found.shortest:g}"]
-    if not agent:
-        return lines
-    held = [r.app_signalled for r in agent if r.app_signalled is not None]
-    ended = [r.termination for r in agent]
-    lines += [
-        "",
-        f"Against it, the agent's traffic drain (scenarios 5 and 6, {len(agent)} runs,"
-        f" {sum(r.failures for r in agent)} failed requests):",
-        "",
-        "| | hook held the app s | pod terminated s |",
-        "|---|---|---|",
-        f"| agent, mean (min-max) | {mean(held):.2f} ({min(held):.2f}-{max(held):.2f})"
-        f" | {mean(ended):.2f} ({min(ended):.2f}-{max(ended):.2f}) |",
-    ]
-    if same:
-        same_held = mean([r.app_signalled for r in same if r.app_signalled is not None])
-        same_ended = mean([r.termination for r in same])
+    if agent:
+        held = [p.hook_held for r in agent for p in r.pods if p.hook_held is not None]
+        gone = [p.gone for r in agent for p in r.pods if p.gone is not None]
         lines += [
-            f"| {found.shortest:g} s sleep, mean of {len(same)} runs | {same_held:.2f}"
-            f" | {same_ended:.2f} |",
             "",
-            f"The agent held the app less long than the {found.shortest:g} s sleep in"
-            f" {sum(1 for h in held if h < same_held)} of {len(held)} runs and ended the pod"
-            f" sooner in {sum(1 for e in ended if e < same_ended)} of {len(ended)}.",
+            f"Against it, the agent's traffic drain (scenarios 5 and 6, {len(agent)} rollouts,"
+            f" {len(held)} pods): hook held {report.stats(held)} s, pod gone"
+            f" {report.stats(gone)} s after the deletion; the searched sleeps' pods: hook held"
+            f" {report.stats(p.hook_held for r in search for p in r.pods)} s, pod gone"
+            f" {report.stats(p.gone for r in search for p in r.pods)} s.",
         ]
     bound = SCALED.server_cache + SCALED.client_refresh
     lines += [
         "",
-        "Why: DOWN reaches clients after the server's response cache (up to"
-        f" {SCALED.server_cache:g} s) plus a client's fetch and LoadBalancer cache (up to"
-        f" {SCALED.client_refresh:g} s), so the only sleep safe in every run is"
-        f" {bound:g} s, and the shortest clean sleep of a search converges to it as runs are"
-        " added: a few lucky runs make a shorter one look safe. The agent waits the"
-        " visibility it measures in each run plus the client part, so it never waits longer"
-        " than that bound by more than its quiet period and is shorter by whatever the server"
-        " cache took less than its maximum.",
+        "DOWN reaches clients after the server's response cache (up to"
+        f" {SCALED.server_cache:g} s scaled) plus a client's fetch and LoadBalancer cache (up"
+        f" to {SCALED.client_refresh:g} s), so the only sleep safe in every case is {bound:g} s;"
+        " a search with few rollouts converges to it from below.",
     ]
     return lines
+
+
+def agent_peer_lines(runs: list[report.RolloutFigures]) -> list[str]:
+    """How many old pods' agents said what, per scenario and timings."""
+    said: Counter[tuple[str, str]] = Counter()
+    texts: dict[str, str] = {}
+    for run in runs:
+        for pod in run.pods:
+            for url, text in (pod.agent_peers or {}).items():
+                peers = text.split(":", 1)[0]
+                said[(f"{run.scenario} ({run.label})", peers)] += 1
+                texts[peers] = f"`{url}`: {text}"
+    if not said:
+        return ["No agent answered /status before a rollout (no agent scenario measured)."]
+    return [
+        "| scenario | peers | old pods |",
+        "|---|---|---|",
+        *(f"| {scenario} | {peers} | {n} |" for (scenario, peers), n in sorted(said.items())),
+        "",
+        "What each answer said in full:",
+        "",
+        *(f"- {text}" for text in texts.values()),
+    ]
 
 
 def write_report(raw: dict[str, object]) -> None:
@@ -170,89 +226,152 @@ def write_report(raw: dict[str, object]) -> None:
     found = report.sleep_search([*scaled, *search])
     for run in search:
         titles[run.scenario] = f"exec DOWN + sleep {run.scenario.split('-', 1)[1]}"
+    fine = [r for r in runs if r.fast_watch_period]
+    delays = report.proxy_delays(fine)
+    coarse = report.proxy_delays([r for r in runs if not r.fast_watch_period])
+    periods = [r.watch_period for r in runs if r.watch_period]
+    fast_periods = [r.fast_watch_period for r in fine]
+    setups = raw.get("setup", [])
     lines = [
-        "# Rolling replacement on a real kubelet",
+        "# Rollouts on a real cluster: `kubectl rollout restart`",
         "",
         f"Measured {raw.get('date', '?')} on {raw.get('machine', '?')} (shared with other"
-        " jobs), kubelet v1.34.2 on containerd, by `bench/rollout/`. Rerun with"
-        f" `{COMMAND}` (root).",
+        " jobs), Kubernetes v1.34 (etcd, kube-apiserver, kube-controller-manager,"
+        " kube-scheduler, a kubelet on containerd, kube-proxy in iptables mode) by"
+        " `bench/rollout/`. Rerun (root), in three invocations so that the machine's heavy-job"
+        " lock is released in between:",
         "",
-        "Rig: a Eureka server pod; demo app replicas (Spring Boot, Eureka client), each with",
-        "the agent's image as a sidecar where the scenario uses it; three callers as pods, every",
-        "request recorded: **busy** (Spring Cloud LoadBalancer over Boot's pooled keep-alive"
+        *(f"    {command}" for command in COMMANDS),
+        "",
+        "Rig (bench/rollout/deployment.py): every rollout is a `kubectl rollout restart` of the"
+        " Deployment `demo-app` (3 replicas, `maxSurge: 1`, `maxUnavailable: 0`, the chart's"
+        " `minReadySeconds` 30, scaled to 3), done by the Deployment controller; the"
+        " EndpointSlice controller and kube-proxy move the Service. Eureka as users deploy it on"
+        " Kubernetes: two replicating peers (`eureka-a`, `eureka-b`, each naming the other's"
+        " Service as its peer) behind one Service `eureka`; every client's `defaultZone` and the"
+        " agent's `PRESTOP_EUREKA_URLS` is that Service's ClusterIP. Five callers as pods, every"
+        " request recorded: **busy** (Spring Cloud LoadBalancer over Boot's pooled keep-alive"
         f" Apache HttpClient 5, {BUSY_RATE:g} req/s, no retries), **slow** (the same at"
-        f" {SLOW_RATE:g} req/s: ~1 request per 4 s to each of 3 replicas), **fresh** (Python, a"
-        f" new TCP connection per request, {FRESH_RATE:g} req/s, instances from Eureka's REST"
-        " API with its own fetch and cache timers set like the Spring clients').",
+        f" {SLOW_RATE:g} req/s), **fresh** (Python, a new TCP connection per request,"
+        f" {FRESH_RATE:g} req/s, instances from Eureka's REST API with its own fetch and cache"
+        " timers), and through the app's ClusterIP Service and kube-proxy, as a gateway or"
+        " another team's service: **pooled** (Python `http.client`, kept-alive connections,"
+        f" one per sender thread, {FRESH_RATE:g} req/s) and **perconn** (a new connection per"
+        f" request, {FRESH_RATE:g} req/s). Connect timeout 1 s, read timeout 5 s, no retries.",
         "",
         "Timings: Spring Cloud's production values scaled 10x down: server read-only response"
         f" cache {SCALED.server_cache:g} s, client fetch {SCALED.client_fetch:g} s, LoadBalancer"
         f" cache {SCALED.balancer_cache:g} s, lease renewal {SCALED.renewal:g} s / expiration"
-        f" {SCALED.expiration:g} s, instance-info replication {SCALED.replication:g} s; grace"
-        f" period {SCALED.grace} s. Agent: PRESTOP_EUREKA_SERVER_CACHE_SECONDS=3,"
-        " PRESTOP_EUREKA_CLIENT_REFRESH_SECONDS=6.5, traffic drain quiet 1 s, poll 0.2 s.",
+        f" {SCALED.expiration:g} s, grace period {SCALED.grace} s. Agent:"
+        " PRESTOP_EUREKA_SERVER_CACHE_SECONDS=3, PRESTOP_EUREKA_CLIENT_REFRESH_SECONDS=6.5,"
+        " traffic drain quiet 1 s.",
         "",
-        "A rolling replacement as a Deployment with `maxSurge: 1, maxUnavailable: 0` does it,",
-        "done by the harness because a standalone kubelet has no Deployment controller: start a",
-        "new replica, wait until Eureka's client-facing view lists it UP and every caller has",
-        "sent to it, then delete the oldest replica's pod; the kubelet runs its termination.",
-        "Requests are counted from 6 s before the deletion to 12 s after the pod was gone.",
+        "Sides: a failure of an Eureka caller is on the *termination side* when it named an old"
+        " pod, on the *start-up side* otherwise (a new pod, or no instance at all). The Service"
+        " callers only know the ClusterIP: their failures count on the termination side while an"
+        " old pod is between its deletion and 5 s after it is gone, on the start-up side"
+        " otherwise.",
         "",
-        "## Scenarios (scaled timings)",
+        "## Failed requests per scenario, caller and side (scaled timings)",
         "",
-        *report.scenario_rows(scaled, titles),
+        *report.failure_rows(scaled, titles),
         "",
-        "All times are seconds after the pod's deletion. hook held: until the kubelet sent the"
-        " app SIGTERM (its log line after the hook; about 0.2 s with no hook, the kubelet"
-        " noticing the deletion). termination: until the last container's exit (containerd);"
-        " the app's own shutdown after SIGTERM is about 3 s in every scenario, the Eureka"
-        " client's `InstanceInfoReplicator.stop()` waiting up to 3 s for its next scheduled"
-        " replication. DOWN visible: until Eureka's client-facing view (its response cache)"
-        " no longer listed the replica UP. last request sent: the send time of the last request"
-        " any caller aimed at the replica, answered or failed. last request served: the end of"
-        " the last request the replica answered.",
-        "Times: mean (min-max) over the runs. Failure kinds: the Python caller's exception"
-        " class; the Spring callers' exception class with the cause its message names.",
+        "## Per old pod and per rollout (scaled timings)",
+        "",
+        *report.moment_rows(scaled, titles),
+        "",
+        "Per-pod moments are seconds after the pod's deletion (first seen with a"
+        " deletionTimestamp), mean (min-max) over every old pod of the scenario's rollouts."
+        " hook held: the kubelet's log, preStop hook start to answer. DOWN visible: the peer's"
+        " client-facing view (`GET apps/DEMO-APP` on the peer pod's own address) stopped listing"
+        " the pod UP, on the first peer / on both. endpoint not ready / removed: the pod's"
+        " endpoint in the `demo-app` EndpointSlice. kube-proxy dropped the IP: the pod's"
+        " address gone from `iptables-save -t nat` on the node. last request sent / served: by an"
+        " Eureka caller to the pod. pod gone: the pod object gone from the API. The watcher"
+        " samples the pods and the peers' views in turn, mean period"
+        f" {report.stats(periods)} s (the resolution of deleted, DOWN visible and gone), and"
+        " the EndpointSlice and the rules in a thread of their own, mean period"
+        f" {report.stats(fast_periods)} s (rollouts before that thread existed: the slow"
+        " period).",
+        "",
+        "## kube-proxy's sync delay",
+        "",
+        (
+            "EndpointSlice endpoint not ready (terminating) to the pod IP gone from the node's"
+            f" rules (`iptables-save -t nat`), over {len(delays)} old pods sampled every"
+            f" {report.stats(fast_periods)} s: min {min(delays):.2f} s, median"
+            f" {statistics.median(delays):.2f} s, max {max(delays):.2f} s."
+            if delays
+            else "Not measured at the fine period."
+        ),
+        (
+            f" Over {len(coarse)} old pods sampled at the slow period only (both in one sample):"
+            f" min {min(coarse):.2f} s, median {statistics.median(coarse):.2f} s, max"
+            f" {max(coarse):.2f} s."
+            if coarse
+            else ""
+        ),
+        "",
+        "## What the agent said of the two peers behind one Service",
+        "",
+        "Each old pod's agent's `/status` (`registry.client_view`), read just before the restart:",
+        "",
+        *agent_peer_lines(runs),
         "",
     ]
     lines += sleep_section(found, scaled, search)
     if search:
-        lines += ["", *report.scenario_rows(search, titles)]
+        lines += [
+            "",
+            *report.failure_rows(search, titles),
+            "",
+            *report.moment_rows(search, titles),
+        ]
     lines += ["", "## Unscaled production timings", ""]
     if production:
         lines += [
             f"Server cache {PRODUCTION.server_cache:g} s, fetch {PRODUCTION.client_fetch:g} s,"
-            f" LoadBalancer cache {PRODUCTION.balancer_cache:g} s, grace period"
-            f" {PRODUCTION.grace} s.",
+            f" LoadBalancer cache {PRODUCTION.balancer_cache:g} s, `minReadySeconds` 30, grace"
+            f" period {PRODUCTION.grace} s; agent PRESTOP_EUREKA_SERVER_CACHE_SECONDS=30,"
+            " PRESTOP_EUREKA_CLIENT_REFRESH_SECONDS=65.",
             "",
-            *report.scenario_rows(production, titles),
+            *report.failure_rows(production, titles),
+            "",
+            *report.moment_rows(production, titles),
         ]
     else:
         lines.append("Not measured in this report.")
-    lines += ["", "## Every run", "", *report.run_rows(runs), ""]
+    lines += ["", "## Set-up times", ""]
+    lines += [
+        f"- {s['label']}: " + ", ".join(f"{k} {v:g} s" for k, v in s["seconds"].items())
+        for s in setups  # type: ignore[union-attr]
+    ] or ["Not recorded."]
+    lines += ["", "## Every rollout", "", *report.run_rows(runs), ""]
     (RESULTS / "rollout.md").write_text("\n".join(lines))
-    report.plot(scaled or runs, titles, str(RESULTS / "rollout.png"))
+    shown = [*scaled, *search] or runs
+    if shown:
+        report.plot(shown, titles, str(RESULTS / "rollout.png"))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=4, help="runs per scenario")
+    parser.add_argument("--runs", type=int, default=3, help="rollouts per scenario")
     parser.add_argument("--scenarios", default="none,classic,sleep,fixed,traffic,native")
     parser.add_argument(
-        "--search", default="7,8,9,10", help="classic-hook sleeps to try, s ('' for none)"
+        "--search", default="8,9,10", help="classic-hook sleeps to try, s ('' for none)"
     )
-    parser.add_argument("--search-runs", type=int, default=3)
+    parser.add_argument("--search-runs", type=int, default=2)
     parser.add_argument(
         "--no-production",
         dest="production",
         action="store_false",
-        help="skip the one run of scenario 5 with unscaled timings",
+        help="skip the one rollout of scenario 5 with unscaled timings",
     )
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--reset", action="store_true", help="forget earlier runs")
     args = parser.parse_args(argv)
     if os.geteuid() != 0 and not args.report_only:
-        print("bench-rollout needs root (it runs a kubelet)", file=sys.stderr)
+        print("bench-rollout needs root (it runs a cluster)", file=sys.stderr)
         return 2
     RESULTS.mkdir(parents=True, exist_ok=True)
     raw: dict[str, object] = {} if args.reset or not RAW.exists() else json.loads(RAW.read_text())
@@ -260,18 +379,12 @@ def main(argv: list[str] | None = None) -> int:
         raw["date"] = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
         raw["machine"] = machine()
         chosen = scenarios(SCALED)
-        keys = [k for k in args.scenarios.split(",") if k]
-        order = [chosen[k] for _ in range(args.runs) for k in keys]
-        order += [
-            classic_sleep(float(s))
-            for s in args.search.split(",")
-            if s
-            for _ in range(args.search_runs)
-        ]
+        order = [(chosen[k], args.runs) for k in args.scenarios.split(",") if k and args.runs]
+        order += [(classic_sleep(float(s)), args.search_runs) for s in args.search.split(",") if s]
         if order:
-            run_rig(SCALED, order, "scaled", raw)
+            run_cluster(SCALED, order, "scaled", raw)
         if args.production:
-            run_rig(PRODUCTION, [scenarios(PRODUCTION)["traffic"]], "production", raw)
+            run_cluster(PRODUCTION, [(scenarios(PRODUCTION)["traffic"], 1)], "production", raw)
     write_report(raw)
     print((RESULTS / "rollout.md").read_text())
     return 0

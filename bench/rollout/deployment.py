@@ -2,9 +2,12 @@
 ``tests/harness/cluster.py``; the Deployment controller, the EndpointSlice controller and
 kube-proxy do the rest, nothing is imitated.
 
-On the cluster: Eureka (the fixture server, a Deployment behind the ``eureka`` Service; every
-client's ``defaultZone`` is that Service's ClusterIP), the demo app as the Deployment
-``demo-app`` (replicas set up for one scenario of ``rig.scenarios``, ``maxSurge: 1``,
+On the cluster: Eureka as users deploy it on Kubernetes, two replicating peers behind one
+Service (the fixture server as the single-replica Deployments ``eureka-a`` and ``eureka-b``, each
+with a Service of its own that the other names as its peer, both selected by the ``eureka``
+Service; every client's ``defaultZone`` and the agent's ``PRESTOP_EUREKA_URLS`` is that
+Service's ClusterIP, so which peer answers depends on kube-proxy's pick), the demo app as the
+Deployment ``demo-app`` (replicas set up for one scenario of ``rig.scenarios``, ``maxSurge: 1``,
 ``maxUnavailable: 0``, ``minReadySeconds`` the chart's, scaled like the other timings) behind
 the Service ``demo-app``, and the callers, each a pod:
 
@@ -20,8 +23,10 @@ client-facing view, then reads the callers' records and the kubelet's log: ``Rol
 
 from __future__ import annotations
 
+import json
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,11 +52,17 @@ from bench.rollout.rig import (
 )
 from tests.harness.cluster import KubeCluster
 from tests.harness.node import kubelet_events
-from tests.harness.pods import APP_PORT, EUREKA_PORT
+from tests.harness.pods import AGENT_PORT, APP_PORT, EUREKA_PORT
+
+# urllib without proxies from the environment: the agents are on the pod network.
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 EUREKA_CALLERS = ("busy", "slow", "fresh")
 SERVICE_CALLERS = ("pooled", "perconn")
 DEPLOYMENT = "demo-app"
+EUREKA_PEERS = ("eureka-a", "eureka-b")
+# The label the ``eureka`` Service selects: every peer carries it.
+EUREKA_PEER_LABEL = {"eureka": "peer"}
 START_TIMEOUT = 420.0  # several JVMs starting at once on a loaded 2-core machine
 # The chart's minReadySeconds (production); scaled timings divide it by 10 like the others.
 MIN_READY_SECONDS = 30
@@ -63,8 +74,15 @@ def _metadata(name: str, labels: dict[str, str] | None = None) -> dict[str, Any]
     return {"name": name, "labels": labels or {"app": name}}
 
 
-def deployment(name: str, pod: dict[str, Any], replicas: int, min_ready: int = 0) -> dict[str, Any]:
-    """A Deployment of ``pod``'s spec (a pod manifest from tests/harness/pods.py or rig.py)."""
+def deployment(
+    name: str,
+    pod: dict[str, Any],
+    replicas: int,
+    min_ready: int = 0,
+    extra_labels: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """A Deployment of ``pod``'s spec (a pod manifest from tests/harness/pods.py or rig.py); its
+    pods are labelled ``app: name`` plus ``extra_labels``."""
     labels = {"app": name}
     return {
         "apiVersion": "apps/v1",
@@ -78,18 +96,38 @@ def deployment(name: str, pod: dict[str, Any], replicas: int, min_ready: int = 0
                 "type": "RollingUpdate",
                 "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
             },
-            "template": {"metadata": {"labels": labels}, "spec": pod["spec"]},
+            "template": {
+                "metadata": {"labels": {**labels, **(extra_labels or {})}},
+                "spec": pod["spec"],
+            },
         },
     }
 
 
-def service(name: str, port: int, target: int) -> dict[str, Any]:
+def service(
+    name: str, port: int, target: int, selector: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """A ClusterIP Service selecting ``app: name`` (or ``selector``)."""
     return {
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": _metadata(name),
-        "spec": {"selector": {"app": name}, "ports": [{"port": port, "targetPort": target}]},
+        "spec": {
+            "selector": selector or {"app": name},
+            "ports": [{"port": port, "targetPort": target}],
+        },
     }
+
+
+def eureka_peer_args(peer_url: str) -> list[str]:
+    """A fixture Eureka server's arguments as one of two replicating peers: the other's URL as
+    its peer, and the registry copied from it at start-up (tests/harness/javaapps.py's
+    ``replicating_pair`` settings)."""
+    return [
+        f"--eureka.client.service-url.defaultZone={peer_url}",
+        "--eureka.client.fetch-registry=true",
+        "--eureka.server.registry-sync-retries=1",
+    ]
 
 
 def bare_pod(name: str, pod: dict[str, Any]) -> dict[str, Any]:
@@ -128,7 +166,13 @@ class PodEnd:
     hook_answered: float | None = None
     """The kubelet's log: the preStop hook's start and end (held = answered - started)."""
     down_visible: float | None = None
-    """Eureka's client-facing view first stopped listing it UP."""
+    """Every Eureka peer's client-facing view had stopped listing it UP (a client reaching the
+    peers through the Service may be served by either)."""
+    down_visible_first: float | None = None
+    """The first peer's client-facing view stopped listing it UP."""
+    agent_peers: dict[str, str] | None = None
+    """What its agent's ``/status`` said, before the rollout, of the peers behind each Eureka
+    URL (``one``, ``several``, ``unknown``, with how the floor counts it)."""
     endpoint_not_ready: float | None = None
     """Its EndpointSlice endpoint first not ready (terminating) or gone."""
     endpoint_removed: float | None = None
@@ -153,6 +197,10 @@ class Rollout:
     old: list[PodEnd]
     new: list[str]
     records: dict[str, list[dict[str, Any]]]
+    watch_period: float = 0.0
+    """The watcher's mean time between samples of the pods and Eureka's views, s."""
+    fast_watch_period: float = 0.0
+    """Its mean time between samples of the EndpointSlices and kube-proxy's rules, s."""
 
     @property
     def failed(self) -> dict[str, dict[str, dict[str, int]]]:
@@ -168,34 +216,88 @@ class Rollout:
 
 
 class Watcher:
-    """Polls pods, EndpointSlices, kube-proxy's rules and Eureka's view every ``period`` s in a
-    thread, recording the first moment each old pod's state changed."""
+    """Watches the old pods' ends in two threads, recording the first moment each state changed:
+    the pods and Eureka's views every ``period`` s, and, every ``fast_period`` s, the Service
+    path alone (the EndpointSlices, then kube-proxy's rules), each stamped when its read
+    returned, so that kube-proxy's sync delay is measured finer than the slow sample."""
 
-    def __init__(self, rig: DeploymentRig, old: dict[str, PodEnd], period: float = 0.25) -> None:
+    def __init__(
+        self,
+        rig: DeploymentRig,
+        old: dict[str, PodEnd],
+        period: float = 0.25,
+        fast_period: float = 0.05,
+    ) -> None:
         self.rig = rig
         self.old = old
-        self.period = period
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
         self.errors = 0
+        self.samples: list[float] = []
+        self.fast_samples: list[float] = []
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(
+                target=self._run, args=(self._poll_pods, period, self.samples), daemon=True
+            ),
+            threading.Thread(
+                target=self._run,
+                args=(self._poll_service_path, fast_period, self.fast_samples),
+                daemon=True,
+            ),
+        ]
 
-    def _run(self) -> None:
+    @staticmethod
+    def _mean_period(samples: list[float]) -> float:
+        if len(samples) < 2:
+            return 0.0
+        return (samples[-1] - samples[0]) / (len(samples) - 1)
+
+    @property
+    def mean_period(self) -> float:
+        """Mean seconds between samples of the pods and the Eureka views."""
+        return self._mean_period(self.samples)
+
+    @property
+    def mean_fast_period(self) -> float:
+        """Mean seconds between samples of the EndpointSlices and kube-proxy's rules."""
+        return self._mean_period(self.fast_samples)
+
+    def _run(
+        self, poll: Callable[[KubeCluster], None], period: float, samples: list[float]
+    ) -> None:
         cluster = self.rig.cluster
         while not self._stop.is_set():
+            samples.append(time.time())
             try:
-                self._poll(cluster)
+                poll(cluster)
             except Exception:  # a slow API answer is one missed sample, not a failed rollout
                 self.errors += 1
-            self._stop.wait(self.period)
+            self._stop.wait(period)
 
-    def _poll(self, cluster: KubeCluster) -> None:
+    def _poll_pods(self, cluster: KubeCluster) -> None:
         now = time.time()
         pods = cluster.api_get(f"/api/v1/namespaces/default/pods?labelSelector=app%3D{DEPLOYMENT}")
         present = {p["metadata"]["name"]: p for p in pods["items"]}
+        views = [eureka_view(url) for url in self.rig.eureka_host_urls]
+        seen = time.time()
+        for end in self.old.values():
+            pod = present.get(end.name)
+            if end.deleted is None and pod and pod["metadata"].get("deletionTimestamp"):
+                end.deleted = now
+            if end.gone is None and pod is None:
+                end.gone = now
+            target = f"{end.ip}:{APP_PORT}"
+            not_up = [bool(view) and view.get(target) != "UP" for view in views]
+            if end.down_visible_first is None and any(not_up):
+                end.down_visible_first = seen
+            if end.down_visible is None and all(not_up):
+                end.down_visible = seen
+
+    def _poll_service_path(self, cluster: KubeCluster) -> None:
         slices = cluster.api_get(
             "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices"
             f"?labelSelector=kubernetes.io%2Fservice-name%3D{DEPLOYMENT}"
         )
+        sliced = time.time()
         endpoints = {
             address: bool(e.get("conditions", {}).get("ready"))
             for s in slices["items"]
@@ -203,29 +305,24 @@ class Watcher:
             for address in e.get("addresses", [])
         }
         rules = cluster.proxy_rules()
-        view = eureka_view(self.rig.eureka_host_url)
+        ruled = time.time()
         for end in self.old.values():
-            pod = present.get(end.name)
-            if end.deleted is None and pod and pod["metadata"].get("deletionTimestamp"):
-                end.deleted = now
-            if end.gone is None and pod is None:
-                end.gone = now
             if end.endpoint_not_ready is None and not endpoints.get(end.ip, False):
-                end.endpoint_not_ready = now
+                end.endpoint_not_ready = sliced
             if end.endpoint_removed is None and end.ip not in endpoints:
-                end.endpoint_removed = now
+                end.endpoint_removed = sliced
             if end.proxy_dropped is None and f"{end.ip}:{APP_PORT}" not in rules:
-                end.proxy_dropped = now
-            if end.down_visible is None and view and view.get(f"{end.ip}:{APP_PORT}") != "UP":
-                end.down_visible = now
+                end.proxy_dropped = ruled
 
     def __enter__(self) -> Watcher:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
-        self._thread.join(10)
+        for thread in self._threads:
+            thread.join(10)
 
 
 class DeploymentRig:
@@ -247,9 +344,9 @@ class DeploymentRig:
         self.timings = timings
         self.callers = callers
         self.eureka_url = ""
-        """What the pods use: the eureka Service's ClusterIP."""
-        self.eureka_host_url = ""
-        """What this process polls: the Eureka pod's own address (no Service in between)."""
+        """What the pods use: the eureka Service's ClusterIP (both peers behind it)."""
+        self.eureka_host_urls: list[str] = []
+        """What this process polls: each peer pod's own address (no Service in between)."""
         self.scenario: Scenario | None = None
         self._files: dict[str, RecordFile | SpringRecords] = {}
 
@@ -262,17 +359,33 @@ class DeploymentRig:
         self.records.mkdir(parents=True, exist_ok=True)
         for old in self.records.glob("*.jsonl"):
             old.unlink()
-        pod = eureka_pod(cluster.node, self.eureka_jar, self.timings)
-        cluster.apply(deployment("eureka", pod, 1), service("eureka", EUREKA_PORT, EUREKA_PORT))
-        cluster.wait_rollout("eureka", START_TIMEOUT)
-        cluster_ip = cluster.get("service", "eureka")["spec"]["clusterIP"]
-        self.eureka_url = f"http://{cluster_ip}:{EUREKA_PORT}/eureka/"
-        pod_ip = cluster.pods("-l=app=eureka")[0]["status"]["podIP"]
-        self.eureka_host_url = f"http://{pod_ip}:{EUREKA_PORT}/eureka/"
+        # The Services first: each peer names the other by its Service's ClusterIP.
+        cluster.apply(
+            service("eureka", EUREKA_PORT, EUREKA_PORT, EUREKA_PEER_LABEL),
+            *(service(peer, EUREKA_PORT, EUREKA_PORT) for peer in EUREKA_PEERS),
+        )
+        ips = {
+            name: cluster.get("service", name)["spec"]["clusterIP"]
+            for name in ("eureka", *EUREKA_PEERS)
+        }
+        urls = {name: f"http://{ip}:{EUREKA_PORT}/eureka/" for name, ip in ips.items()}
+        for peer, other in zip(EUREKA_PEERS, reversed(EUREKA_PEERS), strict=True):
+            pod = eureka_pod(cluster.node, self.eureka_jar, self.timings)
+            pod["spec"]["containers"][0]["command"] += eureka_peer_args(urls[other])
+            cluster.apply(deployment(peer, pod, 1, extra_labels=EUREKA_PEER_LABEL))
+        for peer in EUREKA_PEERS:
+            cluster.wait_rollout(peer, START_TIMEOUT)
+        self.eureka_url = urls["eureka"]
+        self.eureka_host_urls = [
+            f"http://{cluster.pods(f'-l=app={peer}')[0]['status']['podIP']}:{EUREKA_PORT}/eureka/"
+            for peer in EUREKA_PEERS
+        ]
 
     def deploy(self, scenario: Scenario, replicas: int = 3) -> None:
         """The app's Deployment set up for ``scenario`` (replacing any other), its Service; wait
-        until the rollout is complete and Eureka lists every replica UP."""
+        until the rollout is complete, Eureka lists every replica UP, the replaced pods are gone
+        and every caller's view has had time to forget them, so that the measured rollout
+        starts from the set-up's replicas alone."""
         cluster = self.cluster
         pod = replica_pod(cluster.node, "x", self.demo_jar, scenario, self.timings, self.eureka_url)
         if self.scenario is not None and self.scenario.native != scenario.native:
@@ -286,6 +399,14 @@ class DeploymentRig:
         self.scenario = scenario
         cluster.wait_rollout(DEPLOYMENT, START_TIMEOUT)
         self._wait_listed(replicas)
+        # A set-up rollout's pods still ending (or still in a caller's view) made the measured
+        # rollout's first failures: 52 of the busy caller's, counted as its start-up side.
+        self.wait_until(
+            "the replaced replicas gone",
+            lambda: len(self._app_pods()) == replicas,
+            self.timings.grace + 60,
+        )
+        time.sleep(self.timings.server_cache + self.timings.client_refresh + 1.0)
 
     def _app_pods(self) -> list[dict[str, Any]]:
         return cluster_pods(self.cluster, DEPLOYMENT)
@@ -293,10 +414,12 @@ class DeploymentRig:
     def _wait_listed(self, replicas: int) -> None:
         def listed() -> bool:
             ips = {p["status"].get("podIP") for p in self._app_pods() if _live(p)}
-            view = eureka_view(self.eureka_host_url)
-            return len(ips) == replicas and all(view.get(f"{ip}:{APP_PORT}") == "UP" for ip in ips)
+            views = [eureka_view(url) for url in self.eureka_host_urls]
+            return len(ips) == replicas and all(
+                view.get(f"{ip}:{APP_PORT}") == "UP" for ip in ips for view in views
+            )
 
-        self.wait_until("every replica UP in Eureka's view", listed, START_TIMEOUT)
+        self.wait_until("every replica UP in every Eureka peer's view", listed, START_TIMEOUT)
 
     def start_callers(self) -> None:
         cluster = self.cluster
@@ -341,8 +464,10 @@ class DeploymentRig:
             for p in self._app_pods()
             if _live(p)
         }
+        for end in old.values():
+            end.agent_peers = agent_peers(end.ip)
         window_start = time.time() - 2.0
-        with Watcher(self, old):
+        with Watcher(self, old) as watcher:
             time.sleep(1.0)  # a first sample before the trigger
             restarted = cluster.rollout_restart(DEPLOYMENT)
             cluster.wait_rollout(DEPLOYMENT, 3 * START_TIMEOUT)
@@ -379,6 +504,8 @@ class DeploymentRig:
             old=list(old.values()),
             new=new,
             records=records,
+            watch_period=watcher.mean_period,
+            fast_watch_period=watcher.mean_fast_period,
         )
 
 
@@ -422,6 +549,18 @@ class _ApiPodIps:
     def pod_ip(self, name: str) -> str:
         pod = self.cluster.get("pod", name, check=False) or {}
         return str(pod.get("status", {}).get("podIP", ""))
+
+
+def agent_peers(pod_ip: str) -> dict[str, str] | None:
+    """What the agent at ``pod_ip`` says in ``/status`` of the peers behind each Eureka URL:
+    ``{url: "several: assumed: ..."}``; None with no agent (or no answer)."""
+    try:
+        with _OPENER.open(f"http://{pod_ip}:{AGENT_PORT}/status", timeout=3) as response:
+            status = json.load(response)
+        view = status["registry"]["client_view"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return {url: f"{said['peers']}: {said['floor']}" for url, said in view.items()}
 
 
 def _live(pod: dict[str, Any]) -> bool:

@@ -1,8 +1,8 @@
-"""The rolling-replacement rig: pods on a real kubelet node (tests/kube/) and one replacement.
+"""The rollout benchmark's parts: timings, scenarios, pod manifests and record readers.
 
-The node is ``tests.harness.node.KubeNode`` (containerd + a standalone kubelet, static pods, no API
-server). On it: a Eureka server pod, replicas of the demo app (``tests/fixtures/demo-app``), each
-set up for the scenario it will be deleted in, and three callers as pods:
+``bench/rollout/deployment.py`` puts them on the real cluster of tests/harness/cluster.py: the demo
+app (``tests/fixtures/demo-app``) as a Deployment whose pods are set up for a scenario
+(``replica_pod``), the fixture Eureka server (``eureka_pod``), and the callers as pods:
 
 - ``busy``: the demo app in caller mode (Spring Cloud LoadBalancer over Boot's pooled keep-alive
   Apache HttpClient 5, no retries) at ``BUSY_RATE`` req/s;
@@ -11,31 +11,23 @@ set up for the scenario it will be deleted in, and three callers as pods:
 - ``fresh``: ``bench/rollout/caller.py``, a new TCP connection per request at ``FRESH_RATE``
   req/s, discovering the instances through Eureka's REST API with its own fetch and cache times.
 
-The Spring callers keep their records in memory (read over HTTP); ``fresh`` appends one JSON line
-per request to a file in ``records`` (a hostPath volume).
-
-A standalone kubelet has no Deployment controller, so ``replace()`` does by hand what one with
-``maxSurge: 1, maxUnavailable: 0`` does: start the new replica, wait until it is Ready, until
-Eureka's client-facing view lists it UP and every caller has sent to it, then delete the oldest
-replica's pod. The kubelet runs that pod's whole termination (hook, signals, grace period).
+The Spring callers keep their records in memory (read over HTTP, ``SpringRecords``); the Python
+callers append one JSON line per request to a file in ``records`` (a hostPath volume,
+``RecordFile``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import threading
-import time
 import urllib.request
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.harness.node import Event, KubeNode
+from tests.harness.node import KubeNode
 from tests.harness.pods import (
     APP_PORT,
-    EUREKA_PORT,
     agent_pod,
     eureka_server_pod,
     java_command,
@@ -48,10 +40,8 @@ OK = "200"
 BUSY_RATE = 40.0
 SLOW_RATE = 0.75
 FRESH_RATE = 25.0
-CALLERS = ("busy", "slow", "fresh")
 CONNECT_TIMEOUT = 1.0  # every caller's, seconds
 READ_TIMEOUT = 5.0
-START_TIMEOUT = 240.0  # JVMs starting on a loaded 2-core machine
 
 # urllib without proxies from the environment: every target is on this machine.
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -370,187 +360,3 @@ class SpringRecords:
             }
             for call in calls
         ]
-
-
-class ViewWatcher:
-    """Polls Eureka's client-facing view every 0.1 s in a thread: (epoch, view) samples."""
-
-    def __init__(self, eureka_url: str) -> None:
-        self.eureka_url = eureka_url
-        self.samples: list[tuple[float, dict[str, str]]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.samples.append((time.time(), eureka_view(self.eureka_url)))
-            self._stop.wait(0.1)
-
-    def __enter__(self) -> ViewWatcher:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(5)
-
-    def first_not_up(self, target: str, after: float) -> float | None:
-        """When the view first stopped listing ``target`` UP, at or after ``after``."""
-        for at, view in self.samples:
-            if at >= after and view and view.get(target) != "UP":
-                return at
-        return None
-
-
-# ----------------------------------------------------------------------------------- rig
-
-
-@dataclass
-class Replacement:
-    """What one replacement measured: the deleted replica and everything around its end."""
-
-    scenario: str
-    pod: str
-    target: str
-    """The deleted replica's ``ip:port``."""
-    deleted_at: float
-    """Epoch seconds the manifest was removed (the trigger)."""
-    gone_at: float
-    """The last container's exit (containerd's exact time)."""
-    down_visible_at: float | None
-    """When Eureka's client-facing view first stopped listing the replica UP."""
-    grace: int
-    records: dict[str, list[dict[str, Any]]]
-    """Per caller: its records in the observation window."""
-    timeline: list[Event]
-
-
-class Rig:
-    """The node's pods and the replacement sequence; see the module docstring."""
-
-    def __init__(
-        self,
-        node: KubeNode,
-        eureka_jar: Path,
-        demo_jar: Path,
-        records: Path,
-        timings: Timings = SCALED,
-        callers: tuple[str, ...] = CALLERS,
-    ) -> None:
-        self.node = node
-        self.eureka_jar = eureka_jar
-        self.demo_jar = demo_jar
-        self.records = records
-        self.timings = timings
-        self.callers = callers
-        self.eureka_url = ""
-        self.replicas: list[str] = []
-        self._count = 0
-        self._files: dict[str, RecordFile | SpringRecords] = {
-            c: RecordFile(records / f"{c}.jsonl") if c == "fresh" else SpringRecords(node, c)
-            for c in callers
-        }
-
-    def start(self, first: Scenario, second: Scenario) -> None:
-        """Eureka, two replicas (to be deleted in ``first`` and ``second``), the callers."""
-        self.records.mkdir(parents=True, exist_ok=True)
-        for old in self.records.glob("*.jsonl"):
-            old.unlink()
-        node = self.node
-        node.apply(eureka_pod(node, self.eureka_jar, self.timings))
-        node.wait_ready("eureka", START_TIMEOUT)
-        self.eureka_url = f"http://{node.pod_ip('eureka')}:{EUREKA_PORT}/eureka/"
-        for scenario in (first, second):
-            self._start_replica(scenario)
-        for name in self.replicas:
-            self._wait_listed(name)
-        rates = {"busy": BUSY_RATE, "slow": SLOW_RATE}
-        for caller in self.callers:
-            if caller == "fresh":
-                pod = fresh_caller_pod(node, caller, self.timings, self.eureka_url, self.records)
-            else:
-                pod = spring_caller_pod(
-                    node, caller, self.demo_jar, rates[caller], self.timings, self.eureka_url
-                )
-            node.apply(pod)
-        for caller in self.callers:
-            node.wait_until(
-                f"{caller} sends",
-                lambda c=caller: bool(self._files[c].read()),
-                START_TIMEOUT,
-            )
-
-    def _start_replica(self, scenario: Scenario) -> str:
-        name = f"replica-{self._count}-{scenario.key}"
-        self._count += 1
-        pod = replica_pod(self.node, name, self.demo_jar, scenario, self.timings, self.eureka_url)
-        self.node.apply(pod)
-        self.replicas.append(name)
-        return name
-
-    def target(self, name: str) -> str:
-        return f"{self.node.pod_ip(name)}:{APP_PORT}"
-
-    def _wait_listed(self, name: str) -> None:
-        self.node.wait_ready(name, START_TIMEOUT)
-        target = self.target(name)
-        self.node.wait_until(
-            f"{name} UP in Eureka's view",
-            lambda: eureka_view(self.eureka_url).get(target) == "UP",
-            START_TIMEOUT,
-        )
-
-    def _used_by_callers(self, target: str, since: float) -> bool:
-        for caller in self.callers:
-            if not any(r["target"] == target for r in self._files[caller].read(since)):
-                return False
-        return True
-
-    def replace(self, next_scenario: Scenario, settle: float = 12.0) -> Replacement:
-        """One step of the rolling replacement: start a replica (to be deleted with
-        ``next_scenario`` later), wait until it is UP in Eureka and every caller used it, then
-        delete the oldest replica and watch until ``settle`` seconds after its pod is gone."""
-        oldest = self.replicas[0]
-        scenario_key = oldest.split("-", 2)[2]
-        old_target = self.target(oldest)
-        fresh = self._start_replica(next_scenario)
-        self._wait_listed(fresh)
-        listed_at = time.time()
-        new_target = self.target(fresh)
-        self.node.wait_until(
-            f"every caller sent to {fresh}",
-            lambda: self._used_by_callers(new_target, listed_at),
-            2 * (self.timings.server_cache + self.timings.client_refresh) + 30,
-        )
-        window_start = time.time() - 5.0
-        with ViewWatcher(self.eureka_url) as view:
-            time.sleep(1.0)  # a baseline before the trigger
-            deleted_at = time.time()
-            self.node.delete(oldest, timeout=self.timings.grace + 60)
-            self.replicas.remove(oldest)
-            timeline = self.node.timeline(oldest)
-            finished = [e.at for e in timeline if e.what == "finished"]
-            gone_at = max(finished) if finished else time.time()
-            time.sleep(max(0.0, gone_at + settle - time.time()))
-        window_end = time.time()
-        return Replacement(
-            scenario=scenario_key,
-            pod=oldest,
-            target=old_target,
-            deleted_at=deleted_at,
-            gone_at=gone_at,
-            down_visible_at=view.first_not_up(old_target, deleted_at),
-            grace=self.timings.grace,
-            records={
-                caller: [r for r in self._files[caller].read(window_start) if r["t"] <= window_end]
-                for caller in self.callers
-            },
-            timeline=timeline,
-        )
-
-
-def schedule(keys: list[str], runs: int) -> Iterator[str]:
-    """Scenario keys in run order: every scenario ``runs`` times, interleaved round by round so
-    that a slow spell of the shared machine does not fall on one scenario only."""
-    for _ in range(runs):
-        yield from keys
