@@ -383,7 +383,7 @@ def test_start_up_warns_once_and_exports_the_floor_and_the_maximum(
     assert "PassiveOpens" in drain["sees"] and "TIME_WAIT" in drain["sees"]
     assert drain["floor_warning"] == warnings[0]["detail"]
     [view] = status["registry"]["client_view"].values()  # the closed port's view, per URL
-    assert view["peers"] == "unknown" and view["floor"].startswith("measured: ")
+    assert view["peers"] == "unknown" and view["floor"].startswith("assumed: ")
 
 
 # --- the shutdown sequence: where the floor's inputs come from ---------------------------------

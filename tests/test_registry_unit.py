@@ -56,6 +56,8 @@ def instance(
         "status": "UP",
         "overriddenStatus": "UNKNOWN",
         "lastDirtyTimestamp": "1700000000123",
+        # Every Eureka server stamps its copy of a registration; one stamp means one peer.
+        "leaseInfo": {"registrationTimestamp": 1700000000000},
         **extra,
     }
 
@@ -815,6 +817,13 @@ async def test_fields_of_the_wrong_type_are_shown_by_type_never_printed(
 # ------------------------------------------------------------- the client-facing view (error paths)
 
 
+async def _warm_view(url_list: list[str], session: aiohttp.ClientSession) -> ClientView:
+    """A view read as the agent reads it just before the PUT: the peers behind each URL known."""
+    view = ClientView(config(url_list, PRESTOP_DRAIN_POLL_SECONDS="0.01"), session)
+    await view.warm()
+    return view
+
+
 async def _watch(
     url_list: list[str],
     session: aiohttp.ClientSession,
@@ -825,7 +834,7 @@ async def _watch(
     seconds: float = 5.0,
 ) -> Propagation:
     """Watch until every server showed the change, or for ``seconds`` (then cancelled)."""
-    view = view or ClientView(config(url_list, PRESTOP_DRAIN_POLL_SECONDS="0.01"), session)
+    view = view or await _warm_view(url_list, session)
     seen = Propagation(registry=True, client_refresh=6.5, server_cache=3.0)
     loop = asyncio.get_running_loop()
     started = loop.time()
@@ -841,8 +850,10 @@ async def test_a_view_that_keeps_failing_is_assumed_and_still_read(
     serve: Serve, session: aiohttp.ClientSession
 ) -> None:
     fake, url = await serve([instance("pod-1")])
+    view = await _warm_view([url], session)  # before the PUT: one peer, read
+    fake.requests.clear()
     fake.statuses = [503] * 1000
-    seen = await _watch([url], session, seconds=1.5)
+    seen = await _watch([url], session, view=view, seconds=1.5)
     assert seen.visible_to_clients is None
     assert list(seen.unobservable) == [url]
     # the server cache's bound (3 s from the PUT), not "now" (5 s)
@@ -855,6 +866,7 @@ async def test_a_server_back_from_a_loss_still_up_gets_the_change_again(
     serve: Serve, session: aiohttp.ClientSession
 ) -> None:
     fake, url = await serve([instance("pod-1")])
+    view = await _warm_view([url], session)  # before the PUT: one peer, read
     fake.statuses = [503] * 3
     remarked: list[Server] = []
 
@@ -864,7 +876,7 @@ async def test_a_server_back_from_a_loss_still_up_gets_the_change_again(
         return "ok"
 
     with capture_logs() as logs:
-        seen = await _watch([url], session, remark=remark)
+        seen = await _watch([url], session, view=view, remark=remark)
     assert [s.shown for s in remarked] == [url]
     assert seen.servers[url] is not None  # then seen DOWN: the watch ended
     assert seen.unobservable == {}
@@ -934,7 +946,8 @@ async def test_keep_hot_failures_warn_after_a_few_in_a_row_and_show_in_status(
         assert view.report()[url]["failures_in_a_row"] == KEEP_HOT_WARN_AFTER
         await view._keep_one(Server.parse(url))
     assert view.report()[url]["key"] == "warm"
-    assert logs[-1]["event"] == "eureka_view_key_warm"
+    # The key's recovery is said (the peers found behind the URL may be said after it).
+    assert [e["event"] for e in logs][-2:] == ["eureka_view_key_warm", "eureka_view_peers"]
 
 
 async def test_an_instance_the_view_never_listed_is_not_taken_as_gone(
@@ -1149,6 +1162,39 @@ async def test_one_server_at_its_url_is_measured(
         fake.instances["pod-1"]["status"] = "DOWN"
         seen = await _watch([proxy.url()], session, view=view)
     assert seen.floor(elapsed=1.0) == pytest.approx(seen.servers[proxy.url()] + 6.5)
+
+
+async def test_peers_not_known_yet_at_the_trigger_are_found_before_the_put(
+    serve: Serve, session: aiohttp.ClientSession
+) -> None:
+    # A pod deleted before its first keep-hot pass found the instance (it registered after the
+    # agent started): the read before the PUT finds the peers, or the URL counts as assumed.
+    early, early_url = await serve([instance("pod-1", leaseInfo={"registrationTimestamp": 100})])
+    late, late_url = await serve([instance("pod-1", leaseInfo={"registrationTimestamp": 350})])
+    targets = [("127.0.0.1", yarl.URL(u).port or 0) for u in (early_url, late_url)]
+    with SpreadingProxy(targets) as proxy:
+        view = ClientView(config([proxy.url()], PRESTOP_DRAIN_POLL_SECONDS="0.01"), session)
+        assert view.report()[proxy.url()]["peers"] == "unknown"
+        await view.warm()
+        assert view.report()[proxy.url()]["peers"] == "several"
+        early.instances["pod-1"]["status"] = late.instances["pod-1"]["status"] = "DOWN"
+        seen = await _watch([proxy.url()], session, view=view)
+    assert seen.floor(elapsed=1.0) == 3.0 + 6.5  # one peer's answer does not stand for both
+
+
+async def test_a_url_whose_peers_stay_unknown_counts_as_assumed(
+    serve: Serve, session: aiohttp.ClientSession
+) -> None:
+    # No registration stamp to tell the peers apart: one peer's answer cannot be trusted alone.
+    fake, url = await serve([instance("pod-1", leaseInfo={})])
+    view = ClientView(config([url], PRESTOP_DRAIN_POLL_SECONDS="0.01"), session)
+    await view.warm()
+    assert view.report()[url]["peers"] == "unknown"
+    assert view.report()[url]["floor"].startswith("assumed: the peers behind this URL")
+    fake.instances["pod-1"]["status"] = "DOWN"
+    seen = await _watch([url], session, view=view)
+    assert seen.servers[url] is not None
+    assert seen.floor(elapsed=1.0) == 3.0 + 6.5
 
 
 async def test_check_says_how_the_floor_counts_each_url(

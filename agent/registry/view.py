@@ -111,8 +111,9 @@ class KeyHealth:
     @property
     def assumed(self) -> bool:
         """Whether this URL's answers cannot stand for every client: several peers answer at it,
-        so the one the watch reads is not necessarily the slowest."""
-        return self.peers == SEVERAL_PEERS
+        or it is not known yet that only one does, so the one the watch reads is not necessarily
+        the slowest."""
+        return self.peers != ONE_PEER
 
 
 class ClientView:
@@ -202,18 +203,19 @@ class ClientView:
         else:
             log.debug("eureka_view_unreachable", server=server.shown, error=reason)
 
-    async def probe_peers(self, server: Server) -> str:
+    async def probe_peers(self, server: Server, until: float | None = None) -> str:
         """Read the URL's view ``PEER_PROBES`` times, each over a fresh connection, and tell from
         the instance's registration timestamps whether several peers answer there (then its
         answers cannot stand for every client: the floor assumes the server cache's bound for
-        it). ``several`` is kept once seen. Raises RequestFailed when a read fails."""
+        it). ``several`` is kept once seen. ``until``: a loop-time deadline for all the reads
+        (each read's own timeout otherwise). Raises RequestFailed when a read fails."""
         key = self._keys[server]
         path = f"apps/{segment(self._app)}"
         stamps: set[str] = set()
         for _ in range(PEER_PROBES):
-            until = asyncio.get_running_loop().time() + self._http.timeout
+            deadline = until or asyncio.get_running_loop().time() + self._http.timeout
             status, body = await self._http.request(
-                server, "GET", path, headers={"Connection": "close"}, until=until
+                server, "GET", path, headers={"Connection": "close"}, until=deadline
             )
             if status == 404:
                 continue
@@ -254,15 +256,20 @@ class ClientView:
 
     def floor_basis(self, server: Server) -> str:
         """How the floor counts this URL's stage: measured, or the assumed server-cache bound."""
-        if self._keys[server].assumed:
+        peers = self._keys[server].peers
+        if peers == ONE_PEER:
+            return "measured: one Eureka server answers at this URL"
+        if peers == SEVERAL_PEERS:
             return (
                 "assumed: several Eureka peers answer at this URL and the watch reads one of"
                 " them, so the server cache's bound (PRESTOP_EUREKA_SERVER_CACHE_SECONDS) is"
                 " assumed; list each peer's own URL in PRESTOP_EUREKA_URLS to measure them"
             )
-        if self._keys[server].peers == ONE_PEER:
-            return "measured: one Eureka server answers at this URL"
-        return "measured: the peers behind this URL are not known yet (the instance not listed)"
+        return (
+            "assumed: the peers behind this URL are not known yet (the instance not listed"
+            " through it), so the server cache's bound (PRESTOP_EUREKA_SERVER_CACHE_SECONDS) is"
+            " assumed"
+        )
 
     def report(self) -> dict[str, Any]:
         """For /status: per server, how keeping its key hot goes and how its stage counts."""
@@ -286,7 +293,7 @@ class ClientView:
         keep-hot pass (a restarted or added server); the next tick is then the real flip.
         Bounded by ``WARM_SECONDS`` (and ``WARM_SHARE`` of the registry deadline); never
         raises. A server not read is remembered: what it shows first cannot be told from a cold
-        key."""
+        key. A URL whose peers are not known yet is probed for them within the same bound."""
         until = asyncio.get_running_loop().time() + self._warm_seconds
 
         async def one(server: Server) -> None:
@@ -298,6 +305,15 @@ class ClientView:
                 self._unread[server] = f"not read before the mark-down: {type(exc).__name__}"
             else:
                 self._unread.pop(server, None)
+            if server in self._unread or self._keys[server].peers != UNKNOWN_PEERS:
+                return
+            # A pod that is triggered before its first keep-hot pass found the instance (it
+            # registers after the agent starts) must not take one peer's answers for all.
+            try:
+                await self.probe_peers(server, until)
+            except Exception as exc:  # still unknown: the floor assumes the bound for it
+                reason = exc.reason if isinstance(exc, RequestFailed) else type(exc).__name__
+                log.debug("eureka_view_peers_unknown", server=server.shown, error=reason)
 
         await asyncio.gather(*(one(server) for server in self._servers))
 
