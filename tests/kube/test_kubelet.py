@@ -335,17 +335,18 @@ def test_the_kustomize_example_runs_with_the_token_from_an_out_of_band_secret(
 
 
 def test_eureka_marks_the_instance_down_before_the_app_sigterm(
-    kube: KubeNode, demo_app_jar: Path, eureka_pod: str
+    cluster: KubeCluster, demo_app_jar: Path, eureka_pod: str
 ) -> None:
     """Eureka in the node: the agent (eureka mode, instance found by POD_IP) marks the demo app's
     instance DOWN at the trigger; the server shows it before the app gets SIGTERM."""
+    kube = cluster.node
     env = {
         **FIXED_DRAIN,
         "PRESTOP_REGISTRY": "eureka",
         "PRESTOP_EUREKA_URLS": eureka_pod,
         "PRESTOP_EUREKA_APP": "DEMO-APP",
     }
-    kube.apply(
+    cluster.apply_pod(
         agent_pod("orders", kube.prepared, demo_app_jar, env, native=True, eureka_url=eureka_pod)
     )
     kube.wait_ready("orders", START_TIMEOUT)
@@ -366,7 +367,7 @@ def test_eureka_marks_the_instance_down_before_the_app_sigterm(
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     watching.wait()
-    _, timeline = terminate_static(kube, "orders")
+    _, timeline = terminate(cluster, "orders")
     watcher.join(5)
     down_at = next((at for at, status in seen if status == "DOWN"), None)
     assert down_at is not None, seen[-5:]
