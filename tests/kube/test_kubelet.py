@@ -77,12 +77,13 @@ def terminate(cluster: KubeCluster, pod: str) -> tuple[float, list[Event]]:
     return deleted_at, cluster.node.timeline(pod)
 
 
-def test_classic_layout_hook_then_app_sigterm(kube: KubeNode, demo_app_jar: Path) -> None:
+def test_classic_layout_hook_then_app_sigterm(cluster: KubeCluster, demo_app_jar: Path) -> None:
     """Classic sidecar: the kubelet calls /prestop and SIGTERMs the agent together; the hook's
     200 comes after the drain, and only then does the app get its SIGTERM."""
-    kube.apply(agent_pod("classic", kube.prepared, demo_app_jar, FIXED_DRAIN))
+    kube = cluster.node
+    cluster.apply_pod(agent_pod("classic", kube.prepared, demo_app_jar, FIXED_DRAIN))
     kube.wait_ready("classic", START_TIMEOUT)
-    _, timeline = terminate_static(kube, "classic")
+    _, timeline = terminate(cluster, "classic")
     agent = agent_log(kube, "classic")
 
     hook = first(timeline, "hook_started", "app")
