@@ -112,12 +112,13 @@ def test_classic_layout_hook_then_app_sigterm(cluster: KubeCluster, demo_app_jar
     assert not [e for e in timeline if e.what in ("hook_failed", "event:FailedPreStopHook")]
 
 
-def test_native_layout_agent_stops_after_the_app(kube: KubeNode, demo_app_jar: Path) -> None:
+def test_native_layout_agent_stops_after_the_app(cluster: KubeCluster, demo_app_jar: Path) -> None:
     """Native sidecar: hook 200 after the drain, then the app's SIGTERM, and the agent's SIGTERM
     only once the app has exited; the agent then exits 0 within a second."""
-    kube.apply(agent_pod("native", kube.prepared, demo_app_jar, FIXED_DRAIN, native=True))
+    kube = cluster.node
+    cluster.apply_pod(agent_pod("native", kube.prepared, demo_app_jar, FIXED_DRAIN, native=True))
     kube.wait_ready("native", START_TIMEOUT)
-    _, timeline = terminate_static(kube, "native")
+    _, timeline = terminate(cluster, "native")
     agent = agent_log(kube, "native")
 
     hook = first(timeline, "hook_started", "app")
