@@ -138,10 +138,11 @@ def test_native_layout_agent_stops_after_the_app(cluster: KubeCluster, demo_app_
     assert not [e for e in timeline if e.what in ("hook_failed", "event:FailedPreStopHook")]
 
 
-def test_ready_goes_false_within_one_probe_period(kube: KubeNode, demo_app_jar: Path) -> None:
+def test_ready_goes_false_within_one_probe_period(cluster: KubeCluster, demo_app_jar: Path) -> None:
     """The kubelet's own Ready condition drops within one probe period (1 s) of the trigger,
     while the app container is still running and serving."""
-    kube.apply(agent_pod("ready", kube.prepared, demo_app_jar, FIXED_DRAIN))
+    kube = cluster.node
+    cluster.apply_pod(agent_pod("ready", kube.prepared, demo_app_jar, FIXED_DRAIN))
     kube.wait_ready("ready", START_TIMEOUT)
     pod_ip = kube.pod_ip("ready")
     # The trigger is the hook's request, sent by hand so that nothing else changes.
