@@ -196,12 +196,13 @@ def test_the_token_header_as_the_kubelet_sends_it(kube: KubeNode, demo_app_jar: 
 
 
 def test_a_drain_longer_than_the_grace_period_is_refused_at_start_up(
-    kube: KubeNode, demo_app_jar: Path
+    cluster: KubeCluster, demo_app_jar: Path
 ) -> None:
     """A drain the grace period cannot hold: the agent's container log shows the one-line budget
     error at every start (what `kubectl logs` shows), and the kubelet restarts the container."""
+    kube = cluster.node
     env = {"PRESTOP_DRAIN_MODE": "fixed", "PRESTOP_DRAIN_SECONDS": "40"}
-    kube.apply(agent_pod("budget", kube.prepared, demo_app_jar, env, grace=30))
+    cluster.apply_pod(agent_pod("budget", kube.prepared, demo_app_jar, env, grace=30))
 
     def starts_logged() -> list[list[str]]:
         # Each start writes its own log file; the kubelet deletes the one before the last soon
@@ -227,7 +228,7 @@ def test_a_drain_longer_than_the_grace_period_is_refused_at_start_up(
     status = restarted()
     ended = status["state"].get("terminated") or status["lastState"].get("terminated") or {}
     assert ended.get("exitCode") == 2, status  # the agent's configuration-error exit code
-    kube.delete("budget")
+    cluster.delete_pods("budget")
 
 
 @pytest.fixture(scope="module")
