@@ -1,6 +1,8 @@
 """The agent under a real kubelet: the hook, the probes and the signals come from the kubelet
 itself (v1.34, on containerd and runc), the agent runs from its image, the app is the demo
-Spring Boot app, and Eureka is the fixture server, each in its own pod on the node's bridge."""
+Spring Boot app, and Eureka is the fixture server, each in its own pod on the node's bridge.
+The pods are created and deleted through the API server (``kubectl apply``, ``kubectl delete``)
+as users do; only the token test runs static pods, being about the kubelet's own hook request."""
 
 from __future__ import annotations
 
@@ -59,14 +61,6 @@ def app_sigterm_at(kube: KubeNode, pod: str) -> float:
     lines = [at for at, text in kube.log_lines(pod, "app") if APP_SIGTERM in text]
     assert lines, f"the app never logged {APP_SIGTERM!r}:\n{kube.logs(pod, 'app')[-3000:]}"
     return lines[0]
-
-
-def terminate_static(kube: KubeNode, pod: str) -> tuple[float, list[Event]]:
-    """Delete the static pod, wait until it is gone; (wall-clock time of the deletion,
-    timeline)."""
-    deleted_at = time.time()
-    kube.delete(pod)
-    return deleted_at, kube.timeline(pod)
 
 
 def terminate(cluster: KubeCluster, pod: str) -> tuple[float, list[Event]]:
