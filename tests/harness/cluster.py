@@ -14,10 +14,12 @@ the control plane users run over it.
   the node's bridge reach ClusterIPs (the pods route only the Service range through the node,
   hairpin is on for a pod reaching its own Service).
 
-Its API (``kubectl`` underneath, as a user types it): ``apply``, ``delete``,
-``rollout_restart``, ``wait_rollout``, ``get``, ``pods``, ``events``, ``endpoint_slices``,
-``logs``, ``follow_logs``, ``exec``. ``stop()`` stops everything by PID, removes kube-proxy's
-rules (``kube-proxy --cleanup``), restores forwarding and removes the files by exact path.
+Its API (``kubectl`` underneath, as a user types it): ``apply``, ``apply_pod``, ``delete``,
+``delete_pods``, ``rollout_restart``, ``wait_rollout``, ``get``, ``pods``, ``events``,
+``endpoint_slices``, ``logs``, ``follow_logs``, ``exec``. A pod made with ``apply_pod`` is
+known to the node's ``wait_ready``, ``exit_codes``, ``logs`` and ``timeline`` as a static pod
+is. ``stop()`` stops everything by PID, removes kube-proxy's rules (``kube-proxy --cleanup``),
+restores forwarding and removes the files by exact path.
 """
 
 from __future__ import annotations
@@ -508,6 +510,28 @@ class KubeCluster:
             return self.kubectl("apply", "-k", str(kustomization))
         text = "\n---\n".join(d if isinstance(d, str) else yaml.safe_dump(d) for d in documents)
         return self.kubectl("apply", "-f", "-", stdin=text)
+
+    def apply_pod(self, pod: dict[str, Any]) -> str:
+        """``kubectl apply`` of a bare Pod, which the scheduler binds to the node; from then on
+        the node's ``wait_ready``, ``pod_ip``, ``exit_codes``, ``logs`` and ``timeline`` know it
+        by its name. Returns the name."""
+        if pod.get("kind") != "Pod":
+            raise ClusterError(f"not a Pod manifest: kind {pod.get('kind')!r}")
+        name = str(pod["metadata"]["name"])
+        self.node.track_api_pod(name)
+        self.apply(pod)
+        return name
+
+    def delete_pods(self, *names: str, timeout: float = 120.0) -> float:
+        """``kubectl delete pod`` (the API server marks them terminating, the kubelet runs each
+        whole termination), then the node's wait until every one is gone, keeping how each
+        container ended and its logs, as ``KubeNode.delete`` does for static pods; returns the
+        monotonic time the deletion was sent."""
+
+        def remove() -> None:
+            self.kubectl("delete", "pod", *names, "--wait=false")
+
+        return self.node.delete(*names, timeout=timeout, remove=remove)
 
     def delete(self, kind: str, *names: str, wait: bool = True, timeout: float = 180) -> None:
         self.kubectl(

@@ -374,6 +374,9 @@ class KubeNode:
         self.host_ip = str(next(self.subnet.hosts()))
         """The node's own address on the pod bridge (pods reach the host only there)."""
         self.manifests = state / "manifests"
+        # Pods created through the API server (KubeCluster.apply_pod): the kubelet knows them by
+        # their own name, where a static pod's name gets the node's appended.
+        self.api_pods: set[str] = set()
         self.registry_hosts = state / "certs.d"
         """containerd's registry host configuration (``config_path``): a registry's settings go
         in ``registry_hosts / "HOST:PORT" / "hosts.toml"``, read at each pull."""
@@ -636,10 +639,18 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
 
     # --- pods -----------------------------------------------------------------------------
 
-    @staticmethod
-    def full_name(name: str) -> str:
-        """A static pod's name: its manifest's name and the node's."""
-        return f"{name}-{NODE_NAME}"
+    def full_name(self, name: str) -> str:
+        """The pod's name as the kubelet knows it: a static pod's is its manifest's name and the
+        node's; a pod created through the API server (``track_api_pod``) keeps its own."""
+        return name if name in self.api_pods else f"{name}-{NODE_NAME}"
+
+    def track_api_pod(self, name: str) -> None:
+        """From now on ``name`` is a pod created through the API server: ``pod``, ``delete``'s
+        wait, ``exit_codes``, ``logs`` and ``timeline`` look it up by its own name. Logs kept
+        from an earlier pod of that name are dropped, as ``apply`` does."""
+        self.api_pods.add(name)
+        self._ended.pop(name, None)
+        shutil.rmtree(self.state / "logs" / "kept" / name, ignore_errors=True)
 
     def apply(self, manifest: dict[str, Any] | str) -> str:
         """Write a pod manifest (a dict or YAML) for the kubelet; returns the manifest's name."""
@@ -689,16 +700,21 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         """Wait until the pod's Ready condition is True; returns seconds waited."""
         return self.wait_until(f"{name} Ready", lambda: self.ready(name), timeout)
 
-    def delete(self, *names: str, timeout: float = 120.0) -> float:
+    def delete(
+        self, *names: str, timeout: float = 120.0, remove: Callable[[], object] | None = None
+    ) -> float:
         """Remove the pods' manifests at once (the kubelet runs each whole termination) and wait
         until every one is gone; returns the monotonic time the manifests were removed. How
         each container ended is kept for ``exit_codes`` and ``timeline``, and its log for
-        ``logs`` (the kubelet removes containers and their logs soon after a pod stops)."""
+        ``logs`` (the kubelet removes containers and their logs soon after a pod stops).
+        ``remove``: what deletes the pods instead (pods created through the API server)."""
         containers = {
             cid: (name, c) for name in names for cid, c in self._containers_of(name).items()
         }
         deleted = time.monotonic()
-        for name in names:
+        if remove is not None:
+            remove()
+        for name in names if remove is None else ():
             (self.manifests / f"{name}.yaml").unlink()
         # A pod leaves the kubelet's list at once; its containers stop when the termination is
         # over. Done when both hold for every pod.

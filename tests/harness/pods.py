@@ -1,9 +1,8 @@
 """Pod manifests for the kubelet tests and benchmarks: the agent and the Java fixtures in the
-images ``prepare.sh`` built, and the k8s/examples Deployments turned into static pods."""
+images ``prepare.sh`` built, and the k8s/examples Deployments turned into pods."""
 
 from __future__ import annotations
 
-import base64
 import copy
 from pathlib import Path
 from typing import Any
@@ -170,20 +169,6 @@ def eureka_server_pod(name: str, prepared: Prepared, jar: Path) -> Manifest:
     )
 
 
-def secret_values(documents: list[Manifest]) -> dict[tuple[str, str], str]:
-    """The Secrets among ``documents``: ``{(secret name, key): value}``."""
-    values = {}
-    for doc in documents:
-        if doc.get("kind") != "Secret":
-            continue
-        name = doc["metadata"]["name"]
-        for key, value in (doc.get("data") or {}).items():
-            values[(name, key)] = base64.b64decode(value).decode()
-        for key, value in (doc.get("stringData") or {}).items():
-            values[(name, key)] = str(value)
-    return values
-
-
 def pod_from_deployment(
     deployment: Manifest,
     prepared: Prepared,
@@ -191,28 +176,22 @@ def pod_from_deployment(
     *,
     name: str,
     env_overrides: dict[str, str],
-    secrets: dict[tuple[str, str], str] | None = None,
     eureka_url: str | None = None,
+    eureka_app: str | None = None,
 ) -> Manifest:
-    """A Deployment's pod template as a static pod that this node can run: the agent's image is
-    the locally built one, the app (every container not named prestop-agent) is the demo app,
-    and the agent's environment gets ``env_overrides`` (e.g. Eureka URLs instead of a Secret
-    that a node without an API server cannot read). Variables taken from ``secrets`` (the
-    Secrets in the same file, see ``secret_values``) are written in as values: a static pod
-    cannot read a Secret. With ``eureka_url`` the app registers there under the agent's
-    ``PRESTOP_EUREKA_APP``; it gets an emptyDir at /tmp (Tomcat's work folder) when its root
-    filesystem is read-only and the manifest mounts nothing there."""
+    """A Deployment's pod template as a Pod that this node can run: the agent's image is the
+    locally built one, the app (every container not named prestop-agent) is the demo app, and
+    the agent's environment gets ``env_overrides`` (e.g. the test's Eureka URL in place of the
+    example's). Secrets and ConfigMaps stay references: apply them beside the Pod. With
+    ``eureka_url`` the app registers there under the agent's ``PRESTOP_EUREKA_APP`` (or
+    ``eureka_app``, where the agent reads that from a ConfigMap); it gets an emptyDir at /tmp
+    (Tomcat's work folder) when its root filesystem is read-only and the manifest mounts
+    nothing there."""
     template = copy.deepcopy(deployment["spec"]["template"])
     spec = template["spec"]
     volume, mount = jar_volume(app_jar)
     spec.setdefault("volumes", []).append(volume)
     every = spec.get("initContainers", []) + spec["containers"]
-    for container in every:
-        for variable in container.get("env", []):
-            ref = variable.get("valueFrom", {}).get("secretKeyRef")
-            if ref and (ref["name"], ref["key"]) in (secrets or {}):
-                variable.pop("valueFrom")
-                variable["value"] = (secrets or {})[(ref["name"], ref["key"])]
     agent_env = {
         e["name"]: e.get("value")
         for c in every
@@ -229,7 +208,7 @@ def pod_from_deployment(
         container["image"] = prepared.java_image
         ports = [p["containerPort"] for p in container.get("ports", [])] or [APP_PORT]
         container["command"] = demo_app_command(
-            app_jar, ports[0], eureka_url, agent_env.get("PRESTOP_EUREKA_APP")
+            app_jar, ports[0], eureka_url, eureka_app or agent_env.get("PRESTOP_EUREKA_APP")
         )
         container["env"] = [*container.get("env", []), pod_ip_env("DEMO_IP")]
         container.setdefault("volumeMounts", []).append(mount)

@@ -72,13 +72,22 @@ def kube(kube_node: KubeNode, request: pytest.FixtureRequest) -> Iterator[KubeNo
 @pytest.fixture
 def cluster(kube_cluster: KubeCluster, request: pytest.FixtureRequest) -> Iterator[KubeCluster]:
     """The session's cluster; after a failed test, the components' log tails are printed. The
-    Deployments, StatefulSets and Services the test left in ``default`` are deleted, with
-    their pods (static pods are the ``kube`` fixture's)."""
+    pods the test applied (``apply_pod``) and left are deleted; so are the Deployments,
+    StatefulSets and Services it left in ``default``, with their pods (static pods are the
+    ``kube`` fixture's)."""
     failed_before = request.session.testsfailed
+    pods_before = set(kube_cluster.node.api_pods)  # e.g. a module's Eureka server pod
     yield kube_cluster
     if request.session.testsfailed > failed_before:
         print(kube_cluster.tails())
         print(kube_cluster.node.tails(80))
+    left = [
+        name
+        for name in sorted(kube_cluster.node.api_pods - pods_before)
+        if kube_cluster.get("pod", name, check=False)
+    ]
+    if left:
+        kube_cluster.delete_pods(*left)
     kube_cluster.kubectl(
         "delete", "deployments,statefulsets,services", "--cascade=foreground",
         "--field-selector=metadata.name!=kubernetes", "--wait=true", "--timeout=240s",

@@ -1,17 +1,22 @@
 """The agent under a real kubelet: the hook, the probes and the signals come from the kubelet
 itself (v1.34, on containerd and runc), the agent runs from its image, the app is the demo
-Spring Boot app, and Eureka is the fixture server, each in its own pod on the node's bridge."""
+Spring Boot app, and Eureka is the fixture server, each in its own pod on the node's bridge.
+The pods are created and deleted through the API server (``kubectl apply``, ``kubectl delete``)
+as users do; only the token test runs static pods, being about the kubelet's own hook request."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
+from tests.harness.cluster import KubeCluster
 from tests.harness.javaapps import eureka_status, http_request
 from tests.harness.node import Event, KubeNode, iter_agent_events
 from tests.harness.pods import (
@@ -21,7 +26,6 @@ from tests.harness.pods import (
     agent_pod,
     eureka_server_pod,
     pod_from_deployment,
-    secret_values,
 )
 
 pytestmark = [pytest.mark.kube, pytest.mark.java]
@@ -59,19 +63,21 @@ def app_sigterm_at(kube: KubeNode, pod: str) -> float:
     return lines[0]
 
 
-def terminate(kube: KubeNode, pod: str) -> tuple[float, list[Event]]:
-    """Delete the pod, wait until it is gone; (wall-clock time of the deletion, timeline)."""
+def terminate(cluster: KubeCluster, pod: str) -> tuple[float, list[Event]]:
+    """Delete the pod through the API server (``kubectl delete pod``), wait until it is gone;
+    (wall-clock time of the deletion, timeline)."""
     deleted_at = time.time()
-    kube.delete(pod)
-    return deleted_at, kube.timeline(pod)
+    cluster.delete_pods(pod)
+    return deleted_at, cluster.node.timeline(pod)
 
 
-def test_classic_layout_hook_then_app_sigterm(kube: KubeNode, demo_app_jar: Path) -> None:
+def test_classic_layout_hook_then_app_sigterm(cluster: KubeCluster, demo_app_jar: Path) -> None:
     """Classic sidecar: the kubelet calls /prestop and SIGTERMs the agent together; the hook's
     200 comes after the drain, and only then does the app get its SIGTERM."""
-    kube.apply(agent_pod("classic", kube.prepared, demo_app_jar, FIXED_DRAIN))
+    kube = cluster.node
+    cluster.apply_pod(agent_pod("classic", kube.prepared, demo_app_jar, FIXED_DRAIN))
     kube.wait_ready("classic", START_TIMEOUT)
-    _, timeline = terminate(kube, "classic")
+    _, timeline = terminate(cluster, "classic")
     agent = agent_log(kube, "classic")
 
     hook = first(timeline, "hook_started", "app")
@@ -100,12 +106,13 @@ def test_classic_layout_hook_then_app_sigterm(kube: KubeNode, demo_app_jar: Path
     assert not [e for e in timeline if e.what in ("hook_failed", "event:FailedPreStopHook")]
 
 
-def test_native_layout_agent_stops_after_the_app(kube: KubeNode, demo_app_jar: Path) -> None:
+def test_native_layout_agent_stops_after_the_app(cluster: KubeCluster, demo_app_jar: Path) -> None:
     """Native sidecar: hook 200 after the drain, then the app's SIGTERM, and the agent's SIGTERM
     only once the app has exited; the agent then exits 0 within a second."""
-    kube.apply(agent_pod("native", kube.prepared, demo_app_jar, FIXED_DRAIN, native=True))
+    kube = cluster.node
+    cluster.apply_pod(agent_pod("native", kube.prepared, demo_app_jar, FIXED_DRAIN, native=True))
     kube.wait_ready("native", START_TIMEOUT)
-    _, timeline = terminate(kube, "native")
+    _, timeline = terminate(cluster, "native")
     agent = agent_log(kube, "native")
 
     hook = first(timeline, "hook_started", "app")
@@ -125,10 +132,11 @@ def test_native_layout_agent_stops_after_the_app(kube: KubeNode, demo_app_jar: P
     assert not [e for e in timeline if e.what in ("hook_failed", "event:FailedPreStopHook")]
 
 
-def test_ready_goes_false_within_one_probe_period(kube: KubeNode, demo_app_jar: Path) -> None:
+def test_ready_goes_false_within_one_probe_period(cluster: KubeCluster, demo_app_jar: Path) -> None:
     """The kubelet's own Ready condition drops within one probe period (1 s) of the trigger,
     while the app container is still running and serving."""
-    kube.apply(agent_pod("ready", kube.prepared, demo_app_jar, FIXED_DRAIN))
+    kube = cluster.node
+    cluster.apply_pod(agent_pod("ready", kube.prepared, demo_app_jar, FIXED_DRAIN))
     kube.wait_ready("ready", START_TIMEOUT)
     pod_ip = kube.pod_ip("ready")
     # The trigger is the hook's request, sent by hand so that nothing else changes.
@@ -182,12 +190,13 @@ def test_the_token_header_as_the_kubelet_sends_it(kube: KubeNode, demo_app_jar: 
 
 
 def test_a_drain_longer_than_the_grace_period_is_refused_at_start_up(
-    kube: KubeNode, demo_app_jar: Path
+    cluster: KubeCluster, demo_app_jar: Path
 ) -> None:
     """A drain the grace period cannot hold: the agent's container log shows the one-line budget
     error at every start (what `kubectl logs` shows), and the kubelet restarts the container."""
+    kube = cluster.node
     env = {"PRESTOP_DRAIN_MODE": "fixed", "PRESTOP_DRAIN_SECONDS": "40"}
-    kube.apply(agent_pod("budget", kube.prepared, demo_app_jar, env, grace=30))
+    cluster.apply_pod(agent_pod("budget", kube.prepared, demo_app_jar, env, grace=30))
 
     def starts_logged() -> list[list[str]]:
         # Each start writes its own log file; the kubelet deletes the one before the last soon
@@ -213,45 +222,61 @@ def test_a_drain_longer_than_the_grace_period_is_refused_at_start_up(
     status = restarted()
     ended = status["state"].get("terminated") or status["lastState"].get("terminated") or {}
     assert ended.get("exitCode") == 2, status  # the agent's configuration-error exit code
-    kube.delete("budget")
+    cluster.delete_pods("budget")
 
 
 @pytest.fixture(scope="module")
-def eureka_pod(kube_node: KubeNode, eureka_jar: Path) -> Any:
-    """A Eureka server pod for this module's tests: its URL as seen from the pods and the host."""
-    kube_node.apply(eureka_server_pod("eureka", kube_node.prepared, eureka_jar))
-    kube_node.wait_ready("eureka", START_TIMEOUT)
-    yield f"http://{kube_node.pod_ip('eureka')}:{EUREKA_PORT}/eureka/"
-    kube_node.delete("eureka")
+def eureka_pod(kube_cluster: KubeCluster, eureka_jar: Path) -> Any:
+    """A Eureka server pod for this module's tests, created through the API server: its URL as
+    seen from the pods and the host."""
+    node = kube_cluster.node
+    kube_cluster.apply_pod(eureka_server_pod("eureka", node.prepared, eureka_jar))
+    node.wait_ready("eureka", START_TIMEOUT)
+    yield f"http://{node.pod_ip('eureka')}:{EUREKA_PORT}/eureka/"
+    kube_cluster.delete_pods("eureka")
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.stem)
 def test_the_k8s_examples_run(
-    kube: KubeNode, demo_app_jar: Path, eureka_pod: str, example: Path
+    cluster: KubeCluster, demo_app_jar: Path, eureka_pod: str, example: Path
 ) -> None:
-    """Every Deployment in k8s/examples/, as a static pod (the local images, the demo app for the
-    app, the file's Secrets written in, the Eureka pod's URL in place of the example's): it
-    starts, becomes Ready and terminates cleanly."""
+    """Every Deployment in k8s/examples/, as a pod created through the API server beside the
+    file's other objects (its Secrets and PodDisruptionBudget, applied as they are), with the
+    local images, the demo app for the app and the Eureka pod's URL in place of the example's:
+    it starts, becomes Ready and terminates cleanly."""
     documents = [d for d in yaml.safe_load_all(example.read_text()) if d]
     deployments = [d for d in documents if d["kind"] == "Deployment"]
     assert deployments, f"{example} has no Deployment"
-    for index, deployment in enumerate(deployments):
-        _run_and_terminate(
-            kube, deployment, f"example-{example.stem}-{index}", demo_app_jar, eureka_pod,
-            secret_values(documents),
-        )  # fmt: skip
+    with applied(cluster, [d for d in documents if d["kind"] != "Deployment"]):
+        for index, deployment in enumerate(deployments):
+            name = f"example-{example.stem}-{index}"
+            _run_and_terminate(cluster, deployment, name, demo_app_jar, eureka_pod)
+
+
+@contextlib.contextmanager
+def applied(cluster: KubeCluster, objects: list[dict[str, Any]]) -> Iterator[None]:
+    """The objects ``kubectl apply``-ed for the block, deleted after it (the next test's
+    objects may share their names)."""
+    text = "\n---\n".join(yaml.safe_dump(o) for o in objects)
+    cluster.kubectl("apply", "-f", "-", stdin=text)
+    try:
+        yield
+    finally:
+        cluster.kubectl("delete", "--ignore-not-found", "-f", "-", stdin=text)
 
 
 def _run_and_terminate(
-    kube: KubeNode,
+    cluster: KubeCluster,
     deployment: dict[str, Any],
     name: str,
     demo_app_jar: Path,
     eureka_pod: str,
-    secrets: dict[tuple[str, str], str],
+    eureka_app: str | None = None,
 ) -> None:
-    """The Deployment as a static pod: it becomes Ready, and its termination drains through
+    """The Deployment's pod through the API server (its Secrets and ConfigMaps, applied before,
+    read by the kubelet as for any pod): it becomes Ready, and its termination drains through
     the agent (the hook answered 200, so the token matched) and ends cleanly."""
+    kube = cluster.node
     pod = pod_from_deployment(
         deployment,
         kube.prepared,
@@ -264,12 +289,12 @@ def _run_and_terminate(
             "PRESTOP_EUREKA_URLS": eureka_pod,
             "PRESTOP_EUREKA_CLIENT_REFRESH_SECONDS": "2",
         },
-        secrets=secrets,
         eureka_url=eureka_pod,
+        eureka_app=eureka_app,
     )
-    kube.apply(pod)
+    cluster.apply_pod(pod)
     kube.wait_ready(name, START_TIMEOUT)
-    _, timeline = terminate(kube, name)
+    _, timeline = terminate(cluster, name)
     agent = agent_log(kube, name)
     logged(agent, event="shutdown_complete")
     answered = logged(agent, event="http_request", path="/prestop")[1]
@@ -283,41 +308,43 @@ def _run_and_terminate(
 
 
 def test_the_kustomize_example_runs_with_the_token_from_an_out_of_band_secret(
-    kube: KubeNode, demo_app_jar: Path, eureka_pod: str, tmp_path: Path
+    cluster: KubeCluster, demo_app_jar: Path, eureka_pod: str, tmp_path: Path
 ) -> None:
-    """``kustomize build`` of the example without its secrets.yaml (the Secrets created out of
-    band), as a static pod: the hook's header (from the build) matches the agent's token (from
-    the out-of-band Secret). A static pod reads no ConfigMap or Secret, so the agent's
-    environment is written in as the kubelet would build it."""
+    """``kustomize build`` of the example without its secrets.yaml, applied through the API
+    server with the Secrets created out of band: the hook's header (from the build) matches the
+    agent's token, which the kubelet reads from the out-of-band Secret (and the rest of the
+    agent's environment from the build's ConfigMap)."""
     from tests.test_k8s import _environment, _overlay, _secrets_from_outside, kustomize_build
 
     overlay = _overlay(tmp_path, {"kustomization.yaml": ("- secrets.yaml\n", "")})
     objects = kustomize_build(overlay)
     assert "Secret" not in {o["kind"] for o in objects}
     (deployment,) = [o for o in objects if o["kind"] == "Deployment"]
+    out_of_band = [{"apiVersion": "v1", **s} for s in _secrets_from_outside(objects)]
+    others = [o for o in objects if o["kind"] != "Deployment"]
+    # The app registers under the agent's PRESTOP_EUREKA_APP, which the build puts in a
+    # ConfigMap: read there, as the kubelet will for the agent.
     (agent,) = deployment["spec"]["template"]["spec"]["initContainers"]
-    environ = _environment(agent, objects + _secrets_from_outside(objects))
-    downward = [e for e in agent["env"] if "fieldRef" in e.get("valueFrom", {})]
-    named = {e["name"] for e in downward}
-    agent.pop("envFrom")
-    agent["env"] = downward + [
-        {"name": k, "value": v} for k, v in environ.items() if k not in named
-    ]
-    _run_and_terminate(kube, deployment, "kustomize-example", demo_app_jar, eureka_pod, {})
+    app_name = _environment(agent, objects + out_of_band)["PRESTOP_EUREKA_APP"]
+    with applied(cluster, others + out_of_band):
+        _run_and_terminate(
+            cluster, deployment, "kustomize-example", demo_app_jar, eureka_pod, app_name
+        )
 
 
 def test_eureka_marks_the_instance_down_before_the_app_sigterm(
-    kube: KubeNode, demo_app_jar: Path, eureka_pod: str
+    cluster: KubeCluster, demo_app_jar: Path, eureka_pod: str
 ) -> None:
     """Eureka in the node: the agent (eureka mode, instance found by POD_IP) marks the demo app's
     instance DOWN at the trigger; the server shows it before the app gets SIGTERM."""
+    kube = cluster.node
     env = {
         **FIXED_DRAIN,
         "PRESTOP_REGISTRY": "eureka",
         "PRESTOP_EUREKA_URLS": eureka_pod,
         "PRESTOP_EUREKA_APP": "DEMO-APP",
     }
-    kube.apply(
+    cluster.apply_pod(
         agent_pod("orders", kube.prepared, demo_app_jar, env, native=True, eureka_url=eureka_pod)
     )
     kube.wait_ready("orders", START_TIMEOUT)
@@ -338,7 +365,7 @@ def test_eureka_marks_the_instance_down_before_the_app_sigterm(
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     watching.wait()
-    _, timeline = terminate(kube, "orders")
+    _, timeline = terminate(cluster, "orders")
     watcher.join(5)
     down_at = next((at for at, status in seen if status == "DOWN"), None)
     assert down_at is not None, seen[-5:]
