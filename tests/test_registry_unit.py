@@ -1127,13 +1127,17 @@ async def test_a_put_that_timed_out_but_was_applied_is_read_back_not_reported_fa
     assert (await registry.verify()) == {url: "DOWN"}
 
 
+async def _two_peers(serve: Serve) -> tuple[FakeEureka, FakeEureka, list[tuple[str, int]]]:
+    """Two peers for one proxy address: each stamps its own copy of the registration."""
+    early, early_url = await serve([instance("pod-1", leaseInfo={"registrationTimestamp": 100})])
+    late, late_url = await serve([instance("pod-1", leaseInfo={"registrationTimestamp": 350})])
+    return early, late, [("127.0.0.1", yarl.URL(u).port or 0) for u in (early_url, late_url)]
+
+
 async def test_one_url_in_front_of_several_peers_falls_back_to_the_assumed_bound(
     serve: Serve, session: aiohttp.ClientSession
 ) -> None:
-    # Two peers behind one address: each stamps its own copy of the registration.
-    early, early_url = await serve([instance("pod-1", leaseInfo={"registrationTimestamp": 100})])
-    late, late_url = await serve([instance("pod-1", leaseInfo={"registrationTimestamp": 350})])
-    targets = [("127.0.0.1", yarl.URL(u).port or 0) for u in (early_url, late_url)]
+    early, late, targets = await _two_peers(serve)
     with SpreadingProxy(targets) as proxy:
         view = ClientView(config([proxy.url()], PRESTOP_DRAIN_POLL_SECONDS="0.01"), session)
         with capture_logs() as logs:
@@ -1169,9 +1173,7 @@ async def test_peers_not_known_yet_at_the_trigger_are_found_before_the_put(
 ) -> None:
     # A pod deleted before its first keep-hot pass found the instance (it registered after the
     # agent started): the read before the PUT finds the peers, or the URL counts as assumed.
-    early, early_url = await serve([instance("pod-1", leaseInfo={"registrationTimestamp": 100})])
-    late, late_url = await serve([instance("pod-1", leaseInfo={"registrationTimestamp": 350})])
-    targets = [("127.0.0.1", yarl.URL(u).port or 0) for u in (early_url, late_url)]
+    early, late, targets = await _two_peers(serve)
     with SpreadingProxy(targets) as proxy:
         view = ClientView(config([proxy.url()], PRESTOP_DRAIN_POLL_SECONDS="0.01"), session)
         assert view.report()[proxy.url()]["peers"] == "unknown"
