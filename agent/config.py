@@ -317,6 +317,7 @@ CALLERS = "Who may call /prestop"
 LOGS = "Logs"
 POD = "The pod, from the downward API"
 REGISTRY = "The registry"
+KUBERNETES = "Kubernetes"
 
 
 @dataclass(frozen=True, slots=True)
@@ -680,6 +681,36 @@ class Config:
         registries=WITH_A_REGISTRY,
     )
 
+    kubernetes_service_host: str | None = setting(
+        None,
+        "KUBERNETES_SERVICE_HOST",
+        _optional_text,
+        KUBERNETES,
+        "the API server's address, set by the kubelet in every container. Set (with POD_IP): "
+        "the agent runs in a cluster, watches the EndpointSlices that list the pod and reads "
+        "the pod's real grace period at the trigger; unset: neither.",
+    )
+    kubernetes_service_port: int = setting(
+        443,
+        "KUBERNETES_SERVICE_PORT",
+        _port,
+        KUBERNETES,
+        "the API server's port, set by the kubelet with the host.",
+    )
+    kube_proxy_sync_seconds: float = setting(
+        5.0,
+        "PRESTOP_KUBE_PROXY_SYNC_SECONDS",
+        _seconds(),
+        KUBERNETES,
+        "how long kube-proxy (and gateways watching the EndpointSlices) may keep sending new "
+        "connections to the pod after every slice listing it shows it not ready, seconds. "
+        "Measured on this project's one-node cluster (iptables mode): 0.00-0.13 s from the "
+        "slice update to the pod IP leaving the node's rules. The default leaves a wide margin "
+        "for what that cluster does not show: kube-proxy batches changes (``minSyncPeriod``, "
+        "1 s by default), a full iptables-restore with thousands of Services takes seconds, "
+        "and ingress controllers push endpoints on their own period.",
+    )
+
     def budget(self) -> Budget:
         """The grace-period arithmetic for this configuration."""
         partial = Budget(
@@ -703,6 +734,12 @@ class Config:
     def drain_limit(self) -> float:
         """The longest the drain step may last, seconds."""
         return self.budget().drain
+
+    @property
+    def in_cluster(self) -> bool:
+        """Whether the agent runs in a Kubernetes pod it can name: the API server is known
+        (KUBERNETES_SERVICE_HOST) and so is the pod's IP, which the EndpointSlices list."""
+        return bool(self.kubernetes_service_host) and bool(self.pod_ip)
 
     @property
     def watches_client_view(self) -> bool:

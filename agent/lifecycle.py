@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from agent.propagation import Floor, PropagationSource
+
 
 class Phase(StrEnum):
     SERVING = "serving"
@@ -85,6 +87,9 @@ class FloorSource:
     remedy: str
     """How to lower its bounds: which settings of its routers, and the agent's variables that
     must follow."""
+    registry: bool = False
+    """Whether it is the registry's view, which the mark-down changes and :class:`Propagation`
+    records (at most one source is); the others have their own runtime record."""
 
     @property
     def worst_case(self) -> float:
@@ -92,7 +97,7 @@ class FloorSource:
         return self.blind_seconds + self.refresh_seconds
 
     def propagation(self) -> Propagation:
-        """The record the drain fills in as this source's view is observed."""
+        """The record the drain fills in as this registry's view is observed."""
         return Propagation(
             registry=True, client_refresh=self.refresh_seconds, server_cache=self.blind_seconds
         )
@@ -140,6 +145,8 @@ class Propagation:
     """Failed reads in a row, per server."""
     max_failures: int = 3
     """After this many failed reads in a row a server counts as lost (unobservable)."""
+    name: str = "eureka"
+    """The source's name (:class:`agent.propagation.PropagationSource`)."""
 
     def watch(self, server: str, *, assumed: str | None = None) -> None:
         """A server whose view is being watched; ``assumed``: why its answers cannot stand for
@@ -250,6 +257,33 @@ class Propagation:
         """Whether a drain ending at ``elapsed`` has held until the floor."""
         return elapsed + 1e-9 >= self.floor(elapsed)
 
+    # --- as a propagation source (agent.propagation.PropagationSource) ---------------------------
+
+    @property
+    def active(self) -> bool:
+        return self.registry
+
+    @property
+    def visible_at(self) -> float | None:
+        return self.visible_to_clients
+
+    @property
+    def bound_seconds(self) -> float:
+        return self.client_refresh
+
+    @property
+    def assumption(self) -> str | None:
+        """The server cache's bound, when some server's view is not (or cannot be) observed."""
+        if not self.registry:
+            return None
+        bound = f"server cache {self.server_cache:g}s from {self.assumed_from:.4g}s"
+        if not self.servers:
+            return f"{bound} (no server's view is watched)"
+        blind = {**self.assumed, **self.unobservable}
+        if not blind:
+            return None
+        return f"{bound} for " + ", ".join(f"{name} ({why})" for name, why in blind.items())
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "visible_to_clients_seconds": _rounded(self.visible_to_clients),
@@ -264,6 +298,33 @@ class Propagation:
 
 def _rounded(value: float | None) -> float | None:
     return None if value is None else round(value, 4)
+
+
+@dataclass(frozen=True, slots=True)
+class GracePeriod:
+    """The grace period the termination is planned with, and where it came from."""
+
+    seconds: float
+    source: str
+    """``PRESTOP_GRACE_PERIOD_SECONDS`` (the configured one), or
+    ``metadata.deletionGracePeriodSeconds`` when the pod's deletion gave less (``kubectl delete
+    --grace-period``, an eviction, a node shutdown)."""
+    configured_seconds: float
+    """What PRESTOP_GRACE_PERIOD_SECONDS says, for comparison."""
+    note: str | None = None
+    """Why the pod's own figure could not be read, or was not used (None: nothing to say)."""
+
+    @property
+    def shortened(self) -> bool:
+        return self.seconds < self.configured_seconds
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "grace_period_seconds": self.seconds,
+            "grace_period_from": self.source,
+            "configured_grace_period_seconds": self.configured_seconds,
+            "grace_period_note": self.note,
+        }
 
 
 PhaseListener = Callable[[Phase, "Lifecycle"], None]
@@ -302,7 +363,13 @@ class Lifecycle:
         """Why the termination is reported as failed (the hook then answers 500)."""
         self.finished_at: float | None = None
         self.propagation: Propagation | None = None
-        """How far the mark-down has reached the registry's clients (None: no registry)."""
+        """How far the mark-down has reached the registry's clients (None: no registry). The
+        registry's propagation source; the floor counts it with ``sources``."""
+        self.sources: list[PropagationSource] = []
+        """The other ways callers find the pod (EndpointSlices), each a propagation source."""
+        self.grace: GracePeriod | None = None
+        """The grace period this termination is planned with (set at the trigger, once the pod's
+        own figure was read or could not be); the Events read it from here."""
         self.listener_failures: list[str] = []
         """Phase listeners that raised (their failure does not stop the phase change)."""
 
@@ -316,6 +383,15 @@ class Lifecycle:
     def elapsed(self) -> float:
         """Seconds since the first trigger; 0 before it."""
         return 0.0 if self.triggered_at is None else self._clock() - self.triggered_at
+
+    def _settled(self) -> float:
+        """Now, or when the termination finished: its answer does not change after that."""
+        return self.elapsed() if self.finished_at is None else self.finished_at
+
+    def floor(self) -> Floor:
+        """The drain's floor: the latest over the registry's source and every other source."""
+        registry = () if self.propagation is None else (self.propagation,)
+        return Floor((*registry, *self.sources))
 
     @property
     def drain_step(self) -> Step | None:
@@ -405,6 +481,8 @@ class Lifecycle:
             if self.propagation is None
             else _rounded(self.propagation.visible_to_clients),
             "propagation": None if self.propagation is None else self.propagation.as_dict(),
+            "floor": None if self.triggered_at is None else self.floor().as_dict(self._settled()),
+            **({} if self.grace is None else self.grace.as_dict()),
             "duration_seconds": None if self.finished_at is None else round(self.finished_at, 4),
             "ok": self.failure is None,
             "error": self.failure,

@@ -21,14 +21,15 @@ import aiohttp
 import structlog
 from aiohttp import web
 
-from agent import __version__, logs
+from agent import __version__, endpointslices, logs
 from agent.config import Config
 from agent.drain import DrainContext, DrainOutcome, app_is_up, run_drain
 from agent.http import AppHealth
-from agent.lifecycle import Lifecycle, Phase, Propagation, Trigger
+from agent.kube import InCluster, KubeClient, KubeError
+from agent.lifecycle import GracePeriod, Lifecycle, Phase, Propagation, Step, Trigger
 from agent.logs import AccessLogger
 from agent.metrics import Metrics
-from agent.plan import LINGER_STEP, LingerOutcome, ShutdownPlan
+from agent.plan import CONFIGURED_GRACE, LINGER_STEP, LingerOutcome, ShutdownPlan
 from agent.registry import HealthWatch, Registry, RegistryError, open_registry
 from agent.server import PendingAnswers, make_app
 
@@ -59,6 +60,11 @@ SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # Nobody sends a sidecar SIGHUP on purpose (there is no terminal, and no configuration file to
 # reload); its default action would kill the agent silently and lose the drain, so it is ignored.
 IGNORED_SIGNALS = (signal.SIGHUP,)
+# How long the trigger's read of the own pod (its deletionGracePeriodSeconds) may take. It runs
+# beside the mark-down and the drain's limit waits for it, so it is short: an API server that is
+# away costs the drain at most this, and the configured grace period is used.
+GRACE_READ_SECONDS = 1.0
+POD_GRACE = "metadata.deletionGracePeriodSeconds"
 
 
 def host_has_ipv6() -> bool:
@@ -123,6 +129,14 @@ class Agent:
         self._health: HealthWatch | None = None
         self._health_check: asyncio.Task[None] | None = None
         """The registry health check's task: it ends when the shutdown begins."""
+        self.kube: KubeClient | None = None
+        """The Kubernetes API client on the agent's HTTP session, in a cluster (else None)."""
+        self.namespace: str | None = None
+        """The pod's namespace (POD_NAMESPACE, else the ServiceAccount's), in a cluster."""
+        self.slices = endpointslices.source_of(config)
+        """The EndpointSlice propagation source, in a cluster (else None)."""
+        if self.slices is not None:
+            self.lifecycle.sources.append(self.slices)
         self.metrics.track(self.lifecycle)
         self.lifecycle.subscribe(self._log_phase)
         output = logs.output()
@@ -204,6 +218,7 @@ class Agent:
         )
         registry = open_registry(self.config, session, health)
         resources.push_async_callback(registry.close)
+        self._start_kube(resources, session)
         await self._listen(resources, health)
         self._announce(registry)
         self.started.set()
@@ -225,6 +240,36 @@ class Agent:
             self._view = ClientView(self.config, session)
             self._spawn(resources, self._view.keep_hot(), "registry-view")
         return registry
+
+    def _start_kube(
+        self, resources: contextlib.AsyncExitStack, session: aiohttp.ClientSession
+    ) -> None:
+        """In a cluster: the API client, and the EndpointSlice reader from start-up on, so that
+        the source knows which slices list the pod before the trigger. Its first failure is
+        logged once, with the remedy (agent.endpointslices.follow)."""
+        config = self.config
+        if not config.in_cluster or config.kubernetes_service_host is None:
+            return
+        cluster = InCluster(config.kubernetes_service_host, config.kubernetes_service_port)
+        self.kube = KubeClient(cluster, session)
+        self.namespace = config.pod_namespace or cluster.namespace()
+        if self.slices is None:
+            return
+        if self.namespace is None:
+            reason = "the pod's namespace is not known"
+            self.slices.lost(reason, 0.0)
+            log.warning(
+                "endpointslices_unreadable",
+                error=reason,
+                assumed=self.slices.assumption,
+                detail="set POD_NAMESPACE from the downward API (metadata.namespace), or mount"
+                " the ServiceAccount token",
+            )
+            return
+        reader = endpointslices.follow(
+            self.kube, self.slices, self.namespace, self.lifecycle.elapsed
+        )
+        self._spawn(resources, reader, "endpointslices")
 
     @staticmethod
     def _spawn(
@@ -305,10 +350,13 @@ class Agent:
         """The termination, in order. Every step is bounded; no step's failure skips the next."""
         plan, lifecycle = self.plan, self.lifecycle
         # 1. The trigger already set DRAINING, so /ready has answered 503 since that instant.
+        #    In a cluster, the pod's real grace period is read meanwhile (bounded).
+        reading = asyncio.create_task(self._read_grace(), name="grace-period")
 
         # 2. Take the instance out of the registry (bounded by its own deadline).
         lifecycle.propagation = plan.propagation()
         marked = await self._mark_down(registry)
+        plan = await self._plan_grace(reading)
 
         # 3. Keep the app serving while traffic may still arrive, and at least until every
         #    registry client can have dropped the instance: watch the servers' client-facing
@@ -333,18 +381,7 @@ class Agent:
             if watch is not None:
                 watch.cancel()
                 await asyncio.gather(watch, return_exceptions=True)
-        reason = self._record_propagation(outcome.reason, propagation)
-        detail = dict(outcome.detail)
-        if outcome.last_data_seconds is not None:
-            detail["last_data_seconds"] = round(outcome.last_data_seconds, 4)
-        ended = lifecycle.elapsed()
-        detail["floor_seconds"] = round(propagation.floor(ended), 4)
-        detail["floor_reached"] = propagation.reached(ended)
-        lifecycle.end(step, reason, limit_seconds=round(limit, 4), **detail)
-        self.metrics.drains.labels(reason=reason).inc()
-        self.metrics.drain_duration.observe(step.duration or 0.0)
-        if outcome.last_data_seconds is not None:
-            self.metrics.last_data_after_trigger.observe(outcome.last_data_seconds)
+        self._end_drain(step, outcome, limit, propagation)
 
         # 4. DRAINED: every /prestop caller gets its answer; we wait until they all have it.
         lifecycle.finish()
@@ -361,6 +398,79 @@ class Agent:
         except TimeoutError:
             log.warning("registry_finalize_timeout", backend=registry.name)
 
+    def _end_drain(
+        self, step: Step, outcome: DrainOutcome, limit: float, propagation: Propagation
+    ) -> None:
+        """Record how the drain ended, with the floor and each source's figures."""
+        lifecycle = self.lifecycle
+        reason = self._record_propagation(outcome.reason, propagation)
+        detail = dict(outcome.detail)
+        if outcome.last_data_seconds is not None:
+            detail["last_data_seconds"] = round(outcome.last_data_seconds, 4)
+        ended, floor = lifecycle.elapsed(), lifecycle.floor()
+        detail["floor_seconds"] = round(floor.at(ended), 4)
+        detail["floor_reached"] = floor.reached(ended)
+        detail["floor_sources"] = floor.as_dict(ended)["sources"]
+        lifecycle.end(step, reason, limit_seconds=round(limit, 4), **detail)
+        self.metrics.drains.labels(reason=reason).inc()
+        self.metrics.drain_duration.observe(step.duration or 0.0)
+        if outcome.last_data_seconds is not None:
+            self.metrics.last_data_after_trigger.observe(outcome.last_data_seconds)
+
+    async def _read_grace(self) -> GracePeriod:
+        """The grace period this termination has: the pod's deletionGracePeriodSeconds when it
+        is less than the configured one, else the configured one; never raises, and returns
+        within GRACE_READ_SECONDS (the API's failures are said in ``note``)."""
+        configured = self.config.grace_period_seconds
+        if self.kube is None or self.namespace is None or not self.config.pod_name:
+            note = None if self.kube is None else "POD_NAME or the namespace is not known"
+            return GracePeriod(configured, CONFIGURED_GRACE, configured, note)
+        given: Any = None
+        note: str | None = None
+        try:
+            async with asyncio.timeout(GRACE_READ_SECONDS):
+                pod = await self.kube.get_pod(self.namespace, self.config.pod_name)
+            given = (pod.get("metadata") or {}).get("deletionGracePeriodSeconds")
+        except TimeoutError:
+            note = f"the pod could not be read within {GRACE_READ_SECONDS:g}s"
+        except KubeError as error:
+            note = f"the pod could not be read: {error}"
+        except Exception as error:  # whatever it is, the configured grace period stands
+            note = f"the pod could not be read: {type(error).__name__}"
+        if isinstance(given, int) and not isinstance(given, bool) and 0 < given < configured:
+            return GracePeriod(float(given), POD_GRACE, configured)
+        if note is None and given is None:
+            note = "the pod has no deletionGracePeriodSeconds (it is not being deleted)"
+        return GracePeriod(configured, CONFIGURED_GRACE, configured, note)
+
+    async def _plan_grace(self, reading: asyncio.Task[GracePeriod]) -> ShutdownPlan:
+        """Plan the rest of the termination with the grace period read at the trigger (waits
+        for the read at most until GRACE_READ_SECONDS after the trigger); say when it is less
+        than the configured one, and when the floor no longer fits."""
+        grace = await reading
+        lifecycle = self.lifecycle
+        lifecycle.grace = grace
+        if not grace.shortened:
+            if grace.note is not None:
+                log.info("grace_period_configured", **grace.as_dict())
+            return self.plan
+        self.plan = self.plan.with_grace(grace)
+        log.warning(
+            "grace_period_shortened",
+            **grace.as_dict(),
+            budget=self.plan.budget.arithmetic(),
+            answer_by_seconds=self.plan.budget.answer_by,
+            drain_max_seconds=self.plan.budget.drain,
+            detail=f"the pod's deletion gave {grace.seconds:g}s, less than"
+            f" {CONFIGURED_GRACE}={grace.configured_seconds:g}: the termination is planned with"
+            " it",
+        )
+        self.metrics.drain_max.set(self.plan.budget.drain)
+        warning = self.plan.floor_warning()
+        if warning is not None:
+            log.warning("drain_floor_exceeds_max", detail=warning, grace_period_from=POD_GRACE)
+        return self.plan
+
     def _record_propagation(self, reason: str, propagation: Propagation) -> str:
         """At the drain's end: record how long the change took to reach the clients' view, or
         that it could not be measured (censored: the slowest cases, which sizing needs most);
@@ -373,17 +483,20 @@ class Agent:
         censored = propagation.censored()
         if censored is not None:
             self.metrics.registry_propagation_censored.labels(reason=censored).inc()
-        elapsed = self.lifecycle.elapsed()
-        if propagation.reached(elapsed):
+        elapsed, floor = self.lifecycle.elapsed(), self.lifecycle.floor()
+        if floor.reached(elapsed):
             return reason
+        figures = floor.as_dict(elapsed)
         log.warning(
             "drain_ended_before_floor",
             reason=reason,
             elapsed_seconds=round(elapsed, 4),
-            floor_seconds=round(propagation.floor(elapsed), 4),
+            floor_seconds=figures["floor_seconds"],
+            latest_source=figures["latest"],
+            sources=figures["sources"],
             propagation=propagation.as_dict(),
-            detail="callers that route from a Eureka cache may still send to this pod after"
-            " it stops; see docs/operations.md (sizing the drain)",
+            detail=f"callers that route through {figures['latest']} may still send to this pod"
+            " after it stops; see docs/operations.md (sizing the drain)",
         )
         return "max_before_floor" if reason == "max" else reason
 
@@ -548,6 +661,12 @@ class Agent:
                 "floor_warning": self.plan.floor_warning(),
             },
             "plan": self.plan.as_dict(),
+            "kubernetes": None
+            if self.kube is None
+            else {
+                "namespace": self.namespace,
+                "endpointslices": None if self.slices is None else self.slices.as_dict(),
+            },
             "registry": {
                 **(
                     {"backend": self.config.registry}

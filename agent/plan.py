@@ -9,14 +9,19 @@ in docs/design.md is tested against :meth:`ShutdownPlan.steps`. Pure: no I/O, no
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+from agent import endpointslices
 from agent.config import Budget, Config
 from agent.drain import STRATEGIES, DrainStrategy, Shortfall
-from agent.lifecycle import FloorSource, Propagation
-from agent.registry.view import floor_source
+from agent.lifecycle import FloorSource, GracePeriod, Propagation
+from agent.registry import view
+
+CONFIGURED_GRACE = "PRESTOP_GRACE_PERIOD_SECONDS"
+"""Where the grace period comes from unless the pod's deletion gave less."""
 
 TRIGGERS = "/prestop, SIGTERM or SIGINT"
 LINGER_STEP = "final_scrape"
@@ -52,13 +57,30 @@ class ShutdownPlan:
     config: Config
     budget: Budget
     sources: tuple[FloorSource, ...]
-    """Every way callers find the pod that the floor waits for (none without a registry)."""
+    """Every way callers find the pod that the floor waits for, one per source module: the
+    registry's view (none without a registry), the EndpointSlices (in a cluster)."""
+    grace_from: str = CONFIGURED_GRACE
+    """Where ``budget.grace_period`` comes from (:meth:`with_grace`)."""
 
     @classmethod
     def of(cls, config: Config) -> ShutdownPlan:
-        source = floor_source(config)
-        sources = () if source is None else (source,)
+        found = (view.floor_source(config), endpointslices.floor_source(config))
+        sources = tuple(source for source in found if source is not None)
         return cls(config=config, budget=config.budget(), sources=sources)
+
+    def with_grace(self, grace: GracePeriod) -> ShutdownPlan:
+        """The plan for a termination that has ``grace.seconds`` rather than the configured
+        grace period (only ever less: a longer one is not the agent's to use, its manifests
+        were sized for the configured one). The budget is recomputed from it: the answers are
+        due earlier, the drain's maximum is cut to what is left (never below 0), the linger
+        ends earlier."""
+        if not grace.shortened:
+            return self
+        config = dataclasses.replace(self.config, grace_period_seconds=grace.seconds)
+        budget = config.budget()
+        drain = max(0.0, min(budget.drain, budget.available_for_drain))
+        budget = dataclasses.replace(budget, drain=drain)
+        return dataclasses.replace(self, config=config, budget=budget, grace_from=grace.source)
 
     # --- deadlines ------------------------------------------------------------------------------
 
@@ -81,10 +103,12 @@ class ShutdownPlan:
     # --- the floor ------------------------------------------------------------------------------
 
     def propagation(self) -> Propagation:
-        """The record the drain fills in as the slowest source's view is observed."""
-        if not self.sources:
-            return Propagation(registry=False, client_refresh=0.0, server_cache=0.0)
-        return max(self.sources, key=lambda source: source.worst_case).propagation()
+        """The record the drain fills in as the registry's view is observed (a record that
+        counts for nothing without a registry). The other sources keep their own."""
+        for source in self.sources:
+            if source.registry:
+                return source.propagation()
+        return Propagation(registry=False, client_refresh=0.0, server_cache=0.0)
 
     def worst_case_floor(self) -> float:
         """Seconds after the trigger before which the drain may not end, at worst: until every
@@ -166,12 +190,16 @@ class ShutdownPlan:
             lines.append(f"  {number}. {first}")
             lines.extend(f"     {line}" for line in rest)
         lines += ["", f"Time budget: {self.budget.arithmetic()}"]
+        if self.grace_from != CONFIGURED_GRACE:
+            lines.append(f"  (grace period from the pod's {self.grace_from})")
         return lines
 
     def as_dict(self) -> dict[str, Any]:
         """For /status."""
         return {
             "steps": [step.name for step in self.steps()],
+            "grace_period_seconds": self.budget.grace_period,
+            "grace_period_from": self.grace_from,
             "registry_deadline_seconds": self.budget.registry_deadline,
             "drain_max_seconds": self.budget.drain,
             "answer_by_seconds": self.budget.answer_by,
@@ -184,6 +212,7 @@ class ShutdownPlan:
                     "blind_seconds": source.blind_seconds,
                     "refresh_seconds": source.refresh_seconds,
                     "worst_case_seconds": source.worst_case,
+                    "figures": source.figures,
                 }
                 for source in self.sources
             ],

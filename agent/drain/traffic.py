@@ -30,8 +30,9 @@ import structlog
 from agent.config import Config, Network
 from agent.drain.base import DrainOutcome, off_the_loop
 from agent.drain.sockdiag import Poll, SocketSample, SocketWatcher, open_watcher
-from agent.lifecycle import Lifecycle, Propagation
+from agent.lifecycle import Lifecycle
 from agent.metrics import Metrics
+from agent.propagation import Floor
 
 log = structlog.get_logger()
 
@@ -56,9 +57,9 @@ class TrafficVerdict:
     timestamps: bool = True
     """False on the /proc fallback: connections are counted, never timed."""
     floor_seconds: float = 0.0
-    """Seconds after the trigger before which the drain may not end: until every registry
-    client can have dropped the instance (see :class:`agent.lifecycle.Propagation`). Updated by
-    the drain loop as the registry's propagation is observed."""
+    """Seconds after the trigger before which the drain may not end: until every caller can
+    have dropped the instance, through every propagation source (:class:`agent.propagation.Floor`).
+    Updated by the drain loop as the sources are observed."""
 
     last_data_at: float | None = None
     """When data last arrived on a watched connection, as far as any poll could tell."""
@@ -190,8 +191,8 @@ async def traffic_drain(
 ) -> DrainOutcome:
     """Drain until the app's traffic has stopped (``quiet``) or ``limit`` seconds (``max``).
 
-    Never ``quiet`` before the propagation floor (``lifecycle.propagation``, re-read every poll
-    as the registry backend observes the clients' view). ``own_accepts`` counts the agent's own
+    Never ``quiet`` before the propagation floor (``lifecycle.floor()``, re-read every poll
+    as the sources are observed). ``own_accepts`` counts the agent's own
     accepted connections (see :class:`agent.drain.sockdiag.NetlinkWatcher`); ``on_poll`` sees
     the verdict after every poll (/status).
     """
@@ -221,7 +222,7 @@ async def traffic_drain(
             poll = await off_the_loop(watcher.poll)
             verdict.observe(poll)
             now = clock()
-            _observed(verdict, now, lifecycle.propagation, metrics)
+            _observed(verdict, now, lifecycle.floor(), metrics)
             if on_poll is not None:
                 on_poll(verdict)
             reason = verdict.verdict(now)
@@ -251,16 +252,13 @@ def _outcome(reason: str, verdict: TrafficVerdict, source: str) -> DrainOutcome:
     )
 
 
-def _observed(
-    verdict: TrafficVerdict, now: float, propagation: Propagation | None, metrics: Metrics
-) -> None:
-    """After a poll: follow the propagation floor as the registry's view is observed, and
-    export what the poll saw."""
-    if propagation is not None:
-        floor = propagation.floor(now - verdict.trigger_at)
-        if floor != verdict.floor_seconds:
-            verdict.floor_seconds = floor
-            metrics.drain_floor.set(floor)
+def _observed(verdict: TrafficVerdict, now: float, floor: Floor, metrics: Metrics) -> None:
+    """After a poll: follow the propagation floor (the latest over every source) as the
+    sources are observed, and export what the poll saw."""
+    seconds = floor.at(now - verdict.trigger_at)
+    if seconds != verdict.floor_seconds:
+        verdict.floor_seconds = seconds
+        metrics.drain_floor.set(seconds)
     metrics.watched_connections.set(verdict.connections)
     # On /proc, last_data_at is "a connection was open", not data: the gauge stays NaN.
     if verdict.last_data_at is not None and verdict.timestamps:

@@ -449,4 +449,5 @@ def floor_source(config: Config) -> FloorSource | None:
         " spring.cloud.loadbalancer.cache.ttl (and the server's"
         " response-cache-update-interval-ms) and set PRESTOP_EUREKA_CLIENT_REFRESH_SECONDS"
         " (and PRESTOP_EUREKA_SERVER_CACHE_SECONDS) to match",
+        registry=True,
     )

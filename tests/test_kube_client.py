@@ -1,0 +1,237 @@
+"""agent.kube's calls and error branches against a small TLS server on loopback that answers as
+the API server does (the shapes are the kube suite's v1.34.2 answers, tests/fixtures/
+endpointslices). What the real API server says is the kube suite's to show."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from structlog.testing import capture_logs
+
+from agent.endpointslices import EndpointSliceSource, follow
+from agent.kube import MAX_ANSWER_BYTES, Gone, InCluster, KubeClient, KubeError
+
+FIXTURES = Path(__file__).parent / "fixtures" / "endpointslices"
+LISTED = json.loads((FIXTURES / "list.json").read_text())
+ALL_WATCH_LINES = (FIXTURES / "rollout-watch.jsonl").read_bytes().splitlines(keepends=True)
+WATCH_LINES = ALL_WATCH_LINES[:4]
+
+Handler = Callable[[web.Request], Any]
+
+
+@pytest.fixture
+def account(tmp_path: Path, certificate: tuple[Path, Path]) -> Path:
+    (tmp_path / "token").write_text("first-token\n")
+    (tmp_path / "ca.crt").write_bytes(certificate[0].read_bytes())
+    return tmp_path
+
+
+@pytest.fixture
+async def api(
+    certificate: tuple[Path, Path], account: Path
+) -> AsyncIterator[Callable[[Handler], Any]]:
+    """``await api(handler)``: a KubeClient for a server that answers every GET with handler."""
+    runners: list[web.AppRunner] = []
+    sessions: list[aiohttp.ClientSession] = []
+
+    async def start(handler: Handler, call_seconds: float = 2.0) -> KubeClient:
+        app = web.Application()
+        app.router.add_get("/{tail:.*}", handler)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        runners.append(runner)
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(*certificate)
+        site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        session = aiohttp.ClientSession()
+        sessions.append(session)
+        return KubeClient(InCluster("127.0.0.1", port, account), session, timeout=call_seconds)
+
+    yield start
+    for session in sessions:
+        await session.close()
+    for runner in runners:
+        await runner.cleanup()
+
+
+async def test_get_pod_reads_the_rotating_token_every_time(
+    api: Callable[[Handler], Any], account: Path
+) -> None:
+    seen: list[tuple[str, str]] = []
+
+    async def pod(request: web.Request) -> web.Response:
+        seen.append((request.path, request.headers["Authorization"]))
+        return web.json_response({"kind": "Pod", "metadata": {"deletionGracePeriodSeconds": 10}})
+
+    client = await api(pod)
+    assert (await client.get_pod("default", "demo-app-1"))["metadata"] == {
+        "deletionGracePeriodSeconds": 10
+    }
+    (account / "token").write_text("rotated-token")
+    await client.get_pod("default", "demo-app-1")
+    assert seen == [
+        ("/api/v1/namespaces/default/pods/demo-app-1", "Bearer first-token"),
+        ("/api/v1/namespaces/default/pods/demo-app-1", "Bearer rotated-token"),
+    ]
+
+
+async def test_list_and_watch_endpointslices(api: Callable[[Handler], Any]) -> None:
+    queries: list[dict[str, str]] = []
+
+    async def slices(request: web.Request) -> web.StreamResponse:
+        queries.append(dict(request.query))
+        assert request.path == "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices"
+        if "watch" not in request.query:
+            return web.json_response(LISTED)
+        response = web.StreamResponse()
+        await response.prepare(request)
+        bookmark = {"type": "BOOKMARK", "object": {"metadata": {"resourceVersion": "9"}}}
+        for line in [json.dumps(bookmark).encode() + b"\n", *WATCH_LINES]:
+            # Events split across writes, as a chunked stream may deliver them.
+            half = len(line) // 2
+            await response.write(line[:half])
+            await asyncio.sleep(0.01)
+            await response.write(line[half:])
+        return response
+
+    client = await api(slices)
+    items, version = await client.list_endpointslices(
+        "default", label_selector="kubernetes.io/service-name=demo-app"
+    )
+    assert [item["metadata"]["name"] for item in items][:1] == ["demo-app-kxhrt"]
+    assert version == LISTED["metadata"]["resourceVersion"]
+    events = [
+        (kind, item["metadata"]["resourceVersion"])
+        async for kind, item in client.watch_endpointslices("default", version, timeout_seconds=5)
+    ]
+    assert events == [
+        (json.loads(line)["type"], json.loads(line)["object"]["metadata"]["resourceVersion"])
+        for line in WATCH_LINES
+    ]
+    assert queries[0] == {"labelSelector": "kubernetes.io/service-name=demo-app"}
+    assert queries[1]["resourceVersion"] == version
+    assert queries[1]["timeoutSeconds"] == "5"
+
+
+async def test_a_too_old_version_is_gone(api: Callable[[Handler], Any]) -> None:
+    async def expired(request: web.Request) -> web.Response:
+        status = {"kind": "Status", "code": 410, "message": "too old resource version: 1 (500)"}
+        return web.Response(text=json.dumps({"type": "ERROR", "object": status}) + "\n")
+
+    client = await api(expired)
+    with pytest.raises(Gone, match="too old resource version"):
+        async for _ in client.watch_endpointslices("default", "1"):
+            pass
+
+
+@pytest.mark.parametrize(
+    ("status", "expected"),
+    [
+        (401, "HTTP 401, the API server refused the token"),
+        (403, "HTTP 403, the ServiceAccount may not do this.*cannot list resource"),
+        (500, r"HTTP 500 \(endpointslices.discovery.k8s.io is forbidden"),
+    ],
+)
+async def test_refusals_are_named(
+    api: Callable[[Handler], Any], status: int, expected: str
+) -> None:
+    async def refuse(request: web.Request) -> web.Response:
+        message = 'endpointslices.discovery.k8s.io is forbidden: cannot list resource "x"'
+        return web.json_response({"kind": "Status", "message": message}, status=status)
+
+    client = await api(refuse)
+    with pytest.raises(KubeError, match=expected):
+        await client.list_endpointslices("default")
+
+
+async def test_every_call_is_bounded(api: Callable[..., Any]) -> None:
+    release = asyncio.Event()
+
+    async def hang(request: web.Request) -> web.Response:
+        await release.wait()
+        return web.json_response({})
+
+    client = await api(hang, call_seconds=0.3)
+    with pytest.raises(KubeError, match=r"no answer within 0\.3s"):
+        await client.get_pod("default", "p")
+    release.set()
+
+
+async def test_bad_answers_are_errors_not_tracebacks(api: Callable[[Handler], Any]) -> None:
+    answers = iter([b"not json", b"[1]", b"{" + b" " * MAX_ANSWER_BYTES + b"}", b'{"items": 3}'])
+
+    async def odd(request: web.Request) -> web.Response:
+        return web.Response(body=next(answers), content_type="application/json")
+
+    client = await api(odd)
+    for expected in ("not JSON", "not a JSON object", "larger than", "not a list"):
+        with pytest.raises(KubeError, match=expected):
+            await client.list_endpointslices("default")
+
+
+async def test_no_token_or_no_api_server(api: Callable[[Handler], Any], account: Path) -> None:
+    async def never(request: web.Request) -> web.Response:
+        raise AssertionError("no request without a token")
+
+    client = await api(never)
+    (account / "token").unlink()
+    with pytest.raises(KubeError, match=r"no ServiceAccount token at .*mount one"):
+        await client.get_pod("default", "p")
+    async with aiohttp.ClientSession() as session:
+        (account / "token").write_text("t")
+        away = KubeClient(InCluster("127.0.0.1", 9, account), session, timeout=2.0)
+        with pytest.raises(KubeError, match="get pod p: ClientConnectorError"):
+            await away.get_pod("default", "p")
+
+
+async def test_follow_reads_the_slices_into_the_source_and_warns_once(
+    api: Callable[[Handler], Any],
+) -> None:
+    calls: list[str] = []
+
+    async def server(request: web.Request) -> web.StreamResponse:
+        calls.append("watch" if "watch" in request.query else "list")
+        if calls == ["list"]:
+            return web.json_response(LISTED)
+        if calls == ["list", "watch"]:
+            return web.Response(body=b"".join(ALL_WATCH_LINES))
+        message = "endpointslices is forbidden: User cannot list resource"
+        return web.json_response({"kind": "Status", "message": message}, status=403)
+
+    client = await api(server)
+    source = EndpointSliceSource(pod_ip="10.207.88.6", bound_seconds=5.0)
+    pauses: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        pauses.append(seconds)
+        if len(pauses) % 4 == 0:
+            raise asyncio.CancelledError
+
+    with capture_logs() as logged, pytest.raises(asyncio.CancelledError):
+        await follow(client, source, "default", lambda: 1.0, sleep=sleep)
+    # list, watch (the rollout: the pod went not ready), watch again: the server now refuses
+    # (a 403 stands for RBAC removed), then the list is refused on every retry.
+    assert calls[:4] == ["list", "watch", "watch", "list"]
+    # It had seen the pod go not ready (1 s after the trigger, by the injected clock): losing
+    # the API afterwards keeps that moment instead of the assumed bound.
+    assert source.visible_at == pytest.approx(1.0)
+    assert source.floor(1.0) == pytest.approx(6.0)
+    blind = EndpointSliceSource(pod_ip="10.207.88.6", bound_seconds=5.0)
+    with pytest.raises(asyncio.CancelledError):
+        await follow(client, blind, "default", lambda: 1.0, sleep=sleep)
+    assert blind.blind is not None and "HTTP 403" in blind.blind
+    assert blind.floor(1.0) == pytest.approx(blind.assumed_update_seconds + 5.0)
+    warnings = [entry for entry in logged if entry["log_level"] == "warning"]
+    assert [entry["event"] for entry in warnings] == ["endpointslices_unreadable"]  # not per retry
+    assert "list and watch on endpointslices" in warnings[0]["detail"]
+    assert pauses == [1.0, 2.0, 5.0, 10.0] * 2
