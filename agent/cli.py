@@ -269,6 +269,8 @@ def check(
             print("\nThe propagation floor can outlast the drain maximum (see WARNING above)")
             return EXIT_FLOOR_ABOVE_MAX
         return 0
+    if config.in_cluster:
+        asyncio.run(_check_kubernetes(config))
     if config.registry == "none":
         return 0
     return asyncio.run(_check_registry(config))
@@ -284,6 +286,55 @@ def _shown_value(value: object) -> str:
     if isinstance(value, float):
         return f"{value:g}"
     return str(value) if value != "" else "empty"
+
+
+# check's one list call to the API server is bounded by this many seconds.
+KUBE_CHECK_SECONDS = 5.0
+
+
+async def _check_kubernetes(config: Config) -> None:
+    """In a cluster: whether the EndpointSlices can be read (one bounded list call), and which
+    list the pod; when they cannot, the same warning and remedy as the agent's at start-up.
+    A warning, not a failure: the drain then assumes the source's bound."""
+    import aiohttp
+
+    from agent import endpointslices
+    from agent.kube import InCluster, KubeClient, KubeError
+
+    assert config.kubernetes_service_host is not None  # config.in_cluster
+    cluster = InCluster(config.kubernetes_service_host, config.kubernetes_service_port)
+    namespace = config.pod_namespace or cluster.namespace()
+    assumed = (
+        f"the drain will assume the endpoint not ready {endpointslices.ASSUMED_UPDATE_SECONDS:g}s"
+        " after the trigger"
+    )
+    print()
+    if namespace is None:
+        print(
+            "warning: Kubernetes: the pod's namespace is not known (set POD_NAMESPACE from the"
+            f" downward API, or mount the ServiceAccount token); {assumed}"
+        )
+        return
+    try:
+        async with aiohttp.ClientSession() as session:
+            client = KubeClient(cluster, session, timeout=KUBE_CHECK_SECONDS)
+            items, _ = await client.list_endpointslices(namespace)
+    except KubeError as error:
+        print(
+            f"warning: Kubernetes: the EndpointSlices cannot be read: {error}; {assumed};"
+            f" {endpointslices.REMEDY}"
+        )
+        return
+    listing = [
+        endpointslices.slice_key(item)
+        for item in items
+        if endpointslices.endpoint_ready(item, config.pod_ip) is not None
+    ]
+    print(
+        f"Kubernetes: the EndpointSlices of namespace {namespace} are readable;"
+        f" {len(listing)} list the pod's IP {config.pod_ip}"
+        + (f": {', '.join(listing)}" if listing else " (no Service selects it: not counted)")
+    )
 
 
 async def _check_registry(config: Config) -> int:

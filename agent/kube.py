@@ -167,14 +167,14 @@ class KubeClient:
     # --- one request ----------------------------------------------------------------------------
 
     def _request(self, path: str, query: Mapping[str, str]) -> Any:
-        if self._ssl is None:
-            self._ssl = self.cluster.ssl_context()
         url = self.cluster.base_url + path + (f"?{urlencode(query)}" if query else "")
         headers = {
-            "Authorization": f"Bearer {self.cluster.token()}",
+            "Authorization": f"Bearer {self.cluster.token()}",  # first: no token says most
             "Accept": "application/json",
             "User-Agent": "prestop-agent",
         }
+        if self._ssl is None:
+            self._ssl = self.cluster.ssl_context()
         return self.session.get(url, headers=headers, ssl=self._ssl, allow_redirects=False)
 
     async def _get(

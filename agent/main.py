@@ -437,10 +437,13 @@ class Agent:
             note = f"the pod could not be read: {error}"
         except Exception as error:  # whatever it is, the configured grace period stands
             note = f"the pod could not be read: {type(error).__name__}"
-        if isinstance(given, int) and not isinstance(given, bool) and 0 < given < configured:
+        whole = isinstance(given, int) and not isinstance(given, bool)
+        if whole and 0 < given < configured:
             return GracePeriod(float(given), POD_GRACE, configured)
         if note is None and given is None:
             note = "the pod has no deletionGracePeriodSeconds (it is not being deleted)"
+        elif note is None and not whole:
+            note = f"the pod's deletionGracePeriodSeconds {given!r} is not a whole number"
         return GracePeriod(configured, CONFIGURED_GRACE, configured, note)
 
     async def _plan_grace(self, reading: asyncio.Task[GracePeriod]) -> ShutdownPlan:

@@ -91,8 +91,8 @@ class ShutdownPlan:
     def drain_limit(self, elapsed: float) -> float:
         """How long a drain that begins ``elapsed`` seconds after the trigger may last: its
         maximum, cut to what is left before the answers are due (a slow mark-down ate into
-        it)."""
-        return min(self.budget.drain, self.budget.answer_by - elapsed)
+        it), never below 0 (a grace period shorter than everything else's share)."""
+        return max(0.0, min(self.budget.drain, self.budget.answer_by - elapsed))
 
     def lingers(self, exit_requested: bool) -> bool:
         """The linger rule: after the drain, a classic sidecar (its SIGTERM came with the

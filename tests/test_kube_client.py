@@ -5,6 +5,7 @@ endpointslices). What the real API server says is the kube suite's to show."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import ssl
 from collections.abc import AsyncIterator, Callable
@@ -14,10 +15,18 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
+import agent.kube
+from agent.cli import check
+from agent.config import load
 from agent.endpointslices import EndpointSliceSource, follow
 from agent.kube import MAX_ANSWER_BYTES, Gone, InCluster, KubeClient, KubeError
+from agent.lifecycle import Lifecycle, Trigger
+from agent.main import GRACE_READ_SECONDS, POD_GRACE, Agent
+from agent.metrics import Metrics
+from agent.plan import ShutdownPlan
 
 FIXTURES = Path(__file__).parent / "fixtures" / "endpointslices"
 LISTED = json.loads((FIXTURES / "list.json").read_text())
@@ -235,3 +244,152 @@ async def test_follow_reads_the_slices_into_the_source_and_warns_once(
     assert [entry["event"] for entry in warnings] == ["endpointslices_unreadable"]  # not per retry
     assert "list and watch on endpointslices" in warnings[0]["detail"]
     assert pauses == [1.0, 2.0, 5.0, 10.0] * 2
+
+
+# --- the real grace period, read at the trigger through the client ------------------------------
+
+IN_CLUSTER = {
+    "KUBERNETES_SERVICE_HOST": "127.0.0.1",
+    "POD_IP": "10.244.0.7",
+    "POD_NAME": "orders-1",
+    "POD_NAMESPACE": "shop",
+    "PRESTOP_GRACE_PERIOD_SECONDS": "60",
+}
+
+
+def triggered_agent(client: KubeClient, **environ: str) -> Agent:
+    """An agent in a cluster whose API server is ``client``'s, just triggered (its clock
+    stands still: nothing here depends on how fast the machine is)."""
+    agent = Agent(
+        load({**IN_CLUSTER, **environ}),
+        metrics=Metrics(CollectorRegistry()),
+        lifecycle=Lifecycle(clock=lambda: 100.0, wall_clock=lambda: 0.0),
+    )
+    agent.kube, agent.namespace = client, "shop"
+    agent.lifecycle.start(Trigger.PRESTOP)
+    return agent
+
+
+def pod_answer(grace: Any) -> Handler:
+    async def pod(request: web.Request) -> web.Response:
+        assert request.path == "/api/v1/namespaces/shop/pods/orders-1"
+        metadata = {"name": "orders-1", "deletionTimestamp": "2026-12-05T22:00:00Z"}
+        if grace is not None:
+            metadata["deletionGracePeriodSeconds"] = grace
+        return web.json_response({"kind": "Pod", "metadata": metadata})
+
+    return pod
+
+
+async def plan_grace(agent: Agent) -> ShutdownPlan:
+    return await agent._plan_grace(asyncio.create_task(agent._read_grace()))
+
+
+async def test_a_shorter_deletion_grace_period_replans_the_termination(
+    api: Callable[[Handler], Any],
+) -> None:
+    agent = triggered_agent(await api(pod_answer(10)))
+    configured = agent.plan
+    with capture_logs() as logs:
+        plan = await plan_grace(agent)
+    assert plan is agent.plan and configured.budget.grace_period == 60.0
+    # grace 10 - app shutdown 5 - margin 1 = answers due at 4 s; no registry: the drain has it all
+    budget = plan.budget
+    assert (budget.grace_period, budget.answer_by, budget.drain, budget.linger_until) == (
+        10.0,
+        4.0,
+        4.0,
+        9.0,
+    )
+    assert plan.drain_limit(0.5) == 3.5
+    assert plan.grace_from == POD_GRACE
+    said = {"grace_period_seconds": 10.0, "grace_period_from": POD_GRACE}
+    assert said.items() <= agent.lifecycle.report().items()  # the answer and /status
+    assert said.items() <= agent._status_extra()["plan"].items()
+    assert agent.metrics.collectors.get_sample_value("prestop_drain_max_seconds") == 4.0
+    [shortened] = [line for line in logs if line["event"] == "grace_period_shortened"]
+    assert shortened["configured_grace_period_seconds"] == 60.0
+    assert "less than PRESTOP_GRACE_PERIOD_SECONDS=60" in shortened["detail"]
+    # The EndpointSlice floor (assumed 10 s + sync 5 s) no longer fits a 4 s drain: said.
+    [floor] = [line for line in logs if line["event"] == "drain_floor_exceeds_max"]
+    assert "endpointslices" in floor["detail"] or "EndpointSlice" in floor["detail"]
+    assert "  (grace period from the pod's metadata.deletionGracePeriodSeconds)" in plan.describe()
+
+
+@pytest.mark.parametrize(
+    ("grace", "note"),
+    [
+        (90, None),  # longer than configured: the manifests were sized for the configured one
+        (60, None),
+        (None, "it is not being deleted"),  # a SIGTERM or /prestop without a deletion
+        ("10", "is not a whole number"),  # not what the API server sends: not believed
+    ],
+)
+async def test_a_grace_period_not_shorter_keeps_the_plan(
+    api: Callable[[Handler], Any], grace: Any, note: str | None
+) -> None:
+    agent = triggered_agent(await api(pod_answer(grace)))
+    configured = agent.plan
+    assert await plan_grace(agent) is configured
+    assert agent.lifecycle.grace is not None
+    assert agent.lifecycle.grace.seconds == 60.0
+    assert agent.lifecycle.grace.source == "PRESTOP_GRACE_PERIOD_SECONDS"
+    assert (agent.lifecycle.grace.note is None) == (note is None)
+    if note is not None:
+        assert note in (agent.lifecycle.grace.note or "")
+
+
+async def test_no_api_access_at_the_trigger_keeps_the_configured_grace_period(
+    api: Callable[..., Any],
+) -> None:
+    async def refuse(request: web.Request) -> web.Response:
+        return web.json_response({"kind": "Status", "message": "pods is forbidden"}, status=403)
+
+    release = asyncio.Event()
+
+    async def hang(request: web.Request) -> web.Response:
+        await release.wait()
+        return web.json_response({})
+
+    for handler, said in ((refuse, "HTTP 403"), (hang, f"within {GRACE_READ_SECONDS:g}s")):
+        # The client's own bound is longer than the trigger's read may take: the read's wins.
+        agent = triggered_agent(await api(handler, call_seconds=30.0))
+        with capture_logs() as logs:
+            assert await plan_grace(agent) is agent.plan
+        grace = agent.lifecycle.grace
+        assert grace is not None and grace.seconds == 60.0 and said in (grace.note or "")
+        assert not [line for line in logs if line["log_level"] in ("warning", "error")]
+    release.set()
+
+
+async def test_check_in_a_cluster_reads_the_slices_once(
+    api: Callable[[Handler], Any],
+    account: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    answers = iter([web.json_response(LISTED), web.json_response({"message": "no"}, status=403)])
+
+    async def listing(request: web.Request) -> web.Response:
+        assert request.path == "/apis/discovery.k8s.io/v1/namespaces/shop/endpointslices"
+        return next(answers)
+
+    client = await api(listing)
+    port = client.cluster.port
+    # check builds its own client (in-cluster paths): point it at this server's account.
+    monkeypatch.setattr(agent.kube, "InCluster", functools.partial(InCluster, folder=account))
+    pod_ip = next(
+        address
+        for item in LISTED["items"]
+        for endpoint in item.get("endpoints") or ()
+        for address in endpoint["addresses"]
+    )
+    environ = {**IN_CLUSTER, "KUBERNETES_SERVICE_PORT": str(port), "POD_IP": pod_ip}
+    config = load(environ)
+    await asyncio.to_thread(check, config)
+    out = capsys.readouterr().out
+    assert "Kubernetes: the EndpointSlices of namespace shop are readable; 1 list" in out
+    await asyncio.to_thread(check, config)
+    out = capsys.readouterr().out
+    assert "warning: Kubernetes: the EndpointSlices cannot be read: list endpointslices:" in out
+    assert "HTTP 403" in out and "a Role with list and watch on endpointslices" in out

@@ -14,6 +14,7 @@ import pytest
 
 from agent.cli import check
 from agent.config import Config, load
+from agent.lifecycle import GracePeriod
 from agent.main import Agent
 from agent.metrics import Metrics
 from agent.plan import ShutdownPlan
@@ -36,7 +37,15 @@ CONFIGURATIONS = {
     },
     "actuator-blind": {"PRESTOP_REGISTRY": "actuator", "PRESTOP_DRAIN_MAX_SECONDS": "15"},
     "register": {**EUREKA, "PRESTOP_REGISTRY": "register", "PRESTOP_MARGIN_SECONDS": "2"},
+    "in-cluster": {"KUBERNETES_SERVICE_HOST": "10.96.0.1", "POD_IP": "10.1.2.3"},
+    "eureka-in-cluster": {
+        **EUREKA,
+        "KUBERNETES_SERVICE_HOST": "10.96.0.1",
+        "PRESTOP_KUBE_PROXY_SYNC_SECONDS": "2",
+        "PRESTOP_GRACE_PERIOD_SECONDS": "120",
+    },
 }
+IN_CLUSTER = {"KUBERNETES_SERVICE_HOST": "10.96.0.1", "POD_IP": "10.1.2.3"}
 DESIGN = Path(__file__).resolve().parent.parent / "docs" / "design.md"
 
 
@@ -107,3 +116,48 @@ def test_every_drain_mode_has_its_own_strategy_and_words() -> None:
     steps = {mode: plan.steps() for mode, plan in plans.items()}
     drains = {mode: next(s.what for s in plan if s.name == "drain") for mode, plan in steps.items()}
     assert len(set(drains.values())) == len(drains)
+
+
+def test_in_a_cluster_the_endpointslices_are_a_source_beside_the_registry() -> None:
+    # Not in a cluster without the API server, or without the pod's IP that the slices list.
+    assert ShutdownPlan.of(load({"POD_IP": "10.1.2.3"})).sources == ()
+    assert ShutdownPlan.of(load({"KUBERNETES_SERVICE_HOST": "10.96.0.1"})).sources == ()
+    small = {
+        **EUREKA,
+        **IN_CLUSTER,
+        "PRESTOP_EUREKA_SERVER_CACHE_SECONDS": "2",
+        "PRESTOP_EUREKA_CLIENT_REFRESH_SECONDS": "5",
+    }
+    plan = ShutdownPlan.of(load(small))
+    assert [source.name for source in plan.sources] == ["eureka", "endpointslices"]
+    # slices assumed 10 s after the trigger + kube-proxy sync 5 s, later than Eureka's 2 + 5
+    assert plan.worst_case_floor() == 15.0
+    # The mark-down's record is the registry's, however slow the other source is.
+    propagation = plan.propagation()
+    assert (propagation.registry, propagation.floor(0.0)) == (True, 7.0)
+    described = "\n".join(plan.describe())
+    assert "never before endpointslices callers can have dropped the instance" in described
+    assert "kube-proxy sync 5s; at worst 15s after the trigger" in described
+    [slices] = [row for row in plan.as_dict()["sources"] if row["name"] == "endpointslices"]
+    assert (slices["blind_seconds"], slices["refresh_seconds"]) == (10.0, 5.0)
+    # Without a registry the slices alone set the floor, and the record counts for nothing.
+    alone = ShutdownPlan.of(load(IN_CLUSTER))
+    assert alone.worst_case_floor() == 15.0 and not alone.propagation().registry
+
+
+def test_a_shorter_grace_period_recomputes_the_budget() -> None:
+    plan = ShutdownPlan.of(load({**EUREKA, "PRESTOP_GRACE_PERIOD_SECONDS": "120"}))
+    configured = "PRESTOP_GRACE_PERIOD_SECONDS"
+    # Not shorter: the same plan (a longer grace period is not the agent's to use).
+    assert plan.with_grace(GracePeriod(120.0, configured, 120.0)) is plan
+    short = plan.with_grace(GracePeriod(20.0, "metadata.deletionGracePeriodSeconds", 120.0))
+    budget = short.budget
+    # grace 20 - app shutdown 5 - margin 1 = 14; less the registry deadline 5 for the drain
+    assert (budget.answer_by, budget.linger_until, budget.drain) == (14.0, 19.0, 9.0)
+    assert short.grace_from == "metadata.deletionGracePeriodSeconds"
+    assert short.as_dict()["grace_period_seconds"] == 20.0
+    warning = short.floor_warning()
+    assert warning is not None and "= 100s >" in warning  # Eureka's floor no longer fits
+    # Less than the registry deadline and the app's shutdown take: the drain is 0, not negative.
+    tiny = plan.with_grace(GracePeriod(3.0, "metadata.deletionGracePeriodSeconds", 120.0))
+    assert tiny.budget.drain == 0.0 and tiny.drain_limit(0.0) == 0.0
