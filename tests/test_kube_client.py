@@ -5,6 +5,7 @@ endpointslices). What the real API server says is the kube suite's to show."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import ssl
@@ -19,6 +20,7 @@ from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
 import agent.kube
+import agent.main
 from agent.cli import check
 from agent.config import load
 from agent.endpointslices import EndpointSliceSource, follow
@@ -393,3 +395,36 @@ async def test_check_in_a_cluster_reads_the_slices_once(
     out = capsys.readouterr().out
     assert "warning: Kubernetes: the EndpointSlices cannot be read: list endpointslices:" in out
     assert "HTTP 403" in out and "a Role with list and watch on endpointslices" in out
+
+
+async def test_in_a_cluster_without_a_namespace_the_agent_warns_once_and_assumes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No POD_NAMESPACE and no ServiceAccount mount to read it from: nothing to watch.
+    monkeypatch.setattr(agent.main, "InCluster", functools.partial(InCluster, folder=tmp_path))
+    environ = {key: value for key, value in IN_CLUSTER.items() if key != "POD_NAMESPACE"}
+    clock = [100.0]
+    subject = Agent(
+        load(environ),
+        metrics=Metrics(CollectorRegistry()),
+        lifecycle=Lifecycle(clock=lambda: clock[0], wall_clock=lambda: 0.0),
+    )
+    with capture_logs() as logs:
+        async with contextlib.AsyncExitStack() as resources:
+            session = await resources.enter_async_context(aiohttp.ClientSession())
+            subject._start_kube(resources, session)
+    assert subject.kube is not None and subject.namespace is None
+    [warning] = [line for line in logs if line["log_level"] == "warning"]
+    assert warning["event"] == "endpointslices_unreadable" and "POD_NAMESPACE" in warning["detail"]
+    subject.lifecycle.start(Trigger.SIGTERM)
+    clock[0] += 1.0
+    floor = subject.lifecycle.floor()
+    # Assumed: the endpoint not ready 10 s after the trigger, + kube-proxy's sync 5 s.
+    assert floor.at(1.0) == 15.0 and floor.latest(1.0) == "endpointslices"
+    assert "namespace is not known" in (subject.slices.assumption if subject.slices else "")
+
+
+def test_outside_a_cluster_there_is_no_client_and_no_source() -> None:
+    subject = Agent(load({"POD_IP": "10.244.0.7"}), metrics=Metrics(CollectorRegistry()))
+    assert subject.kube is None and subject.slices is None and subject.lifecycle.sources == []
+    assert subject._status_extra()["kubernetes"] is None

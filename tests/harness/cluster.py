@@ -6,7 +6,8 @@ the control plane users run over it.
 - a PKI made with openssl (a CA; the API server's serving certificate; client certificates for
   an admin, the kubelet as ``system:node:NODE``, the controller-manager, the scheduler,
   kube-proxy, and the API server towards the kubelet; the service-account signing key);
-- etcd on loopback; kube-apiserver with the Node and RBAC authorizers and NodeRestriction;
+- etcd on loopback; kube-apiserver with the Node and RBAC authorizers and NodeRestriction,
+  reachable from the pods through the ``kubernetes`` Service (in-cluster clients, as the agent);
   kube-controller-manager with the controllers a Deployment, a Service and its EndpointSlices
   need; kube-scheduler;
 - the node's kubelet registered as a Node (``KubeNode`` with ``ApiAccess``);
@@ -348,7 +349,11 @@ class KubeCluster:
             [
                 str(self.bin / "kube-apiserver"),
                 f"--etcd-servers={self.etcd_url}",
-                "--bind-address=127.0.0.1",
+                # Every address, as a real control plane listens: pods reach the API server
+                # through the kubernetes Service, which kube-proxy sends to the advertised
+                # address on the node's bridge (added later, by the node); the harness's own
+                # clients keep using loopback. TLS, client certificates and RBAC as ever.
+                "--bind-address=0.0.0.0",
                 f"--advertise-address={self.node.host_ip}",
                 f"--secure-port={self.api_port}",
                 f"--cert-dir={self.state}/apiserver-certs",
