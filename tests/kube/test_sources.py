@@ -244,7 +244,7 @@ def test_without_rbac_the_agent_warns_once_and_drains_on_the_assumed_bound(
     events = agent_events(cluster, "denied")
 
     warning = the(events, "endpointslices_unreadable")
-    assert warning["log_level"] == "warning" and "HTTP 403" in warning["error"], warning
+    assert warning["level"] == "warning" and "HTTP 403" in warning["error"], warning
     assert "Role with list and watch on endpointslices" in warning["detail"], warning
     report = the(events, "shutdown_complete")
     slices = report["floor"]["sources"]["endpointslices"]
@@ -253,13 +253,13 @@ def test_without_rbac_the_agent_warns_once_and_drains_on_the_assumed_bound(
     assert "HTTP 403" in (slices["assumption"] or ""), slices
     # The pod cannot be read either: the configured grace period, said once at info.
     grace = the(events, "grace_period_configured")
-    assert grace["log_level"] == "info" and "HTTP 403" in grace["grace_period_note"], grace
+    assert grace["level"] == "info" and "HTTP 403" in grace["grace_period_note"], grace
     # Held until the assumed bound, and not longer than the traffic rule adds to it.
     drain = step(report, "drain")
     ended = drain["started_seconds"] + drain["duration_seconds"]
     print(f"\ndrain {drain}")
     floor = ASSUMED_UPDATE + KUBE_PROXY_SYNC
     assert drain["outcome"] == "quiet" and floor <= ended <= floor + QUIET + 2 * POLL + SLACK
-    levels = [e["log_level"] for _, e in events if e.get("log_level") in ("warning", "error")]
-    assert levels == ["warning"], [e for _, e in events if e.get("log_level") != "info"]
+    levels = [e["level"] for _, e in events if e.get("level") in ("warning", "error")]
+    assert levels == ["warning"], [e for _, e in events if e.get("level") != "info"]
     no_traceback(cluster, "denied")
