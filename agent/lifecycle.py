@@ -389,8 +389,12 @@ class Lifecycle:
         return self.elapsed() if self.finished_at is None else self.finished_at
 
     def floor(self) -> Floor:
-        """The drain's floor: the latest over the registry's source and every other source."""
-        registry = () if self.propagation is None else (self.propagation,)
+        """The drain's floor: the latest over the registry's source and every other source.
+        Without a registry its record is no source at all (not one named after a registry that
+        is not there)."""
+        registry = (
+            () if self.propagation is None or not self.propagation.registry else (self.propagation,)
+        )
         return Floor((*registry, *self.sources))
 
     @property
