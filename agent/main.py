@@ -137,6 +137,10 @@ class Agent:
         """The EndpointSlice propagation source, in a cluster (else None)."""
         if self.slices is not None:
             self.lifecycle.sources.append(self.slices)
+        self.grace_planned: asyncio.Task[ShutdownPlan] | None = None
+        """Started at the trigger: done within GRACE_READ_SECONDS of it, once the pod's grace
+        period is read (``lifecycle.grace``) and ``plan`` is the one in effect; whoever reports
+        the plan at the trigger (the Events) awaits it, the drain's limit too."""
         self.metrics.track(self.lifecycle)
         self.lifecycle.subscribe(self._log_phase)
         output = logs.output()
@@ -351,12 +355,12 @@ class Agent:
         plan, lifecycle = self.plan, self.lifecycle
         # 1. The trigger already set DRAINING, so /ready has answered 503 since that instant.
         #    In a cluster, the pod's real grace period is read meanwhile (bounded).
-        reading = asyncio.create_task(self._read_grace(), name="grace-period")
+        self.grace_planned = asyncio.create_task(self._plan_grace(), name="grace-period")
 
         # 2. Take the instance out of the registry (bounded by its own deadline).
         lifecycle.propagation = plan.propagation()
         marked = await self._mark_down(registry)
-        plan = await self._plan_grace(reading)
+        plan = await self.grace_planned
 
         # 3. Keep the app serving while traffic may still arrive, and at least until every
         #    registry client can have dropped the instance: watch the servers' client-facing
@@ -446,11 +450,11 @@ class Agent:
             note = f"the pod's deletionGracePeriodSeconds {given!r} is not a whole number"
         return GracePeriod(configured, CONFIGURED_GRACE, configured, note)
 
-    async def _plan_grace(self, reading: asyncio.Task[GracePeriod]) -> ShutdownPlan:
-        """Plan the rest of the termination with the grace period read at the trigger (waits
-        for the read at most until GRACE_READ_SECONDS after the trigger); say when it is less
-        than the configured one, and when the floor no longer fits."""
-        grace = await reading
+    async def _plan_grace(self) -> ShutdownPlan:
+        """Plan the rest of the termination with the grace period read at the trigger (done
+        within GRACE_READ_SECONDS of it); say when it is less than the configured one, and when
+        the floor no longer fits."""
+        grace = await self._read_grace()
         lifecycle = self.lifecycle
         lifecycle.grace = grace
         if not grace.shortened:

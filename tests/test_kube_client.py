@@ -284,7 +284,7 @@ def pod_answer(grace: Any) -> Handler:
 
 
 async def plan_grace(agent: Agent) -> ShutdownPlan:
-    return await agent._plan_grace(asyncio.create_task(agent._read_grace()))
+    return await agent._plan_grace()
 
 
 async def test_a_shorter_deletion_grace_period_replans_the_termination(
