@@ -705,7 +705,9 @@ class Config:
         "how long kube-proxy (and gateways watching the EndpointSlices) may keep sending new "
         "connections to the pod after every slice listing it shows it not ready, seconds. "
         "Measured on this project's one-node cluster (iptables mode): 0.00-0.13 s from the "
-        "slice update to the pod IP leaving the node's rules. The default leaves a wide margin "
+        "slice update to the pod IP leaving the node's rules on a quiet node, up to 1.44 s "
+        "after the trigger (the slice updated at or before it) with the machine's two cores "
+        "busy (tests/kube/test_sources.py). The default leaves a wide margin "
         "for what that cluster does not show: kube-proxy batches changes (``minSyncPeriod``, "
         "1 s by default), a full iptables-restore with thousands of Services takes seconds, "
         "and ingress controllers push endpoints on their own period.",
