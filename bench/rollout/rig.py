@@ -65,6 +65,13 @@ class Timings:
     """Instance-info replication interval (eureka.client.instance-info-replication-...)."""
     grace: int
     """The replicas' terminationGracePeriodSeconds."""
+    keep_alive_requests: int = 100
+    """The replicas' ``server.tomcat.max-keep-alive-requests`` (Tomcat's default 100): the
+    request on which Tomcat answers ``Connection: close``, the only clean way a kept-alive
+    connection pinned to a terminating pod through the Service moves off it. The callers' rates
+    are not scaled, so the scaled timings scale this count instead: 10 requests take a pinned
+    connection as long, relative to the 10x shorter propagation floor, as 100 do in production
+    (docs/operations.md, "Callers pinned through a Service")."""
 
     @property
     def client_refresh(self) -> float:
@@ -72,7 +79,7 @@ class Timings:
         return self.client_fetch + self.balancer_cache
 
 
-SCALED = Timings(3.0, 3.0, 3.5, 3.0, 9.0, 3.0, grace=30)
+SCALED = Timings(3.0, 3.0, 3.5, 3.0, 9.0, 3.0, grace=30, keep_alive_requests=10)
 PRODUCTION = Timings(30.0, 30.0, 35.0, 30.0, 90.0, 30.0, grace=150)
 
 
@@ -185,6 +192,7 @@ def replica_pod(
         f"--eureka.instance.lease-expiration-duration-in-seconds={timings.expiration:g}",
         f"--eureka.client.instance-info-replication-interval-seconds={timings.replication:g}",
         "--spring.lifecycle.timeout-per-shutdown-phase=5s",
+        f"--server.tomcat.max-keep-alive-requests={timings.keep_alive_requests}",
     ]
     if scenario.hook == "agent":
         return pod
