@@ -269,6 +269,16 @@ async def traffic_drain(
                 break
     finally:
         watcher.close()
+    if reason == "max" and verdict.pinned:
+        log.warning(
+            "drain_ended_with_pinned_connections",
+            pinned=verdict.pinned,
+            reason="connections that carried requests after the propagation floor were still"
+            " open at the drain's maximum: the app's shutdown closes them under their callers,"
+            " whose next request fails unless they retry. Lower the app's keep-alive request"
+            " limit (Spring Boot: server.tomcat.max-keep-alive-requests) so that they rotate"
+            " away within the drain, or raise the grace period",
+        )
     return _outcome(reason, verdict, watcher.source)
 
 
