@@ -269,17 +269,24 @@ async def traffic_drain(
                 break
     finally:
         watcher.close()
-    if reason == "max" and verdict.pinned:
-        log.warning(
-            "drain_ended_with_pinned_connections",
-            pinned=verdict.pinned,
-            reason="connections that carried requests after the propagation floor were still"
-            " open at the drain's maximum: the app's shutdown closes them under their callers,"
-            " whose next request fails unless they retry. Lower the app's keep-alive request"
-            " limit (Spring Boot: server.tomcat.max-keep-alive-requests) so that they rotate"
-            " away within the drain, or raise the grace period",
-        )
+    _warn_if_pinned_left(reason, verdict)
     return _outcome(reason, verdict, watcher.source)
+
+
+def _warn_if_pinned_left(reason: str, verdict: TrafficVerdict) -> None:
+    """A drain cut at its maximum with pinned connections open: each of their callers loses a
+    request at the app's shutdown unless it retries. Say so, with the remedy."""
+    if reason != "max" or not verdict.pinned:
+        return
+    log.warning(
+        "drain_ended_with_pinned_connections",
+        pinned=verdict.pinned,
+        reason="connections that carried requests after the propagation floor were still"
+        " open at the drain's maximum: the app's shutdown closes them under their callers,"
+        " whose next request fails unless they retry. Lower the app's keep-alive request"
+        " limit (Spring Boot: server.tomcat.max-keep-alive-requests) so that they rotate"
+        " away within the drain, or raise the grace period",
+    )
 
 
 def _outcome(reason: str, verdict: TrafficVerdict, source: str) -> DrainOutcome:
