@@ -72,6 +72,8 @@ class Timings:
     are not scaled, so the scaled timings scale this count instead: 10 requests take a pinned
     connection as long, relative to the 10x shorter propagation floor, as 100 do in production
     (docs/operations.md, "Callers pinned through a Service")."""
+    scale: int = 1
+    """How many times shorter than production these timings are (minReadySeconds follows)."""
 
     @property
     def client_refresh(self) -> float:
@@ -79,7 +81,7 @@ class Timings:
         return self.client_fetch + self.balancer_cache
 
 
-SCALED = Timings(3.0, 3.0, 3.5, 3.0, 9.0, 3.0, grace=30, keep_alive_requests=10)
+SCALED = Timings(3.0, 3.0, 3.5, 3.0, 9.0, 3.0, grace=30, keep_alive_requests=10, scale=10)
 PRODUCTION = Timings(30.0, 30.0, 35.0, 30.0, 90.0, 30.0, grace=150)
 
 
@@ -100,7 +102,7 @@ class Scenario:
 
 def scenarios(timings: Timings) -> dict[str, Scenario]:
     """The six scenarios of the benchmark, sleeps at 3 s scaled (30 s production)."""
-    sleep = 3.0 if timings == SCALED else 30.0
+    sleep = 30.0 / timings.scale
     traffic = {"PRESTOP_DRAIN_MODE": "traffic", "PRESTOP_DRAIN_QUIET_SECONDS": "1"}
     every = [
         Scenario("none", "1 no hook", "none"),
