@@ -359,6 +359,47 @@ async def test_the_drain_exports_the_floor_it_waits_for() -> None:
     assert metrics.collectors.get_sample_value("prestop_drain_floor_seconds") == pytest.approx(0.4)
 
 
+class _Pinned:
+    """A socket watcher that sees one caller's kept-alive connection receive a request at every
+    poll: a caller pinned to the pod through a Service, whose connection never rotates away."""
+
+    source = "netlink"
+
+    def poll(self) -> Poll:
+        return Poll(time.monotonic(), (sample(received_ms=5, sent_ms=4),))
+
+    def close(self) -> None:
+        return None
+
+
+async def test_a_drain_held_to_its_maximum_by_a_pinned_connection_says_so() -> None:
+    config = load(
+        {
+            **EUREKA,
+            "PRESTOP_DRAIN_MIN_SECONDS": "0",
+            "PRESTOP_DRAIN_QUIET_SECONDS": "0.05",
+            "PRESTOP_DRAIN_POLL_SECONDS": "0.02",
+        }
+    )
+    lifecycle = Lifecycle()
+    lifecycle.start(Trigger.PRESTOP)
+    lifecycle.propagation = propagation(client_refresh=0.1)
+    lifecycle.propagation.watch("a")
+    lifecycle.propagation.seen("a", 0.0)
+    with capture_logs() as logs:
+        outcome = await traffic_drain(
+            config,
+            limit=0.4,
+            lifecycle=lifecycle,
+            metrics=Metrics(CollectorRegistry()),
+            open_watcher=lambda *args, **kwargs: _Pinned(),
+        )
+    assert (outcome.reason, outcome.detail["pinned"]) == ("max", 1)
+    [warning] = [e for e in logs if e["event"] == "drain_ended_with_pinned_connections"]
+    assert warning["log_level"] == "warning" and warning["pinned"] == 1
+    assert "server.tomcat.max-keep-alive-requests" in warning["reason"]
+
+
 # --- the real process: one warning at start-up, both gauges exported -----------------------------
 
 

@@ -37,12 +37,13 @@ def sample(
     acked_bytes: int | None = 2_000,
     receive_queue: int = 0,
     send_queue: int = 0,
+    state: str = "ESTABLISHED",
 ) -> SocketSample:
     return SocketSample(
         local_port=8080,
         peer=ipaddress.ip_address(peer),
         peer_port=40000,
-        state="ESTABLISHED",
+        state=state,
         receive_queue=receive_queue,
         send_queue=send_queue,
         last_data_received_ms=received_ms,
@@ -155,6 +156,71 @@ def test_the_next_look_comes_no_later_than_the_next_bound() -> None:
     assert rules.next_look_in(100.0, 0.2) == pytest.approx(0.2)
     assert rules.next_look_in(102.95, 0.2) == pytest.approx(0.05)
     assert rules.next_look_in(119.999, 0.2) == pytest.approx(0.01)
+
+
+# Pinned connections: trigger at 100, floor 5 s (at 105), quiet 3 s, min 2 s, max 20 s.
+
+
+def pinned_rules() -> TrafficVerdict:
+    return verdict(floor_seconds=5.0)
+
+
+def test_a_connection_carrying_requests_after_the_floor_holds_the_drain_until_it_closes() -> None:
+    rules = pinned_rules()
+    # A caller pinned through a Service, one request every 4 s (slower than the quiet period):
+    # its connection received data at 105.5, after every router had dropped the pod.
+    rules.observe(Poll(106.0, (sample(received_ms=500, sent_ms=499),)))
+    assert (rules.pinned, rules.verdict(106.0)) == (1, None)
+    rules.observe(Poll(109.0, (sample(received_ms=3_500, sent_ms=3_499),)))
+    assert rules.quiet_since == pytest.approx(105.5)  # quiet for 3.5 s: not what holds it
+    assert (rules.pinned, rules.verdict(109.0)) == (1, None)
+    assert rules.snapshot()["pinned"] == 1
+    # The app answered its next request with Connection: close (maxKeepAliveRequests), the
+    # caller reconnected through the Service's current rules: elsewhere.
+    rules.observe(Poll(109.6, (sample(received_ms=0, sent_ms=0, state="CLOSE_WAIT"),)))
+    assert rules.pinned == 0
+    assert rules.verdict(109.6) is None  # that last request restarted the quiet period
+    rules.observe(Poll(112.6, ()))
+    assert rules.verdict(112.6) == "quiet"
+
+
+def test_a_pinned_connection_that_never_closes_holds_the_drain_to_its_maximum() -> None:
+    rules = pinned_rules()
+    rules.observe(Poll(119.9, (sample(received_ms=4_000, sent_ms=3_999),)))  # data at 115.9
+    assert rules.verdict(119.9) is None
+    assert rules.verdict(120.0) == "max"
+    assert rules.snapshot()["pinned"] == 1
+
+
+def test_connections_idle_since_the_floor_do_not_hold_the_drain() -> None:
+    rules = pinned_rules()
+    # Last data at 104.9, before the floor: an Eureka caller's pooled connection its load
+    # balancer no longer picks, or a pinned caller that stopped. Nothing routes to it any more.
+    rules.observe(Poll(107.9, (sample(received_ms=3_000, sent_ms=2_999),)))
+    assert (rules.pinned, rules.verdict(107.9)) == (0, "quiet")
+
+
+def test_a_connection_that_never_received_data_is_not_pinned() -> None:
+    # Opened after the floor (its "last data" is its age), never asked anything.
+    rules = pinned_rules()
+    rules.observe(Poll(108.5, (sample(received_ms=500, sent_ms=500, received_bytes=0),)))
+    assert rules.pinned == 0
+    rules.observe(Poll(111.0, (sample(received_ms=3_000, sent_ms=3_000, received_bytes=0),)))
+    assert (rules.pinned, rules.verdict(111.0)) == (0, "quiet")
+
+
+def test_without_a_floor_no_connection_counts_as_pinned() -> None:
+    # No propagation source: nothing says when routing stopped, so a connection used after the
+    # trigger is traffic (the quiet period), not pinned.
+    rules = verdict()
+    rules.observe(Poll(104.5, (sample(received_ms=3_000, sent_ms=2_999),)))  # data at 101.5
+    assert (rules.pinned, rules.verdict(104.5)) == (0, "quiet")
+
+
+def test_ignored_peers_are_never_pinned() -> None:
+    rules = verdict(floor_seconds=5.0, ignore=(ipaddress.ip_network("10.0.0.0/24"),))
+    rules.observe(Poll(108.0, (sample(received_ms=100, sent_ms=99, peer="10.0.0.9"),)))
+    assert (rules.pinned, rules.verdict(108.0)) == (0, "quiet")
 
 
 # --- the real agent, a real app, real traffic ---------------------------------------------------

@@ -114,7 +114,8 @@ def _describe_traffic(config: Config, limit: float) -> str:
         f"drain: watch ports {ports} every {config.drain_poll_seconds:g}s (open connections, and"
         " those that opened and closed between two looks); at least"
         f" {config.drain_min_seconds:g}s, then end after {config.drain_quiet_seconds:g}s without"
-        f" data and nothing in flight; at most {limit:g}s"
+        " data, nothing in flight and, after the propagation floor, no connection still carrying"
+        f" requests (kept alive, pinned to the pod); at most {limit:g}s"
     )
 
 

@@ -13,6 +13,17 @@ Idle keep-alive connections do not hold the drain (their last data predates the 
 stream that never stops does, until ``max``. :class:`TrafficVerdict` holds the rules and does no
 I/O (it is unit-tested with synthetic polls); :func:`traffic_drain` feeds it real polls.
 
+Pinned connections: after the propagation floor no router sends a new request to the pod, yet a
+keep-alive connection a caller opened before (through a Service: conntrack keeps it on the pod)
+goes on carrying that caller's requests until it closes; the app's shutdown closes it under the
+caller (Tomcat: without ``Connection: close``), whose next request then fails unless it retries.
+So a connection open and receiving data after the floor is *pinned*, and the drain also waits, up
+to ``max``, until none is left: each closes cleanly when the app rotates it (Tomcat answers
+``Connection: close`` on a connection's ``maxKeepAliveRequests``-th request) or its caller drops
+it. A connection idle since the floor does not hold the drain: nothing routes to the pod any more,
+and how its caller treats it at its next use is the caller's (docs/operations.md, "Callers pinned
+through a Service"). Without a floor nothing says when routing stopped: nothing counts as pinned.
+
 On the /proc fallback there are no per-connection timestamps, so the drain can only wait for the
 watched connections to close: idle keep-alive connections then hold it until ``max``.
 """
@@ -74,10 +85,14 @@ class TrafficVerdict:
     """Accepted connections no socket seen accounts for (a client that closed first)."""
     polls: int = 0
     _last_poll_at: float | None = field(default=None, repr=False)
+    _open_data_at: tuple[float, ...] = field(default=(), repr=False)
+    """When each open (established), watched connection last received data, at the last poll
+    (connections that never received any are left out)."""
 
     def observe(self, poll: Poll) -> None:
         """Take one poll into account."""
         connections = in_flight = 0
+        open_data_at: list[float] = []
         for sample in poll.sockets:
             if self._ignored(sample):
                 continue
@@ -87,7 +102,11 @@ class TrafficVerdict:
             if not self.timestamps:
                 continue
             if sample.last_data_received_ms is not None:
-                self._saw_data(poll.taken_at - sample.last_data_received_ms / 1000)
+                data_at = poll.taken_at - sample.last_data_received_ms / 1000
+                self._saw_data(data_at)
+                # Without bytes received, the "last data" time is the connection's age.
+                if sample.state == "ESTABLISHED" and sample.bytes_received != 0:
+                    open_data_at.append(data_at)
         if not self.timestamps and connections:
             # /proc: an open connection is all we can see; count it as traffic now.
             self._saw_data(poll.taken_at)
@@ -99,6 +118,7 @@ class TrafficVerdict:
         self.missed += missed
         self.unaccounted_opens += poll.unaccounted_opens
         self.connections, self.in_flight = connections, in_flight
+        self._open_data_at = tuple(open_data_at)
         self.peak_connections = max(self.peak_connections, connections)
         self.polls += 1
         self._last_poll_at = poll.taken_at
@@ -111,9 +131,22 @@ class TrafficVerdict:
             return None
         if now - self.trigger_at < self.floor_seconds:
             return None  # callers that still list the instance may yet send
+        if self.pinned:
+            return None  # their callers' next requests would fail at the app's shutdown
         if self.in_flight == 0 and self._last_poll_at - self.quiet_since >= self.quiet_seconds:
             return "quiet"
         return None
+
+    @property
+    def pinned(self) -> int:
+        """Connections open at the last poll that received data after the propagation floor:
+        kept on the pod by their callers (keep-alive through a Service) after every router
+        dropped it. Waited for until they close; see the module docstring. Zero without a floor
+        (no propagation source): then nothing says when routing stopped."""
+        if self.floor_seconds <= 0:
+            return 0
+        floor_at = self.trigger_at + self.floor_seconds
+        return sum(1 for data_at in self._open_data_at if data_at >= floor_at)
 
     def next_look_in(self, now: float, poll_seconds: float) -> float:
         """Seconds until the next poll: the poll interval, or sooner when a bound falls earlier,
@@ -132,6 +165,7 @@ class TrafficVerdict:
         return {
             "connections": self.connections,
             "in_flight": self.in_flight,
+            "pinned": self.pinned,
             "missed_connections": self.missed,
             "unaccounted_opens": self.unaccounted_opens,
             "floor_seconds": round(self.floor_seconds, 4),
@@ -236,7 +270,24 @@ async def traffic_drain(
                 break
     finally:
         watcher.close()
+    _warn_if_pinned_left(reason, verdict)
     return _outcome(reason, verdict, watcher.source)
+
+
+def _warn_if_pinned_left(reason: str, verdict: TrafficVerdict) -> None:
+    """A drain cut at its maximum with pinned connections open: each of their callers loses a
+    request at the app's shutdown unless it retries. Say so, with the remedy."""
+    if reason != "max" or not verdict.pinned:
+        return
+    log.warning(
+        "drain_ended_with_pinned_connections",
+        pinned=verdict.pinned,
+        reason="connections that carried requests after the propagation floor were still"
+        " open at the drain's maximum: the app's shutdown closes them under their callers,"
+        " whose next request fails unless they retry. Lower the app's keep-alive request"
+        " limit (Spring Boot: server.tomcat.max-keep-alive-requests) so that they rotate"
+        " away within the drain, or raise the grace period",
+    )
 
 
 def _outcome(reason: str, verdict: TrafficVerdict, source: str) -> DrainOutcome:

@@ -13,7 +13,10 @@ With ``--service URL`` instead of ``--eureka`` it is a caller through a Kubernet
 gateway or another team's service is: every request goes to the Service's ClusterIP (kube-proxy
 picks the pod), ``target`` is the Service's address. ``--keep-alive`` makes it a pooled client:
 each sender thread keeps its HTTP/1.1 connection open across requests and opens a new one only
-after the old one failed or was closed (no retries), as a pooled HTTP client does.
+after the old one failed or was closed (no retries), as a pooled HTTP client does. Its records
+also say which connection carried the request (``conn``: the caller's local port) and whether the
+answer closed it (``close``: the server answered ``Connection: close``, e.g. Tomcat's
+``maxKeepAliveRequests`` rotation), so that the benchmark can tell pinned connections apart.
 """
 
 from __future__ import annotations
@@ -80,6 +83,7 @@ class Caller:
     def call_once(self) -> None:
         sent = time.time()
         started = time.monotonic()
+        extra: dict[str, Any] = {}
         with self.lock:
             targets = self.balanced
             target = targets[self.turn % len(targets)] if targets else ""
@@ -87,7 +91,7 @@ class Caller:
         if not target:
             outcome = "NoInstance"
         elif self.args.keep_alive:
-            outcome = self.call_pooled(target)
+            outcome, extra = self.call_pooled(target)
         else:
             host, port = target.rsplit(":", 1)
             connection = http.client.HTTPConnection(
@@ -110,14 +114,17 @@ class Caller:
             "ms": round((time.monotonic() - started) * 1000),
             "target": target,
             "outcome": outcome,
+            **extra,
         }
         with self.lock:
             self.record.write(json.dumps(line) + "\n")
             self.record.flush()
 
-    def call_pooled(self, target: str) -> str:
-        """One request on this thread's kept-alive connection (opened when it has none)."""
+    def call_pooled(self, target: str) -> tuple[str, dict[str, Any]]:
+        """One request on this thread's kept-alive connection (opened when it has none): the
+        outcome, and which connection carried it and whether the answer closed it."""
         connection: http.client.HTTPConnection | None = getattr(self.pooled, "connection", None)
+        extra: dict[str, Any] = {}
         try:
             if connection is None:
                 host, port = target.rsplit(":", 1)
@@ -128,18 +135,21 @@ class Caller:
                 assert connection.sock is not None
                 connection.sock.settimeout(self.args.read_timeout)
                 self.pooled.connection = connection
+            if connection.sock is not None:
+                extra["conn"] = connection.sock.getsockname()[1]
             connection.request("GET", self.args.path)
             response = connection.getresponse()
             response.read()
             if response.will_close:
+                extra["close"] = True
                 connection.close()
                 self.pooled.connection = None
-            return str(response.status)
+            return str(response.status), extra
         except (OSError, http.client.HTTPException) as err:
             if connection is not None:
                 connection.close()
             self.pooled.connection = None
-            return type(err).__name__
+            return type(err).__name__, extra
 
     def run(self) -> None:
         if not self.args.service:

@@ -352,7 +352,7 @@ class DeploymentRig:
 
     @property
     def min_ready(self) -> int:
-        return MIN_READY_SECONDS // 10 if self.timings == SCALED else MIN_READY_SECONDS
+        return MIN_READY_SECONDS // self.timings.scale
 
     def start_eureka(self) -> None:
         cluster = self.cluster
