@@ -317,6 +317,7 @@ CALLERS = "Who may call /prestop"
 LOGS = "Logs"
 POD = "The pod, from the downward API"
 REGISTRY = "The registry"
+KUBERNETES = "Kubernetes"
 
 
 @dataclass(frozen=True, slots=True)
@@ -678,6 +679,21 @@ class Config:
         "(``responseCacheUpdateIntervalMs``), assumed when its client-facing view cannot be "
         "watched (actuator mode without URLs, a server that stops answering), seconds.",
         registries=WITH_A_REGISTRY,
+    )
+    kubernetes_service_host: str | None = setting(
+        None,
+        "KUBERNETES_SERVICE_HOST",
+        _optional_text,
+        KUBERNETES,
+        "the API server's address, which the kubelet sets in every container; unset: not in a "
+        "cluster (no Events on the pod).",
+    )
+    kubernetes_service_port: int = setting(
+        443,
+        "KUBERNETES_SERVICE_PORT",
+        _port,
+        KUBERNETES,
+        "the API server's port, set by the kubelet with the host.",
     )
 
     def budget(self) -> Budget:

@@ -21,10 +21,12 @@ import aiohttp
 import structlog
 from aiohttp import web
 
-from agent import __version__, logs
+from agent import __version__, events, logs
 from agent.config import Config
 from agent.drain import DrainContext, DrainOutcome, app_is_up, run_drain
+from agent.events import EventRecorder
 from agent.http import AppHealth
+from agent.kube import InCluster, KubeClient
 from agent.lifecycle import Lifecycle, Phase, Propagation, Trigger
 from agent.logs import AccessLogger
 from agent.metrics import Metrics
@@ -123,6 +125,10 @@ class Agent:
         self._health: HealthWatch | None = None
         self._health_check: asyncio.Task[None] | None = None
         """The registry health check's task: it ends when the shutdown begins."""
+        self.kube: KubeClient | None = None
+        """The Kubernetes API client; None outside a cluster (KUBERNETES_SERVICE_HOST unset)."""
+        self.events: EventRecorder | None = None
+        """The Events on the pod (agent.events), from start-up on."""
         self.metrics.track(self.lifecycle)
         self.lifecycle.subscribe(self._log_phase)
         output = logs.output()
@@ -183,11 +189,18 @@ class Agent:
             async with contextlib.AsyncExitStack() as resources:
                 registry = await self._start(resources)
                 await self.lifecycle.wait_triggered()
+                # Said on the pod at once (queued: an Event never waits for the API server).
+                note = events.draining_note(self.plan, self.lifecycle.trigger)
+                self._record(events.DRAINING, "Draining", note)
                 if self._health_check is not None:
                     # From here on the mark-down step reports on the registry.
                     self._health_check.cancel()
                 await self.shutdown(registry)
                 await self._after_drain()
+                if self.events is not None:
+                    # PrestopDrained was queued at the drain's end; a short, bounded chance to
+                    # leave before the process goes (the hook's answer has already left).
+                    await self.events.flush()
                 log.info("shutdown_complete", **self.lifecycle.report())
         finally:
             for signum in (*SHUTDOWN_SIGNALS, *IGNORED_SIGNALS):
@@ -204,6 +217,7 @@ class Agent:
         )
         registry = open_registry(self.config, session, health)
         resources.push_async_callback(registry.close)
+        self._open_events(resources, session)
         await self._listen(resources, health)
         self._announce(registry)
         self.started.set()
@@ -225,6 +239,26 @@ class Agent:
             self._view = ClientView(self.config, session)
             self._spawn(resources, self._view.keep_hot(), "registry-view")
         return registry
+
+    def _open_events(
+        self, resources: contextlib.AsyncExitStack, session: aiohttp.ClientSession
+    ) -> None:
+        """The API client and the Events on the pod, whose posting task ``resources`` stops."""
+        config = self.config
+        if config.kubernetes_service_host is not None and self.kube is None:
+            # Minimal construction for the Events; the Kubernetes-aware drain's own construction
+            # of ``self.kube`` (issue 18, core) replaces this one.
+            cluster = InCluster(config.kubernetes_service_host, config.kubernetes_service_port)
+            self.kube = KubeClient(cluster, session)
+        self.events = EventRecorder(
+            self.kube, self.metrics, pod=config.pod_name, namespace=config.pod_namespace
+        )
+        if self.events.enabled:
+            self._spawn(resources, self.events.run(), "kube-events")
+
+    def _hook_refused(self, status: int, message: str, remote: str | None) -> None:
+        if self.events is not None:
+            self.events.hook_refused(status, message, remote)
 
     @staticmethod
     def _spawn(
@@ -252,6 +286,7 @@ class Agent:
                 pending=self.pending,
                 status_extra=self._status_extra,
                 on_final_scrape=self.final_scrape.set,
+                on_refused=self._hook_refused,
             ),
             handle_signals=False,  # the signals are ours: see handle_signal
             access_log_class=AccessLogger,
@@ -343,6 +378,7 @@ class Agent:
         lifecycle.end(step, reason, limit_seconds=round(limit, 4), **detail)
         self.metrics.drains.labels(reason=reason).inc()
         self.metrics.drain_duration.observe(step.duration or 0.0)
+        self._record_drained(reached=detail["floor_reached"])
         if outcome.last_data_seconds is not None:
             self.metrics.last_data_after_trigger.observe(outcome.last_data_seconds)
 
@@ -466,6 +502,14 @@ class Agent:
         if error:
             lifecycle.fail(error)
             log.error("registry_mark_down_failed", error=error, duration_seconds=step.duration)
+            self._record(
+                events.REGISTRY_FAILED,
+                "MarkDown",
+                f"Could not take the instance out of the registry: {error}. The drain goes on;"
+                " callers may keep routing to this pod until their registry entry expires, and"
+                " the preStop hook answers 500.",
+                warning=True,
+            )
         return error is None
 
     async def _drain(self, limit: float) -> DrainOutcome:
@@ -486,6 +530,18 @@ class Agent:
             log.exception("drain_strategy_failed", mode=self.config.drain_mode)
             await asyncio.sleep(max(0.0, limit - (self.lifecycle.elapsed() - started)))
             return DrainOutcome(reason="max", detail={"error": type(exc).__name__})
+
+    def _record(self, reason: str, action: str, note: str, *, warning: bool = False) -> None:
+        if self.events is not None:
+            self.events.record(reason, action, note, warning=warning)
+
+    def _record_drained(self, *, reached: bool) -> None:
+        """The drain's Events: PrestopDrained, and the Warning when it ended before the floor."""
+        plan, lifecycle = self.plan, self.lifecycle
+        if not reached:
+            note = events.floor_not_reached_note(plan, lifecycle)
+            self._record(events.FLOOR_NOT_REACHED, "Drain", note, warning=True)
+        self._record(events.DRAINED, "Drained", events.drained_note(plan, lifecycle))
 
     def _count_accepts(self, runner: web.AppRunner) -> None:
         """Count the connections the agent's listener accepts (see ``accepted``).

@@ -391,7 +391,8 @@ def test_check_shows_variable_names_and_only_the_settings_in_use(
     assert cli.main(["check", "--drain-mode", "fixed"], {}) == 0
     fixed = _shown_settings(capsys.readouterr().out)
     assert fixed["PRESTOP_DRAIN_SECONDS"] == "10" and fixed["PRESTOP_REGISTRY"] == "none"
-    assert all(name.startswith(("PRESTOP_", "POD_")) for name in fixed), "no field names"
+    variables = ("PRESTOP_", "POD_", "KUBERNETES_")
+    assert all(name.startswith(variables) for name in fixed), "no field names"
     assert "port" not in fixed and "drain_seconds" not in fixed
     assert not {"PRESTOP_DRAIN_MIN_SECONDS", "PRESTOP_DRAIN_SOURCE"} & set(fixed)
     assert not [name for name in fixed if "EUREKA" in name or "ACTUATOR" in name]
