@@ -348,7 +348,9 @@ class KubeCluster:
             [
                 str(self.bin / "kube-apiserver"),
                 f"--etcd-servers={self.etcd_url}",
-                "--bind-address=127.0.0.1",
+                # Every address: pods reach it through the kubernetes Service, whose endpoint is
+                # the advertise address (the node's bridge address), the host on loopback.
+                "--bind-address=0.0.0.0",
                 f"--advertise-address={self.node.host_ip}",
                 f"--secure-port={self.api_port}",
                 f"--cert-dir={self.state}/apiserver-certs",
