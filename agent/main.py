@@ -197,10 +197,7 @@ class Agent:
                     self._health_check.cancel()
                 await self.shutdown(registry)
                 await self._after_drain()
-                if self.events is not None:
-                    # PrestopDrained was queued at the drain's end; a short, bounded chance to
-                    # leave before the process goes (the hook's answer has already left).
-                    await self.events.flush()
+                await self._flush_events()
                 log.info("shutdown_complete", **self.lifecycle.report())
         finally:
             for signum in (*SHUTDOWN_SIGNALS, *IGNORED_SIGNALS):
@@ -255,6 +252,14 @@ class Agent:
         )
         if self.events.enabled:
             self._spawn(resources, self.events.run(), "kube-events")
+
+    async def _flush_events(self) -> None:
+        """PrestopDrained was queued at the drain's end: a short, bounded chance to leave before
+        the process goes (the hooks have their answers), never past the grace budget's end,
+        where the kubelet's SIGKILL would cut the exit's own log line."""
+        if self.events is not None:
+            left = self.plan.budget.linger_until - self.lifecycle.elapsed()
+            await self.events.flush(min(events.FLUSH_SECONDS, max(left, 0.0)))
 
     def _hook_refused(self, status: int, message: str, remote: str | None) -> None:
         if self.events is not None:

@@ -418,7 +418,7 @@ async def test_the_agent_posts_the_terminations_events(
     assert counted(metrics, "posted", DRAINED) == 1 and counted(metrics, "failed", DRAINED) == 0
 
 
-async def test_the_registry_failure_is_a_warning_event(
+async def test_a_failed_mark_down_and_a_drain_cut_before_the_floor_are_warnings(
     api_server: ApiServer, account: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     closed = free_port()  # the Eureka server refuses: the mark-down fails fast
@@ -428,15 +428,21 @@ async def test_the_registry_failure_is_a_warning_event(
         "PRESTOP_EUREKA_APP": "orders",
         "PRESTOP_EUREKA_INSTANCE_ID": "10.1.2.3:orders:8080",
         "PRESTOP_REGISTRY_TIMEOUT_SECONDS": "0.3",
-        "PRESTOP_EUREKA_CLIENT_REFRESH_SECONDS": "0",
+        # A floor of at least 5 s that the 0.3 s fixed drain cannot reach.
+        "PRESTOP_EUREKA_CLIENT_REFRESH_SECONDS": "5",
         "PRESTOP_EUREKA_SERVER_CACHE_SECONDS": "0",
     }
     # The hook answers 500 after a failed mark-down.
     await _terminate(api_server, account, monkeypatch, expect=500, **env)
-    reasons = [body["reason"] for _, _, body in api_server.posted]
-    assert REGISTRY_FAILED in reasons, reasons
-    [failed] = [body for _, _, body in api_server.posted if body["reason"] == REGISTRY_FAILED]
-    assert failed["type"] == "Warning" and "registry eureka" in failed["note"]
+    posted = {body["reason"]: body for _, _, body in api_server.posted}
+    assert list(posted) == [HOOK_REFUSED, DRAINING, REGISTRY_FAILED, FLOOR_NOT_REACHED, DRAINED]
+    failed, short = posted[REGISTRY_FAILED], posted[FLOOR_NOT_REACHED]
+    assert failed["type"] == short["type"] == "Warning"
+    assert failed["note"].startswith("Could not take the instance out of the registry: registry")
+    assert short["note"].startswith("The drain ended at its maximum 0.")
+    assert "before the propagation floor (5." in short["note"]
+    assert "floor 5." in posted[DRAINED]["note"] and "NOT reached" in posted[DRAINED]["note"]
+    assert "error: registry eureka" in posted[DRAINED]["note"]
 
 
 async def test_an_api_server_that_never_answers_never_delays_the_drain(
