@@ -207,9 +207,9 @@ class EventRecorder:
             HOOK_REFUSED,
             "RefuseHook",
             f"/prestop answered HTTP {status} to {remote or 'an unknown address'}: {message}"
-            f"{more}. No drain was started: the kubelet ignores the hook's status and stops"
-            " the app at once. Check the preStop hook's httpHeaders (X-Prestop-Token) against"
-            " PRESTOP_TOKEN, and PRESTOP_ALLOW_CIDRS.",
+            f"{more}. This call started no drain: the kubelet ignores the hook's status and"
+            " sends the app SIGTERM at once. Check the preStop hook's httpHeaders"
+            " (X-Prestop-Token) against PRESTOP_TOKEN, and PRESTOP_ALLOW_CIDRS.",
             warning=True,
         )
 
@@ -288,11 +288,14 @@ def draining_note(plan: ShutdownPlan, trigger: Trigger | None) -> str:
         f"{source.name} at worst {source.worst_case:g}s ({source.figures})"
         for source in plan.sources
     )
+    floor = (
+        f"propagation floor at worst {plan.worst_case_floor():g}s ({sources})"
+        if plan.sources
+        else "no propagation floor (no registry)"
+    )
     return (
         f"Draining, started by {started_by}: /ready answers 503; registry {config.registry};"
-        f" drain {config.drain_mode}, at most {budget.drain:g}s;"
-        f" propagation floor at worst {plan.worst_case_floor():g}s"
-        f" ({sources or 'no registry: the drain minimum'});"
+        f" drain {config.drain_mode}, at most {budget.drain:g}s; {floor};"
         f" grace period {budget.grace_period:g}s, answer by {budget.answer_by:g}s."
     )
 
@@ -310,7 +313,7 @@ def drained_note(plan: ShutdownPlan, lifecycle: Lifecycle) -> str:
         f" ({drain.started + (drain.duration or 0.0):.1f}s after the trigger),"
         f" ended by {_ENDED_BY.get(str(drain.outcome), str(drain.outcome))}"
     ]
-    if floor is not None:
+    if floor is not None and plan.sources:
         parts.append(f"floor {floor:.1f}s {reached}")
     parts += _source_figures(plan, lifecycle)
     last_data = detail.get("last_data_seconds")

@@ -411,6 +411,8 @@ async def test_the_agent_posts_the_terminations_events(
     assert "HTTP 401" in bodies[0]["note"] and bodies[0]["type"] == "Warning"
     assert bodies[1]["note"].startswith("Draining, started by the preStop hook (/prestop)")
     assert "drain fixed" in bodies[1]["note"]
+    assert "no propagation floor (no registry)" in bodies[1]["note"]
+    assert "floor" not in bodies[2]["note"], "no registry, no floor to speak of"
     assert bodies[2]["note"].startswith("Drained: held the app serving 0.3s")
     assert "ended by the fixed drain's length" in bodies[2]["note"]
     assert held >= 0.3
@@ -440,6 +442,7 @@ async def test_a_failed_mark_down_and_a_drain_cut_before_the_floor_are_warnings(
     assert failed["type"] == short["type"] == "Warning"
     assert failed["note"].startswith("Could not take the instance out of the registry: registry")
     assert short["note"].startswith("The drain ended at its maximum 0.")
+    assert "no propagation floor" not in posted[DRAINING]["note"]
     assert "before the propagation floor (5." in short["note"]
     assert "floor 5." in posted[DRAINED]["note"] and "NOT reached" in posted[DRAINED]["note"]
     assert "error: registry eureka" in posted[DRAINED]["note"]
