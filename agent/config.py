@@ -680,7 +680,6 @@ class Config:
         "watched (actuator mode without URLs, a server that stops answering), seconds.",
         registries=WITH_A_REGISTRY,
     )
-
     kubernetes_service_host: str | None = setting(
         None,
         "KUBERNETES_SERVICE_HOST",
@@ -688,7 +687,8 @@ class Config:
         KUBERNETES,
         "the API server's address, set by the kubelet in every container. Set (with POD_IP): "
         "the agent runs in a cluster, watches the EndpointSlices that list the pod and reads "
-        "the pod's real grace period at the trigger; unset: neither.",
+        "the pod's real grace period at the trigger, and posts Events on the pod (with POD_NAME "
+        "and POD_NAMESPACE); unset: none of these.",
     )
     kubernetes_service_port: int = setting(
         443,

@@ -164,6 +164,53 @@ class KubeClient:
         except aiohttp.ClientError as error:
             raise KubeError(f"{what}: {_described(error)}") from None
 
+    async def create_event(self, namespace: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        """Create an events.k8s.io/v1 Event in ``namespace`` (POST); the created Event. Bounded
+        like every call; a 403 names the Role rule that is missing."""
+        path = resource_path("events.k8s.io/v1", namespace, "events")
+        what = "create event"
+        try:
+            async with asyncio.timeout(self.timeout):
+                async with self._send("POST", path, body) as response:
+                    if response.status not in (200, 201, 202):
+                        if response.status == 403:
+                            message = await _status_message(response)
+                            raise KubeError(
+                                f"{what}: HTTP 403, the ServiceAccount may not create Events:"
+                                f" its Role needs apiGroups [events.k8s.io], resources [events],"
+                                f" verbs [create] ({message})"
+                            )
+                        await self._check(response, what)
+                    answer = await _read_at_most(response, MAX_ANSWER_BYTES + 1)
+        except TimeoutError:
+            raise KubeError(f"{what}: no answer within {self.timeout:g}s") from None
+        except aiohttp.ClientError as error:
+            raise KubeError(f"{what}: {_described(error)}") from None
+        try:
+            created = json.loads(answer)
+        except ValueError:
+            created = None
+        return created if isinstance(created, dict) else {}
+
+    def _send(self, method: str, path: str, body: Mapping[str, Any]) -> Any:
+        """A request with a JSON body (``_request`` is the GETs')."""
+        headers = {
+            "Authorization": f"Bearer {self.cluster.token()}",  # first: no token says most
+            "Accept": "application/json",
+            "Content-Type": "application/json",
+            "User-Agent": "prestop-agent",
+        }
+        if self._ssl is None:
+            self._ssl = self.cluster.ssl_context()
+        return self.session.request(
+            method,
+            self.cluster.base_url + path,
+            data=json.dumps(body).encode(),
+            headers=headers,
+            ssl=self._ssl,
+            allow_redirects=False,
+        )
+
     # --- one request ----------------------------------------------------------------------------
 
     def _request(self, path: str, query: Mapping[str, str]) -> Any:

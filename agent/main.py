@@ -21,9 +21,10 @@ import aiohttp
 import structlog
 from aiohttp import web
 
-from agent import __version__, endpointslices, logs
+from agent import __version__, endpointslices, events, logs
 from agent.config import Config
 from agent.drain import DrainContext, DrainOutcome, app_is_up, run_drain
+from agent.events import EventRecorder
 from agent.http import AppHealth
 from agent.kube import InCluster, KubeClient, KubeError
 from agent.lifecycle import GracePeriod, Lifecycle, Phase, Propagation, Step, Trigger
@@ -141,6 +142,8 @@ class Agent:
         """Started at the trigger: done within GRACE_READ_SECONDS of it, once the pod's grace
         period is read (``lifecycle.grace``) and ``plan`` is the one in effect; whoever reports
         the plan at the trigger (the Events) awaits it, the drain's limit too."""
+        self.events: EventRecorder | None = None
+        """The Events on the pod (agent.events), from start-up on; None outside a cluster."""
         self.metrics.track(self.lifecycle)
         self.lifecycle.subscribe(self._log_phase)
         output = logs.output()
@@ -206,6 +209,7 @@ class Agent:
                     self._health_check.cancel()
                 await self.shutdown(registry)
                 await self._after_drain()
+                await self._flush_events()
                 log.info("shutdown_complete", **self.lifecycle.report())
         finally:
             for signum in (*SHUTDOWN_SIGNALS, *IGNORED_SIGNALS):
@@ -248,15 +252,16 @@ class Agent:
     def _start_kube(
         self, resources: contextlib.AsyncExitStack, session: aiohttp.ClientSession
     ) -> None:
-        """In a cluster: the API client, and the EndpointSlice reader from start-up on, so that
-        the source knows which slices list the pod before the trigger. Its first failure is
-        logged once, with the remedy (agent.endpointslices.follow)."""
+        """In a cluster: the API client, the Events on the pod, and the EndpointSlice reader from
+        start-up on, so that the source knows which slices list the pod before the trigger. Its
+        first failure is logged once, with the remedy (agent.endpointslices.follow)."""
         config = self.config
-        if not config.in_cluster or config.kubernetes_service_host is None:
+        if config.kubernetes_service_host is None:
             return
         cluster = InCluster(config.kubernetes_service_host, config.kubernetes_service_port)
         self.kube = KubeClient(cluster, session)
         self.namespace = config.pod_namespace or cluster.namespace()
+        self._open_events(resources)
         if self.slices is None:
             return
         if self.namespace is None:
@@ -274,6 +279,26 @@ class Agent:
             self.kube, self.slices, self.namespace, self.lifecycle.elapsed
         )
         self._spawn(resources, reader, "endpointslices")
+
+    def _open_events(self, resources: contextlib.AsyncExitStack) -> None:
+        """The Events on the pod, whose posting task ``resources`` stops (agent.events)."""
+        self.events = EventRecorder(
+            self.kube, self.metrics, pod=self.config.pod_name, namespace=self.namespace or ""
+        )
+        if self.events.enabled:
+            self._spawn(resources, self.events.run(), "kube-events")
+
+    async def _flush_events(self) -> None:
+        """PrestopDrained was queued at the drain's end: a short, bounded chance to leave before
+        the process goes (the hooks have their answers), never past the grace budget's end,
+        where the kubelet's SIGKILL would cut the exit's own log line."""
+        if self.events is not None:
+            left = self.plan.budget.linger_until - self.lifecycle.elapsed()
+            await self.events.flush(min(events.FLUSH_SECONDS, max(left, 0.0)))
+
+    def _hook_refused(self, status: int, message: str, remote: str | None) -> None:
+        if self.events is not None:
+            self.events.hook_refused(status, message, remote)
 
     @staticmethod
     def _spawn(
@@ -301,6 +326,7 @@ class Agent:
                 pending=self.pending,
                 status_extra=self._status_extra,
                 on_final_scrape=self.final_scrape.set,
+                on_refused=self._hook_refused,
             ),
             handle_signals=False,  # the signals are ours: see handle_signal
             access_log_class=AccessLogger,
@@ -418,6 +444,7 @@ class Agent:
         lifecycle.end(step, reason, limit_seconds=round(limit, 4), **detail)
         self.metrics.drains.labels(reason=reason).inc()
         self.metrics.drain_duration.observe(step.duration or 0.0)
+        self._record_drained(reached=detail["floor_reached"])
         if outcome.last_data_seconds is not None:
             self.metrics.last_data_after_trigger.observe(outcome.last_data_seconds)
 
@@ -457,10 +484,17 @@ class Agent:
         grace = await self._read_grace()
         lifecycle = self.lifecycle
         lifecycle.grace = grace
-        if not grace.shortened:
-            if grace.note is not None:
-                log.info("grace_period_configured", **grace.as_dict())
-            return self.plan
+        if grace.shortened:
+            self._replan(grace)
+        elif grace.note is not None:
+            log.info("grace_period_configured", **grace.as_dict())
+        # Said on the pod once the plan in effect is known (queued: never waits for the API).
+        note = events.draining_note(self.plan, lifecycle.trigger, grace)
+        self._record(events.DRAINING, "Draining", note)
+        return self.plan
+
+    def _replan(self, grace: GracePeriod) -> None:
+        """The pod's deletion gave less than the configured grace period: plan with it."""
         self.plan = self.plan.with_grace(grace)
         log.warning(
             "grace_period_shortened",
@@ -476,7 +510,6 @@ class Agent:
         warning = self.plan.floor_warning()
         if warning is not None:
             log.warning("drain_floor_exceeds_max", detail=warning, grace_period_from=POD_GRACE)
-        return self.plan
 
     def _record_propagation(self, reason: str, propagation: Propagation) -> str:
         """At the drain's end: record how long the change took to reach the clients' view, or
@@ -586,6 +619,14 @@ class Agent:
         if error:
             lifecycle.fail(error)
             log.error("registry_mark_down_failed", error=error, duration_seconds=step.duration)
+            self._record(
+                events.REGISTRY_FAILED,
+                "MarkDown",
+                f"Could not take the instance out of the registry: {error}. The drain goes on;"
+                " callers may keep routing to this pod until their registry entry expires, and"
+                " the preStop hook answers 500.",
+                warning=True,
+            )
         return error is None
 
     async def _drain(self, limit: float) -> DrainOutcome:
@@ -606,6 +647,18 @@ class Agent:
             log.exception("drain_strategy_failed", mode=self.config.drain_mode)
             await asyncio.sleep(max(0.0, limit - (self.lifecycle.elapsed() - started)))
             return DrainOutcome(reason="max", detail={"error": type(exc).__name__})
+
+    def _record(self, reason: str, action: str, note: str, *, warning: bool = False) -> None:
+        if self.events is not None:
+            self.events.record(reason, action, note, warning=warning)
+
+    def _record_drained(self, *, reached: bool) -> None:
+        """The drain's Events: PrestopDrained, and the Warning when it ended before the floor."""
+        plan, lifecycle = self.plan, self.lifecycle
+        if not reached:
+            note = events.floor_not_reached_note(plan, lifecycle)
+            self._record(events.FLOOR_NOT_REACHED, "Drain", note, warning=True)
+        self._record(events.DRAINED, "Drained", events.drained_note(plan, lifecycle))
 
     def _count_accepts(self, runner: web.AppRunner) -> None:
         """Count the connections the agent's listener accepts (see ``accepted``).

@@ -163,6 +163,22 @@ class Metrics:
             " stops the agent.",
             registry=r,
         )
+        self.kube_events_posted = Counter(
+            "prestop_kube_events_posted",
+            "Kubernetes Events the agent posted on its pod, by the Event's reason"
+            " (PrestopDraining, PrestopDrained, PrestopFloorNotReached, PrestopRegistryFailed,"
+            " PrestopHookRefused).",
+            ["reason"],
+            registry=r,
+        )
+        self.kube_events_failed = Counter(
+            "prestop_kube_events_failed",
+            "Kubernetes Events the agent could not post, by the Event's reason: the API server"
+            " refused or did not answer (the Role lacks create on events.k8s.io events, say), or"
+            " the queue was full. Never a delay to the drain: the log says why.",
+            ["reason"],
+            registry=r,
+        )
         # Every series an alert or dashboard counts with increase() exists at 0 from start-up: a
         # pod terminates once, and a counter born at 1 shows no increase at all.
         for phase in Phase:
@@ -175,6 +191,12 @@ class Metrics:
             self.registry_propagation_censored.labels(reason=reason)
         for result in ("ok", "failed", "unauthorized", "forbidden"):
             self.hook_calls.labels(result=result)
+
+    def kube_events(self, reasons: tuple[str, ...]) -> None:
+        """Start the Events' counters at 0 for every reason (when Events are posted at all)."""
+        for reason in reasons:
+            self.kube_events_posted.labels(reason=reason)
+            self.kube_events_failed.labels(reason=reason)
 
     def describe(self, **settings: str) -> None:
         """Set ``prestop_info`` (version plus the settings that shape the termination)."""

@@ -99,8 +99,16 @@ def _refusal(config: Config, request: web.Request) -> tuple[int, str, str] | Non
     return None
 
 
+RefusalListener = Callable[[int, str, "str | None"], None]
+"""Told of every refused /prestop call: (HTTP status, why, the caller's address)."""
+
+
 def _prestop_handler(
-    config: Config, lifecycle: Lifecycle, metrics: Metrics, pending: PendingAnswers
+    config: Config,
+    lifecycle: Lifecycle,
+    metrics: Metrics,
+    pending: PendingAnswers,
+    on_refused: RefusalListener | None = None,
 ) -> Handler:
     """/prestop: start the shutdown (or join it), wait for the drain, answer with the timeline."""
 
@@ -110,6 +118,10 @@ def _prestop_handler(
             status, result, message = refused
             metrics.hook_calls.labels(result=result).inc()
             log.warning("prestop_refused", reason=message, remote=request.remote)
+            if on_refused is not None:
+                # The kubelet ignores the hook's status: an Event is the only trace in the
+                # cluster (agent.events rate-limits them).
+                on_refused(status, message, request.remote)
             return _json({"error": message}, status=status)
         with pending:
             if lifecycle.start(Trigger.PRESTOP):
@@ -138,13 +150,15 @@ def make_app(
     pending: PendingAnswers | None = None,
     status_extra: Callable[[], dict[str, Any]] | None = None,
     on_final_scrape: Callable[[], None] | None = None,
+    on_refused: RefusalListener | None = None,
 ) -> web.Application:
     """The agent's aiohttp application.
 
     ``on_final_scrape`` is called once a /metrics page generated after the drain (so holding
-    its figures) has been written to the scraper."""
+    its figures) has been written to the scraper; ``on_refused`` of every refused /prestop
+    call."""
     pending = pending if pending is not None else PendingAnswers()
-    prestop = _prestop_handler(config, lifecycle, metrics, pending)
+    prestop = _prestop_handler(config, lifecycle, metrics, pending, on_refused)
 
     async def ready(request: web.Request) -> web.Response:
         if lifecycle.phase is not Phase.SERVING:
