@@ -168,10 +168,14 @@ def can_i(cluster: KubeCluster, subject: str, verb: str, resource: str, namespac
     return answer == "yes"
 
 
-def assert_only_the_agent_has_api_access(cluster: KubeCluster, pod_name: str, app: str) -> str:
+def assert_api_access(
+    cluster: KubeCluster, pod_name: str, app: str, app_token: bool = False
+) -> str:
     """The running pod's ServiceAccount may do exactly what the agent asks (GRANTED, in its own
-    namespace only); the agent container holds that account's token, the cluster CA and the
-    namespace; the admission controller gave the app container no token. Returns a summary."""
+    namespace only); the agent container holds that account's token (from its own projected
+    volume), the cluster CA and the namespace; the app container holds a token only with
+    ``app_token`` (the user's own account, automounted by the admission controller, which left
+    the agent's mount alone). Returns a summary."""
     pod = cluster.get("pod", pod_name)
     namespace, spec = pod["metadata"]["namespace"], pod["spec"]
     account = spec["serviceAccountName"]
@@ -186,18 +190,22 @@ def assert_only_the_agent_has_api_access(cluster: KubeCluster, pod_name: str, ap
         for verb, resource, where in answers
     }
     assert answers == expected, {k: v for k, v in answers.items() if v != expected[k]}
-    # The pod as admitted: the agent mounts our projected volume; the admission controller added
-    # no token volume of its own (kube-api-access-*) and mounted nothing into the app.
-    for container in spec.get("initContainers", []) + spec["containers"]:
-        mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
-        wanted = API_VOLUME if container["name"] == "prestop-agent" else None
-        assert mounts.get(SERVICE_ACCOUNT_DIRECTORY) == wanted, (container["name"], mounts)
+    # The pod as admitted: the agent mounts our projected volume; the admission controller's own
+    # token volume (kube-api-access-*) exists, and is mounted into the app, only with app_token.
     token_volumes = [
         v["name"]
         for v in spec["volumes"]
         if any("serviceAccountToken" in s for s in v.get("projected", {}).get("sources", []))
     ]
-    assert token_volumes == [API_VOLUME], token_volumes
+    admitted = [name for name in token_volumes if name != API_VOLUME]
+    assert API_VOLUME in token_volumes and len(admitted) == int(app_token), token_volumes
+    for container in spec.get("initContainers", []) + spec["containers"]:
+        mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
+        if container["name"] == "prestop-agent":
+            wanted: str | None = API_VOLUME
+        else:
+            wanted = admitted[0] if app_token and container["name"] == app else None
+        assert mounts.get(SERVICE_ACCOUNT_DIRECTORY) == wanted, (container["name"], mounts)
     # And in the running containers.
     found = json.loads(
         cluster.exec(pod_name, "python3", "-c", READ_CREDENTIALS, container="prestop-agent")
@@ -207,14 +215,17 @@ def assert_only_the_agent_has_api_access(cluster: KubeCluster, pod_name: str, ap
         "namespace": namespace, "ca": True,
     }, found  # fmt: skip
     in_app = cluster.exec(
-        pod_name, "sh", "-c", f"test -e {SERVICE_ACCOUNT_DIRECTORY} && echo present || echo absent",
+        pod_name, "sh", "-c", f"test -e {SERVICE_ACCOUNT_DIRECTORY}/token && echo yes || echo no",
         container=app,
     )  # fmt: skip
-    assert in_app.strip() == "absent", in_app
+    assert in_app.strip() == ("yes" if app_token else "no"), in_app
     granted = sum(answers.values())
+    where = "in the agent container only"
+    if app_token:
+        where = "in the agent container and (the user's automount) in the app's"
     return (
         f"{subject}: {granted} of {len(answers)} can-i yes (exactly the Role's, in {namespace});"
-        f" token in the agent container only"
+        f" token {where}"
     )
 
 
@@ -275,7 +286,7 @@ def test_helm_install_and_a_rollout_restart(
         ).split()
         assert len(names) == 1, names
         (running,) = live_pods(cluster, "-l=app.kubernetes.io/instance=orders")
-        access = assert_only_the_agent_has_api_access(cluster, running["metadata"]["name"], "app")
+        access = assert_api_access(cluster, running["metadata"]["name"], "app")
         took = restart_replaces_every_pod(cluster, names[0].split("/", 1)[1])
         print(f"\nhelm {layout}: {access}; rollout restart complete in {took:.1f} s")
     finally:
@@ -283,6 +294,49 @@ def test_helm_install_and_a_rollout_restart(
             [*helm, "uninstall", "orders", "--wait", "--timeout=120s"],
             capture_output=True, timeout=180, check=False,
         )  # fmt: skip
+
+
+def test_helm_install_binds_the_role_to_the_users_own_service_account(
+    cluster: KubeCluster, demo_app_jar: Path
+) -> None:
+    """A user whose app runs under an account of its own, with its token automounted (Spring
+    Cloud Kubernetes): ``serviceAccount.create=false``, ``serviceAccount.name``. The chart binds
+    the Role to that account and creates none; the admission controller still mounts the
+    account's token into the app, and skips the agent container, which mounts its own."""
+    repository, tag = agent_image(cluster)
+    account = "orders-app"
+    pod = helm_app_pod(cluster, demo_app_jar)
+    pod["serviceAccountName"] = account
+    values = {
+        "layout": "native",
+        "image": {"repository": repository, "tag": tag, "pullPolicy": "Never"},
+        "gracePeriodSeconds": 30,
+        "registry": {"type": "none"},
+        "agent": {"appShutdownSeconds": 10, "drain": {"quietSeconds": 1}},
+        "serviceAccount": {"create": False, "name": account},
+        "deployment": {"replicas": 1, "minReadySeconds": 1, "pod": pod},
+    }
+    cluster.kubectl("create", "serviceaccount", account)
+    helm = [_tool("helm"), f"--kubeconfig={cluster.kubeconfig}"]
+    done = subprocess.run(
+        [*helm, "install", "orders", str(CHART), "--values", "-", "--wait",
+         f"--timeout={int(START_TIMEOUT)}s"],
+        input=json.dumps(values), capture_output=True, text=True, timeout=START_TIMEOUT + 60,
+        check=False,
+    )  # fmt: skip
+    try:
+        assert done.returncode == 0, done.stderr + cluster.kubectl("get", "pods", "-o=wide")
+        accounts = cluster.kubectl("get", "serviceaccounts", "-o=name").split()
+        assert "serviceaccount/orders-prestop-agent" not in accounts, accounts
+        (running,) = live_pods(cluster, "-l=app.kubernetes.io/instance=orders")
+        access = assert_api_access(cluster, running["metadata"]["name"], "app", app_token=True)
+        print(f"\nhelm, the user's own ServiceAccount: {access}")
+    finally:
+        subprocess.run(
+            [*helm, "uninstall", "orders", "--wait", "--timeout=120s"],
+            capture_output=True, timeout=180, check=False,
+        )  # fmt: skip
+        cluster.kubectl("delete", "serviceaccount", account, "--ignore-not-found")
 
 
 @pytest.mark.parametrize("layout", ["native", "classic"])
@@ -371,7 +425,7 @@ def test_kubectl_apply_k_and_a_rollout_restart(
         assert_no_floor_warning(report)
         assert re.search(r"^ *PRESTOP_TOKEN += \*\*\*$", report, re.MULTILINE), report
         name = running["metadata"]["name"]
-        access = assert_only_the_agent_has_api_access(cluster, name, "orders")
+        access = assert_api_access(cluster, name, "orders")
         took = restart_replaces_every_pod(cluster, "orders")
         print(
             f"\nkustomize {layout}: check in the pod without a floor warning; {access}; rollout"
