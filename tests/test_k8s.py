@@ -605,6 +605,14 @@ def check_api_access(objects: list[Object]) -> str:
     assert mount == {"name": API_VOLUME, "mountPath": SERVICE_ACCOUNT_DIRECTORY, "readOnly": True}
     (volume,) = [v for v in pod["volumes"] if v["name"] == API_VOLUME]
     assert volume == {"name": API_VOLUME, "projected": {"sources": API_VOLUME_SOURCES}}
+    # Which pod to read, which namespace's slices to watch, which address they list.
+    downward = {
+        e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"]
+        for e in agent.get("env", [])
+        if "fieldRef" in e.get("valueFrom", {})
+    }
+    assert downward == {"POD_NAME": "metadata.name", "POD_NAMESPACE": "metadata.namespace",
+                        "POD_IP": "status.podIP"}, downward  # fmt: skip
     for container in containers:  # check_agent_deployment checks the mount paths
         if container is not agent:
             assert API_VOLUME not in {m["name"] for m in container.get("volumeMounts", [])}
