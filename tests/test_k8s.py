@@ -45,6 +45,26 @@ KUBE_VERSION = KUBERNETES_VERSIONS[-1]
 TOKEN = "replace-with-a-random-token"
 Object = dict[str, Any]
 
+# The agent's API access (its token, its Role), the same in every packaging.
+SERVICE_ACCOUNT_DIRECTORY = "/var/run/secrets/kubernetes.io/serviceaccount"
+API_VOLUME = "prestop-agent-kube-api-access"
+# What the agent asks the API server, and nothing more: (API group, resource, verb). Its own pod
+# (the deletion's grace period), the EndpointSlices that list it, Events on it.
+AGENT_PERMISSIONS = {
+    ("", "pods", "get"),
+    ("discovery.k8s.io", "endpointslices", "list"),
+    ("discovery.k8s.io", "endpointslices", "watch"),
+    ("events.k8s.io", "events", "create"),
+}
+# The token (rotated by the kubelet; the lifetime the ServiceAccount admission controller asks
+# for), the cluster's CA and the namespace: the files in-cluster clients read.
+API_VOLUME_SOURCES = [
+    {"serviceAccountToken": {"path": "token", "expirationSeconds": 3607}},
+    {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+    {"downwardAPI": {"items": [{"path": "namespace", "fieldRef": {
+        "apiVersion": "v1", "fieldPath": "metadata.namespace"}}]}},
+]  # fmt: skip
+
 # Value sets the chart is rendered with: each layout, each drain mode, each registry, the token
 # from a value, monitoring on. Every rendered object goes through every check below.
 CHART_VALUES: dict[str, Object] = {
@@ -107,6 +127,11 @@ CHART_VALUES: dict[str, Object] = {
     "private-ca": {
         "token": {"value": TOKEN},
         "registry": {"eureka": {"ca": {"secret": "eureka-ca", "key": "ca.pem"}}},
+    },
+    # The pods' own ServiceAccount (one the app needs, say): the Role is bound to it.
+    "own-service-account": {
+        "token": {"value": TOKEN},
+        "serviceAccount": {"create": False, "name": "orders"},
     },
     "monitoring": {
         "token": {"value": TOKEN},
@@ -297,6 +322,11 @@ def check_agent_deployment(objects: list[Object]) -> Object:
     assert agent["ports"][0]["containerPort"] == config.port
     assert agent["ports"][0]["name"] == "prestop-agent", "what the PodMonitor scrapes"
 
+    for container in pod.get("initContainers", []) + pod["containers"]:
+        if container is not agent:
+            mounted = {m["mountPath"] for m in container.get("volumeMounts", [])}
+            assert SERVICE_ACCOUNT_DIRECTORY not in mounted, f"{container['name']}: a token"
+
     hooked = [c for c in pod["containers"] if "lifecycle" in c]
     assert len(hooked) == 1, "exactly one container (the app) drains through the agent"
     (app,) = hooked
@@ -465,9 +495,19 @@ def test_the_chart_ships_the_monitoring_pack_unchanged(
             }]}}},
             'container "app" already has a preStop hook',
         ),
+        (
+            {"deployment": {"pod": {"serviceAccountName": "orders",
+                                    "containers": [{"name": "app", "image": "x"}]}}},
+            'the pod spec runs as ServiceAccount "orders", the chart\'s Role is bound to'
+            ' "orders-prestop-agent"',
+        ),
+        (
+            {"serviceAccount": {"create": False}},
+            "rbac.create needs a ServiceAccount to bind the Role to",
+        ),
     ],
     ids=["existing-secret", "no-health", "ca", "no-app-container", "layout", "mode", "typo",
-         "grace", "prestop"],
+         "grace", "prestop", "two-accounts", "no-account-to-bind"],
 )  # fmt: skip
 def test_a_wrong_value_fails_the_render_with_a_message_naming_it(
     values: Object, message: str
@@ -520,13 +560,193 @@ spec:
 """
     )
     objects = helm_template({}, chart=parent)
-    assert sorted(o["kind"] for o in objects) == ["Deployment", "PodDisruptionBudget", "Secret"]
+    assert sorted(o["kind"] for o in objects) == [
+        "Deployment", "PodDisruptionBudget", "Role", "RoleBinding", "Secret", "ServiceAccount"
+    ]  # fmt: skip
+    assert check_api_access(objects) == "orders-prestop-agent"
     assert check_agent_deployment(objects)["PRESTOP_TOKEN"] == TOKEN
     # The subchart's PodDisruptionBudget covers the parent's pods.
     (budget,) = [o for o in objects if o["kind"] == "PodDisruptionBudget"]
     (deployment,) = [o for o in objects if o["kind"] == "Deployment"]
     selector = budget["spec"]["selector"]["matchLabels"]
     assert selector.items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+
+
+# --- the agent's API access: least privilege, the token in the agent container only -------------
+
+
+def granted(role: Object) -> set[tuple[str, str, str]]:
+    """Every (API group, resource, verb) the Role grants. A wildcard, a rule on named resources
+    or on non-resource URLs fails: none of them is least privilege here."""
+    found = set()
+    for rule in role["rules"]:
+        assert set(rule) == {"apiGroups", "resources", "verbs"}, rule
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                for verb in rule["verbs"]:
+                    assert "*" not in (group, resource, verb), rule
+                    found.add((group, resource, verb))
+    return found
+
+
+def check_api_access(objects: list[Object]) -> str:
+    """The agent's API access in ``objects`` as the API server and the kubelet take it: the
+    agent container, and no other, mounts the projected token read-only where in-cluster clients
+    read it; the pod runs as a ServiceAccount whose own token the admission controller mounts
+    nowhere (when these objects create it), bound by a RoleBinding in its namespace to a Role
+    that grants exactly AGENT_PERMISSIONS; no cluster-wide grant. Returns the account's name."""
+    (deployment,) = [o for o in objects if o["kind"] == "Deployment"]
+    pod = deployment["spec"]["template"]["spec"]
+    containers = pod.get("initContainers", []) + pod["containers"]
+    (agent,) = [c for c in containers if c["name"] == "prestop-agent"]
+    (mount,) = [
+        m for m in agent.get("volumeMounts", []) if m["mountPath"] == SERVICE_ACCOUNT_DIRECTORY
+    ]
+    assert mount == {"name": API_VOLUME, "mountPath": SERVICE_ACCOUNT_DIRECTORY, "readOnly": True}
+    (volume,) = [v for v in pod["volumes"] if v["name"] == API_VOLUME]
+    assert volume == {"name": API_VOLUME, "projected": {"sources": API_VOLUME_SOURCES}}
+    # Which pod to read, which namespace's slices to watch, which address they list.
+    downward = {
+        e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"]
+        for e in agent.get("env", [])
+        if "fieldRef" in e.get("valueFrom", {})
+    }
+    assert downward == {"POD_NAME": "metadata.name", "POD_NAMESPACE": "metadata.namespace",
+                        "POD_IP": "status.podIP"}, downward  # fmt: skip
+    for container in containers:  # check_agent_deployment checks the mount paths
+        if container is not agent:
+            assert API_VOLUME not in {m["name"] for m in container.get("volumeMounts", [])}
+    account = pod["serviceAccountName"]
+    for created in (o for o in objects if o["kind"] == "ServiceAccount"):
+        assert created["metadata"]["name"] == account
+        assert created["automountServiceAccountToken"] is False, "the app would get its token"
+    kinds = {o["kind"] for o in objects}
+    assert not {"ClusterRole", "ClusterRoleBinding"} & kinds, "the pod's namespace only"
+    (role,) = [o for o in objects if o["kind"] == "Role"]
+    (binding,) = [o for o in objects if o["kind"] == "RoleBinding"]
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role["metadata"]["name"]
+    }  # fmt: skip
+    # Without a namespace: the binding's own, wherever it is applied.
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account}]
+    assert granted(role) == AGENT_PERMISSIONS
+    return account
+
+
+def _packagings(
+    chart_renders: dict[str, list[Object]], kustomize_builds: dict[str, list[Object]]
+) -> dict[str, list[Object]]:
+    """Every way k8s/ installs the agent: the examples, each chart render, each kustomize build."""
+    found = {f"{m.name}": _documents(m.read_text()) for m in EXAMPLES}
+    for name, objects in chart_renders.items():
+        found[f"helm template ({name})"] = [o for o in objects if not _is_hook(o)]
+    for layout in LAYOUTS:
+        found[f"kustomize build ({layout})"] = kustomize_builds[layout]
+    return found
+
+
+def test_every_packaging_gives_the_agent_alone_a_least_privilege_token(
+    chart_renders: dict[str, list[Object]], kustomize_builds: dict[str, list[Object]]
+) -> None:
+    accounts = {}
+    for where, objects in _packagings(chart_renders, kustomize_builds).items():
+        try:
+            accounts[where] = check_api_access(objects)
+        except AssertionError as error:
+            raise AssertionError(f"{where}: {error}") from error
+    assert accounts["helm template (native)"] == "orders-prestop-agent"
+    assert accounts["helm template (own-service-account)"] == "orders"
+    assert accounts["kustomize build (native)"] == "prestop-agent"
+    assert len(accounts) == len(EXAMPLES) + len(CHART_VALUES) + len(LAYOUTS)
+
+
+def _api_objects(objects: list[Object]) -> dict[str, Object]:
+    """The ServiceAccount, Role and RoleBinding, the token's volume and mount, without the names
+    and labels each packaging gives them."""
+    found: dict[str, Object] = {}
+    for obj in copy.deepcopy(objects):
+        if obj["kind"] in ("ServiceAccount", "Role", "RoleBinding"):
+            obj["metadata"] = {}
+            if obj["kind"] == "RoleBinding":
+                obj["roleRef"]["name"] = obj["subjects"][0]["name"] = "NAME"
+            found[obj["kind"]] = obj
+    (deployment,) = [o for o in objects if o["kind"] == "Deployment"]
+    pod = deployment["spec"]["template"]["spec"]
+    (agent,) = [c for c in pod.get("initContainers", []) + pod["containers"]
+                if c["name"] == "prestop-agent"]  # fmt: skip
+    found["volume"] = next(v for v in pod["volumes"] if v["name"] == API_VOLUME)
+    found["mount"] = next(m for m in agent["volumeMounts"] if m["name"] == API_VOLUME)
+    return found
+
+
+def test_the_chart_and_kustomize_grant_the_same(
+    chart_renders: dict[str, list[Object]], kustomize_builds: dict[str, list[Object]]
+) -> None:
+    for layout in LAYOUTS:
+        chart = _api_objects(chart_renders[layout])
+        assert set(chart) == {"ServiceAccount", "Role", "RoleBinding", "volume", "mount"}
+        assert chart == _api_objects(kustomize_builds[layout]), layout
+
+
+def test_the_helm_test_pod_runs_as_the_agent_with_its_token(
+    chart_renders: dict[str, list[Object]],
+) -> None:
+    """``prestop-agent check`` in the helm test pod sees the API as the agent does."""
+    objects = chart_renders["native"]
+    (check,) = [o for o in objects if _is_hook(o)]
+    account = check_api_access([o for o in objects if not _is_hook(o)])
+    spec = check["spec"]
+    assert spec["serviceAccountName"] == account
+    assert spec["volumes"] == [{"name": API_VOLUME, "projected": {"sources": API_VOLUME_SOURCES}}]
+    (container,) = spec["containers"]
+    assert {"name": API_VOLUME, "mountPath": SERVICE_ACCOUNT_DIRECTORY, "readOnly": True} in (
+        container["volumeMounts"]
+    )
+
+
+def test_the_chart_binds_the_role_to_the_users_own_service_account() -> None:
+    """A pod spec with its own ServiceAccount (Spring Cloud Kubernetes needs one): no second
+    account, the Role bound to the user's, and the pod spec's token mounting left as it was."""
+    pod = {"serviceAccountName": "orders", "containers": [{
+        "name": "app", "image": "shop/orders:2", "ports": [{"name": "http", "containerPort": 8080}],
+    }]}  # fmt: skip
+    values = {"serviceAccount": {"create": False, "name": "orders"}, "deployment": {"pod": pod}}
+    objects = helm_template(values)
+    assert "ServiceAccount" not in {o["kind"] for o in objects}
+    assert check_api_access(objects) == "orders"
+    (deployment,) = [o for o in objects if o["kind"] == "Deployment"]
+    assert "automountServiceAccountToken" not in deployment["spec"]["template"]["spec"]
+
+
+def test_the_chart_without_api_access_mounts_no_token_and_grants_nothing() -> None:
+    """What the agent then does (one warning, the assumed EndpointSlice bound) is the agent's;
+    the chart's part is that nothing half-configured is left behind."""
+    values = {"serviceAccount": {"create": False, "mountToken": False}, "rbac": {"create": False}}
+    objects = helm_template(values, hooks=True)
+    assert not {"ServiceAccount", "Role", "RoleBinding"} & {o["kind"] for o in objects}
+    check_agent_deployment(objects)
+    (deployment,) = [o for o in objects if o["kind"] == "Deployment"]
+    (check,) = [o for o in objects if _is_hook(o)]
+    for pod in (deployment["spec"]["template"]["spec"], check["spec"]):
+        assert "serviceAccountName" not in pod
+        assert API_VOLUME not in yaml.safe_dump(pod)
+
+
+def test_kustomize_binds_the_role_to_the_users_own_service_account(tmp_path: Path) -> None:
+    """The recipe of k8s/kustomize/README.md: the overlay's own patches run after the component,
+    so they can point the RoleBinding and the pods at the user's account and drop the
+    component's."""
+    readme = (KUSTOMIZE / "README.md").read_text()
+    recipe = readme.split("### Your own ServiceAccount", 1)[1].split("```yaml\n", 1)[1]
+    recipe = recipe.split("```", 1)[0]
+    assert "name: orders" in recipe
+    overlay = _overlay(tmp_path, {})
+    kustomization = overlay / "kustomization.yaml"
+    kustomization.write_text(kustomization.read_text() + recipe)
+    objects = kustomize_build(overlay)
+    check_agent_deployment(objects)
+    assert "ServiceAccount" not in {o["kind"] for o in objects}
+    assert check_api_access(objects) == "orders"
 
 
 # --- schema validation and the security linter, over everything ----------------------------------
@@ -791,7 +1011,7 @@ def test_the_users_pod_gets_nothing_of_the_example_pod() -> None:
     ]
     spec = deployment["spec"]["template"]["spec"]
     assert "automountServiceAccountToken" not in spec
-    assert "volumes" not in spec
+    assert [v["name"] for v in spec["volumes"]] == [API_VOLUME], "the agent's token only"
     (app,) = spec["containers"]
     assert set(app) == {"name", "image", "ports", "lifecycle", "readinessProbe"}
 

@@ -1,7 +1,10 @@
 """The chart and the kustomize component installed for real through the cluster's API server
 (``helm install``, ``kubectl apply -k``): the objects pass the real schema and admission, the
-pods run (the agent from its image, the app the demo app), and a ``kubectl rollout restart`` of
-what they rendered completes with every pod replaced."""
+pods run (the agent from its image, the app the demo app), the agent's ServiceAccount may do
+what the agent asks the API and nothing else (``kubectl auth can-i --as``, the RBAC authorizer
+itself), only the agent container holds a token (the pod as the API server admitted it, and the
+files in the running containers), and a ``kubectl rollout restart`` of what they rendered
+completes with every pod replaced."""
 
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ import yaml
 
 from tests.harness.cluster import KubeCluster
 from tests.harness.pods import APP_PORT, demo_app_command, jar_volume
-from tests.test_k8s import CHART, KUSTOMIZE, _tool
+from tests.test_k8s import API_VOLUME, CHART, KUSTOMIZE, SERVICE_ACCOUNT_DIRECTORY, _tool
 
 # A JVM start, an install and a rollout, on a loaded machine: more than the suite's 300 s.
 pytestmark = [pytest.mark.kube, pytest.mark.java, pytest.mark.timeout(900)]
@@ -112,12 +115,127 @@ def hook_answers(agent_log: str) -> list[int]:
     return statuses
 
 
+# What the agent's ServiceAccount may do in its namespace (kubectl auth can-i VERB RESOURCE)...
+GRANTED = [
+    ("get", "pods"),
+    ("list", "endpointslices.discovery.k8s.io"),
+    ("watch", "endpointslices.discovery.k8s.io"),
+    ("create", "events.events.k8s.io"),
+]
+# ...and a sample of what it may not: other verbs on the same resources, the legacy Events API,
+# Secrets, another pod's exec or eviction.
+DENIED = [
+    ("delete", "pods"),
+    ("list", "pods"),
+    ("patch", "pods"),
+    ("create", "pods/exec"),
+    ("create", "pods/eviction"),
+    ("update", "endpointslices.discovery.k8s.io"),
+    ("create", "events"),
+    ("list", "secrets"),
+    ("get", "secrets"),
+    ("list", "configmaps"),
+]
+# A namespace the agent does not run in: a Role, not a ClusterRole, grants nothing there.
+OTHER_NAMESPACE = "kube-system"
+
+# Run in the agent container (its image has python): what it finds where in-cluster clients
+# look for the API's credentials, the token's claims decoded (not verified: the API server does).
+READ_CREDENTIALS = f"""
+import base64, json, os
+directory = {SERVICE_ACCOUNT_DIRECTORY!r}
+payload = open(os.path.join(directory, "token")).read().split(".")[1]
+claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+print(json.dumps({{
+    "files": sorted(f for f in os.listdir(directory) if not f.startswith(".")),
+    "subject": claims["sub"],
+    "pod": claims["kubernetes.io"]["pod"]["name"],
+    "namespace": open(os.path.join(directory, "namespace")).read(),
+    "ca": open(os.path.join(directory, "ca.crt")).read().startswith("-----BEGIN CERTIFICATE"),
+}}))
+"""
+
+
+def can_i(cluster: KubeCluster, subject: str, verb: str, resource: str, namespace: str) -> bool:
+    """``kubectl auth can-i`` as ``subject``: the API server's own authorizers answer."""
+    done = subprocess.run(
+        [str(cluster.bin / "kubectl"), f"--kubeconfig={cluster.kubeconfig}", "auth", "can-i",
+         verb, resource, f"--namespace={namespace}", f"--as={subject}"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    answer = done.stdout.strip()
+    assert answer in ("yes", "no"), f"can-i {verb} {resource}: {done.stdout} {done.stderr}"
+    return answer == "yes"
+
+
+def assert_api_access(
+    cluster: KubeCluster, pod_name: str, app: str, app_token: bool = False
+) -> str:
+    """The running pod's ServiceAccount may do exactly what the agent asks (GRANTED, in its own
+    namespace only); the agent container holds that account's token (from its own projected
+    volume), the cluster CA and the namespace; the app container holds a token only with
+    ``app_token`` (the user's own account, automounted by the admission controller, which left
+    the agent's mount alone). Returns a summary."""
+    pod = cluster.get("pod", pod_name)
+    namespace, spec = pod["metadata"]["namespace"], pod["spec"]
+    account = spec["serviceAccountName"]
+    subject = f"system:serviceaccount:{namespace}:{account}"
+    answers = {
+        (verb, resource, where): can_i(cluster, subject, verb, resource, where)
+        for verb, resource in GRANTED + DENIED
+        for where in (namespace, OTHER_NAMESPACE)
+    }
+    expected = {
+        (verb, resource, where): (verb, resource) in GRANTED and where == namespace
+        for verb, resource, where in answers
+    }
+    assert answers == expected, {k: v for k, v in answers.items() if v != expected[k]}
+    # The pod as admitted: the agent mounts our projected volume; the admission controller's own
+    # token volume (kube-api-access-*) exists, and is mounted into the app, only with app_token.
+    token_volumes = [
+        v["name"]
+        for v in spec["volumes"]
+        if any("serviceAccountToken" in s for s in v.get("projected", {}).get("sources", []))
+    ]
+    admitted = [name for name in token_volumes if name != API_VOLUME]
+    assert API_VOLUME in token_volumes and len(admitted) == int(app_token), token_volumes
+    for container in spec.get("initContainers", []) + spec["containers"]:
+        mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
+        if container["name"] == "prestop-agent":
+            wanted: str | None = API_VOLUME
+        else:
+            wanted = admitted[0] if app_token and container["name"] == app else None
+        assert mounts.get(SERVICE_ACCOUNT_DIRECTORY) == wanted, (container["name"], mounts)
+    # And in the running containers.
+    found = json.loads(
+        cluster.exec(pod_name, "python3", "-c", READ_CREDENTIALS, container="prestop-agent")
+    )
+    assert found == {
+        "files": ["ca.crt", "namespace", "token"], "subject": subject, "pod": pod_name,
+        "namespace": namespace, "ca": True,
+    }, found  # fmt: skip
+    in_app = cluster.exec(
+        pod_name, "sh", "-c", f"test -e {SERVICE_ACCOUNT_DIRECTORY}/token && echo yes || echo no",
+        container=app,
+    )  # fmt: skip
+    assert in_app.strip() == ("yes" if app_token else "no"), in_app
+    granted = sum(answers.values())
+    where = "in the agent container only"
+    if app_token:
+        where = "in the agent container and (the user's automount) in the app's"
+    return (
+        f"{subject}: {granted} of {len(answers)} can-i yes (exactly the Role's, in {namespace});"
+        f" token {where}"
+    )
+
+
 def helm_app_pod(cluster: KubeCluster, jar: Path) -> dict[str, Any]:
     """The chart's ``deployment.pod`` for the demo app: the example pod's security context and
-    writable /tmp, with the demo app's image, command and jar."""
+    writable /tmp, with the demo app's image, command and jar. Without the example's
+    automountServiceAccountToken: false, as a user's pod has it: the chart's ServiceAccount alone
+    keeps the token out of the app."""
     volume, mount = jar_volume(jar)
     return {
-        "automountServiceAccountToken": False,
         "containers": [
             {
                 "name": "app",
@@ -167,13 +285,58 @@ def test_helm_install_and_a_rollout_restart(
             "get", "deployments", "-l=app.kubernetes.io/instance=orders", "-o=name"
         ).split()
         assert len(names) == 1, names
+        (running,) = live_pods(cluster, "-l=app.kubernetes.io/instance=orders")
+        access = assert_api_access(cluster, running["metadata"]["name"], "app")
         took = restart_replaces_every_pod(cluster, names[0].split("/", 1)[1])
-        print(f"\nhelm {layout}: rollout restart complete in {took:.1f} s")
+        print(f"\nhelm {layout}: {access}; rollout restart complete in {took:.1f} s")
     finally:
         subprocess.run(
             [*helm, "uninstall", "orders", "--wait", "--timeout=120s"],
             capture_output=True, timeout=180, check=False,
         )  # fmt: skip
+
+
+def test_helm_install_binds_the_role_to_the_users_own_service_account(
+    cluster: KubeCluster, demo_app_jar: Path
+) -> None:
+    """A user whose app runs under an account of its own, with its token automounted (Spring
+    Cloud Kubernetes): ``serviceAccount.create=false``, ``serviceAccount.name``. The chart binds
+    the Role to that account and creates none; the admission controller still mounts the
+    account's token into the app, and skips the agent container, which mounts its own."""
+    repository, tag = agent_image(cluster)
+    account = "orders-app"
+    pod = helm_app_pod(cluster, demo_app_jar)
+    pod["serviceAccountName"] = account
+    values = {
+        "layout": "native",
+        "image": {"repository": repository, "tag": tag, "pullPolicy": "Never"},
+        "gracePeriodSeconds": 30,
+        "registry": {"type": "none"},
+        "agent": {"appShutdownSeconds": 10, "drain": {"quietSeconds": 1}},
+        "serviceAccount": {"create": False, "name": account},
+        "deployment": {"replicas": 1, "minReadySeconds": 1, "pod": pod},
+    }
+    cluster.kubectl("create", "serviceaccount", account)
+    helm = [_tool("helm"), f"--kubeconfig={cluster.kubeconfig}"]
+    done = subprocess.run(
+        [*helm, "install", "orders", str(CHART), "--values", "-", "--wait",
+         f"--timeout={int(START_TIMEOUT)}s"],
+        input=json.dumps(values), capture_output=True, text=True, timeout=START_TIMEOUT + 60,
+        check=False,
+    )  # fmt: skip
+    try:
+        assert done.returncode == 0, done.stderr + cluster.kubectl("get", "pods", "-o=wide")
+        accounts = cluster.kubectl("get", "serviceaccounts", "-o=name").split()
+        assert "serviceaccount/orders-prestop-agent" not in accounts, accounts
+        (running,) = live_pods(cluster, "-l=app.kubernetes.io/instance=orders")
+        access = assert_api_access(cluster, running["metadata"]["name"], "app", app_token=True)
+        print(f"\nhelm, the user's own ServiceAccount: {access}")
+    finally:
+        subprocess.run(
+            [*helm, "uninstall", "orders", "--wait", "--timeout=120s"],
+            capture_output=True, timeout=180, check=False,
+        )  # fmt: skip
+        cluster.kubectl("delete", "serviceaccount", account, "--ignore-not-found")
 
 
 @pytest.mark.parametrize("layout", ["native", "classic"])
@@ -216,6 +379,8 @@ def test_kubectl_apply_k_and_a_rollout_restart(
         spec = document["spec"]
         spec["replicas"], spec["minReadySeconds"] = 1, 1
         pod = spec["template"]["spec"]
+        # As a user's pod has it: the component's ServiceAccount alone keeps the app token-less.
+        del pod["automountServiceAccountToken"]
         pod["volumes"].append(volume)
         app = next(c for c in pod["containers"] if c["name"] == "orders")
         app.update(demo_app(cluster, demo_app_jar))
@@ -259,10 +424,12 @@ def test_kubectl_apply_k_and_a_rollout_restart(
         )  # fmt: skip
         assert_no_floor_warning(report)
         assert re.search(r"^ *PRESTOP_TOKEN += \*\*\*$", report, re.MULTILINE), report
+        name = running["metadata"]["name"]
+        access = assert_api_access(cluster, name, "orders")
         took = restart_replaces_every_pod(cluster, "orders")
         print(
-            f"\nkustomize {layout}: check in the pod without a floor warning; rollout restart"
-            f" complete in {took:.1f} s, every hook answered 200 with the Secret's token"
+            f"\nkustomize {layout}: check in the pod without a floor warning; {access}; rollout"
+            f" restart complete in {took:.1f} s, every hook answered 200 with the Secret's token"
         )
     finally:
         cluster.kubectl("delete", "-k", str(overlay), "--wait=true", timeout=300)

@@ -48,6 +48,52 @@ prestop-agent/release: {{ .Release.Name }}
 {{- end -}}
 {{- end -}}
 
+{{/* The ServiceAccount the pods run under and the Role is bound to: the release's own (created),
+or the user's (serviceAccount.name); "" when neither (the pod spec's own, if any, stays). */}}
+{{- define "prestop-agent.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (printf "%s-prestop-agent" (include "prestop-agent.fullname" .)) .Values.serviceAccount.name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "prestop-agent.rbacName" -}}
+{{- printf "%s-prestop-agent" (include "prestop-agent.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Least privilege, in the pod's namespace: its own pod (the deletion's real grace period; no
+resourceNames: a Deployment's pod names do not exist before its pods), the EndpointSlices that
+list the pod (the Service path's propagation), Events on the pod (kubectl describe pod). */}}
+{{- define "prestop-agent.rbacRules" -}}
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [get]
+- apiGroups: [discovery.k8s.io]
+  resources: [endpointslices]
+  verbs: [list, watch]
+- apiGroups: [events.k8s.io]
+  resources: [events]
+  verbs: [create]
+{{- end -}}
+
+{{- define "prestop-agent.kubeApiDirectory" -}}/var/run/secrets/kubernetes.io/serviceaccount{{- end -}}
+
+{{/* The agent's API credentials, as the ServiceAccount admission controller would mount them
+(in-cluster clients read them at the well-known path), but into the agent container only: a token
+the kubelet rotates (3607 s, what admission asks for too), the cluster's CA, the namespace. */}}
+{{- define "prestop-agent.kubeApiVolume" -}}
+name: prestop-agent-kube-api-access
+projected:
+  sources:
+  - serviceAccountToken: {path: token, expirationSeconds: 3607}
+  - configMap:
+      name: kube-root-ca.crt
+      items: [{key: ca.crt, path: ca.crt}]
+  - downwardAPI:
+      items: [{path: namespace, fieldRef: {apiVersion: v1, fieldPath: metadata.namespace}}]
+{{- end -}}
+
 {{/* The token's value, for the hook's header (Kubernetes cannot take a header from a Secret).
 Never read from the cluster (no lookup): helm template and Argo CD must render what install does. */}}
 {{- define "prestop-agent.token" -}}
@@ -202,6 +248,9 @@ securityContext:
 {{- if include "prestop-agent.caSource" . }}
 {{- $mounts = append $mounts (dict "name" "prestop-agent-eureka-ca" "mountPath" (include "prestop-agent.caDirectory" .) "readOnly" true) }}
 {{- end }}
+{{- if $v.serviceAccount.mountToken }}
+{{- $mounts = append $mounts (dict "name" "prestop-agent-kube-api-access" "mountPath" (include "prestop-agent.kubeApiDirectory" .) "readOnly" true) }}
+{{- end }}
 {{- with $mounts }}
 volumeMounts:
 {{ toYaml . }}
@@ -218,6 +267,13 @@ volumeMounts:
 {{- fail "prestop-agent: set gracePeriodSeconds, not the pod's terminationGracePeriodSeconds: the chart gives the same value to the pod and to the agent" -}}
 {{- end -}}
 {{- $_ := set $pod "terminationGracePeriodSeconds" (int $v.gracePeriodSeconds) -}}
+{{- $account := include "prestop-agent.serviceAccountName" . -}}
+{{- if $account -}}
+{{- if and $pod.serviceAccountName (ne $pod.serviceAccountName $account) -}}
+{{- fail (printf "prestop-agent: the pod spec runs as ServiceAccount %q, the chart's Role is bound to %q, and a pod has one ServiceAccount: set serviceAccount.create=false and serviceAccount.name=%s (the Role is then bound to yours)" $pod.serviceAccountName $account $pod.serviceAccountName) -}}
+{{- end -}}
+{{- $_ := set $pod "serviceAccountName" $account -}}
+{{- end -}}
 {{- $security := deepCopy (default (dict) $pod.securityContext) -}}
 {{- if not (hasKey $security "seccompProfile") -}}
 {{- $_ := set $security "seccompProfile" (dict "type" "RuntimeDefault") -}}
@@ -264,6 +320,9 @@ volumeMounts:
 {{- with include "prestop-agent.caSource" . -}}
 {{- $volume := merge (dict "name" "prestop-agent-eureka-ca") (fromYaml .) -}}
 {{- $_ := set $pod "volumes" (append (default (list) $pod.volumes) $volume) -}}
+{{- end -}}
+{{- if $v.serviceAccount.mountToken -}}
+{{- $_ := set $pod "volumes" (append (default (list) $pod.volumes) (include "prestop-agent.kubeApiVolume" . | fromYaml)) -}}
 {{- end -}}
 {{- toYaml $pod -}}
 {{- end -}}
