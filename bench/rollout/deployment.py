@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from bench.rollout.rig import (
     BUSY_RATE,
     CONNECT_TIMEOUT,
@@ -60,6 +62,7 @@ _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 EUREKA_CALLERS = ("busy", "slow", "fresh")
 SERVICE_CALLERS = ("pooled", "perconn")
 DEPLOYMENT = "demo-app"
+EXAMPLE = Path(__file__).resolve().parents[2] / "k8s" / "examples" / "classic-sidecar.yaml"
 EUREKA_PEERS = ("eureka-a", "eureka-b")
 # The label the ``eureka`` Service selects: every peer carries it.
 EUREKA_PEER_LABEL = {"eureka": "peer"}
@@ -72,6 +75,28 @@ STARTUP = "start-up"
 
 def _metadata(name: str, labels: dict[str, str] | None = None) -> dict[str, Any]:
     return {"name": name, "labels": labels or {"app": name}}
+
+
+def agent_access(account: str = "default") -> list[dict[str, Any]]:
+    """The agent's Role as k8s/examples ships it (get the own pod, list and watch EndpointSlices,
+    create Events), bound to ``account``: the rig's pods run as the namespace's ``default``
+    account, whose automounted token the agent uses, so its EndpointSlice source observes the
+    slices (without the Role it would assume its bound) and its Events reach the pods."""
+    objects = yaml.safe_load_all(EXAMPLE.read_text(encoding="utf-8"))
+    [role] = [o for o in objects if o and o.get("kind") == "Role"]
+    role["metadata"] = _metadata("prestop-agent")
+    binding = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": _metadata("prestop-agent"),
+        "roleRef": {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": "Role",
+            "name": "prestop-agent",
+        },
+        "subjects": [{"kind": "ServiceAccount", "name": account}],
+    }
+    return [role, binding]
 
 
 def deployment(
@@ -393,6 +418,7 @@ class DeploymentRig:
             cluster.delete("deployment", DEPLOYMENT)
             self.wait_until("the old replicas gone", lambda: not self._app_pods(), 300)
         cluster.apply(
+            *agent_access(),
             deployment(DEPLOYMENT, pod, replicas, self.min_ready),
             service(DEPLOYMENT, 80, APP_PORT),
         )
