@@ -68,13 +68,20 @@ def test_a_rollout_restart_replaces_every_pod_and_the_service_follows(
     before = {p["metadata"]["name"]: p["status"]["podIP"] for p in cluster.pods("-l=app=web")}
     assert len(before) == 2 and all(before.values()), before
     cluster_ip = cluster.get("service", "web")["spec"]["clusterIP"]
-    ready = {
-        e["addresses"][0]
-        for s in cluster.endpoint_slices("web")
-        for e in s.get("endpoints") or []
-        if e["conditions"].get("ready")
-    }
-    assert ready == set(before.values())
+
+    def ready() -> set[str]:
+        return {
+            e["addresses"][0]
+            for s in cluster.endpoint_slices("web")
+            for e in s.get("endpoints") or []
+            if e["conditions"].get("ready")
+        }
+
+    # The EndpointSlice controller publishes a moment after the rollout completes (its informer
+    # can lag: "EndpointSlice informer cache is out of date", then a retry).
+    cluster.wait_until(
+        "both pods ready in the EndpointSlice", lambda: ready() == set(before.values()), 30
+    )
     # kube-proxy follows the EndpointSlice (a moment later).
     cluster.wait_until(
         "both pods in kube-proxy's rules",
