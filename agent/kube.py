@@ -168,74 +168,66 @@ class KubeClient:
         """Create an events.k8s.io/v1 Event in ``namespace`` (POST); the created Event. Bounded
         like every call; a 403 names the Role rule that is missing."""
         path = resource_path("events.k8s.io/v1", namespace, "events")
-        what = "create event"
-        try:
-            async with asyncio.timeout(self.timeout):
-                async with self._send("POST", path, body) as response:
-                    if response.status not in (200, 201, 202):
-                        if response.status == 403:
-                            message = await _status_message(response)
-                            raise KubeError(
-                                f"{what}: HTTP 403, the ServiceAccount may not create Events:"
-                                f" its Role needs apiGroups [events.k8s.io], resources [events],"
-                                f" verbs [create] ({message})"
-                            )
-                        await self._check(response, what)
-                    answer = await _read_at_most(response, MAX_ANSWER_BYTES + 1)
-        except TimeoutError:
-            raise KubeError(f"{what}: no answer within {self.timeout:g}s") from None
-        except aiohttp.ClientError as error:
-            raise KubeError(f"{what}: {_described(error)}") from None
+        needs = "apiGroups [events.k8s.io], resources [events], verbs [create]"
+        answer = await self._call(path, "create event", body=body, needs=needs)
         try:
             created = json.loads(answer)
         except ValueError:
             created = None
         return created if isinstance(created, dict) else {}
 
-    def _send(self, method: str, path: str, body: Mapping[str, Any]) -> Any:
-        """A request with a JSON body (``_request`` is the GETs')."""
-        headers = {
-            "Authorization": f"Bearer {self.cluster.token()}",  # first: no token says most
-            "Accept": "application/json",
-            "Content-Type": "application/json",
-            "User-Agent": "prestop-agent",
-        }
-        if self._ssl is None:
-            self._ssl = self.cluster.ssl_context()
-        return self.session.request(
-            method,
-            self.cluster.base_url + path,
-            data=json.dumps(body).encode(),
-            headers=headers,
-            ssl=self._ssl,
-            allow_redirects=False,
-        )
-
     # --- one request ----------------------------------------------------------------------------
 
-    def _request(self, path: str, query: Mapping[str, str]) -> Any:
+    def _request(
+        self,
+        path: str,
+        query: Mapping[str, str] | None = None,
+        body: Mapping[str, Any] | None = None,
+    ) -> Any:
+        """A GET, or a POST of ``body`` as JSON."""
         url = self.cluster.base_url + path + (f"?{urlencode(query)}" if query else "")
         headers = {
             "Authorization": f"Bearer {self.cluster.token()}",  # first: no token says most
             "Accept": "application/json",
             "User-Agent": "prestop-agent",
         }
+        if body is not None:
+            headers["Content-Type"] = "application/json"
         if self._ssl is None:
             self._ssl = self.cluster.ssl_context()
-        return self.session.get(url, headers=headers, ssl=self._ssl, allow_redirects=False)
+        return self.session.request(
+            "GET" if body is None else "POST",
+            url,
+            data=None if body is None else json.dumps(body).encode(),
+            headers=headers,
+            ssl=self._ssl,
+            allow_redirects=False,
+        )
 
-    async def _get(
-        self, path: str, what: str, query: Mapping[str, str] | None = None
-    ) -> dict[str, Any]:
+    async def _call(
+        self,
+        path: str,
+        what: str,
+        query: Mapping[str, str] | None = None,
+        body: Mapping[str, Any] | None = None,
+        needs: str = "that verb on that resource",
+    ) -> bytes:
+        """One bounded request: its answer's body (up to one byte past the cap), or a KubeError;
+        ``needs``: the Role rule a 403 names."""
         try:
             async with asyncio.timeout(self.timeout):
-                async with self._request(path, query or {}) as response:
-                    await self._check(response, what)
-                    body = await _read_at_most(response, MAX_ANSWER_BYTES + 1)
+                async with self._request(path, query, body) as response:
+                    await self._check(response, what, needs)
+                    return await _read_at_most(response, MAX_ANSWER_BYTES + 1)
         except TimeoutError:
             raise KubeError(f"{what}: no answer within {self.timeout:g}s") from None
         except aiohttp.ClientError as error:
             raise KubeError(f"{what}: {_described(error)}") from None
+
+    async def _get(
+        self, path: str, what: str, query: Mapping[str, str] | None = None
+    ) -> dict[str, Any]:
+        body = await self._call(path, what, query)
         if len(body) > MAX_ANSWER_BYTES:
             raise KubeError(f"{what}: answer larger than {MAX_ANSWER_BYTES} bytes")
         try:
@@ -247,8 +239,10 @@ class KubeClient:
         return answer
 
     @staticmethod
-    async def _check(response: aiohttp.ClientResponse, what: str) -> None:
-        if response.status == 200:
+    async def _check(
+        response: aiohttp.ClientResponse, what: str, needs: str = "that verb on that resource"
+    ) -> None:
+        if 200 <= response.status < 300:
             return
         message = await _status_message(response)
         if response.status == 401:
@@ -256,7 +250,7 @@ class KubeClient:
         if response.status == 403:
             raise KubeError(
                 f"{what}: HTTP 403, the ServiceAccount may not do this: its Role needs"
-                f" that verb on that resource ({message})"
+                f" {needs} ({message})"
             )
         if response.status == 410:
             raise Gone(f"{what}: HTTP 410, the resourceVersion is too old ({message})")

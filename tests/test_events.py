@@ -143,7 +143,10 @@ async def test_without_the_pods_uid_the_events_still_go_out() -> None:
 
 
 async def test_a_failure_to_post_is_one_warning_then_debug_and_a_count_never_a_raise() -> None:
-    client = FakeClient(fail="create event: HTTP 403, the ServiceAccount may not create Events")
+    client = FakeClient(
+        fail="create event: HTTP 403, the ServiceAccount may not do this: its Role needs"
+        " apiGroups [events.k8s.io], resources [events], verbs [create]"
+    )
     made, metrics = recorder(client)
     task = asyncio.create_task(made.run())
     with capture_logs() as logged:
@@ -155,7 +158,7 @@ async def test_a_failure_to_post_is_one_warning_then_debug_and_a_count_never_a_r
     task.cancel()
     failed = [e for e in logged if e["event"] == "kube_event_failed"]
     assert [e["log_level"] for e in failed] == ["warning", "debug", "debug"]
-    assert "may not create Events" in failed[0]["error"]
+    assert "verbs [create]" in failed[0]["error"]
     assert counted(metrics, "failed", DRAINING) == 1 and counted(metrics, "failed", DRAINED) == 2
     assert counted(metrics, "posted", DRAINED) == 0
 
