@@ -103,6 +103,7 @@ bench: $(TEST_STAMP)
 	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }
 	$(PYTHON) bench/bench_agent.py
 	$(PYTHON) bench/bench_sockdiag.py
+	$(PYTHON) bench/bench_kube.py
 
 ## The rollout benchmark on a real cluster (root; bench/rollout/): `kubectl rollout restart` of a
 ## 3-replica Deployment, every scenario several times, the sleep search, one unscaled rollout, then
