@@ -8,11 +8,13 @@ completes with every pod replaced."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import secrets
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -255,6 +257,27 @@ def helm_app_pod(cluster: KubeCluster, jar: Path) -> dict[str, Any]:
     }
 
 
+@contextlib.contextmanager
+def helm_release(cluster: KubeCluster, values: dict[str, Any]) -> Iterator[None]:
+    """``helm install orders`` of the chart with ``values``, waiting for its pods; uninstalled
+    (and waited for) on the way out, whatever the test found."""
+    helm = [_tool("helm"), f"--kubeconfig={cluster.kubeconfig}"]
+    done = subprocess.run(
+        [*helm, "install", "orders", str(CHART), "--values", "-", "--wait",
+         f"--timeout={int(START_TIMEOUT)}s"],
+        input=json.dumps(values), capture_output=True, text=True, timeout=START_TIMEOUT + 60,
+        check=False,
+    )  # fmt: skip
+    try:
+        assert done.returncode == 0, done.stderr + cluster.kubectl("get", "pods", "-o=wide")
+        yield
+    finally:
+        subprocess.run(
+            [*helm, "uninstall", "orders", "--wait", "--timeout=120s"],
+            capture_output=True, timeout=180, check=False,
+        )  # fmt: skip
+
+
 @pytest.mark.parametrize("layout", ["native", "classic"])
 def test_helm_install_and_a_rollout_restart(
     cluster: KubeCluster, demo_app_jar: Path, layout: str
@@ -272,15 +295,7 @@ def test_helm_install_and_a_rollout_restart(
             "pod": helm_app_pod(cluster, demo_app_jar),
         },
     }
-    helm = [_tool("helm"), f"--kubeconfig={cluster.kubeconfig}"]
-    done = subprocess.run(
-        [*helm, "install", "orders", str(CHART), "--values", "-", "--wait",
-         f"--timeout={int(START_TIMEOUT)}s"],
-        input=json.dumps(values), capture_output=True, text=True, timeout=START_TIMEOUT + 60,
-        check=False,
-    )  # fmt: skip
-    try:
-        assert done.returncode == 0, done.stderr + cluster.kubectl("get", "pods", "-o=wide")
+    with helm_release(cluster, values):
         names = cluster.kubectl(
             "get", "deployments", "-l=app.kubernetes.io/instance=orders", "-o=name"
         ).split()
@@ -289,11 +304,6 @@ def test_helm_install_and_a_rollout_restart(
         access = assert_api_access(cluster, running["metadata"]["name"], "app")
         took = restart_replaces_every_pod(cluster, names[0].split("/", 1)[1])
         print(f"\nhelm {layout}: {access}; rollout restart complete in {took:.1f} s")
-    finally:
-        subprocess.run(
-            [*helm, "uninstall", "orders", "--wait", "--timeout=120s"],
-            capture_output=True, timeout=180, check=False,
-        )  # fmt: skip
 
 
 def test_helm_install_binds_the_role_to_the_users_own_service_account(
@@ -317,25 +327,14 @@ def test_helm_install_binds_the_role_to_the_users_own_service_account(
         "deployment": {"replicas": 1, "minReadySeconds": 1, "pod": pod},
     }
     cluster.kubectl("create", "serviceaccount", account)
-    helm = [_tool("helm"), f"--kubeconfig={cluster.kubeconfig}"]
-    done = subprocess.run(
-        [*helm, "install", "orders", str(CHART), "--values", "-", "--wait",
-         f"--timeout={int(START_TIMEOUT)}s"],
-        input=json.dumps(values), capture_output=True, text=True, timeout=START_TIMEOUT + 60,
-        check=False,
-    )  # fmt: skip
     try:
-        assert done.returncode == 0, done.stderr + cluster.kubectl("get", "pods", "-o=wide")
-        accounts = cluster.kubectl("get", "serviceaccounts", "-o=name").split()
-        assert "serviceaccount/orders-prestop-agent" not in accounts, accounts
-        (running,) = live_pods(cluster, "-l=app.kubernetes.io/instance=orders")
-        access = assert_api_access(cluster, running["metadata"]["name"], "app", app_token=True)
-        print(f"\nhelm, the user's own ServiceAccount: {access}")
+        with helm_release(cluster, values):
+            accounts = cluster.kubectl("get", "serviceaccounts", "-o=name").split()
+            assert "serviceaccount/orders-prestop-agent" not in accounts, accounts
+            (running,) = live_pods(cluster, "-l=app.kubernetes.io/instance=orders")
+            access = assert_api_access(cluster, running["metadata"]["name"], "app", app_token=True)
+            print(f"\nhelm, the user's own ServiceAccount: {access}")
     finally:
-        subprocess.run(
-            [*helm, "uninstall", "orders", "--wait", "--timeout=120s"],
-            capture_output=True, timeout=180, check=False,
-        )  # fmt: skip
         cluster.kubectl("delete", "serviceaccount", account, "--ignore-not-found")
 
 
