@@ -15,6 +15,7 @@ import signal
 import socket
 import sys
 from collections.abc import Coroutine, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -66,6 +67,44 @@ IGNORED_SIGNALS = (signal.SIGHUP,)
 # away costs the drain at most this, and the configured grace period is used.
 GRACE_READ_SECONDS = 1.0
 POD_GRACE = "metadata.deletionGracePeriodSeconds"
+# How long the start-up read of the own pod (is it being deleted?) may delay the listener: an API
+# server that hangs costs the start at most this, and the registry's stamps decide instead.
+POD_READ_AT_START_SECONDS = 1.0
+POD_DELETION = "metadata.deletionTimestamp"
+
+
+@dataclass(frozen=True, slots=True)
+class PodAtStart:
+    """What the Kubernetes API said of the agent's own pod when the agent started."""
+
+    deletion_timestamp: str | None = None
+    """The pod's ``metadata.deletionTimestamp``: set, the pod was already being deleted, so this
+    agent restarted during its termination."""
+    note: str | None = None
+    """Why the pod could not be read (then whether it is being deleted is not known)."""
+    read: bool = False
+    """Whether the pod was read (False outside a cluster, or when ``note`` says why not)."""
+
+    @property
+    def terminating(self) -> bool | None:
+        """True: being deleted; False: not; None: not known."""
+        return (self.deletion_timestamp is not None) if self.read else None
+
+    def not_ready_reason(self) -> str | None:
+        """Why /ready answers 503 whatever the app's health (None: no such reason)."""
+        if self.deletion_timestamp is None:
+            return None
+        return (
+            f"the pod is being deleted ({POD_DELETION} {self.deletion_timestamp}): this agent"
+            " restarted during the pod's termination"
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "terminating": self.terminating,
+            "deletion_timestamp": self.deletion_timestamp,
+            "note": self.note,
+        }
 
 
 def host_has_ipv6() -> bool:
@@ -144,6 +183,9 @@ class Agent:
         the plan at the trigger (the Events) awaits it, the drain's limit too."""
         self.events: EventRecorder | None = None
         """The Events on the pod (agent.events), from start-up on; None outside a cluster."""
+        self.pod_at_start = PodAtStart()
+        """What the API said of the pod at start-up: being deleted means this agent restarted
+        during the pod's termination (read before the listener opens)."""
         self.metrics.track(self.lifecycle)
         self.lifecycle.subscribe(self._log_phase)
         output = logs.output()
@@ -227,11 +269,13 @@ class Agent:
         registry = open_registry(self.config, session, health)
         resources.push_async_callback(registry.close)
         self._start_kube(resources, session)
+        # Before the listener: /ready's first answer already says whether the pod is going.
+        self.pod_at_start = await self._read_pod_at_start()
         await self._listen(resources, health)
         self._announce(registry)
         self.started.set()
         # The registry's own start-up and upkeep (clear a stale override; register and renew).
-        self._spawn(resources, registry.run(), "registry")
+        self._spawn(resources, registry.run(self.pod_at_start.terminating), "registry")
         if registry.name != "none":
             self._health = HealthWatch(
                 registry,
@@ -327,6 +371,7 @@ class Agent:
                 status_extra=self._status_extra,
                 on_final_scrape=self.final_scrape.set,
                 on_refused=self._hook_refused,
+                held_out=lambda: self.pod_at_start.not_ready_reason(),
             ),
             handle_signals=False,  # the signals are ours: see handle_signal
             access_log_class=AccessLogger,
@@ -448,26 +493,58 @@ class Agent:
         if outcome.last_data_seconds is not None:
             self.metrics.last_data_after_trigger.observe(outcome.last_data_seconds)
 
+    async def _read_pod_metadata(self, bound: float) -> tuple[dict[str, Any] | None, str | None]:
+        """The own pod's metadata, or None and why it could not be read (no reason outside a
+        cluster); never raises, and returns within ``bound`` seconds."""
+        if self.kube is None or self.namespace is None or not self.config.pod_name:
+            return None, None if self.kube is None else "POD_NAME or the namespace is not known"
+        try:
+            async with asyncio.timeout(bound):
+                pod = await self.kube.get_pod(self.namespace, self.config.pod_name)
+        except TimeoutError:
+            return None, f"the pod could not be read within {bound:g}s"
+        except KubeError as error:
+            return None, f"the pod could not be read: {error}"
+        except Exception as error:  # whatever it is, the caller's fallback stands
+            return None, f"the pod could not be read: {type(error).__name__}"
+        metadata = pod.get("metadata")
+        return (metadata if isinstance(metadata, dict) else {}), None
+
+    async def _read_pod_at_start(self) -> PodAtStart:
+        """Whether the pod is already being deleted: then this agent restarted during its
+        termination (killed mid-drain, say), and its registry override must stay and /ready
+        answer 503. Said once; within POD_READ_AT_START_SECONDS, never raises."""
+        metadata, note = await self._read_pod_metadata(POD_READ_AT_START_SECONDS)
+        if metadata is None:
+            if note is not None:
+                log.info(
+                    "pod_not_read_at_start",
+                    error=note,
+                    detail="whether the pod is being deleted is not known: a registry override"
+                    " counts as this pod's own by its timestamps only",
+                )
+            return PodAtStart(note=note)
+        deleted = metadata.get("deletionTimestamp")
+        if deleted is None or deleted == "":
+            return PodAtStart(read=True)
+        pod = PodAtStart(deletion_timestamp=str(deleted)[:64], read=True)
+        log.warning(
+            "restarted_in_terminating_pod",
+            deletion_timestamp=pod.deletion_timestamp,
+            detail=f"the pod is being deleted ({POD_DELETION}): /ready answers 503 from the"
+            " start and the registry's override is kept",
+        )
+        return pod
+
     async def _read_grace(self) -> GracePeriod:
         """The grace period this termination has: the pod's deletionGracePeriodSeconds when it
         is less than the configured one, else the configured one; never raises, and returns
         within GRACE_READ_SECONDS (the API's failures are said in ``note``)."""
         configured = self.config.grace_period_seconds
-        if self.kube is None or self.namespace is None or not self.config.pod_name:
-            note = None if self.kube is None else "POD_NAME or the namespace is not known"
+        metadata, note = await self._read_pod_metadata(GRACE_READ_SECONDS)
+        if metadata is None:
             return GracePeriod(configured, CONFIGURED_GRACE, configured, note)
-        given: Any = None
-        note: str | None = None
-        try:
-            async with asyncio.timeout(GRACE_READ_SECONDS):
-                pod = await self.kube.get_pod(self.namespace, self.config.pod_name)
-            given = (pod.get("metadata") or {}).get("deletionGracePeriodSeconds")
-        except TimeoutError:
-            note = f"the pod could not be read within {GRACE_READ_SECONDS:g}s"
-        except KubeError as error:
-            note = f"the pod could not be read: {error}"
-        except Exception as error:  # whatever it is, the configured grace period stands
-            note = f"the pod could not be read: {type(error).__name__}"
+        given = metadata.get("deletionGracePeriodSeconds")
         whole = isinstance(given, int) and not isinstance(given, bool)
         if whole and 0 < given < configured:
             return GracePeriod(float(given), POD_GRACE, configured)
@@ -725,6 +802,7 @@ class Agent:
             if self.kube is None
             else {
                 "namespace": self.namespace,
+                "pod_at_start": self.pod_at_start.as_dict(),
                 "endpointslices": None if self.slices is None else self.slices.as_dict(),
             },
             "registry": {

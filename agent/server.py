@@ -151,18 +151,23 @@ def make_app(
     status_extra: Callable[[], dict[str, Any]] | None = None,
     on_final_scrape: Callable[[], None] | None = None,
     on_refused: RefusalListener | None = None,
+    held_out: Callable[[], str | None] | None = None,
 ) -> web.Application:
     """The agent's aiohttp application.
 
     ``on_final_scrape`` is called once a /metrics page generated after the drain (so holding
     its figures) has been written to the scraper; ``on_refused`` of every refused /prestop
-    call."""
+    call; ``held_out`` says why /ready must answer 503 before any trigger (the pod is already
+    being deleted), or None."""
     pending = pending if pending is not None else PendingAnswers()
     prestop = _prestop_handler(config, lifecycle, metrics, pending, on_refused)
 
     async def ready(request: web.Request) -> web.Response:
         if lifecycle.phase is not Phase.SERVING:
             return _json({"ready": False, "reason": f"shutdown {lifecycle.phase}"}, status=503)
+        going = held_out() if held_out is not None else None
+        if going is not None:
+            return _json({"ready": False, "reason": going}, status=503)
         if health is not None:
             healthy, reason = await health.check()
             if lifecycle.phase is not Phase.SERVING:  # a trigger may land during the check

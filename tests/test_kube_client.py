@@ -9,6 +9,7 @@ import contextlib
 import functools
 import json
 import ssl
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
@@ -25,10 +27,14 @@ from agent.cli import check
 from agent.config import load
 from agent.endpointslices import EndpointSliceSource, follow
 from agent.kube import MAX_ANSWER_BYTES, Gone, InCluster, KubeClient, KubeError
-from agent.lifecycle import Lifecycle, Trigger
-from agent.main import GRACE_READ_SECONDS, POD_GRACE, Agent
+from agent.lifecycle import Lifecycle, Phase, Trigger
+from agent.main import GRACE_READ_SECONDS, POD_GRACE, POD_READ_AT_START_SECONDS, Agent
 from agent.metrics import Metrics
 from agent.plan import ShutdownPlan
+from tests.harness.support import free_port
+from tests.test_registry_unit import APP, POD_IP, FakeEureka
+from tests.test_registry_unit import PORT as EUREKA_PORT
+from tests.test_registry_unit import instance as eureka_instance
 
 FIXTURES = Path(__file__).parent / "fixtures" / "endpointslices"
 LISTED = json.loads((FIXTURES / "list.json").read_text())
@@ -422,6 +428,189 @@ async def test_in_a_cluster_without_a_namespace_the_agent_warns_once_and_assumes
     # Assumed: the endpoint not ready 10 s after the trigger, + kube-proxy's sync 5 s.
     assert floor.at(1.0) == 15.0 and floor.latest(1.0) == "endpointslices"
     assert "namespace is not known" in (subject.slices.assumption if subject.slices else "")
+
+
+# --- a restarted agent in a terminating pod (issue 21 item 7) -----------------------------------
+
+
+@contextlib.asynccontextmanager
+async def started_agent(
+    api_port: int, eureka_url: str, **environ: str
+) -> AsyncIterator[tuple[Agent, str]]:
+    """An agent started in-process as in its pod (API client, registry, listener, the
+    registry's start-up upkeep), with the API server on ``api_port``; yields it and its URL."""
+    port = free_port()
+    subject = Agent(
+        load(
+            {
+                **IN_CLUSTER,
+                "KUBERNETES_SERVICE_PORT": str(api_port),
+                "POD_IP": POD_IP,
+                "PRESTOP_HOST": "127.0.0.1",
+                "PRESTOP_PORT": str(port),
+                "PRESTOP_REGISTRY": "eureka",
+                "PRESTOP_EUREKA_URLS": eureka_url,
+                "PRESTOP_EUREKA_APP": APP.lower(),
+                "PRESTOP_EUREKA_INSTANCE_ID": "ours",
+                "PRESTOP_APP_PORT": str(EUREKA_PORT),
+                **environ,
+            }
+        ),
+        metrics=Metrics(CollectorRegistry()),
+    )
+    async with contextlib.AsyncExitStack() as resources:
+        await subject._start(resources)
+        yield subject, f"http://127.0.0.1:{port}"
+
+
+@contextlib.asynccontextmanager
+async def overridden_instance(
+    updated: int, registered: int
+) -> AsyncIterator[tuple[FakeEureka, str]]:
+    """A fake Eureka server listing the instance ``ours`` with a DOWN override stamped
+    ``updated``, on a lease ``registered`` (milliseconds); yields it and its URL."""
+    fake = FakeEureka(
+        [
+            eureka_instance(
+                "ours",
+                status="DOWN",
+                overriddenStatus="DOWN",
+                lastUpdatedTimestamp=updated,
+                leaseInfo={"registrationTimestamp": registered},
+            )
+        ]
+    )
+    server = TestServer(fake.app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        yield fake, f"http://127.0.0.1:{server.port}/eureka/"
+    finally:
+        await server.close()
+
+
+def own_pod(deletion: str | None, release: asyncio.Event | None = None) -> Handler:
+    """The API server: the agent's pod (being deleted when ``deletion`` is a timestamp, or
+    hanging until ``release``), and no EndpointSlices for this account."""
+
+    async def answer(request: web.Request) -> web.Response:
+        if "/endpointslices" in request.path:
+            return web.json_response({"kind": "Status", "message": "forbidden"}, status=403)
+        assert request.path == "/api/v1/namespaces/shop/pods/orders-1"
+        if release is not None:
+            await release.wait()
+        metadata = {"name": "orders-1", "uid": "c0ffee"}
+        if deletion is not None:
+            metadata |= {"deletionTimestamp": deletion, "deletionGracePeriodSeconds": 60}
+        return web.json_response({"kind": "Pod", "metadata": metadata})
+
+    return answer
+
+
+async def settled(what: Callable[[], bool]) -> None:
+    """Wait (bounded) until the registry's start-up upkeep has done ``what``."""
+    async with asyncio.timeout(10):
+        while not what():
+            await asyncio.sleep(0.02)
+
+
+def logged(logs: list[dict[str, Any]], event: str) -> list[dict[str, Any]]:
+    return [line for line in logs if line["event"] == event]
+
+
+async def test_a_restarted_agent_in_a_pod_being_deleted_keeps_out_of_service(
+    api: Callable[..., Any], account: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Issue 21 item 7: killed mid-drain and restarted, the agent cleared its own pod's DOWN
+    # override and answered /ready 200. Here the stamps even look like a previous pod's (both
+    # at once): only the pod's deletion timestamp can tell, and it does.
+    monkeypatch.setattr(agent.main, "InCluster", functools.partial(InCluster, folder=account))
+    now = int(time.time() * 1000)
+    client = await api(own_pod("2026-12-06T01:00:00Z"))
+    with capture_logs() as logs:
+        async with (
+            overridden_instance(updated=now - 2_000, registered=now - 2_000) as (fake, eureka),
+            started_agent(client.cluster.port, eureka) as (subject, url),
+            aiohttp.ClientSession() as http,
+        ):
+            async with http.get(f"{url}/ready") as ready:
+                assert ready.status == 503
+                reason = (await ready.json())["reason"]
+            await settled(lambda: bool(logged(logs, "eureka_own_override_kept")))
+            async with http.get(f"{url}/status") as status:
+                shown = (await status.json())["kubernetes"]["pod_at_start"]
+    assert "metadata.deletionTimestamp 2026-12-06T01:00:00Z" in reason
+    assert "restarted during the pod's termination" in reason
+    assert shown == {
+        "terminating": True,
+        "deletion_timestamp": "2026-12-06T01:00:00Z",
+        "note": None,
+    }
+    assert subject.lifecycle.phase is Phase.SERVING  # no drain of its own: the kubelet's hook
+    assert not [r for r in fake.requests if r.method == "DELETE"]
+    assert fake.instances["ours"]["overriddenStatus"] == "DOWN"
+    [said] = logged(logs, "restarted_in_terminating_pod")
+    assert said["deletion_timestamp"] == "2026-12-06T01:00:00Z"
+    [kept] = logged(logs, "eureka_own_override_kept")
+    assert "metadata.deletionTimestamp" in kept["reason"]
+
+
+async def test_a_pod_not_being_deleted_is_ready_and_clears_an_override(
+    api: Callable[..., Any], account: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Stamps that say "this pod's own" (set an hour after the registration, 8 s ago), but the
+    # API says the pod stays: its previous agent was triggered without a deletion (a SIGTERM, a
+    # /prestop by hand). Keeping the override would hold a serving pod out of service.
+    monkeypatch.setattr(agent.main, "InCluster", functools.partial(InCluster, folder=account))
+    now = int(time.time() * 1000)
+    client = await api(own_pod(None))
+    with capture_logs() as logs:
+        async with (
+            overridden_instance(updated=now - 8_000, registered=now - 3_600_000) as (fake, eureka),
+            started_agent(client.cluster.port, eureka) as (subject, url),
+            aiohttp.ClientSession() as http,
+        ):
+            async with http.get(f"{url}/ready") as ready:
+                assert ready.status == 200
+            await settled(lambda: fake.instances["ours"]["overriddenStatus"] == "UNKNOWN")
+    assert subject.pod_at_start.as_dict() == {
+        "terminating": False,
+        "deletion_timestamp": None,
+        "note": None,
+    }
+    assert logged(logs, "eureka_stale_override_cleared")
+    assert not logged(logs, "restarted_in_terminating_pod")
+
+
+async def test_an_api_server_that_hangs_delays_the_start_a_bounded_while(
+    api: Callable[..., Any], account: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Whether the pod is being deleted is then not known: the registry's stamps decide, as
+    # without the API (an override set an hour after the app's registration, 8 s ago: kept).
+    monkeypatch.setattr(agent.main, "InCluster", functools.partial(InCluster, folder=account))
+    now = int(time.time() * 1000)
+    release = asyncio.Event()
+    # The client's own bound (30 s) is far above the start-up read's: the read's bound wins.
+    client = await api(own_pod("2026-12-06T01:00:00Z", release), call_seconds=30.0)
+    try:
+        with capture_logs() as logs:
+            async with (
+                overridden_instance(updated=now - 8_000, registered=now - 3_600_000) as (
+                    fake,
+                    eureka,
+                ),
+                started_agent(client.cluster.port, eureka) as (subject, url),
+                aiohttp.ClientSession() as http,
+            ):
+                async with http.get(f"{url}/ready") as ready:
+                    assert ready.status == 200
+                await settled(lambda: bool(logged(logs, "eureka_own_override_kept")))
+    finally:
+        release.set()
+    assert subject.pod_at_start.terminating is None
+    assert f"within {POD_READ_AT_START_SECONDS:g}s" in (subject.pod_at_start.note or "")
+    [unread] = logged(logs, "pod_not_read_at_start")
+    assert unread["log_level"] == "info" and "timestamps" in unread["detail"]
+    assert not [r for r in fake.requests if r.method == "DELETE"]
 
 
 def test_outside_a_cluster_there_is_no_client_and_no_source() -> None:

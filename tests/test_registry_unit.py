@@ -474,6 +474,82 @@ async def test_a_restarted_agent_keeps_its_own_pods_override(
         assert fake.instances["ours"]["overriddenStatus"] == "UNKNOWN", stamps
 
 
+async def test_the_pods_deletion_timestamp_decides_whose_override_it_is(
+    serve: Serve, session: aiohttp.ClientSession
+) -> None:
+    # Issue 21 item 7, with the Kubernetes API: a pod being deleted keeps its override whatever
+    # the stamps say; a pod the API says is not being deleted has no override of its own.
+    now = int(time.time() * 1000)
+    carried = {  # both stamped at once: a previous pod's override, by the stamps alone
+        "lastUpdatedTimestamp": now - 2_000,
+        "leaseInfo": {"registrationTimestamp": now - 2_000},
+    }
+    fake, url = await serve([instance("ours", status="DOWN", overriddenStatus="DOWN", **carried)])
+    with capture_logs() as logs:
+        await asyncio.wait_for(
+            EurekaRegistry(config([url], PRESTOP_EUREKA_INSTANCE_ID="ours"), session).run(
+                pod_terminating=True
+            ),
+            5,
+        )
+    assert not [r for r in fake.requests if r.method == "DELETE"]
+    assert fake.instances["ours"]["overriddenStatus"] == "DOWN"
+    [kept] = [e for e in logs if e["event"].startswith("eureka_")]
+    assert kept["event"] == "eureka_own_override_kept"
+    assert "metadata.deletionTimestamp" in kept["reason"]
+
+    # Set 8 s ago, an hour after the app registered: this pod's own by the stamps, but the API
+    # says the pod is not being deleted (its previous agent got a SIGTERM or a /prestop without
+    # a deletion): kept, it would hold a serving pod out of service. Cleared.
+    fake.instances["ours"].update(
+        lastUpdatedTimestamp=str(now - 8_000),
+        leaseInfo={"registrationTimestamp": now - 3_600_000},
+    )
+    with capture_logs() as logs:
+        await asyncio.wait_for(
+            EurekaRegistry(config([url], PRESTOP_EUREKA_INSTANCE_ID="ours"), session).run(
+                pod_terminating=False
+            ),
+            5,
+        )
+    assert fake.instances["ours"]["overriddenStatus"] == "UNKNOWN"
+    assert [e["event"] for e in logs if e["event"].startswith("eureka_")] == [
+        "eureka_stale_override_cleared"
+    ]
+
+
+async def test_register_mode_in_a_pod_being_deleted_registers_down(
+    serve: Serve, session: aiohttp.ClientSession
+) -> None:
+    # A restarted agent in a terminating pod registering the app UP would put it back in
+    # service for every client that had dropped it.
+    fake, url = await serve([])
+    cfg = load(
+        {
+            "PRESTOP_REGISTRY": "register",
+            "PRESTOP_EUREKA_URLS": url,
+            "PRESTOP_EUREKA_APP": "py-app",
+            "POD_IP": POD_IP,
+            "PRESTOP_APP_PORT": "9000",
+            "PRESTOP_EUREKA_RENEWAL_SECONDS": "0.1",
+        }
+    )
+    registry = open_registry(cfg, session)
+    with capture_logs() as logs:
+        task = asyncio.create_task(registry.run(pod_terminating=True))
+        try:
+            await asyncio.sleep(0.35)  # registered, then renewed
+        finally:
+            await registry.finalize()
+            await asyncio.wait_for(task, 2)
+    assert fake.registered and {r["status"] for r in fake.registered} == {"DOWN"}
+    renewals = [r for r in fake.requests if r.method == "PUT" and "status" not in r.path]
+    assert renewals and {r.query.get("status") for r in renewals} == {"DOWN"}
+    assert [e["event"] for e in logs if e["log_level"] == "warning"] == [
+        "eureka_registered_out_of_service"
+    ]
+
+
 async def test_startup_never_clears_the_override_of_a_started_shutdown(
     serve: Serve, session: aiohttp.ClientSession
 ) -> None:

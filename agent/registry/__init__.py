@@ -42,7 +42,7 @@ class NoRegistry:
 
     name = "none"
 
-    async def run(self) -> None:
+    async def run(self, pod_terminating: bool | None = None) -> None:
         return None
 
     async def mark_down(self, started: float | None = None) -> dict[str, Any]:

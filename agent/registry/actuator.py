@@ -71,8 +71,8 @@ class ActuatorRegistry:
         self._status = config.eureka_status
         self._verify_until = 0.0
 
-    async def run(self) -> None:
-        return None  # the app's own client keeps its registration
+    async def run(self, pod_terminating: bool | None = None) -> None:
+        return None  # the app's own client keeps its registration and its status
 
     async def mark_down(self, started: float | None = None) -> dict[str, Any]:
         deadlines = StepDeadlines.starting(started, self._config.registry_timeout_seconds)

@@ -82,10 +82,15 @@ class Registry(Protocol):
     name: str
     """The backend's name, as in ``PRESTOP_REGISTRY`` and the metrics' ``backend`` label."""
 
-    async def run(self) -> None:
+    async def run(self, pod_terminating: bool | None = None) -> None:
         """Background upkeep for the agent's whole life, started once the agent serves and
         cancelled at exit: clear a stale override (eureka), or register and renew (register).
-        Returns early when there is nothing to keep up. Must not raise."""
+        Returns early when there is nothing to keep up. Must not raise.
+
+        ``pod_terminating``: what the Kubernetes API said of the pod at start-up. True: it is
+        being deleted (``metadata.deletionTimestamp``), so this agent restarted during the
+        pod's termination and nothing may put the instance back in service; False: it is not;
+        None: not known (outside a cluster, or the API did not answer in time)."""
 
     async def mark_down(self, started: float | None = None) -> dict[str, Any]:
         """Take the instance out; return what each server said. Raise RegistryError on failure.

@@ -70,6 +70,14 @@ REGISTRATION_STAMP_MS = 1000
 CLOCK_SKEW_MS = 5000
 # How often verify() reads a server back while a start-up clean-up DELETE may still land there.
 CLEANUP_FENCE_POLL_SECONDS = 0.1
+# Why an override is this pod's own, by what the Kubernetes API said of the pod at start-up
+# (True: being deleted; None: not known). False never keeps one.
+OWN_OVERRIDE_BECAUSE = {
+    True: "the pod is being deleted (metadata.deletionTimestamp): the agent restarted during"
+    " its termination, and the override is its mark-down",
+    None: "set after the app's current registration, within one grace period: this pod's own"
+    " mark-down (the agent restarted while it terminates)",
+}
 
 
 def _millis(value: Any) -> int | None:
@@ -107,8 +115,10 @@ class EurekaRegistry:
 
     # --- start-up -----------------------------------------------------------------------------
 
-    async def run(self) -> None:
-        """Find the instance once it has registered; clear an override a previous pod left."""
+    async def run(self, pod_terminating: bool | None = None) -> None:
+        """Find the instance once it has registered; clear an override a previous pod left
+        (``pod_terminating``: what the Kubernetes API said of this pod, see
+        :meth:`_own_override`)."""
         loop = asyncio.get_running_loop()
         interval = FIND_INTERVAL_SECONDS
         try:
@@ -118,7 +128,7 @@ class EurekaRegistry:
                 if instance_id is not None:
                     found = await self._read_all(instance_id, until)
                     if any(isinstance(i, dict) for i in found.values()):
-                        await self._clear_stale_override(instance_id, found, until)
+                        await self._clear_stale_override(instance_id, found, until, pod_terminating)
                         return
                 await asyncio.sleep(interval)
                 interval = min(interval * 2, FIND_INTERVAL_MAX_SECONDS)
@@ -129,14 +139,18 @@ class EurekaRegistry:
             log.exception("eureka_startup_check_failed")
 
     async def _clear_stale_override(
-        self, instance_id: str, found: dict[Server, dict[str, Any] | str | None], until: float
+        self,
+        instance_id: str,
+        found: dict[Server, dict[str, Any] | str | None],
+        until: float,
+        pod_terminating: bool | None = None,
     ) -> None:
         overridden = {
             server: instance
             for server, instance in found.items()
             if isinstance(instance, dict) and override_of(instance) in OVERRIDES
         }
-        own = {s: i for s, i in overridden.items() if self._set_during_this_registration(i)}
+        own = {s: i for s, i in overridden.items() if self._own_override(i, pod_terminating)}
         if own:
             # The agent restarted in the middle of this pod's termination (killed mid-drain):
             # that override is this pod's own mark-down, and clearing it would put a pod that
@@ -146,8 +160,7 @@ class EurekaRegistry:
                 app=self._app,
                 instance_id=instance_id,
                 overrides={server.shown: override_of(i) for server, i in own.items()},
-                reason="set after the app's current registration, within one grace period:"
-                " this pod's own mark-down (the agent restarted while it terminates)",
+                reason=OWN_OVERRIDE_BECAUSE[pod_terminating],
             )
         stale = {s: i for s, i in overridden.items() if s not in own}
         if not stale:
@@ -186,6 +199,17 @@ class EurekaRegistry:
             results=dict(zip((s.shown for s in stale), results, strict=True)),
         )
 
+    def _own_override(self, instance: dict[str, Any], pod_terminating: bool | None) -> bool:
+        """Whether the instance's override is this pod's own mark-down. The pod's deletion
+        timestamp says it directly: a pod being deleted keeps every override (its containers
+        are only restarted before the kubelet begins the termination, never during it:
+        docs/operations.md), a pod that is not being deleted has none of its own to keep (an
+        override its previous agent set, on a SIGTERM or a /prestop without a deletion, would
+        keep a serving pod out of service). Without the API: the registry's stamps."""
+        if pod_terminating is None:
+            return self._set_during_this_registration(instance)
+        return pod_terminating
+
     def _set_during_this_registration(self, instance: dict[str, Any]) -> bool:
         """Whether the instance's override is this pod's own, set by a previous run of this
         agent in the same pod (the app container kept running, the agent restarted).
@@ -194,9 +218,9 @@ class EurekaRegistry:
         when it accepts a registration (which opens a new lease, ``registrationTimestamp``). A
         previous pod's override is carried into the next registration of the same id, so there
         both stamps fall together; this pod's own override came after the app's registration,
-        and, being part of a termination, within one grace period from now. The pod's deletion
-        timestamp from the Kubernetes API would say it directly; the agent has no API client
-        yet. Missing or odd timestamps: not recognised, the override counts as stale.
+        and, being part of a termination, within one grace period from now. Used when the
+        Kubernetes API could not say whether the pod is being deleted. Missing or odd
+        timestamps: not recognised, the override counts as stale.
         """
         updated = _millis(instance.get("lastUpdatedTimestamp"))
         lease = instance.get("leaseInfo")

@@ -263,10 +263,24 @@ class RegisterRegistry:
 
     # --- registration and renewals ------------------------------------------------------------
 
-    async def run(self) -> None:
-        """Register, then renew every ``PRESTOP_EUREKA_RENEWAL_SECONDS`` until finalized."""
+    async def run(self, pod_terminating: bool | None = None) -> None:
+        """Register, then renew every ``PRESTOP_EUREKA_RENEWAL_SECONDS`` until finalized. In a
+        pod being deleted (this agent restarted during its termination), the registration
+        carries the mark-down's status from the start, whatever the app's health says."""
         loop = asyncio.get_running_loop()
         interval = self._config.eureka_renewal_seconds
+        if pod_terminating:
+            async with self._lock:
+                self._marked = True
+                self._set_status(self._config.eureka_status)
+            log.warning(
+                "eureka_registered_out_of_service",
+                app=self._app,
+                instance_id=self.instance_id,
+                status=self._config.eureka_status,
+                reason="the pod is being deleted (metadata.deletionTimestamp): this agent"
+                " restarted during its termination",
+            )
         while not self._finalized:
             try:
                 async with self._lock:
