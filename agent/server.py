@@ -141,6 +141,28 @@ def _prestop_handler(
     return prestop
 
 
+def _ready_handler(
+    lifecycle: Lifecycle, health: AppHealth | None, held_out: Callable[[], str | None] | None
+) -> Handler:
+    """/ready: 503 from the trigger on, while the pod is known to be going (``held_out``), or
+    while the app's health check fails."""
+
+    async def ready(request: web.Request) -> web.Response:
+        if lifecycle.phase is not Phase.SERVING:
+            return _json({"ready": False, "reason": f"shutdown {lifecycle.phase}"}, status=503)
+        going = held_out() if held_out is not None else None
+        if going is not None:
+            return _json({"ready": False, "reason": going}, status=503)
+        if health is not None:
+            healthy, reason = await health.check()
+            if lifecycle.phase is not Phase.SERVING:  # a trigger may land during the check
+                return _json({"ready": False, "reason": f"shutdown {lifecycle.phase}"}, 503)
+            return _json({"ready": healthy, "reason": reason}, status=200 if healthy else 503)
+        return _json({"ready": True, "reason": "serving"})
+
+    return ready
+
+
 def make_app(
     config: Config,
     lifecycle: Lifecycle,
@@ -161,19 +183,7 @@ def make_app(
     being deleted), or None."""
     pending = pending if pending is not None else PendingAnswers()
     prestop = _prestop_handler(config, lifecycle, metrics, pending, on_refused)
-
-    async def ready(request: web.Request) -> web.Response:
-        if lifecycle.phase is not Phase.SERVING:
-            return _json({"ready": False, "reason": f"shutdown {lifecycle.phase}"}, status=503)
-        going = held_out() if held_out is not None else None
-        if going is not None:
-            return _json({"ready": False, "reason": going}, status=503)
-        if health is not None:
-            healthy, reason = await health.check()
-            if lifecycle.phase is not Phase.SERVING:  # a trigger may land during the check
-                return _json({"ready": False, "reason": f"shutdown {lifecycle.phase}"}, 503)
-            return _json({"ready": healthy, "reason": reason}, status=200 if healthy else 503)
-        return _json({"ready": True, "reason": "serving"})
+    ready = _ready_handler(lifecycle, health, held_out)
 
     async def live(request: web.Request) -> web.Response:
         return _json({"live": True, "phase": str(lifecycle.phase)})
