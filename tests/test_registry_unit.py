@@ -590,6 +590,43 @@ async def test_a_late_cleanup_delete_never_outlives_the_mark_down(
     finally:
         cleanup.cancel()
         await asyncio.gather(cleanup, return_exceptions=True)
+        await registry.close()
+
+
+async def test_a_cleanup_delete_landing_after_the_read_back_is_undone_too(
+    serve: Serve, session: aiohttp.ClientSession
+) -> None:
+    # The fence above lasted until the read-back's deadline only. A server may apply a DELETE
+    # whose answer never came much later (a GC pause, a frozen peer): Eureka removes the
+    # override whatever its timestamps, and the app's next renewal puts the pod back in
+    # service. Here the DELETE lands about a second after the read-back ended.
+    fake, url = await serve([instance("pod-1", status="DOWN", overriddenStatus="DOWN")])
+    fake.delete_delay = 2.5  # applied 2.5 s after it came; the read-back ends 1.55 s in
+    registry = EurekaRegistry(config([url]), session)
+    loop = asyncio.get_running_loop()
+    cleanup = asyncio.create_task(registry.run())
+    try:
+        with capture_logs() as logs:
+            async with asyncio.timeout(5):  # until the clean-up's DELETE is on its way
+                while not [r for r in fake.requests if r.method == "DELETE"]:
+                    await asyncio.sleep(0.01)
+            sent = loop.time()
+            await registry.mark_down()
+            assert (await registry.verify())[url] == "DOWN"
+            assert loop.time() - sent < 2.5, "the read-back outlasted the DELETE: no late case"
+            async with asyncio.timeout(10):
+                while not [e for e in logs if e["event"] == "eureka_override_restored"]:
+                    await asyncio.sleep(0.05)
+            await asyncio.sleep(0.2)  # the PUT's answer
+        assert fake.instances["pod-1"]["overriddenStatus"] == "DOWN"
+        assert fake.instances["pod-1"]["status"] == "DOWN"
+        [restored] = [e for e in logs if e["event"] == "eureka_override_restored"]
+        assert restored["result"] == "ok" and "after the read-back" in restored["reason"]
+    finally:
+        cleanup.cancel()
+        await asyncio.gather(cleanup, return_exceptions=True)
+        await registry.close()
+    assert registry._fence is not None and registry._fence.done()  # close() ends the fence
 
 
 async def test_actuator_unreachable_names_the_endpoint_without_credentials(

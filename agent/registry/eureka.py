@@ -70,6 +70,12 @@ REGISTRATION_STAMP_MS = 1000
 CLOCK_SKEW_MS = 5000
 # How often verify() reads a server back while a start-up clean-up DELETE may still land there.
 CLEANUP_FENCE_POLL_SECONDS = 0.1
+# After the read-back, how often such a server is read again, until the agent stops. A server
+# applies a DELETE whose answer never came whenever it gets to it (a GC pause, a frozen or
+# overloaded peer), and Eureka's deleteStatusOverride removes the override unconditionally (no
+# timestamp guards it), then replicates that to the peers; until the app's lease is gone, that
+# puts the instance back in service at the app's next renewal.
+LATE_CLEANUP_POLL_SECONDS = 0.5
 # Why an override is this pod's own, by what the Kubernetes API said of the pod at start-up
 # (True: being deleted; None: not known). False never keeps one.
 OWN_OVERRIDE_BECAUSE = {
@@ -106,12 +112,14 @@ class EurekaRegistry:
         # cancels it (no DELETE is sent or retried after _marking), and a DELETE already sent
         # whose answer never came (it timed out, or was cancelled) may still be applied by a
         # slow server later: its server is "unsettled", and verify() then watches it and marks
-        # it again until its deadline (read back after the last write).
+        # it again until its deadline (read back after the last write), and a fence task after
+        # that, until close() (a DELETE may land any time while the app's lease lives).
         self._marking = False
         self._clearing: asyncio.Task[list[str]] | None = None
         self._unsettled: set[Server] = set()
         self._reachable: tuple[Server, ...] = self._servers
         self._verify_until = 0.0
+        self._fence: asyncio.Task[None] | None = None
 
     # --- start-up -----------------------------------------------------------------------------
 
@@ -370,13 +378,19 @@ class EurekaRegistry:
             raise RegistryError(f"{self._app}/{instance_id}: {exc.reason}") from None
         if self._unsettled:
             said = await self._outlast_cleanup(instance_id, said)
+            if self._fence is None:
+                self._fence = asyncio.create_task(
+                    self._fence_late_cleanup(instance_id, tuple(self._unsettled)),
+                    name="eureka-cleanup-fence",
+                )
         return said
 
     async def _outlast_cleanup(self, instance_id: str, said: dict[str, Any]) -> dict[str, Any]:
         """A clean-up DELETE sent before the trigger got no answer: a slow server may apply it
         after our PUT (the override gone, the instance back in service at the app's next
         renewal). Until the verify deadline, read those servers again and put the override
-        back wherever it went; the answer is the last read, after the last write."""
+        back wherever it went; the answer is the last read, after the last write. Later
+        arrivals are the fence's (:meth:`_fence_late_cleanup`)."""
         loop = asyncio.get_running_loop()
         servers = tuple(self._unsettled)
         remarked: dict[str, int] = {}
@@ -415,12 +429,43 @@ class EurekaRegistry:
             said["restored_after_late_cleanup"] = remarked
         return said
 
+    async def _fence_late_cleanup(self, instance_id: str, servers: tuple[Server, ...]) -> None:
+        """After the read-back, until :meth:`close`: read the servers whose clean-up DELETE got
+        no answer, and put the override back wherever one landed late. A server that no longer
+        lists the instance (the app's lease is gone) has nothing left to undo. Never raises."""
+        watched = set(servers)
+        while watched:
+            await asyncio.sleep(LATE_CLEANUP_POLL_SECONDS)
+            for server in tuple(watched):
+                until = StepDeadlines.starting(None, self._config.registry_timeout_seconds).verify
+                try:
+                    found = await get_instance(
+                        self._http, server, self._app, instance_id, until=until
+                    )
+                except RequestFailed:
+                    continue  # read again next time
+                except Exception:  # a bug here must not take the agent down
+                    log.exception("eureka_cleanup_fence_failed", server=server.shown)
+                    continue
+                if found is None:
+                    watched.discard(server)
+                elif override_of(found) != self._status:
+                    said = await self.remark(server)
+                    log.warning(
+                        "eureka_override_restored",
+                        server=server.shown,
+                        reason="a start-up clean-up DELETE was applied after the read-back",
+                        result=said,
+                    )
+
     async def finalize(self) -> None:
         # Deliberately nothing: the app's own client still renews; see the module docstring.
         return None
 
     async def close(self) -> None:
-        return None
+        if self._fence is not None:
+            self._fence.cancel()
+            await asyncio.gather(self._fence, return_exceptions=True)
 
     async def describe(self) -> dict[str, Any]:
         """Reach every server and show the instance as each one lists it."""
