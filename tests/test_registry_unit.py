@@ -1180,6 +1180,9 @@ async def test_an_error_answer_echoing_the_request_never_shows_its_credentials(
             assert f"HTTP {status}" in text, text
             for secret in (basic[:8], basic[-8:], "t0k3n-q", SECRET, password):
                 assert secret not in text, text
+            # An answer about credentials is about what the agent sent: none of it is quoted
+            # (not even redacted: a scheme the redaction does not know would show whole).
+            assert ("Host: 127.0.0.1" not in text) is (status == 401), text
 
 
 ANSWERS = {
