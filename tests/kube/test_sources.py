@@ -196,6 +196,10 @@ def test_the_endpointslice_floor_is_never_before_the_nodes_rules_dropped_the_pod
     )
     assert triggered + slices["floor_seconds"] >= rules.dropped, (rules.dropped, report)
     assert not [e for _, e in events if e.get("event") == "endpointslices_unreadable"]
+    # The start-up read of the own pod (is it being deleted?) went through the same Role and
+    # found it not terminating: neither is said (issue 21 item 7).
+    said = {e.get("event") for _, e in events}
+    assert not said & {"pod_not_read_at_start", "restarted_in_terminating_pod"}, said
     no_traceback(cluster, "sliced")
 
 
@@ -254,6 +258,9 @@ def test_without_rbac_the_agent_warns_once_and_drains_on_the_assumed_bound(
     # The pod cannot be read either: the configured grace period, said once at info.
     grace = the(events, "grace_period_configured")
     assert grace["level"] == "info" and "HTTP 403" in grace["grace_period_note"], grace
+    # Nor at start-up, whether it is being deleted: the override's timestamps decide, said once.
+    unread = the(events, "pod_not_read_at_start")
+    assert unread["level"] == "info" and "HTTP 403" in unread["error"], unread
     # Held until the assumed bound, and not longer than the traffic rule adds to it.
     drain = step(report, "drain")
     ended = drain["started_seconds"] + drain["duration_seconds"]
