@@ -160,6 +160,7 @@ def test_the_info_metric_leaves_pod_and_namespace_to_the_target_labels(
         text = response.read().decode()
     (info,) = [line for line in text.splitlines() if line.startswith("prestop_info{")]
     assert 'version="' in info
+    assert 'drain_source="auto"' in info, "the fallback alert tells auto's fallback by it"
     assert "pod=" not in info and "namespace=" not in info, info
 
 
