@@ -1148,7 +1148,31 @@ def test_kustomize_keeps_the_apps_other_lifecycle_hooks(tmp_path: Path) -> None:
     (deployment,) = [o for o in objects if o["kind"] == "Deployment"]
     lifecycle = deployment["spec"]["template"]["spec"]["containers"][0]["lifecycle"]
     assert lifecycle["postStart"] == {"exec": {"command": ["/bin/warm-up"]}}
-    assert lifecycle["preStop"]["httpGet"]["path"] == "/prestop"
+    assert lifecycle["preStop"] == {"httpGet": {
+        "port": 8099, "path": "/prestop",
+        "httpHeaders": [{"name": "X-Prestop-Token", "value": TOKEN}]}}  # fmt: skip
+    assert set(lifecycle) == {"postStart", "preStop"}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_kustomize_refuses_an_app_prestop_hook_it_would_replace(
+    layout: str, tmp_path: Path
+) -> None:
+    """A pod has one preStop per container: the app's own would vanish under the agent's."""
+    own = (
+        "        lifecycle:\n"
+        "          postStart: {exec: {command: [/bin/warm-up]}}\n"
+        "          preStop: {exec: {command: [sh, -c, 'sleep 30']}}\n"
+    )
+    ports = "        ports:\n"
+    overlay = _overlay(tmp_path, {"deployment.yaml": (ports, own + ports)})
+    kustomization = overlay / "kustomization.yaml"
+    kustomization.write_text(kustomization.read_text().replace("- ../native", f"- ../{layout}"))
+    done = _run([_tool("kustomize"), "build", overlay])
+    assert done.returncode != 0, done.stdout
+    assert "has a preStop hook of its own, which prestop-agent's would replace" in done.stderr, (
+        done.stderr
+    )
 
 
 def test_kustomize_carries_prestop_port_to_the_hook_and_the_probes(tmp_path: Path) -> None:
