@@ -1096,6 +1096,38 @@ def test_helm_test_runs_check_with_the_agents_settings_and_fails_on_a_floor_abov
         assert ("WARNING: propagation floor" in out) == bool(expected)
 
 
+def _notes(tmp_path: Path, values: Object) -> str:
+    """templates/NOTES.txt as `helm install` prints it (helm template skips it, and a dry-run
+    install needs a cluster): rendered with tpl inside a ConfigMap of a copied chart."""
+    chart = tmp_path / "prestop-agent"
+    if not chart.exists():
+        shutil.copytree(CHART, chart)
+        shutil.copy(chart / "templates" / "NOTES.txt", chart / "notes-under-test.txt")
+        (chart / "templates" / "notes-under-test.yaml").write_text(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: notes}\n"
+            'data: {notes: {{ tpl (.Files.Get "notes-under-test.txt") . | quote }}}\n'
+        )
+    objects = helm_template(values, "--namespace", "shop", chart=chart)
+    (notes,) = [o for o in objects if o["metadata"]["name"] == "notes"]
+    deployments = [o["metadata"]["name"] for o in objects if o["kind"] == "Deployment"]
+    text: str = notes["data"]["notes"]
+    for name in re.findall(r"deploy/([\w-]+)", text):
+        assert name in deployments, f"NOTES name deploy/{name}, rendered: {deployments}"
+    return text
+
+
+def test_the_notes_give_commands_that_work_for_the_release_as_installed(tmp_path: Path) -> None:
+    for values, deployment in (({}, True), ({"deployment": {"enabled": False}}, False)):
+        text = _notes(tmp_path, values)
+        commands = [line.strip() for line in text.splitlines() if line.startswith("  ")]
+        assert commands and all(" -n shop" in c for c in commands), commands
+        assert "helm test orders -n shop --logs" in commands
+        assert ("deploy/orders" in text) == deployment, text
+        assert "no floor\nWARNING" in text, "what check's output should (not) show"
+    text = _notes(tmp_path, {"helmTest": {"enabled": False}})
+    assert "helm test" not in text
+
+
 # --- kustomize: Secrets from anywhere, hooks kept, one port -------------------------------------
 
 
