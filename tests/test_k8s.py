@@ -83,6 +83,7 @@ CHART_VALUES: dict[str, Object] = {
             "drain": {"maxSeconds": 20, "ignoreCidrs": ["192.168.0.0/24"], "source": "netlink"},
             "allowCidrs": ["192.168.0.0/24", "fd00::/64"],
             "logLevel": "debug",
+            "kubeProxySyncSeconds": 2.5,
         },
     },
     # No app health URL: the app keeps its own readiness probe (refused otherwise). A pod of
@@ -434,6 +435,19 @@ def test_helm_lint_finds_nothing_with_any_value_set() -> None:
             input=json.dumps(values),
         )  # fmt: skip
         assert done.returncode == 0 and "0 chart(s) failed" in done.stdout, name + done.stdout
+
+
+def test_every_agent_variable_has_a_chart_value_named_after_it() -> None:
+    """What the chart README promises: a user tunes the agent through values, not extraEnv."""
+    helpers = (CHART / "templates" / "_helpers.tpl").read_text()
+    values = (CHART / "values.yaml").read_text()
+    for variable in (v for v in VARIABLES if v.startswith("PRESTOP_")):
+        assert variable in helpers, f"{variable}: the chart never sets it"
+        assert variable in values, f"{variable}: no value in values.yaml names it"
+    environ = check_agent_deployment(
+        helm_template(CHART_VALUES["register-with-every-traffic-setting"])
+    )
+    assert environ["PRESTOP_KUBE_PROXY_SYNC_SECONDS"] == "2.5"
 
 
 def test_the_chart_and_its_image_follow_the_agent_version() -> None:
