@@ -367,3 +367,12 @@ def test_every_dashboard_panel_returns_data_from_real_terminations(
             ("orders-0", "netlink"),
             ("orders-1", "proc"),
         }
+        # orders-1 chose proc (PRESTOP_DRAIN_SOURCE=proc): the fallback alert's expression, on
+        # the real agents' series, leaves it out. (Its for: 10m is promtool's to check.)
+        (fallback,) = [
+            rule["expr"] for group in _rule_groups() for rule in group["rules"]
+            if rule.get("alert") == "PrestopDrainOnProcFallback"
+        ]  # fmt: skip
+        assert server.query(fallback) == [], server.query(fallback)
+        chosen = server.query('prestop_info{drain_source="proc"}')
+        assert [s["metric"]["pod"] for s in chosen] == ["orders-1"], chosen
