@@ -392,7 +392,14 @@ class Agent:
         """Export what this agent is and log that it started, once it listens."""
         # No pod or namespace label: the scrape's target labels carry them, and the same names
         # exported here would collide (exported_pod, exported_namespace).
-        self.metrics.describe(drain_mode=self.config.drain_mode, registry=registry.name)
+        # drain_source is the setting, not the source in use (prestop_drain_watch_source): an
+        # explicit proc is a choice, auto falling back to proc is not, and the fallback alert
+        # tells them apart by this label.
+        self.metrics.describe(
+            drain_mode=self.config.drain_mode,
+            drain_source=self.config.drain_source,
+            registry=registry.name,
+        )
         self.metrics.registry_backend(registry.name)
         if self.config.drain_mode == "traffic":
             from agent.drain.traffic import probe_source

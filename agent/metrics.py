@@ -44,7 +44,12 @@ class Metrics:
         PlatformCollector(registry=self.collectors)
         GCCollector(registry=self.collectors)
         r = self.collectors
-        self.info = Info("prestop", "The agent's version and settings.", registry=r)
+        self.info = Info(
+            "prestop",
+            "The agent's version and settings: labels version, drain_mode, drain_source"
+            " (PRESTOP_DRAIN_SOURCE as set: auto, netlink or proc) and registry.",
+            registry=r,
+        )
         self.phase = Gauge(
             "prestop_phase",
             "1 for the current shutdown phase, 0 for the others.",

@@ -83,6 +83,7 @@ CHART_VALUES: dict[str, Object] = {
             "drain": {"maxSeconds": 20, "ignoreCidrs": ["192.168.0.0/24"], "source": "netlink"},
             "allowCidrs": ["192.168.0.0/24", "fd00::/64"],
             "logLevel": "debug",
+            "kubeProxySyncSeconds": 2.5,
         },
     },
     # No app health URL: the app keeps its own readiness probe (refused otherwise). A pod of
@@ -434,6 +435,19 @@ def test_helm_lint_finds_nothing_with_any_value_set() -> None:
             input=json.dumps(values),
         )  # fmt: skip
         assert done.returncode == 0 and "0 chart(s) failed" in done.stdout, name + done.stdout
+
+
+def test_every_agent_variable_has_a_chart_value_named_after_it() -> None:
+    """What the chart README promises: a user tunes the agent through values, not extraEnv."""
+    helpers = (CHART / "templates" / "_helpers.tpl").read_text()
+    values = (CHART / "values.yaml").read_text()
+    for variable in (v for v in VARIABLES if v.startswith("PRESTOP_")):
+        assert variable in helpers, f"{variable}: the chart never sets it"
+        assert variable in values, f"{variable}: no value in values.yaml names it"
+    environ = check_agent_deployment(
+        helm_template(CHART_VALUES["register-with-every-traffic-setting"])
+    )
+    assert environ["PRESTOP_KUBE_PROXY_SYNC_SECONDS"] == "2.5"
 
 
 def test_the_chart_and_its_image_follow_the_agent_version() -> None:
@@ -1096,6 +1110,38 @@ def test_helm_test_runs_check_with_the_agents_settings_and_fails_on_a_floor_abov
         assert ("WARNING: propagation floor" in out) == bool(expected)
 
 
+def _notes(tmp_path: Path, values: Object) -> str:
+    """templates/NOTES.txt as `helm install` prints it (helm template skips it, and a dry-run
+    install needs a cluster): rendered with tpl inside a ConfigMap of a copied chart."""
+    chart = tmp_path / "prestop-agent"
+    if not chart.exists():
+        shutil.copytree(CHART, chart)
+        shutil.copy(chart / "templates" / "NOTES.txt", chart / "notes-under-test.txt")
+        (chart / "templates" / "notes-under-test.yaml").write_text(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: notes}\n"
+            'data: {notes: {{ tpl (.Files.Get "notes-under-test.txt") . | quote }}}\n'
+        )
+    objects = helm_template(values, "--namespace", "shop", chart=chart)
+    (notes,) = [o for o in objects if o["metadata"]["name"] == "notes"]
+    deployments = [o["metadata"]["name"] for o in objects if o["kind"] == "Deployment"]
+    text: str = notes["data"]["notes"]
+    for name in re.findall(r"deploy/([\w-]+)", text):
+        assert name in deployments, f"NOTES name deploy/{name}, rendered: {deployments}"
+    return text
+
+
+def test_the_notes_give_commands_that_work_for_the_release_as_installed(tmp_path: Path) -> None:
+    for values, deployment in (({}, True), ({"deployment": {"enabled": False}}, False)):
+        text = _notes(tmp_path, values)
+        commands = [line.strip() for line in text.splitlines() if line.startswith("  ")]
+        assert commands and all(" -n shop" in c for c in commands), commands
+        assert "helm test orders -n shop --logs" in commands
+        assert ("deploy/orders" in text) == deployment, text
+        assert "no floor\nWARNING" in text, "what check's output should (not) show"
+    text = _notes(tmp_path, {"helmTest": {"enabled": False}})
+    assert "helm test" not in text
+
+
 # --- kustomize: Secrets from anywhere, hooks kept, one port -------------------------------------
 
 
@@ -1148,7 +1194,31 @@ def test_kustomize_keeps_the_apps_other_lifecycle_hooks(tmp_path: Path) -> None:
     (deployment,) = [o for o in objects if o["kind"] == "Deployment"]
     lifecycle = deployment["spec"]["template"]["spec"]["containers"][0]["lifecycle"]
     assert lifecycle["postStart"] == {"exec": {"command": ["/bin/warm-up"]}}
-    assert lifecycle["preStop"]["httpGet"]["path"] == "/prestop"
+    assert lifecycle["preStop"] == {"httpGet": {
+        "port": 8099, "path": "/prestop",
+        "httpHeaders": [{"name": "X-Prestop-Token", "value": TOKEN}]}}  # fmt: skip
+    assert set(lifecycle) == {"postStart", "preStop"}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_kustomize_refuses_an_app_prestop_hook_it_would_replace(
+    layout: str, tmp_path: Path
+) -> None:
+    """A pod has one preStop per container: the app's own would vanish under the agent's."""
+    own = (
+        "        lifecycle:\n"
+        "          postStart: {exec: {command: [/bin/warm-up]}}\n"
+        "          preStop: {exec: {command: [sh, -c, 'sleep 30']}}\n"
+    )
+    ports = "        ports:\n"
+    overlay = _overlay(tmp_path, {"deployment.yaml": (ports, own + ports)})
+    kustomization = overlay / "kustomization.yaml"
+    kustomization.write_text(kustomization.read_text().replace("- ../native", f"- ../{layout}"))
+    done = _run([_tool("kustomize"), "build", overlay])
+    assert done.returncode != 0, done.stdout
+    assert "has a preStop hook of its own, which prestop-agent's would replace" in done.stderr, (
+        done.stderr
+    )
 
 
 def test_kustomize_carries_prestop_port_to_the_hook_and_the_probes(tmp_path: Path) -> None:

@@ -64,6 +64,19 @@ def test_the_dockerfile_matches_the_package() -> None:
     assert "-c constraints.txt" in text, "the wheels are built from the pinned versions"
 
 
+def test_nothing_claims_a_reproducible_image_the_build_does_not_make() -> None:
+    """The image is not byte-reproducible (a base image by tag, pip and setuptools unpinned, no
+    hashes, no SOURCE_DATE_EPOCH): every mention of reproducibility must say it is not."""
+    places = [DOCKERFILE, CONSTRAINTS, ROOT / "README.md", ROOT / "pyproject.toml",
+              *(ROOT / "docs").glob("*.md"), *(ROOT / "k8s").rglob("*.md")]  # fmt: skip
+    for path in places:
+        text = " ".join(path.read_text().replace("#", " ").split())
+        for found in re.finditer(r"reproducib\w*", text, re.IGNORECASE):
+            before = text[max(0, found.start() - 40) : found.start()].lower()
+            context = text[max(0, found.start() - 60) : found.end() + 20]
+            assert re.search(r"\b(not|no|nor)\b", before), f"{path.relative_to(ROOT)}: {context}"
+
+
 def test_the_constraints_pin_every_dependency_within_pyproject_ranges() -> None:
     pins = _pins()
     for dependency in PYPROJECT["dependencies"]:

@@ -459,6 +459,9 @@ async def test_the_proc_fallback_ends_on_zero_connections(app: App, traffic_agen
     # Known from start-up, before any drain: what the /proc-fallback alert fires on.
     assert 'prestop_drain_watch_source{source="proc"} 1.0' in metrics
     assert 'prestop_drain_watch_source{source="netlink"} 0.0' in metrics
+    # The setting beside it: chosen, not auto's fallback, so PrestopDrainOnProcFallback is silent.
+    (info,) = [line for line in metrics.splitlines() if line.startswith("prestop_info{")]
+    assert 'drain_source="proc"' in info, info
     held = []
     for _ in range(5):
         conn = socket.create_connection(("127.0.0.1", app.port))

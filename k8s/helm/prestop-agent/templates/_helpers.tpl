@@ -140,6 +140,9 @@ a drain setting of the other drain mode, rather than ignore it). */}}
 {{- end }}
 - {name: PRESTOP_DRAIN_COUNT_ACCEPTS, value: {{ $a.countAccepts | quote }}}
 {{- end }}
+{{- if not (kindIs "invalid" $a.kubeProxySyncSeconds) }}
+- {name: PRESTOP_KUBE_PROXY_SYNC_SECONDS, value: {{ $a.kubeProxySyncSeconds | quote }}}
+{{- end }}
 {{- with $a.allowCidrs }}
 - {name: PRESTOP_ALLOW_CIDRS, value: {{ join "," . | quote }}}
 {{- end }}
