@@ -95,7 +95,7 @@ lint: $(TEST_STAMP)
 ## rest; most of the suite waits on timers (Eureka's caches, drains, rollouts), not on the CPU.
 TEST_WORKERS ?= 2
 test: $(TEST_STAMP) system-deps k8s-tools lint
-	$(TOOLS_ENV) $(PYTHON) -m pytest -n $(TEST_WORKERS) --dist loadgroup
+	$(TOOLS_ENV) $(PYTHON) -m pytest -n $(TEST_WORKERS)
 
 ## The edit-run loop, under a minute: the tests that need no Java, no root, no kubelet and are not
 ## marked slow (no agent process, no build). Installs nothing beyond the test venv; the k8s/

@@ -19,13 +19,28 @@ pytest_plugins = ["pytester", "tests.harness.javaapps"]
 
 
 # Tests that need what tests/kube/prepare.sh installs and builds (containerd, buildah, the
-# kubelet, the control plane, the images): one xdist group, so that one worker prepares the
-# machine and runs them while the other runs everything else (make test: -n 2 --dist loadgroup).
+# kubelet, the control plane, the images) form one group, so that one worker prepares the machine
+# and runs them while the other runs everything else (make test: -n 2). The suite mostly waits on
+# timers (Eureka's caches, drains, rollouts), not on the CPU.
 KUBE_GROUP = "kube"
 KUBE_MODULES = ("tests/kube/", "tests/test_release.py")
 # The first test of the kube group pays prepare.sh, up to its own 30-minute bound on a fresh
 # machine (the kubelet and the control plane built from the Go module proxy) on top of its run.
 FIRST_KUBE_TEST_TIMEOUT = 1800 + 300
+
+
+def _group_of(nodeid: str) -> str:
+    """The xdist work unit of a test: the kube group, or its module (whose fixtures, e.g. a
+    Eureka server, then start once)."""
+    path = nodeid.split("::", 1)[0]
+    return KUBE_GROUP if path.startswith(KUBE_MODULES) else path
+
+
+def _start_order(item: pytest.Item) -> int:
+    """Longest first: the kube group, then modules that start JVMs, then the rest."""
+    if _group_of(item.nodeid) == KUBE_GROUP:
+        return 0
+    return 1 if item.get_closest_marker("java") else 2
 
 
 # Before pytest's own hook deselects by marker (-m), so that the slow mark added here counts.
@@ -37,11 +52,29 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         # A real agent process costs its start-up and a drain: no test using one is quick.
         if "new_agent" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
-        # Under --dist loadgroup a module's tests stay on one worker (its module fixtures, e.g.
-        # a Eureka server, start once) and every kube test on the same one (one cluster).
-        path = item.nodeid.split("::", 1)[0]
-        group = KUBE_GROUP if path.startswith(KUBE_MODULES) else path
-        item.add_marker(pytest.mark.xdist_group(group))
+    # A module's order within itself is kept; every xdist worker collects the same order.
+    modules = {}
+    for item in items:
+        group = _group_of(item.nodeid)
+        modules[group] = min(modules.get(group, 2), _start_order(item))
+    items.sort(key=lambda item: modules[_group_of(item.nodeid)])
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | None:
+    """Work units by ``_group_of``, handed out in collection order (longest first). xdist's own
+    ``loadgroup`` needs an ``xdist_group`` mark rewritten into the node id, which pytest 9 no
+    longer lets it do: the kube tests ended up on both workers, each starting a cluster."""
+    if config.getvalue("dist") not in ("load", "loadscope", "loadfile", "loadgroup"):
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByGroup(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _group_of(nodeid)
+
+    config.option.loadscopereorder = False
+    return ByGroup(config, log)
 
 
 _kube_group_started = False
