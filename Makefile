@@ -89,9 +89,13 @@ lint: $(TEST_STAMP)
 	$(VENV)/bin/ruff format --check .
 
 ## Every test: lint, unit, process, traffic, Prometheus, the real Eureka/Spring Boot ones, the
-## k8s/ checks, and the agent's pods under a real kubelet (tests/kube/).
-test: $(TEST_STAMP) system-deps k8s-tools kube-prepare lint
-	$(TOOLS_ENV) $(PYTHON) -m pytest
+## k8s/ checks, and the agent's pods under a real kubelet (tests/kube/). Two pytest workers: the
+## kube group (tests/conftest.py) runs on one of them, whose first kube test also prepares the
+## node (tests/kube/prepare.sh, what `make kube-prepare` runs), while the other worker runs the
+## rest; most of the suite waits on timers (Eureka's caches, drains, rollouts), not on the CPU.
+TEST_WORKERS ?= 2
+test: $(TEST_STAMP) system-deps k8s-tools lint
+	$(TOOLS_ENV) $(PYTHON) -m pytest -n $(TEST_WORKERS)
 
 ## The edit-run loop, under a minute: the tests that need no Java, no root, no kubelet and are not
 ## marked slow (no agent process, no build). Installs nothing beyond the test venv; the k8s/

@@ -177,13 +177,24 @@ def _containerd(folder: Path) -> tuple[subprocess.Popen[bytes], Path]:
     process = subprocess.Popen(
         ["containerd", "--config", str(config)], stdout=log, stderr=subprocess.STDOUT
     )
-    deadline = time.monotonic() + 30
-    while subprocess.run(["ctr", "--address", str(socket), "version"], capture_output=True,
-                         timeout=10).returncode != 0:  # fmt: skip
+    # A socket that exists before containerd serves it keeps ctr waiting (it has no connect
+    # timeout of its own by default): each try is bounded, a try that hangs counts as "not yet".
+    deadline = time.monotonic() + 60
+    while not _answers(socket):
         assert process.poll() is None, (folder / "containerd.log").read_text()
         assert time.monotonic() < deadline, "containerd did not answer"
         time.sleep(0.2)
     return process, socket
+
+
+def _answers(socket: Path) -> bool:
+    try:
+        return subprocess.run(
+            ["ctr", "--address", str(socket), "--connect-timeout", "2s", "--timeout", "5s",
+             "version"], capture_output=True, timeout=10,
+        ).returncode == 0  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return False
 
 
 def test_the_image_pushed_with_buildah_is_pulled_by_containerd_and_runs(

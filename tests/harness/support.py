@@ -1,5 +1,5 @@
 """Small helpers every part of the harness and most tests use: a free port, polling with a
-deadline, and the skip that CI turns into a failure."""
+deadline, the skip that CI turns into a failure, and lines for the run's summary."""
 
 from __future__ import annotations
 
@@ -9,6 +9,16 @@ import time
 from collections.abc import Callable
 
 import pytest
+
+SUMMARY_LINES = pytest.StashKey[list[str]]()
+"""Lines a fixture wants at the end of the run (tests/conftest.py prints them, from every xdist
+worker): what a passing run would otherwise keep in captured output, e.g. the cluster's set-up
+and teardown times."""
+
+
+def summary_line(config: pytest.Config, line: str) -> None:
+    """Print ``line`` in the run's summary, under "prestop-agent suite"."""
+    config.stash.setdefault(SUMMARY_LINES, []).append(line)
 
 
 def skip_or_fail(reason: str) -> None:

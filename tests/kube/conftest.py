@@ -11,17 +11,17 @@ import pytest
 
 from tests.harness.cluster import KubeCluster
 from tests.harness.node import KubeNode, NodeError, prepare
-from tests.harness.support import skip_or_fail
+from tests.harness.support import skip_or_fail, summary_line
 
 
 @pytest.fixture(scope="session")
-def kube_cluster() -> Iterator[KubeCluster]:
+def kube_cluster(request: pytest.FixtureRequest) -> Iterator[KubeCluster]:
     """etcd, the API server, the controller-manager, the scheduler, containerd and a kubelet
     registered as a Node, kube-proxy; torn down after the session.
 
     Skips without root (fails under CI=true). The first use on a machine installs Debian's
     packages and builds the kubelet, the control plane and the images (cached: later sessions
-    only start them). Set-up and teardown times are printed."""
+    only start them). Set-up and teardown times are in the run's summary."""
     if os.geteuid() != 0:
         skip_or_fail("the kube tests need root")
     started = time.monotonic()
@@ -37,15 +37,16 @@ def kube_cluster() -> Iterator[KubeCluster]:
         print(cluster.node.tails())
         cluster.stop()
         raise
-    print(
-        f"\nkube cluster: prepare {prepared.seconds:.1f} s, start {cluster.setup_seconds},"
-        f" set-up {time.monotonic() - started:.1f} s"
+    summary_line(
+        request.config,
+        f"kube cluster: prepare {prepared.seconds:.1f} s, start {cluster.setup_seconds},"
+        f" set-up {time.monotonic() - started:.1f} s",
     )
     try:
         yield cluster
     finally:
         cluster.stop()
-        print(f"\nkube cluster: teardown {cluster.teardown_seconds:.1f} s")
+        summary_line(request.config, f"kube cluster: teardown {cluster.teardown_seconds:.1f} s")
 
 
 @pytest.fixture(scope="session")
