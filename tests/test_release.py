@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -158,9 +159,13 @@ def hosts_toml(registry: str) -> str:
 
 
 def _containerd(folder: Path) -> tuple[subprocess.Popen[bytes], Path]:
-    """A containerd of the test's own (its root, state and socket under ``folder``); no CRI."""
+    """A containerd of the test's own (its root and state under ``folder``, its sockets in a
+    short folder of their own under /run, which the caller removes); no CRI."""
     folder.mkdir(parents=True, exist_ok=True)
-    socket = folder / "containerd.sock"
+    # containerd refuses a socket path over 104 bytes, which a pytest-xdist worker's tmp_path
+    # (…/popen-gw0/test_the_image_pushed…/containerd/) exceeds: the sockets go to a short folder.
+    sockets = Path(tempfile.mkdtemp(prefix="prestop-ctrd-", dir="/run"))
+    socket = sockets / "containerd.sock"
     config = folder / "containerd.toml"
     config.write_text(
         "version = 2\n"
@@ -246,3 +251,4 @@ def test_the_image_pushed_with_buildah_is_pulled_by_containerd_and_runs(
     finally:
         process.terminate()
         process.wait(timeout=30)
+        shutil.rmtree(socket.parent, ignore_errors=True)

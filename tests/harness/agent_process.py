@@ -52,8 +52,10 @@ class AgentProcess:
         log.close()
         return started
 
-    def wait_ready(self, timeout: float = 10.0) -> float:
-        """Poll /ready until 200; return the monotonic time it first answered 200."""
+    def wait_ready(self, timeout: float = 30.0) -> float:
+        """Poll /ready until 200; return the monotonic time it first answered 200. The bound only
+        says when to give up: the agent is ready in well under a second, but eight of them
+        starting at once beside a cluster's rollout on two cores have taken over 10 s."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert self.proc is not None and self.proc.poll() is None, self.log_text()
