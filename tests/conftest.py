@@ -52,6 +52,11 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         # A real agent process costs its start-up and a drain: no test using one is quick.
         if "new_agent" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
+    # xdist hands out node ids: of items sharing one, only the first would ever run.
+    seen: set[str] = set()
+    shared = sorted({item.nodeid for item in items if item.nodeid in seen or seen.add(item.nodeid)})
+    if shared:
+        raise pytest.UsageError(f"tests sharing a node id (make test would run one each): {shared}")
     # A module's order within itself is kept; every xdist worker collects the same order.
     modules = {}
     for item in items:
